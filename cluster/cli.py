@@ -1,0 +1,114 @@
+"""The `moecluster` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+PLANNED = {
+    "serve": "the cluster runtime (Ray placement groups, rank actors, router)",
+    "status": "the cluster runtime",
+    "down": "the cluster runtime",
+    "plan": "the capacity planner",
+    "bench": "the benchmarks",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moecluster", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_make_tiny(sub)
+    _add_generate(sub)
+    for name, what in PLANNED.items():
+        sub.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(func=_planned(name, what))
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PLANNED:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"moecluster {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _planned(name: str, what: str):  # noqa: ANN202
+    def run(_: argparse.Namespace) -> int:
+        raise NotImplementedError(f"'{name}' is not implemented yet; it needs {what}")
+
+    return run
+
+
+def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny", help="write a toy-size HF checkpoint of the real architecture")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--arch", choices=["deepseek-v3", "kimi-k2"], default="deepseek-v3")
+    p.add_argument("--quant", choices=["none", "fp8", "int4"], default="none",
+                   help="none: bf16; fp8: DeepSeek-V3 block FP8; int4: Kimi-K2-Thinking INT4 routed experts")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=3, help="decoder layers (the first is dense)")
+    p.add_argument("--experts", type=int, default=16, help="routed experts per MoE layer")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--q-lora-rank", type=int, default=96, help="0: no q compression")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size of the tokenizer")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny)
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from moecluster.workers.checkpoint.tiny import TinySpec, make_tiny
+
+    spec = TinySpec(
+        arch=args.arch, quant=args.quant, hidden_size=args.hidden_size, num_layers=args.layers,
+        num_experts=args.experts, num_heads=args.heads, q_lora_rank=args.q_lora_rank or None,
+        vocab_size=args.vocab_size, seed=args.seed,
+    )
+    out = make_tiny(args.out, spec)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {spec.arch} ({spec.quant}) to {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate from a checkpoint in this process (offline API)")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from moecluster import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed
+    )
+    tok = llm.get_tokenizer()
+    prompts = [
+        {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": p}]), "prompt": p} if args.chat else p
+        for p in args.prompt
+    ]
+    for out in llm.generate(prompts, params):
+        c = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}))
+        else:
+            print(f"--- {out.prompt!r}\n{c.text}\n[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Read a Hugging Face safetensors checkpoint into a model's slots.
+
+The model lists the tensors it owns (`Slot`s); only those are read, through safetensors' lazy
+per-tensor access, so a rank that owns a subset of experts never reads the rest. Sharded
+checkpoints (`model.safetensors.index.json`) and single files are both accepted. Tensors the
+model does not own (the MTP layers after the last decoder layer, other ranks' experts) are
+skipped. A missing tensor, a wrong shape or a wrong payload dtype fails with the tensor's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import safe_open
+
+from moecluster.workers.model.weights import Slot
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+PROGRESS_MIN_BYTES = 256 << 20  # show a progress bar for loads larger than this
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match what the config describes; the message names the tensor."""
+
+
+def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
+    """Map every tensor name in the checkpoint to the safetensors file that holds it."""
+    root = Path(model_dir)
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+        files = {name: root / file for name, file in weight_map.items()}
+        for path in set(files.values()):
+            if not path.is_file():
+                raise CheckpointError(f"{index} names shard {path.name}, which does not exist")
+        return files
+    shards = sorted(root.glob("*.safetensors"))
+    if not shards:
+        others = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+        hint = f" (found {', '.join(others[:3])}: only safetensors is supported)" if others else ""
+        raise CheckpointError(f"{root}: no *.safetensors files and no {INDEX_FILE}{hint}")
+    files: dict[str, Path] = {}
+    for path in shards:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                files[name] = path
+    return files
+
+
+def load_slots(model_dir: str | Path, slots: Iterable[Slot], progress: bool | None = None) -> None:
+    """Fill every slot from the checkpoint in model_dir."""
+    files = checkpoint_files(model_dir)
+    by_file: dict[Path, list[Slot]] = defaultdict(list)
+    for slot in slots:
+        if slot.name not in files:
+            raise CheckpointError(f"tensor '{slot.name}' is missing from the checkpoint in {model_dir}")
+        by_file[files[slot.name]].append(slot)
+    total = sum(s.target.numel() * s.target.element_size() for ss in by_file.values() for s in ss if s.target is not None)
+    show = progress if progress is not None else (total >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
+    with Progress(
+        TextColumn("loading {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        disable=not show, transient=True,
+    ) as bar:
+        task = bar.add_task(Path(model_dir).name, total=total)
+        for path in sorted(by_file):
+            with safe_open(str(path), framework="pt") as f:
+                for slot in by_file[path]:
+                    _fill(slot, f.get_tensor(slot.name), path)
+                    if slot.target is not None:
+                        bar.advance(task, slot.target.numel() * slot.target.element_size())
+    skipped = len(files) - sum(len(ss) for ss in by_file.values())
+    log.info("loaded %d tensors (%.1f MiB) from %s; %d not owned by this model skipped",
+             sum(len(ss) for ss in by_file.values()), total / 2**20, model_dir, skipped)
+
+
+def _fill(slot: Slot, tensor: torch.Tensor, path: Path) -> None:
+    if slot.expect is not None:
+        if tensor.numel() != slot.expect.numel() or not torch.equal(tensor.to(torch.int64).flatten(), slot.expect.flatten()):
+            raise CheckpointError(
+                f"tensor '{slot.name}' in {path.name} holds {tensor.tolist()}, expected {slot.expect.tolist()}"
+            )
+        return
+    target = slot.target
+    assert target is not None
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"tensor '{slot.name}' in {path.name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+        )
+    if slot.keep_dtype and tensor.dtype != target.dtype:
+        raise CheckpointError(
+            f"tensor '{slot.name}' in {path.name} has dtype {tensor.dtype}, expected {target.dtype} "
+            "(as the checkpoint's quantization_config describes it)"
+        )
+    if not slot.keep_dtype and (not tensor.is_floating_point() or tensor.element_size() == 1):
+        raise CheckpointError(
+            f"tensor '{slot.name}' in {path.name} has dtype {tensor.dtype}, expected a 16- or 32-bit float "
+            "(a quantized tensor where config.json declares no quantization for it?)"
+        )
+    with torch.no_grad():
+        target.copy_(tensor)

@@ -1,0 +1,101 @@
+"""Batched sampling on the logits' device: greedy, temperature, top-k, top-p, min-p, logprobs.
+
+Every filter works on the whole (rows, vocab) batch at once. Randomness uses the
+exponential-race form (argmax of p / E with E ~ Exp(1)) so that a row with its own seed draws its
+noise from its own generator: the only per-row work is that draw, never a loop over the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling settings for one step; tensors live on the logits' device."""
+
+    temperature: torch.Tensor  # (rows,) float32; 0 means greedy
+    top_k: torch.Tensor  # (rows,) int64; vocab size means no top-k
+    top_p: torch.Tensor  # (rows,) float32
+    min_p: torch.Tensor  # (rows,) float32
+    generators: tuple[torch.Generator | None, ...]  # per row: its own seeded generator, or None
+    num_logprobs: int  # the largest `logprobs` any row asked for (0: none)
+    all_greedy: bool
+
+    @classmethod
+    def build(
+        cls,
+        temperature: list[float],
+        top_k: list[int],
+        top_p: list[float],
+        min_p: list[float],
+        generators: list[torch.Generator | None],
+        num_logprobs: int,
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingBatch:
+        k = [vocab_size if v <= 0 else min(v, vocab_size) for v in top_k]
+        return cls(
+            temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
+            top_k=torch.tensor(k, dtype=torch.int64, device=device),
+            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+            min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
+            generators=tuple(generators),
+            num_logprobs=num_logprobs,
+            all_greedy=all(t == 0.0 for t in temperature),
+        )
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # (rows,) int64
+    logprobs: torch.Tensor  # (rows,) float32, log-probability of the sampled token
+    ranks: torch.Tensor  # (rows,) int64, its rank under the model's distribution (1 = best)
+    top_ids: torch.Tensor | None  # (rows, num_logprobs) int64
+    top_logprobs: torch.Tensor | None  # (rows, num_logprobs) float32
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """logits (rows, vocab) float32 -> sampled tokens with their logprobs under the raw model."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    greedy = logits.argmax(dim=-1)
+    tokens = greedy if batch.all_greedy else torch.where(batch.temperature == 0, greedy, _sample_random(logits, batch))
+    chosen = logprobs.gather(1, tokens[:, None])  # (rows, 1)
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_ids = top_lp = None
+    if batch.num_logprobs:
+        top_lp, top_ids = logprobs.topk(batch.num_logprobs, dim=-1)
+    return SamplerOutput(tokens, chosen.squeeze(1), ranks, top_ids, top_lp)
+
+
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
+    scaled = logits.float() / temperature[:, None]
+    probs = torch.softmax(_filter(scaled, batch), dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for row, gen in enumerate(batch.generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    return (probs / noise.clamp_min_(1e-30)).argmax(dim=-1)
+
+
+def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Mask (set to -inf) what top-k, top-p and min-p exclude; rows keep at least their best token."""
+    vocab = scaled.shape[-1]
+    needs_sort = bool((batch.top_k < vocab).any() or (batch.top_p < 1.0).any())
+    if needs_sort:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        position = torch.arange(vocab, device=scaled.device)[None, :]
+        drop = position >= batch.top_k[:, None]
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop |= mass_before >= batch.top_p[:, None]
+        drop[:, 0] = False
+        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    if bool((batch.min_p > 0).any()):
+        probs = torch.softmax(scaled, dim=-1)
+        floor = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        scaled = scaled.masked_fill(probs < floor, float("-inf"))
+    return scaled

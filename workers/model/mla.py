@@ -1,0 +1,137 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), over a paged latent cache.
+
+Per token the cache keeps c_kv (kv_lora_rank values, after kv_a_layernorm) and the rotated
+shared rope key k_pe (qk_rope_head_dim values): 576 values for DeepSeek-V3 and Kimi K2.
+
+Two paths compute the same attention:
+- naive (prefill chunks, and the oracle): expand the context's latents into per-head keys and
+  values with kv_b_proj, then ordinary causal attention;
+- absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs
+  directly over the latent cache. W_UK / W_UV are split out of kv_b_proj once, at load time.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moecluster.kernels.mla_decode import mla_decode_reference
+from moecluster.workers.config import ModelConfig
+from moecluster.workers.model.attention_metadata import AttentionMetadata
+from moecluster.workers.model.rope import RotaryEmbedding
+from moecluster.workers.model.weights import Linear, RMSNorm, Slot, scheme_for
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.prefix, self.rope = prefix, rope
+        self.heads, self.nope, self.rope_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim, self.kv_lora = cfg.v_head_dim, cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        q_out = self.heads * cfg.qk_head_dim
+
+        def linear(name: str, i: int, o: int) -> Linear:
+            return Linear(i, o, scheme_for(cfg.quant, f"{prefix}.{name}"), dtype)
+
+        self.q_lora = cfg.q_lora_rank
+        if self.q_lora is None:
+            self.q_proj = linear("q_proj", cfg.hidden_size, q_out)
+        else:
+            self.q_a_proj = linear("q_a_proj", cfg.hidden_size, self.q_lora)
+            self.q_a_layernorm = RMSNorm(self.q_lora, 1e-6, dtype)
+            self.q_b_proj = linear("q_b_proj", self.q_lora, q_out)
+        self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", cfg.hidden_size, cfg.latent_dim)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora, 1e-6, dtype)
+        self.kv_b_proj = linear("kv_b_proj", self.kv_lora, self.heads * (self.nope + self.v_dim))
+        self.o_proj = linear("o_proj", self.heads * self.v_dim, cfg.hidden_size)
+        # Absorbed weights, filled by prepare() after loading.
+        self.register_buffer("w_uk", torch.empty(self.heads, self.nope, self.kv_lora, dtype=dtype))  # (H, nope, c)
+        self.register_buffer("w_uv", torch.empty(self.heads, self.v_dim, self.kv_lora, dtype=dtype))  # (H, v, c)
+
+    def slots(self) -> Iterator[Slot]:
+        p = self.prefix
+        if self.q_lora is None:
+            yield from self.q_proj.slots(f"{p}.q_proj")
+        else:
+            yield from self.q_a_proj.slots(f"{p}.q_a_proj")
+            yield from self.q_a_layernorm.slots(f"{p}.q_a_layernorm")
+            yield from self.q_b_proj.slots(f"{p}.q_b_proj")
+        yield from self.kv_a_proj_with_mqa.slots(f"{p}.kv_a_proj_with_mqa")
+        yield from self.kv_a_layernorm.slots(f"{p}.kv_a_layernorm")
+        yield from self.kv_b_proj.slots(f"{p}.kv_b_proj")
+        yield from self.o_proj.slots(f"{p}.o_proj")
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Split kv_b_proj into W_UK and W_UV for both paths; done once after loading."""
+        w = self.kv_b_proj.dequantize(self.w_uk.dtype).view(self.heads, self.nope + self.v_dim, self.kv_lora)
+        self.w_uk.copy_(w[:, : self.nope])
+        self.w_uv.copy_(w[:, self.nope :])
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (tokens, hidden) -> q_nope (tokens, H, nope), q_pe (tokens, H, rope), latent (tokens, c + rope)."""
+        q = self.q_proj(x) if self.q_lora is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(x.shape[0], self.heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_pe = self.rope.rotate(q_pe, cos, sin)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
+        k_pe = self.rope.rotate(k_pe.unsqueeze(1), cos, sin).squeeze(1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+        return q_nope, q_pe, latent
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """x (tokens, hidden); kv_cache (blocks, block_size, c + rope) of this layer -> (tokens, hidden)."""
+        q_nope, q_pe, latent = self.project(x, cos, sin)
+        kv_cache.view(-1, kv_cache.shape[-1])[meta.slot_mapping] = latent.to(kv_cache.dtype)
+        out = x.new_empty(x.shape[0], self.heads, self.v_dim)  # (tokens, H, v)
+        for seq in meta.prefill_seqs:
+            rows = slice(meta.query_starts[seq], meta.query_starts[seq] + meta.query_lens[seq])
+            context = gather_context(kv_cache, meta.block_tables[seq], int(meta.seq_lens[seq]))
+            out[rows] = self.attend_naive(q_nope[rows], q_pe[rows], context)
+        if meta.decode_rows.numel():
+            rows = meta.decode_rows
+            out[rows] = self.attend_absorbed(
+                q_nope[rows], q_pe[rows], kv_cache, meta.block_tables[meta.decode_seqs], meta.seq_lens[meta.decode_seqs]
+            )
+        return self.o_proj(out.view(x.shape[0], self.heads * self.v_dim))
+
+    def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The last q rows of one sequence against its whole context (ctx, c + rope) -> (q, H, v)."""
+        n_q, n_ctx = q_nope.shape[0], context.shape[0]
+        c_kv, k_pe = context.to(q_nope.dtype).split([self.kv_lora, self.rope_dim], dim=-1)
+        k_nope = torch.einsum("lc,hnc->hln", c_kv, self.w_uk)  # (H, ctx, nope)
+        v = torch.einsum("lc,hvc->hlv", c_kv, self.w_uv)  # (H, ctx, v)
+        k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(self.heads, -1, -1)], dim=-1)  # (H, ctx, nope + rope)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # (H, q, nope + rope)
+        scores = torch.matmul(q, k.transpose(1, 2)) * self.scale  # (H, q, ctx)
+        key_pos = torch.arange(n_ctx, device=q.device)
+        query_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device)
+        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v).transpose(0, 1)  # (q, H, v)
+
+    def attend_absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One new token per sequence: (batch, H, nope), (batch, H, rope) -> (batch, H, v)."""
+        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, self.w_uk)  # (batch, H, c)
+        q = torch.cat([q_latent, q_pe], dim=-1)  # (batch, H, c + rope)
+        o_latent = mla_decode_reference(q, kv_cache, block_tables, seq_lens, self.scale, self.kv_lora)
+        return torch.einsum("bhc,hvc->bhv", o_latent, self.w_uv)  # (batch, H, v)
+
+
+def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` latent entries, (length, c + rope), from its block table."""
+    block_size = kv_cache.shape[1]
+    n_blocks = -(-length // block_size)
+    return kv_cache[block_table[:n_blocks].long()].reshape(-1, kv_cache.shape[-1])[:length]

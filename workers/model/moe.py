@@ -1,0 +1,120 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the MoE layer (gate -> dispatch -> experts -> combine).
+
+The MoE layer never branches on how experts are deployed: a `Dispatcher` decides which tokens
+reach this rank's experts and how results come back; `Experts` holds only this rank's experts.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecluster.router.experts.dispatch import Dispatcher, LocalDispatch
+from moecluster.router.experts.gate import GateConfig, select_experts
+from moecluster.workers.config import ModelConfig
+from moecluster.workers.model.weights import Linear, QuantWeight, Slot, scheme_for
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, intermediate: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.prefix = prefix
+        h = cfg.hidden_size
+        self.gate_proj = Linear(h, intermediate, scheme_for(cfg.quant, f"{prefix}.gate_proj"), dtype)
+        self.up_proj = Linear(h, intermediate, scheme_for(cfg.quant, f"{prefix}.up_proj"), dtype)
+        self.down_proj = Linear(intermediate, h, scheme_for(cfg.quant, f"{prefix}.down_proj"), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def slots(self) -> Iterator[Slot]:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            yield from getattr(self, name).slots(f"{self.prefix}.{name}")
+
+
+class Experts(nn.Module):
+    """The routed experts this rank owns, stacked: global ids `expert_ids`, local index = position."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, expert_ids: list[int], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.prefix, self.expert_ids = prefix, list(expert_ids)
+        h, i, n = cfg.hidden_size, cfg.moe_intermediate_size, len(expert_ids)
+        # Quantization is decided per module path; every expert of a layer shares one format.
+        def scheme(name: str):  # noqa: ANN202
+            return scheme_for(cfg.quant, f"{prefix}.{expert_ids[0]}.{name}") if expert_ids else None
+
+        self.gate_proj = QuantWeight(i, h, scheme("gate_proj"), dtype, lead=(n,))  # (local, I, H)
+        self.up_proj = QuantWeight(i, h, scheme("up_proj"), dtype, lead=(n,))  # (local, I, H)
+        self.down_proj = QuantWeight(h, i, scheme("down_proj"), dtype, lead=(n,))  # (local, H, I)
+
+    def slots(self) -> Iterator[Slot]:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            paths = [f"{self.prefix}.{e}.{name}" for e in self.expert_ids]
+            yield from getattr(self, name).slots(paths)
+
+    def forward(self, tokens: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """tokens (routed, H) grouped by local expert -> (routed, H)."""
+        out = torch.empty_like(tokens)
+        start = 0
+        for local, count in enumerate(tokens_per_expert):
+            if count:
+                x = tokens[start : start + count]
+                gate = F.linear(x, self.gate_proj.dequantize(x.dtype, local))
+                up = F.linear(x, self.up_proj.dequantize(x.dtype, local))
+                out[start : start + count] = F.linear(F.silu(gate) * up, self.down_proj.dequantize(x.dtype, local))
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        prefix: str,
+        dtype: torch.dtype,
+        expert_ids: list[int] | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.gate_cfg = GateConfig(
+            num_experts=cfg.n_routed_experts,
+            top_k=cfg.num_experts_per_tok,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )
+        # The router stays in float32: its logits decide discrete choices.
+        self.gate_weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        ids = list(range(cfg.n_routed_experts)) if expert_ids is None else expert_ids
+        self.experts = Experts(cfg, f"{prefix}.experts", ids, dtype)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatch(cfg.n_routed_experts)
+        self.shared_experts = (
+            MLP(cfg, f"{prefix}.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def slots(self) -> Iterator[Slot]:
+        yield Slot(f"{self.prefix}.gate.weight", self.gate_weight)
+        yield Slot(f"{self.prefix}.gate.e_score_correction_bias", self.e_score_correction_bias)
+        yield from self.experts.slots()
+        if self.shared_experts is not None:
+            yield from self.shared_experts.slots()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (tokens, H) -> (tokens, H)."""
+        logits = F.linear(x.float(), self.gate_weight)  # (tokens, experts)
+        weights, ids = select_experts(logits, self.e_score_correction_bias, self.gate_cfg)
+        dispatched = self.dispatcher.dispatch(x, ids, weights)
+        out = self.dispatcher.combine(self.experts(dispatched.tokens, dispatched.tokens_per_expert), dispatched)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
