@@ -1,0 +1,46 @@
+"""The `moecluster` command line, run as users run it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moecluster.cluster.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "moecluster.cluster.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_make_tiny_then_generate(tmp_path: Path) -> None:
+    out = tmp_path / "k2"
+    made = run("make-tiny", str(out), "--arch", "kimi-k2", "--quant", "int4", "--layers", "2")
+    assert made.returncode == 0, made.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "kimi_k2" and cfg["quantization_config"]["format"] == "pack-quantized"
+    gen = run("generate", "--model", str(out), "--prompt", "hello", "--prompt", "a longer second prompt",
+              "--max-tokens", "5", "--dtype", "float32", "--json")
+    assert gen.returncode == 0, gen.stderr
+    rows = [json.loads(line) for line in gen.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello", "a longer second prompt"]
+    assert all(len(r["token_ids"]) <= 5 and r["finish_reason"] in ("length", "stop") for r in rows)
+
+
+def test_chat_prompt(tiny_checkpoint) -> None:
+    gen = run("generate", "--model", str(tiny_checkpoint()), "--prompt", "hi", "--chat", "--max-tokens", "3", "--json")
+    assert gen.returncode == 0, gen.stderr
+
+
+def test_bad_model_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["serve", "status", "down", "plan", "bench"])
+def test_unbuilt_commands_say_so(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
