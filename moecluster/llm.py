@@ -6,77 +6,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from moecluster.workers.engine.block_allocator import BlockAllocator
-from moecluster.workers.engine.kv_cache import allocate_kv_cache, bytes_per_block
-from moecluster.workers.engine.model_runner import ModelRunner
-from moecluster.workers.engine.offline_engine import EngineLimits, OfflineEngine
-from moecluster.workers.engine.outputs import RequestOutput
+from moecluster.workers.engine.engine_config import EngineConfig, build_engine
+from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
 from moecluster.workers.engine.sampling_params import SamplingParams
-from moecluster.workers.model_loader import load_model
-from moecluster.workers.tokenizer import load_tokenizer
 
 PromptType = str | dict[str, Any]
-CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU; on a GPU a fraction of free memory
 
 
 class LLM:
     """Load a DeepSeek-V3 / Kimi K2 checkpoint and generate from it in this process.
 
-    Options: dtype ("auto" | "float32" | "bfloat16" | "float16"), device (default: cuda when
-    available), block_size (tokens per cache block), num_kv_blocks or kv_cache_memory_bytes
-    (CPU) / gpu_memory_utilization (CUDA), max_model_len, max_num_seqs, max_num_batched_tokens,
-    trust_remote_code (for tokenizers shipped as custom code), seed.
+    Options are the fields of `EngineConfig`: dtype ("auto" | "float32" | "bfloat16" | "float16"),
+    device, block_size, num_kv_blocks / kv_cache_memory_bytes / gpu_memory_utilization,
+    max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
+    enable_prefix_caching, trust_remote_code, seed.
     """
 
-    def __init__(
-        self,
-        model: str | Path,
-        dtype: str | torch.dtype = "auto",
-        device: str | torch.device | None = None,
-        tokenizer: str | Path | None = None,
-        trust_remote_code: bool = False,
-        seed: int = 0,
-        block_size: int = 64,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_bytes: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-    ) -> None:
-        torch.manual_seed(seed)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
-        self.model = load_model(model, dtype, self.device)
-        cfg = self.model.cfg
-        self.max_model_len = max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
-                f"{cfg.max_position_embeddings}"
-            )
-        per_block = bytes_per_block(cfg, block_size, self.model.dtype)
-        if num_kv_blocks is None:
-            budget = kv_cache_memory_bytes or self._default_kv_budget(gpu_memory_utilization)
-            num_kv_blocks = max(1, budget // per_block)
-        kv_caches = allocate_kv_cache(cfg, num_kv_blocks, block_size, self.model.dtype, self.device)
-        runner = ModelRunner(self.model, kv_caches, block_size)
-        eos = cfg.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
-        self.engine = OfflineEngine(
-            runner,
-            BlockAllocator(num_kv_blocks, block_size),
-            EngineLimits(self.max_model_len, max_num_seqs, max_num_batched_tokens),
-            eos,
-            lambda ids, skip: self.tokenizer.decode(ids, skip_special_tokens=skip),
-        )
+    def __init__(self, model: str | Path, **options: Any) -> None:
+        self.config = EngineConfig(model=Path(model), **options)
+        self.engine, self.tokenizer = build_engine(self.config)
+        self._next_id = 0
 
-    def _default_kv_budget(self, utilization: float) -> int:
-        if self.device.type != "cuda":
-            return CPU_KV_CACHE_BYTES
-        free, total = torch.cuda.mem_get_info(self.device)
-        return max(0, int(free - (1 - utilization) * total))
+    @property
+    def model(self) -> Any:
+        return self.engine.runner.model
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -89,18 +42,29 @@ class LLM:
         """prompts: strings or {"prompt_token_ids": [...]} dicts; one RequestOutput per prompt, in order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a string, a dict or a list of them, got {type(prompts).__name__}")
         prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        texts, token_ids = zip(*(self._tokenize(p) for p in prompts)) if prompts else ((), ())
-        completions = self.engine.generate(list(zip(token_ids, params)))
-        return [
-            RequestOutput(str(i), text, ids, outputs, finished=True)
-            for i, (text, ids, outputs) in enumerate(zip(texts, token_ids, completions))
-        ]
+        params = sampling_params or SamplingParams()
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
+        tokenized = [self._tokenize(p) for p in prompts]
+        for (_, ids), p in zip(tokenized, per_prompt):
+            self.engine.check(ids, p)  # refuse the whole batch before anything runs
+        results: dict[str, RequestOutput] = {}
+        for (text, ids), p in zip(tokenized, per_prompt):
+            request_id = f"offline-{self._next_id}"
+            self._next_id += 1
+            self.engine.add_request(request_id, ids, p, prompt=text)
+            results[request_id] = RequestOutput(
+                request_id, text, ids,
+                [CompletionOutput(i, "", [], 0.0, [] if p.logprobs is not None else None) for i in range(p.n)],
+            )
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                _merge(results[delta.request_id], delta)
+        return list(results.values())
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -111,3 +75,16 @@ class LLM:
                 raise ValueError("prompt_token_ids must be a list of ints")
             return prompt.get("prompt"), list(ids)
         raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+
+def _merge(total: RequestOutput, delta: RequestOutput) -> None:
+    for d in delta.outputs:
+        c = total.outputs[d.index]
+        c.text += d.text
+        c.token_ids += d.token_ids
+        c.cumulative_logprob = (c.cumulative_logprob or 0.0) + (d.cumulative_logprob or 0.0)
+        if c.logprobs is not None and d.logprobs:
+            c.logprobs += d.logprobs
+        if d.finish_reason is not None:
+            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+    total.finished = total.finished or delta.finished

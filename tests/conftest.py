@@ -4,10 +4,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from moecluster.workers.checkpoint.tiny import TinySpec, make_tiny
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The toy models' matrices are tiny: one thread beats two (no OpenMP hand-offs), and it keeps the
+# suite from stalling when the machine is shared.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

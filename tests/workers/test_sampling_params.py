@@ -120,11 +120,6 @@ def test_stop_string_becomes_a_list() -> None:
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vLLM's SamplingParams accepts stop=None (the OpenAI default) and treats it as no stop "
-    "strings; sampling_params.py declares `stop: list[str]` without allowing None",
-)
 def test_stop_none_means_no_stop_strings() -> None:
     assert SamplingParams(stop=None).stop == []
 

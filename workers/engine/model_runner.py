@@ -1,9 +1,10 @@
-"""Runs one forward step for a set of sequences and samples one token for each.
+"""Runs one scheduled step on the device: builds the flat batch, runs the model, samples.
 
-Batch flow of a step: each sequence contributes its not-yet-computed tokens (a whole prompt, or
-the one token sampled last step); they are laid end to end with their positions and cache slots
-(AttentionMetadata), the model writes their latents into the paged cache and returns hidden
-states, and only each sequence's last row is projected to logits and sampled.
+Batch flow: each scheduled sequence contributes its next `num_tokens` uncomputed tokens (a
+prompt chunk, a recompute after preemption, or the one token sampled last step); they are laid
+end to end with their positions and cache slots (AttentionMetadata); the model writes their
+latents into the paged cache and returns hidden states; fork copies of partial blocks happen
+after that write; only the rows of sequences that sample are projected to logits.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from moecluster.workers.engine.sampler import SamplerOutput, SamplingBatch, sample
+from moecluster.workers.engine.scheduler import ScheduledSeq, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence
 from moecluster.workers.model.attention_metadata import AttentionMetadata
 from moecluster.workers.model.deepseek import DeepseekV3Model
@@ -22,48 +24,58 @@ class ModelRunner:
         self.device = model.embed_tokens.device
         self.vocab_size = model.cfg.vocab_size
 
-    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
+    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata]:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        for seq in seqs:
-            start = seq.num_computed
-            input_ids += seq.new_tokens
-            for pos in range(start, len(seq.token_ids)):
-                positions.append(pos)
-                slots.append(seq.blocks[pos // self.block_size] * self.block_size + pos % self.block_size)
+        bs = self.block_size
+        for s in scheduled:
+            seq, start = s.seq, s.seq.num_computed
+            end = start + s.num_tokens
+            blocks = seq.table.block_ids
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
         meta = AttentionMetadata.build(
             positions=positions,
             slot_mapping=slots,
-            block_tables=[seq.blocks for seq in seqs],
-            seq_lens=[len(seq.token_ids) for seq in seqs],
-            query_lens=[len(seq.token_ids) - seq.num_computed for seq in seqs],
+            block_tables=[s.seq.table.block_ids for s in scheduled],
+            seq_lens=[s.seq.num_computed + s.num_tokens for s in scheduled],
+            query_lens=[s.num_tokens for s in scheduled],
             device=self.device,
         )
         return torch.tensor(input_ids, dtype=torch.int64, device=self.device), meta
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        for seq in seqs:
+            if seq.generator is None and seq.params.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.sample_index)
         params = [s.params for s in seqs]
         return SamplingBatch.build(
             temperature=[p.temperature for p in params],
             top_k=[p.top_k for p in params],
             top_p=[p.top_p for p in params],
             min_p=[p.min_p for p in params],
-            generators=[s.generator for s in seqs],
-            num_logprobs=max((p.logprobs or 0) for p in params),
+            generators=[s.generator for s in seqs],  # type: ignore[misc]
+            num_logprobs=max((p.logprobs or 0 for p in params), default=0),
             vocab_size=self.vocab_size,
             device=self.device,
         )
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], device=self.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        for cache in self.kv_caches:
+            cache[dst] = cache[src]
+
     @torch.no_grad()
-    def step(self, seqs: list[Sequence]) -> SamplerOutput:
-        """Compute every sequence's new tokens and sample its next token (not yet appended)."""
-        input_ids, meta = self.prepare(seqs)
+    def execute(self, sched: SchedulerOutput) -> SamplerOutput:
+        """Compute the scheduled tokens; sample one token for every entry of sched.samplers."""
+        input_ids, meta = self.prepare(sched.scheduled)
         hidden = self.model(input_ids, meta, self.kv_caches)
-        last_rows = torch.tensor(
-            [start + n - 1 for start, n in zip(meta.query_starts, meta.query_lens)], device=self.device
-        )
-        logits = self.model.logits(hidden[last_rows])
-        for seq in seqs:
-            seq.num_computed = len(seq.token_ids)
-        return sample(logits, self.sampling_batch(seqs))
+        self.copy_blocks(sched.block_copies)
+        rows = [meta.query_starts[r] + meta.query_lens[r] - 1 for _, r in sched.samplers]
+        logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
+        return sample(logits, self.sampling_batch([seq for seq, _ in sched.samplers]))

@@ -26,6 +26,9 @@ class SamplingParams(BaseModel):
     include_stop_str_in_output: bool = False
 
     def __init__(self, /, **data: object) -> None:
+        for key in ("stop", "stop_token_ids"):
+            if key in data and data[key] is None:  # OpenAI clients send null for "none"
+                data[key] = []
         if isinstance(data.get("stop"), str):
             data["stop"] = [data["stop"]]
         super().__init__(**data)

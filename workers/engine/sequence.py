@@ -2,39 +2,47 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
 
-from moecluster.workers.engine.outputs import Logprob
+from moecluster.workers.engine.block_manager import BlockTable
 from moecluster.workers.engine.sampling_params import SamplingParams
 
 
-@dataclass
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
 class Sequence:
-    seq_id: int
-    request_index: int  # which request of the batch it belongs to
+    request_id: str
     sample_index: int  # which of the request's n samples it is
     token_ids: list[int]  # prompt followed by generated tokens
     prompt_len: int
     params: SamplingParams
     max_len: int  # prompt_len + the most tokens it may generate
+    arrival: int  # admission order; lower runs first and is preempted last
     generator: torch.Generator | None = None
-    blocks: list[int] = field(default_factory=list)
-    num_computed: int = 0  # leading tokens whose latents are already in the cache
-    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
+    table: BlockTable = field(default_factory=lambda: BlockTable([]))
+    num_computed: int = 0  # leading tokens whose latents are in the cache
+    num_cached: int = 0  # of those, how many came from the prefix cache at admission
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
+    forked: bool = False  # n > 1: the siblings were created from this one
 
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
 
     @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
 
     @property
-    def new_tokens(self) -> list[int]:
-        return self.token_ids[self.num_computed :]
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

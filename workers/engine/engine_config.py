@@ -1,0 +1,73 @@
+"""One replica's engine settings, validated on construction, and the builder that applies them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from moecluster.workers.engine.block_manager import BlockManager
+from moecluster.workers.engine.engine_core import EngineCore
+from moecluster.workers.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from moecluster.workers.engine.model_runner import ModelRunner
+from moecluster.workers.engine.scheduler import Scheduler, SchedulerConfig
+from moecluster.workers.model_loader import load_model
+from moecluster.workers.tokenizer import Tokenizer, load_tokenizer
+
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU; on a GPU a fraction of free memory
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    model: Path
+    dtype: str = "auto"
+    device: str | None = None  # default: cuda when available
+    tokenizer: Path | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+    block_size: int = Field(64, ge=1, le=1024)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(None, ge=2)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)  # default 8192, or max_model_len without chunking
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+
+    def resolved_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def build_engine(cfg: EngineConfig) -> tuple[EngineCore, Tokenizer]:
+    torch.manual_seed(cfg.seed)
+    device = cfg.resolved_device()
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, cfg.dtype, device)
+    mcfg = model.cfg
+    max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+    if max_model_len > mcfg.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {mcfg.max_position_embeddings}"
+        )
+    num_blocks = cfg.num_kv_blocks
+    if num_blocks is None:
+        budget = cfg.kv_cache_memory_bytes or _default_kv_budget(device, cfg.gpu_memory_utilization)
+        num_blocks = max(1, budget // bytes_per_block(mcfg, cfg.block_size, model.dtype))
+    batched = cfg.max_num_batched_tokens or (8192 if cfg.enable_chunked_prefill else max_model_len)
+    scheduler = Scheduler(
+        SchedulerConfig(max_model_len, cfg.max_num_seqs, batched, cfg.enable_chunked_prefill),
+        BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),
+    )
+    runner = ModelRunner(model, allocate_kv_cache(mcfg, num_blocks, cfg.block_size, model.dtype, device), cfg.block_size)
+    eos = mcfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    return EngineCore(runner, scheduler, tokenizer, eos), tokenizer
+
+
+def _default_kv_budget(device: torch.device, utilization: float) -> int:
+    if device.type != "cuda":
+        return CPU_KV_CACHE_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(free - (1 - utilization) * total))

@@ -1,0 +1,170 @@
+"""The per-replica engine: requests in, one scheduled forward per step, streamed deltas out.
+
+Batch flow of `step()`: the scheduler picks this step's token chunks (decodes, prompt chunks,
+new admissions) → the model runner computes them in one forward, performs fork block copies and
+samples every sequence whose tokens are now all computed → the scheduler accounts the computed
+tokens (registering full blocks in the prefix cache) → each sampled token is appended, its text
+produced incrementally and the stop conditions checked → finished sequences free their blocks.
+Every request that progressed gets one `RequestOutput` holding only what is new (a delta).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from moecluster.workers.detokenizer import Decoder
+from moecluster.workers.engine.block_manager import BlockManager
+from moecluster.workers.engine.model_runner import ModelRunner
+from moecluster.workers.engine.output_processor import SeqOutputState
+from moecluster.workers.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from moecluster.workers.engine.sampler import SamplerOutput
+from moecluster.workers.engine.sampling_params import SamplingParams
+from moecluster.workers.engine.scheduler import Scheduler, SchedulerOutput
+from moecluster.workers.engine.sequence import Sequence
+
+
+class RequestError(ValueError):
+    """A request the engine refuses before it costs anything; the message says why."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of cache blocks referenced
+    kv_capacity_tokens: int
+    num_free_blocks: int
+    prefix_hit_rate: float  # prompt tokens found in the prefix cache / prompt tokens looked up
+    num_preemptions: int
+    num_steps: int
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    states: dict[int, SeqOutputState]  # sample index -> output state
+    finished: set[int]
+
+
+class EngineCore:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        decoder: Decoder,
+        eos_token_ids: Collection[int],
+    ) -> None:
+        self.runner, self.scheduler, self.decoder = runner, scheduler, decoder
+        self.blocks: BlockManager = scheduler.blocks
+        self.eos = frozenset(eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._arrivals = itertools.count()
+        self.num_preemptions = self.num_steps = 0
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        max_len = self.check(prompt_ids, params)
+        seq = Sequence(request_id, 0, list(prompt_ids), len(prompt_ids), params, max_len, next(self._arrivals))
+        self.requests[request_id] = _Request(
+            request_id, prompt, list(prompt_ids), params, {0: SeqOutputState(seq, self.decoder, self.eos)}, set()
+        )
+        self.scheduler.add(seq)
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Validate a request before it costs anything; returns its sequences' length budget."""
+        n, limit = len(prompt_ids), self.scheduler.cfg.max_model_len
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= limit:
+            raise RequestError(f"prompt of {n} tokens does not fit max_model_len {limit} with room to generate")
+        vocab = self.runner.vocab_size
+        bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        max_len = limit if params.max_tokens is None else min(n + params.max_tokens, limit)
+        if max_len > self.blocks.capacity_tokens:
+            raise RequestError(
+                f"prompt of {n} tokens plus up to {max_len - n} new tokens needs more than the "
+                f"{self.blocks.capacity_tokens} tokens the KV cache holds"
+            )
+        return max_len
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; its final (empty) delta, if it existed."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        out = RequestOutput(request_id, req.prompt, req.prompt_ids, finished=True)
+        for seq in self.scheduler.abort(request_id):
+            out.outputs.append(CompletionOutput(seq.sample_index, "", [], finish_reason="abort"))
+        return out
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self.num_preemptions += len(sched.preempted)
+        if sched.empty:
+            return []
+        sampled = self.runner.execute(sched)
+        self.scheduler.update(sched)
+        self.num_steps += 1
+        return self._process(sched, sampled)
+
+    def _process(self, sched: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
+        tokens = sampled.token_ids.tolist()
+        chosen, ranks = sampled.logprobs.tolist(), sampled.ranks.tolist()
+        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+        top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        outputs: dict[str, RequestOutput] = {}
+        for row, (seq, _) in enumerate(sched.samplers):
+            req = self.requests[seq.request_id]
+            state = req.states.get(seq.sample_index)
+            if state is None:  # a fork created this step
+                state = req.states[seq.sample_index] = SeqOutputState(seq, self.decoder, self.eos)
+            token = tokens[row]
+            seq.token_ids.append(token)
+            text, reason, stop_reason = state.on_token(token)
+            delta = CompletionOutput(seq.sample_index, text, [token], cumulative_logprob=None)
+            k = seq.params.logprobs
+            if k is not None:
+                entry = {token: Logprob(chosen[row], ranks[row])}
+                if k and top_ids is not None and top_lp is not None:
+                    for rank, (tid, lp) in enumerate(zip(top_ids[row][:k], top_lp[row][:k]), start=1):
+                        entry.setdefault(tid, Logprob(lp, rank))
+                delta.logprobs = [entry]
+            delta.cumulative_logprob = chosen[row]
+            if reason is not None:
+                self.scheduler.finish(seq, reason, stop_reason)
+                delta.finish_reason, delta.stop_reason = reason, stop_reason
+                req.finished.add(seq.sample_index)
+            out = outputs.setdefault(seq.request_id, RequestOutput(seq.request_id, req.prompt, req.prompt_ids))
+            out.outputs.append(delta)
+        for request_id, out in outputs.items():
+            req = self.requests[request_id]
+            if len(req.finished) == req.params.n:
+                out.finished = True
+                del self.requests[request_id]
+        return list(outputs.values())
+
+    def stats(self) -> EngineStats:
+        s = self.blocks.stats()
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=s.usage,
+            kv_capacity_tokens=self.blocks.capacity_tokens,
+            num_free_blocks=s.num_free_blocks,
+            prefix_hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+        )

@@ -1,0 +1,196 @@
+"""Continuous batching over the paged latent cache. CPU bookkeeping only, no torch.
+
+Each step gets a token budget. Running sequences go first, in admission order: a decode takes
+one token, an unfinished prompt takes its next chunk. Then waiting sequences are admitted in
+arrival order (FCFS), after a prefix-cache lookup, while the budget, the running-sequence limit
+and free blocks allow. When a running sequence needs a block and none is free, the most recently
+admitted sequence is preempted: its blocks are freed and it goes back to the head of the queue,
+to be recomputed from its prompt and the tokens it already generated (its full blocks usually
+come back as prefix-cache hits). Nothing is admitted in a step that preempted.
+
+A request with n > 1 samples runs one sequence through the prompt; in the step that completes
+the prompt it forks into n sequences that share the prompt's full blocks (the partial last block
+is copied after the step) and sample their first tokens from the same logits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from moecluster.workers.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from moecluster.workers.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
+                f"least max_model_len ({self.max_model_len}) so that any prompt fits one step"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens computed this step
+    sample: bool  # this step completes the sequence's tokens, so it samples the next one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    # (sequence that samples, the scheduled row whose logits it samples from); forks share a row
+    samplers: list[tuple[Sequence, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) after the forward
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager) -> None:
+        self.cfg, self.blocks = cfg, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk(seq, budget)
+            if n == 0:
+                i += 1
+                continue
+            if not self._reserve(seq, n, out):
+                break  # seq itself was preempted; everything after it already was
+            self._schedule(seq, n, out)
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.num_computed == 0 and not seq.table.block_ids:
+                seq.num_computed = seq.num_cached = self.blocks.allocate_prefix(seq.table, seq.token_ids)
+            n = self._chunk(seq, budget)
+            if n == 0 or not self.blocks.can_allocate(self.blocks.blocks_needed(seq.table, seq.num_computed + n)):
+                if not self.running and n and not out.scheduled:
+                    raise OutOfBlocks(f"request {seq.request_id} does not fit the empty cache")
+                self._release(seq)
+                break
+            self.blocks.grow(seq.table, seq.num_computed + n)
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            self._schedule(seq, n, out)
+            budget -= n
+        return out
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of seq to compute this step within budget (0: not this step)."""
+        todo = seq.num_uncomputed
+        if self.cfg.enable_chunked_prefill:
+            return min(todo, budget)
+        return todo if todo <= budget else 0
+
+    def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Make room for n more tokens of a running seq, preempting from the back if needed."""
+        while not self.blocks.can_allocate(self.blocks.blocks_needed(seq.table, seq.num_computed + n)):
+            victim = self.running[-1]
+            self.preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.table, seq.num_computed + n)
+        return True
+
+    def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
+        row = len(out.scheduled)
+        sample = seq.num_computed + n == len(seq.token_ids)
+        out.scheduled.append(ScheduledSeq(seq, n, sample))
+        if not sample:
+            return
+        out.samplers.append((seq, row))
+        if seq.params.n > 1 and not seq.forked:
+            seq.forked = True
+            for sibling in self._fork(seq, out):
+                out.samplers.append((sibling, row))
+
+    def _fork(self, seq: Sequence, out: SchedulerOutput) -> list[Sequence]:
+        """The other n - 1 samples of seq's request, sharing its prompt blocks."""
+        siblings = []
+        for index in range(1, seq.params.n):
+            sibling = Sequence(
+                seq.request_id, index, list(seq.token_ids), seq.prompt_len, seq.params, seq.max_len,
+                seq.arrival, generator=None, forked=True,
+            )
+            try:
+                sibling.table, copies = self.blocks.fork(seq.table, len(seq.token_ids))
+            except OutOfBlocks:
+                self.waiting.appendleft(sibling)  # recomputed later, mostly from the prefix cache
+                continue
+            out.block_copies += copies
+            sibling.status = SeqStatus.RUNNING
+            self.running.append(sibling)
+            siblings.append(sibling)
+        return siblings
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the forward: account computed tokens and register newly full blocks."""
+        for s in out.scheduled:
+            s.seq.num_computed += s.num_tokens
+            self.blocks.commit(s.seq.table, s.seq.token_ids, s.seq.num_computed)
+        for seq, _ in out.samplers:
+            if seq.num_computed < len(seq.token_ids):  # a fork: its prompt was computed by its parent's row
+                seq.num_computed = len(seq.token_ids)
+                self.blocks.commit(seq.table, seq.token_ids, seq.num_computed)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Stop a sequence (done, or aborted while waiting or running) and free its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.table)
+        seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.FINISHED, reason, stop_reason
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every waiting or running sequence of a request; returns them."""
+        seqs = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.table)
+        seq.table = BlockTable([])
+        seq.num_computed = seq.num_cached = 0
