@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moecluster.workers.engine.async_engine import AsyncEngine
 from moecluster.workers.engine.engine_config import EngineConfig, build_engine
 from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
 from moecluster.workers.engine.sampling_params import SamplingParams
@@ -24,12 +26,18 @@ class LLM:
 
     def __init__(self, model: str | Path, **options: Any) -> None:
         self.config = EngineConfig(model=Path(model), **options)
-        self.engine, self.tokenizer = build_engine(self.config)
+        core, self.tokenizer = build_engine(self.config)
+        self.engine = AsyncEngine(core)
         self._next_id = 0
 
     @property
     def model(self) -> Any:
-        return self.engine.runner.model
+        return self.engine.core.runner.model
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=1.0)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -51,19 +59,24 @@ class LLM:
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
         tokenized = [self._tokenize(p) for p in prompts]
         for (_, ids), p in zip(tokenized, per_prompt):
-            self.engine.check(ids, p)  # refuse the whole batch before anything runs
+            self.engine.core.check(ids, p)  # refuse the whole batch before anything runs
+        deltas: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
         results: dict[str, RequestOutput] = {}
         for (text, ids), p in zip(tokenized, per_prompt):
             request_id = f"offline-{self._next_id}"
             self._next_id += 1
-            self.engine.add_request(request_id, ids, p, prompt=text)
             results[request_id] = RequestOutput(
                 request_id, text, ids,
                 [CompletionOutput(i, "", [], 0.0, [] if p.logprobs is not None else None) for i in range(p.n)],
             )
-        while self.engine.has_unfinished():
-            for delta in self.engine.step():
-                _merge(results[delta.request_id], delta)
+            self.engine.submit(request_id, ids, p, deltas.put, prompt=text)
+        pending = len(results)
+        while pending:
+            delta = deltas.get()
+            if isinstance(delta, BaseException):
+                raise RuntimeError("the engine failed while generating") from delta
+            _merge(results[delta.request_id], delta)
+            pending -= delta.finished
         return list(results.values())
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from moecluster import LLM, SamplingParams
 
@@ -42,16 +41,6 @@ def greedy(max_tokens: int = 12, **kw: object) -> SamplingParams:
 
 def as_prompt(p: str | list[int]) -> str | dict:
     return p if isinstance(p, str) else {"prompt_token_ids": p}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    spinning threads can slow these tests tenfold; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +212,33 @@ def test_earliest_stop_string_wins(llm: LLM, alone) -> None:
     (out,) = llm.generate(TEXT_B, greedy(32, stop=[second, first]))
     c = out.outputs[0]
     assert c.stop_reason == first and c.text == full[: full.find(first)]
+
+
+@pytest.mark.parametrize(
+    "stop, include, skip_special",
+    [([], False, False), (["e"], False, True), (["th", " "], True, True), (["in", "5"], False, False)],
+)
+def test_text_agrees_with_token_ids(llm: LLM, stop: list[str], include: bool, skip_special: bool) -> None:
+    """Whatever stops a sampled completion, its text is the decoded tokens, cut at the stop string."""
+    tok = llm.get_tokenizer()
+    params = SamplingParams(
+        n=2, temperature=1.2, seed=len(stop), max_tokens=16, stop=stop,
+        include_stop_str_in_output=include, skip_special_tokens=skip_special,
+    )
+    outs = llm.generate([as_prompt(TEXT_A), as_prompt(P17), as_prompt(P3)], params)
+    stopped = 0
+    for c in (c for out in outs for c in out.outputs):
+        full = tok.decode(c.token_ids, skip_special_tokens=skip_special)
+        if isinstance(c.stop_reason, str):
+            stopped += 1
+            s = c.stop_reason
+            assert c.finish_reason == "stop" and s in stop
+            cut = full.find(s)
+            assert c.text == full[: cut + len(s)] if include else c.text == full[:cut]
+            assert s not in tok.decode(c.token_ids[:-1], skip_special_tokens=skip_special)
+        else:
+            assert c.text == full
+    assert stopped > 0 or not stop
 
 
 def test_stop_string_that_never_appears(llm: LLM, alone) -> None:
@@ -397,18 +413,36 @@ def test_batches_larger_than_the_cache_queue_and_finish(llm: LLM, alone) -> None
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
 
 
-def test_queued_mixed_requests(llm: LLM, alone) -> None:
-    seeded = SamplingParams(temperature=0.9, seed=99, max_tokens=12, ignore_eos=True)
-    (solo,) = llm.generate([as_prompt(QUEUED[2])], seeded)
-    prompts = [as_prompt(p) for p in QUEUED] + [as_prompt(TEXT_A)]
-    params = [greedy(12)] * len(QUEUED) + [greedy(10)]
-    params[2] = seeded
-    outs = llm.generate(prompts, params)
-    for i, p in enumerate(QUEUED):
-        if i != 2:
-            assert outs[i].outputs[0].token_ids == alone(p, 12)
-    assert outs[2].outputs[0].token_ids == solo.outputs[0].token_ids
+def test_queued_seeded_requests_match_their_solo_runs(llm: LLM, alone) -> None:
+    """Seeded sampled requests that wait, or are preempted and recomputed, keep their tokens."""
+    params = [
+        SamplingParams(temperature=0.9, seed=100 + i, max_tokens=12, ignore_eos=True) if i % 2 == 0 else greedy(12)
+        for i in range(len(QUEUED))
+    ]
+    expected = [
+        llm.generate([as_prompt(p)], sp)[0].outputs[0].token_ids if i % 2 == 0 else alone(p, 12)
+        for i, (p, sp) in enumerate(zip(QUEUED, params))
+    ]
+    outs = llm.generate([as_prompt(p) for p in QUEUED] + [as_prompt(TEXT_A)], params + [greedy(10)])
+    assert [o.outputs[0].token_ids for o in outs[:-1]] == expected
     assert outs[-1].outputs[0].token_ids == alone(TEXT_A, 10)
+
+
+def test_seeded_n_samples_inside_a_crowded_batch(llm: LLM) -> None:
+    """n=3 seeded samples (with logprobs) amid requests that overflow the cache: same as alone."""
+    sp = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True, logprobs=2)
+    (solo,) = llm.generate([as_prompt(QUEUED[1])], sp)
+    outs = llm.generate(
+        [as_prompt(p) for p in QUEUED[:2]] + [as_prompt(QUEUED[1])] + [as_prompt(p) for p in QUEUED[2:]],
+        [greedy(12)] * 2 + [sp] + [greedy(12)] * 3,
+    )
+    crowded = outs[2].outputs
+    assert [c.index for c in crowded] == [0, 1, 2]
+    assert [c.token_ids for c in crowded] == [c.token_ids for c in solo.outputs]
+    assert [c.text for c in crowded] == [c.text for c in solo.outputs]
+    for a, b in zip(solo.outputs, crowded):
+        assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-4)
+        _check_logprobs(b, 2)
 
 
 def test_n_samples_queue_too(llm: LLM, alone) -> None:

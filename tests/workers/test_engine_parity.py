@@ -9,6 +9,7 @@ import random
 import pytest
 
 from moecluster import LLM, SamplingParams
+from moecluster.workers.engine.engine_config import EngineConfig, build_engine
 
 NUM_REQUESTS = 64
 
@@ -62,16 +63,19 @@ def test_preemption_keeps_answers(ckpt, workload, alone) -> None:
 
 
 def test_n_samples_share_prompt_blocks(ckpt) -> None:
-    llm = LLM(ckpt, dtype="float32", device="cpu", block_size=16, num_kv_blocks=64, enable_prefix_caching=False)
+    config = EngineConfig(model=ckpt, dtype="float32", device="cpu", block_size=16, num_kv_blocks=64,
+                          enable_prefix_caching=False)
+    core, _ = build_engine(config)
     prompt = list(range(100, 170))  # 70 tokens: 4 full blocks and a partial one
     params = SamplingParams(n=8, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
-    llm.engine.add_request("r", prompt, params)
+    core.add_request("r", prompt, params)
     peak = 0
-    while llm.engine.has_unfinished():
-        llm.engine.step()
-        peak = max(peak, 64 - llm.engine.stats().num_free_blocks)
+    while core.has_unfinished():
+        core.step()
+        peak = max(peak, 64 - core.stats().num_free_blocks)
     # unshared, 8 samples of 76 tokens would need 8 * 5 = 40 blocks; shared: 4 + 8 * 1
     assert peak <= 4 + 8
+    llm = LLM(ckpt, dtype="float32", device="cpu", block_size=16, num_kv_blocks=64)
     a = llm.generate([{"prompt_token_ids": prompt}], params)[0]
     b = llm.generate([{"prompt_token_ids": prompt}], params)[0]
     assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]

@@ -15,16 +15,6 @@ import torch
 from moecluster.workers.engine.sampler import SamplingBatch, sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    spinning threads can slow these tests tenfold; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def col(value: object, rows: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * rows
 

@@ -120,8 +120,9 @@ def test_stop_string_becomes_a_list() -> None:
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
 
 
-def test_stop_none_means_no_stop_strings() -> None:
+def test_none_means_no_stops() -> None:
     assert SamplingParams(stop=None).stop == []
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == []
 
 
 def test_int_temperature_is_a_float() -> None:
