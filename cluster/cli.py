@@ -13,7 +13,10 @@ PLANNED = {
     "status": "the cluster runtime",
     "down": "the cluster runtime",
     "plan": "the capacity planner",
-    "bench": "the benchmarks",
+}
+BENCH_PLANNED = {
+    "kernels": "the Triton kernels",
+    "serve": "the cluster runtime",
 }
 
 
@@ -23,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny(sub)
     _add_generate(sub)
+    _add_bench(sub)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(func=_planned(name, what))
     args, extra = parser.parse_known_args(argv)
@@ -107,6 +111,48 @@ def _generate(args: argparse.Namespace) -> int:
             print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}))
         else:
             print(f"--- {out.prompt!r}\n{c.text}\n[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
+    p.set_defaults(func=_bench_target_missing)
+    targets = p.add_subparsers(dest="target", metavar="TARGET")
+    e = targets.add_parser("engine", help="host time per engine step; prefix-cache hit rate on an agent trace")
+    e.add_argument("--requests", type=_counts, default=None, help="running requests per case (default 64,128,256)")
+    e.add_argument("--steps", type=int, default=None, help="timed steps per case (default 300)")
+    e.add_argument("--turns", type=int, default=None, help="turns per agent session (default 20)")
+    e.add_argument("--sessions", type=int, default=None, help="concurrent agent sessions (default 4)")
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--out", type=Path, default=Path("bench-engine.json"), help="JSON result file")
+    e.add_argument("--quick", action="store_true", help="small sizes (for tests)")
+    e.set_defaults(func=_bench_engine)
+    for name, what in BENCH_PLANNED.items():
+        targets.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(
+            func=_planned(f"bench {name}", what)
+        )
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _bench_target_missing(_: argparse.Namespace) -> int:
+    raise ValueError(f"name a benchmark: engine (not implemented yet: {', '.join(BENCH_PLANNED)})")
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from moecluster.cluster.bench.engine import EngineBenchConfig, run
+
+    cfg = EngineBenchConfig.quick_sizes() if args.quick else EngineBenchConfig()
+    names = ("requests", "steps", "turns", "sessions", "seed")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    run(replace(cfg, **given), args.out)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The offline engine through the public API (`from moecluster import LLM, SamplingParams`).
 
-One LLM per module on the default make-tiny checkpoint (fp32, CPU), with a deliberately small KV
+One LLM per module on a two-layer make-tiny checkpoint (fp32, CPU), with a deliberately small KV
 cache: 10 blocks of 16 tokens, so that two requests of ~50 tokens fill it and the rest must wait.
 Greedy answers of every prompt run alone are the oracle for batching, queueing, stops and n.
 """
@@ -45,7 +45,7 @@ def as_prompt(p: str | list[int]) -> str | dict:
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_checkpoint) -> Path:
-    return tiny_checkpoint()
+    return tiny_checkpoint(num_layers=2)  # the smallest stack (one dense, one MoE layer), shared with test_engine_parity
 
 
 @pytest.fixture(scope="module")

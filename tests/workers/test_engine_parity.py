@@ -54,6 +54,17 @@ def test_batch_equals_alone(ckpt, workload, alone, chunked: bool, prefix: bool) 
     assert stats.kv_usage == 0.0  # everything freed
 
 
+def test_prefill_decode_split_keeps_answers(ckpt, workload, alone) -> None:
+    prompts, params = workload
+    llm = LLM(ckpt, dtype="float32", device="cpu", block_size=16, num_kv_blocks=96, max_num_batched_tokens=64,
+              disaggregate=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    core = llm.engine.core
+    assert core.prefill.stats().kv_usage == 0.0 and core.decode.stats().kv_usage == 0.0
+    assert not core.prefill.transferring and not core.pending
+
+
 def test_preemption_keeps_answers(ckpt, workload, alone) -> None:
     prompts, params = workload
     llm = LLM(ckpt, dtype="float32", device="cpu", block_size=16, num_kv_blocks=24, max_num_batched_tokens=48)

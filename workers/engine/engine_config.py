@@ -8,12 +8,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from moecluster.workers.engine.block_manager import BlockManager
-from moecluster.workers.engine.engine_core import EngineCore
+from moecluster.workers.engine.disaggregated import DisaggregatedCore
+from moecluster.workers.engine.engine_core import EngineCore, Role
 from moecluster.workers.engine.kv_cache import allocate_kv_cache, bytes_per_block
 from moecluster.workers.engine.model_runner import ModelRunner
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerConfig
 from moecluster.workers.model_loader import load_model
 from moecluster.workers.tokenizer import Tokenizer, load_tokenizer
+from moecluster.workers.transfer.kv_transfer import InProcessTransfer, KVTransfer
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU; on a GPU a fraction of free memory
 
@@ -36,15 +38,28 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int | None = Field(None, ge=1)  # default 8192, or max_model_len without chunking
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    # Split into a prefill engine and a decode engine (each its own model copy and cache) joined by
+    # an in-process KV transfer: the single-process form of prefill/decode disaggregation.
+    disaggregate: bool = False
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def build_engine(cfg: EngineConfig) -> tuple[EngineCore, Tokenizer]:
+def build_engine(cfg: EngineConfig) -> tuple[EngineCore | DisaggregatedCore, Tokenizer]:
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if not cfg.disaggregate:
+        return build_core(cfg, tokenizer), tokenizer
+    transfer = InProcessTransfer()
+    prefill = build_core(cfg, tokenizer, "prefill", transfer)
+    decode = build_core(cfg, tokenizer, "decode", transfer)
+    return DisaggregatedCore(prefill, decode), tokenizer
+
+
+def build_core(cfg: EngineConfig, tokenizer: Tokenizer, role: Role = "both", transfer: KVTransfer | None = None) -> EngineCore:
+    """One engine: model, paged cache sized from the budget, scheduler, runner."""
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.model, cfg.dtype, device)
     mcfg = model.cfg
     max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
@@ -63,7 +78,7 @@ def build_engine(cfg: EngineConfig) -> tuple[EngineCore, Tokenizer]:
     )
     runner = ModelRunner(model, allocate_kv_cache(mcfg, num_blocks, cfg.block_size, model.dtype, device), cfg.block_size)
     eos = mcfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    return EngineCore(runner, scheduler, tokenizer, eos), tokenizer
+    return EngineCore(runner, scheduler, tokenizer, eos, role, transfer)
 
 
 def _default_kv_budget(device: torch.device, utilization: float) -> int:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
 
 from moecluster.workers.detokenizer import Decoder
 from moecluster.workers.engine.block_manager import BlockManager
@@ -23,6 +26,10 @@ from moecluster.workers.engine.sampler import SamplerOutput
 from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence
+from moecluster.workers.transfer.handoff import KVHandoff
+from moecluster.workers.transfer.kv_transfer import KVTicket, KVTransfer
+
+Role = Literal["both", "prefill", "decode"]
 
 
 class RequestError(ValueError):
@@ -58,8 +65,15 @@ class EngineCore:
         scheduler: Scheduler,
         decoder: Decoder,
         eos_token_ids: Collection[int],
+        role: Role = "both",
+        transfer: KVTransfer | None = None,
     ) -> None:
+        if role == "prefill" and transfer is None:
+            raise ValueError("a prefill engine needs a KV transfer to hand its requests to a decode engine")
         self.runner, self.scheduler, self.decoder = runner, scheduler, decoder
+        self.role, self.transfer = role, transfer
+        self.handoffs: list[KVHandoff] = []  # made this step, for the caller to deliver
+        self.transferring: dict[tuple[str, int], tuple[Sequence, KVTicket]] = {}  # awaiting the decode ack
         self.blocks: BlockManager = scheduler.blocks
         self.eos = frozenset(eos_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -99,6 +113,8 @@ class EngineCore:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; its final (empty) delta, if it existed."""
+        for key in [k for k in self.transferring if k[0] == request_id]:
+            self.ack(*key)  # staged for a decode engine that will not take it now
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
@@ -147,6 +163,9 @@ class EngineCore:
                 self.scheduler.finish(seq, reason, stop_reason)
                 delta.finish_reason, delta.stop_reason = reason, stop_reason
                 req.finished.add(seq.sample_index)
+            elif self.role == "prefill":
+                self._hand_off(req, seq)
+                req.finished.add(seq.sample_index)  # done here; the decode engine continues it
             out = outputs.setdefault(seq.request_id, RequestOutput(seq.request_id, req.prompt, req.prompt_ids))
             out.outputs.append(delta)
         for request_id, out in outputs.items():
@@ -155,6 +174,67 @@ class EngineCore:
                 out.finished = True
                 del self.requests[request_id]
         return list(outputs.values())
+
+    # ---- prefill / decode split -----------------------------------------------------------------
+    def _hand_off(self, req: _Request, seq: Sequence) -> None:
+        """Stage a freshly prefilled sequence's prompt blocks for transfer; keep them until acked."""
+        assert self.transfer is not None
+        self.scheduler.detach(seq)
+        blocks = seq.table.block_ids[: -(-seq.prompt_len // self.blocks.block_size)]
+        ticket = self.transfer.send(self.runner.kv_caches, blocks)
+        self.transferring[(seq.request_id, seq.sample_index)] = (seq, ticket)
+        gen = seq.generator.get_state().numpy().tobytes() if seq.generator is not None else None
+        self.handoffs.append(KVHandoff(
+            seq.request_id, seq.sample_index, req.prompt, req.prompt_ids, seq.token_ids[-1], seq.params,
+            seq.prompt_len, seq.max_len, ticket, gen,
+        ))
+
+    def take_handoffs(self) -> list[KVHandoff]:
+        out, self.handoffs = self.handoffs, []
+        return out
+
+    def ack(self, request_id: str, sample_index: int) -> None:
+        """The decode side holds the blocks now (or gave up on them): free ours."""
+        entry = self.transferring.pop((request_id, sample_index), None)
+        if entry is None:
+            return
+        seq, ticket = entry
+        assert self.transfer is not None
+        self.transfer.release(ticket)
+        self.blocks.free(seq.table)
+
+    def add_prefilled(self, h: KVHandoff, request_id: str) -> bool:
+        """Admit a handed-over sample as `request_id` (one sample): receive its blocks, then decode.
+        False when blocks or running slots are short right now (retry later); raises
+        TransferError (nothing kept) when the transfer itself fails."""
+        if self.transfer is None:
+            raise ValueError("this engine has no KV transfer to receive with")
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        params = h.params.model_copy(update={"n": 1})
+        seq = Sequence(request_id, 0, [*h.prompt_ids, h.first_token], len(h.prompt_ids), params, h.max_len,
+                       next(self._arrivals))
+        if len(self.scheduler.running) >= self.scheduler.cfg.max_num_seqs or not self.blocks.can_allocate(
+            self.blocks.blocks_needed(seq.table, len(seq.token_ids))
+        ):
+            return False
+        self.blocks.grow(seq.table, len(seq.token_ids))
+        try:
+            n_blocks = -(-h.num_tokens // self.blocks.block_size)
+            self.transfer.receive(h.ticket, self.runner.kv_caches, seq.table.block_ids[:n_blocks])
+        except BaseException:
+            self.blocks.free(seq.table)
+            raise
+        seq.num_computed = h.num_tokens
+        self.blocks.commit(seq.table, seq.token_ids, seq.num_computed)
+        if h.generator_state is not None:
+            seq.generator = torch.Generator(device=self.runner.device)
+            seq.generator.set_state(torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8))
+        state = SeqOutputState(seq, self.decoder, self.eos)
+        state.on_token(h.first_token)  # already streamed by the prefill side; primes text and stops
+        self.requests[request_id] = _Request(request_id, h.prompt, h.prompt_ids, params, {0: state}, set())
+        self.scheduler.add_running(seq)
+        return True
 
     def stats(self) -> EngineStats:
         s = self.blocks.stats()

@@ -73,6 +73,16 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose cache blocks were filled elsewhere (a KV handoff): it decodes next step."""
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Stop scheduling a running sequence but keep its blocks (they are being transferred)."""
+        self.running.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
