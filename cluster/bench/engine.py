@@ -399,7 +399,8 @@ def _print(console: Console, result: dict, out: Path) -> None:
                   str(r["prompt_tokens"]), str(r["evictions"]), str(r["preemptions"]), str(r["steps"]))
     console.print(s)
     console.print("hit rate: EngineCore.stats().prefix_hit_rate, which counts a lookup every step a request is "
-                  "refused admission; per request: each turn's cached tokens at its first admission / its prompt tokens")
+                  "refused admission; per request: each turn's cached tokens at its first admission / its "
+                  "prompt tokens")
 
     p = Table(title="hit rate per turn index (all sessions)")
     for col in ("turn", "mean prompt", *runs, "bound"):

@@ -473,11 +473,6 @@ def test_fork_without_a_free_block_sends_the_sibling_to_wait() -> None:
     assert len(sib.output_ids) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler.py Scheduler.schedule/_fork: siblings forked in the running loop are appended to "
-    "self.running while that loop still iterates it, so they get rows of their own in the same step",
-)
 def test_siblings_forked_by_a_final_prompt_chunk_are_not_scheduled_again() -> None:
     h = Harness(16, 4, budget=8)
     h.add("c", toks(6, 200), max_tokens=3)
@@ -489,11 +484,6 @@ def test_siblings_forked_by_a_final_prompt_chunk_are_not_scheduled_again() -> No
     assert rows(out) == [("c", 0, 1, True), ("a", 0, 2, True)]  # actual: + ("a", 1, 4, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler.py Scheduler.schedule: admission checks len(running) < max_num_seqs before the "
-    "request forks, so an n > 1 request takes the running set (and later batches) past max_num_seqs",
-)
 def test_forks_respect_max_num_seqs() -> None:
     h = Harness(16, 4, max_num_seqs=2)
     h.add("a", toks(5), n=3, max_tokens=2)
@@ -679,7 +669,7 @@ class MachineHarness(Harness):
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    ALLOW_CHUNKED_FORKS = False  # see test_siblings_forked_by_a_final_prompt_chunk_are_not_scheduled_again
+    ALLOW_CHUNKED_FORKS = True
 
     @initialize(
         num_blocks=st.integers(2, 16),
@@ -718,6 +708,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_tokens = max(1, min(max_tokens, h.bm.capacity_tokens - len(prompt)))
         if h.cfg.enable_chunked_prefill and not self.ALLOW_CHUNKED_FORKS:
             n = 1
+        n = min(n, h.cfg.max_num_seqs)  # EngineCore.check refuses n > max_num_seqs
         rid = f"r{next(self.ids)}"
         h.add(rid, prompt, max_tokens=max_tokens, n=n)
         self.requests.append(rid)
@@ -800,12 +791,6 @@ class ChunkedForkMachine(SchedulerMachine):
     ALLOW_CHUNKED_FORKS = True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ForkScheduledTwice,
-    reason="scheduler.py Scheduler.schedule: a fork in the running loop (chunked prefill, n > 1) "
-    "schedules the new siblings again in the same step",
-)
 def test_state_machine_with_forks_under_chunked_prefill() -> None:
     run_state_machine_as_test(
         ChunkedForkMachine,

@@ -85,26 +85,39 @@ class BlockManager:
         return self._ref[block_id]
 
     # ---- allocation -----------------------------------------------------------------------
+    def match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[int], int]:
+        """Look up (no references taken, nothing counted) the cached blocks of the longest prefix of
+        full blocks, leaving at least one token to compute: (block ids, their hashes, how many of
+        them are unreferenced and would leave the free pool)."""
+        if not self.enable_prefix_caching:
+            return [], [], 0
+        bs = self.block_size
+        blocks: list[int] = []
+        hashes: list[int] = []
+        h = None
+        for i in range(max(0, (len(token_ids) - 1) // bs)):  # leave >= 1 token to compute
+            h = hash_block(h, token_ids[i * bs : (i + 1) * bs], self.hash_extra)
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(h)
+        return blocks, hashes, sum(1 for b in blocks if self._ref[b] == 0)
+
     def allocate_prefix(self, table: BlockTable, token_ids: Sequence[int]) -> int:
         """Reference the cached blocks of the longest cached prefix; returns cached tokens."""
         if table.block_ids:
             raise ValueError("allocate_prefix needs an empty block table")
         if not self.enable_prefix_caching:
             return 0
-        bs = self.block_size
-        h = None
-        for i in range(max(0, (len(token_ids) - 1) // bs)):  # leave >= 1 token to compute
-            nxt = hash_block(h, token_ids[i * bs : (i + 1) * bs], self.hash_extra)
-            block = self._block_of.get(nxt)
-            if block is None:
-                break
+        blocks, hashes, _ = self.match_prefix(token_ids)
+        for block in blocks:
             if self._ref[block] == 0:
                 del self._evictable[block]
             self._ref[block] += 1
-            table.block_ids.append(block)
-            h = nxt
-        table.num_hashed, table.last_hash = len(table.block_ids), h
-        cached = len(table.block_ids) * bs
+        table.block_ids.extend(blocks)
+        table.num_hashed, table.last_hash = len(blocks), (hashes[-1] if hashes else None)
+        cached = len(blocks) * self.block_size
         self._queries += len(token_ids)
         self._hits += cached
         return cached

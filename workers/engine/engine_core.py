@@ -103,6 +103,8 @@ class EngineCore:
         bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if params.n > self.scheduler.cfg.max_num_seqs:
+            raise RequestError(f"n={params.n} samples exceed max_num_seqs {self.scheduler.cfg.max_num_seqs}")
         max_len = limit if params.max_tokens is None else min(n + params.max_tokens, limit)
         if max_len > self.blocks.capacity_tokens:
             raise RequestError(

@@ -54,6 +54,7 @@ class SchedulerOutput:
     samplers: list[tuple[Sequence, int]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) after the forward
     preempted: list[Sequence] = field(default_factory=list)
+    forked: list[Sequence] = field(default_factory=list)  # siblings created this step (they sample, not compute)
 
     @property
     def num_tokens(self) -> int:
@@ -101,15 +102,14 @@ class Scheduler:
             self._schedule(seq, n, out)
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
+        while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
-            if seq.num_computed == 0 and not seq.table.block_ids:
-                seq.num_computed = seq.num_cached = self.blocks.allocate_prefix(seq.table, seq.token_ids)
-            n = self._chunk(seq, budget)
-            if n == 0 or not self.blocks.can_allocate(self.blocks.blocks_needed(seq.table, seq.num_computed + n)):
-                if not self.running and n and not out.scheduled:
+            if len(self.running) + len(out.forked) + self._slots(seq) > self.cfg.max_num_seqs:
+                break
+            n = self._admit_chunk(seq, budget)
+            if n == 0:
+                if not self.running and not out.scheduled:
                     raise OutOfBlocks(f"request {seq.request_id} does not fit the empty cache")
-                self._release(seq)
                 break
             self.blocks.grow(seq.table, seq.num_computed + n)
             self.waiting.popleft()
@@ -117,7 +117,30 @@ class Scheduler:
             self.running.append(seq)
             self._schedule(seq, n, out)
             budget -= n
+        self.running += out.forked
         return out
+
+    @staticmethod
+    def _slots(seq: Sequence) -> int:
+        """Running slots a sequence will take: a request that has not forked yet will take n."""
+        return 1 if seq.forked else seq.params.n
+
+    def _admit_chunk(self, seq: Sequence, budget: int) -> int:
+        """For the head of the queue: take its prefix-cache hits and return its first chunk, or
+        0 (nothing taken, nothing counted) when the budget or free blocks do not allow it yet."""
+        bs = self.blocks.block_size
+        if seq.table.block_ids:  # holds blocks already (a fork that could not be placed)
+            cached, hits, idle = seq.num_computed, len(seq.table.block_ids), 0
+        else:
+            matched, _, idle = self.blocks.match_prefix(seq.token_ids)
+            cached, hits = len(matched) * bs, len(matched)
+        todo = len(seq.token_ids) - cached
+        n = min(todo, budget) if self.cfg.enable_chunked_prefill else (todo if todo <= budget else 0)
+        if n == 0 or not self.blocks.can_allocate(-(-(cached + n) // bs) - hits + idle):
+            return 0
+        if not seq.table.block_ids:
+            seq.num_computed = seq.num_cached = self.blocks.allocate_prefix(seq.table, seq.token_ids)
+        return n
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of seq to compute this step within budget (0: not this step)."""
@@ -164,7 +187,7 @@ class Scheduler:
                 continue
             out.block_copies += copies
             sibling.status = SeqStatus.RUNNING
-            self.running.append(sibling)
+            out.forked.append(sibling)  # joins `running` after this step's scheduling loops
             siblings.append(sibling)
         return siblings
 
