@@ -86,6 +86,10 @@ class Tokenizer:
         added = getattr(backend, "added_tokens_decoder", {}) or {}
         special = {int(i) for i, tok in added.items() if getattr(tok, "special", False)}
         self._special_ids = sorted(special | set(backend.all_special_ids))
+        # Decoding runs once or twice per generated token: call the Rust tokenizer directly when
+        # transformers would add nothing (no space clean-up), skipping its Python layers.
+        raw = getattr(backend, "backend_tokenizer", None)
+        self._raw_decode = raw.decode if raw is not None and not settings.clean_up_tokenization_spaces else None
 
     @property
     def backend(self) -> Any:
@@ -104,6 +108,8 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # Space clean-up follows the config: the backend was built with its setting.
+        if self._raw_decode is not None:
+            return self._raw_decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(

@@ -168,7 +168,9 @@ class EngineCore:
             elif self.role == "prefill":
                 self._hand_off(req, seq)
                 req.finished.add(seq.sample_index)  # done here; the decode engine continues it
-            out = outputs.setdefault(seq.request_id, RequestOutput(seq.request_id, req.prompt, req.prompt_ids))
+            out = outputs.get(seq.request_id)
+            if out is None:
+                out = outputs[seq.request_id] = RequestOutput(seq.request_id, req.prompt, req.prompt_ids)
             out.outputs.append(delta)
         for request_id, out in outputs.items():
             req = self.requests[request_id]

@@ -18,13 +18,15 @@ class SeqOutputState:
         p = seq.params
         self.seq, self.eos = seq, eos_token_ids
         self.detok = IncrementalDetokenizer(decoder, skip_special_tokens=p.skip_special_tokens)
+        # Held back while it could still be the start of a stop string; a stop string therefore
+        # never straddles text already sent, and is searched for in the pending text alone.
         self.hold = max((len(s) for s in p.stop), default=1) - 1
-        self.sent = 0  # characters of text already emitted
+        self.pending = ""
 
     def on_token(self, token: int) -> tuple[str, str | None, int | str | None]:
         """Account one appended token: (text delta to emit, finish reason or None, stop reason)."""
         seq, p = self.seq, self.seq.params
-        self.detok.add(token)
+        self.pending += self.detok.add(token)
         reason: str | None = None
         stop_reason: int | str | None = None
         if not p.ignore_eos and token in self.eos:
@@ -34,24 +36,18 @@ class SeqOutputState:
         elif len(seq.token_ids) >= seq.max_len:
             reason = "length"
         if reason is not None:
-            self.detok.flush()
-        text = self.detok.text
-        end = len(text) if reason is not None else max(self.sent, len(text) - self.hold)
-        if p.stop:
-            hit = self._find_stop(text)
-            if hit is not None:
-                index, stop = hit
-                reason, stop_reason = "stop", stop
-                end = index + len(stop) if p.include_stop_str_in_output else index
-        delta = text[self.sent : end]
-        self.sent = max(self.sent, end)
+            self.pending += self.detok.flush()
+        if p.stop and (hit := self._find_stop()) is not None:
+            index, stop = hit
+            reason, stop_reason = "stop", stop
+            self.pending = self.pending[: index + len(stop) if p.include_stop_str_in_output else index]
+        if reason is not None or self.hold == 0:
+            delta, self.pending = self.pending, ""
+        else:
+            cut = max(0, len(self.pending) - self.hold)
+            delta, self.pending = self.pending[:cut], self.pending[cut:]
         return delta, reason, stop_reason
 
-    def _find_stop(self, text: str) -> tuple[int, str] | None:
-        start = max(0, self.sent - self.hold)  # a stop string may straddle what was already sent
-        hits = [(i, s) for s in self.seq.params.stop if (i := text.find(s, start)) >= 0]
+    def _find_stop(self) -> tuple[int, str] | None:
+        hits = [(i, s) for s in self.seq.params.stop if (i := self.pending.find(s)) >= 0]
         return min(hits) if hits else None
-
-    @property
-    def text(self) -> str:
-        return self.detok.text[: self.sent]

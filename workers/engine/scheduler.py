@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from moecluster.workers.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from moecluster.workers.engine.sequence import Sequence, SeqStatus
@@ -40,8 +41,7 @@ class SchedulerConfig:
             )
 
 
-@dataclass(frozen=True)
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):  # a tuple: hundreds are made per step
     seq: Sequence
     num_tokens: int  # new tokens computed this step
     sample: bool  # this step completes the sequence's tokens, so it samples the next one
@@ -151,6 +151,8 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Make room for n more tokens of a running seq, preempting from the back if needed."""
+        if seq.num_computed + n <= len(seq.table.block_ids) * self.blocks.block_size:
+            return True  # the common decode step: its last block still has room
         while not self.blocks.can_allocate(self.blocks.blocks_needed(seq.table, seq.num_computed + n)):
             victim = self.running[-1]
             self.preempt(victim)
@@ -193,9 +195,11 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput) -> None:
         """After the forward: account computed tokens and register newly full blocks."""
-        for s in out.scheduled:
-            s.seq.num_computed += s.num_tokens
-            self.blocks.commit(s.seq.table, s.seq.token_ids, s.seq.num_computed)
+        bs, caching = self.blocks.block_size, self.blocks.enable_prefix_caching
+        for seq, n, _ in out.scheduled:
+            seq.num_computed += n
+            if caching and seq.num_computed // bs > seq.table.num_hashed:  # a block just filled up
+                self.blocks.commit(seq.table, seq.token_ids, seq.num_computed)
         for seq, _ in out.samplers:
             if seq.num_computed < len(seq.token_ids):  # a fork: its prompt was computed by its parent's row
                 seq.num_computed = len(seq.token_ids)

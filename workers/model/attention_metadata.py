@@ -40,9 +40,8 @@ class AttentionMetadata:
             starts.append(row)
             row += n
         width = max((len(t) for t in block_tables), default=0) or 1
-        table = torch.zeros((len(block_tables), width), dtype=torch.int32)
-        for i, blocks in enumerate(block_tables):
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        padded = [blocks + [0] * (width - len(blocks)) for blocks in block_tables]
+        table = torch.tensor(padded, dtype=torch.int32).reshape(len(block_tables), width)
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         return cls(
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
