@@ -27,3 +27,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return cache[spec]
 
     return get
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests need CUDA (two GPUs where they say so); elsewhere they are skipped, not failed."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        need = marker.kwargs.get("count", 1)
+        if gpus < need:
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA device(s), found {gpus}"))

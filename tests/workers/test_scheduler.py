@@ -5,6 +5,9 @@ forward itself is a shadow of the paged cache: the slot of position p of a seque
 "latent" ``tuple(token_ids[:p + 1])`` (a latent depends on the whole prefix), fork copies happen
 after the writes as in `ModelRunner.execute`, and every sequence's computed positions are checked
 to still hold its own prefix. Then `update`, one appended token per sampler, and stop/length.
+Every `Harness.step` also checks the SchedulerOutput against the state before it (`after_schedule`:
+budget, max_num_seqs, FCFS, preemption from the back, forks, prefix-cache use), so the unit tests
+and the state machine share one statement of the contract.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from hypothesis import Phase, event, settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,

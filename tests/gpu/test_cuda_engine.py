@@ -1,0 +1,90 @@
+"""The engine on CUDA: same greedy tokens as transformers on the CPU, NCCL KV transfer between GPUs.
+
+Run through the device tool (`python -m pytest -m gpu`); skipped on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import pytest
+import torch
+
+from moecluster import LLM, SamplingParams
+from tests.reference import greedy_reference, load_reference
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["none", "fp8", "int4"])
+def test_cuda_fp32_greedy_equals_cpu_reference(tiny_checkpoint, tmp_path, quant: str) -> None:
+    ckpt = tiny_checkpoint(arch="kimi-k2" if quant == "int4" else "deepseek-v3", quant=quant)
+    rng = random.Random(quant)
+    prompts = [[rng.randrange(1000) for _ in range(n)] for n in (3, 17, 33, 90)]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    llm = LLM(ckpt, dtype="float32", device="cuda", block_size=16, num_kv_blocks=64)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    reference = load_reference(ckpt, tmp_path / "ref")
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == greedy_reference(reference, prompt, 32)[0]
+
+
+@pytest.mark.gpu
+def test_cuda_disaggregated_and_bf16_run(tiny_checkpoint) -> None:
+    ckpt = tiny_checkpoint()
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (4, 40, 70)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    one = LLM(ckpt, dtype="float32", device="cuda", block_size=16, num_kv_blocks=64).generate(prompts, params)
+    two = LLM(ckpt, dtype="float32", device="cuda", block_size=16, num_kv_blocks=64, disaggregate=True).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in one] == [o.outputs[0].token_ids for o in two]
+    bf16 = LLM(ckpt, dtype="bfloat16", device="cuda", block_size=16, num_kv_blocks=64).generate(prompts, params)
+    assert all(len(o.outputs[0].token_ids) == 12 for o in bf16)
+
+
+def _nccl_worker(rank: int, port: int, queue) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    from moecluster.workers.transfer.kv_transfer import DistributedTransfer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    src = [torch.randn(16, 8, 24, device="cuda", generator=g) for _ in range(3)]
+    t = DistributedTransfer(peer=1 - rank)
+    if rank == 0:
+        tickets = [t.send(src, [3, 9, 1]), t.send(src, [15])]
+        dist.broadcast_object_list(tickets, src=0)
+        dist.barrier()
+        for ticket in tickets:
+            t.release(ticket)
+        queue.put([c[[3, 9, 1, 15]].cpu().tolist() for c in src])
+    else:
+        tickets = [None, None]
+        dist.broadcast_object_list(tickets, src=0)
+        dst = [torch.zeros(16, 8, 24, device="cuda") for _ in range(3)]
+        t.receive(tickets[0], dst, [0, 1, 2])
+        t.receive(tickets[1], dst, [7])
+        dist.barrier()
+        queue.put([c[[0, 1, 2, 7]].cpu().tolist() for c in dst])
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu(count=2)
+def test_nccl_kv_transfer_between_gpus() -> None:
+    import multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_nccl_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    a, b = queue.get(timeout=300), queue.get(timeout=300)
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert a == b
