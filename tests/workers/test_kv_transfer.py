@@ -75,7 +75,7 @@ def test_shared_memory_between_processes() -> None:
 def _dist_worker(rank: int, port: int, queue) -> None:  # noqa: ANN001
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    t = DistributedTransfer(peer=1 - rank)
+    t = DistributedTransfer(peer=1 - rank, group=dist.new_group([0, 1]))
     if rank == 0:
         tickets = [t.send(caches(True), [1, 2]), t.send(caches(True), [8])]
         dist.broadcast_object_list(tickets, src=0)
@@ -102,10 +102,15 @@ def test_distributed_send_recv_over_gloo() -> None:
     procs = [ctx.Process(target=_dist_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    got = queue.get(timeout=120)
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    try:
+        got = queue.get(timeout=120)
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     src = caches(True)
     for s, g in zip(src, got):
         assert torch.equal(torch.tensor(g), s[[1, 2, 8]])

@@ -130,6 +130,9 @@ class DistributedTransfer:
 
     `send` posts a non-blocking send to `peer`; the matching `receive` on the peer posts the
     receive. Both sides must handle tickets in the same order (the handoff channel keeps order).
+    Give it a group of its own (`dist.new_group`): NCCL serializes point-to-point ops with every
+    other op of their group, so a payload waiting for its receive would block the group's
+    collectives, and a control plane sharing the group can deadlock.
     """
 
     def __init__(self, peer: int, group: Any = None) -> None:
