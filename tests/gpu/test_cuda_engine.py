@@ -74,11 +74,6 @@ def _nccl_worker(rank: int, port: int, queue) -> None:  # noqa: ANN001
 
 
 @pytest.mark.gpu(count=2)
-@pytest.mark.xfail(
-    run=False,
-    reason="hung on a 2 x H200 machine (2026-11-22, with and without a separate KV group) while the "
-    "same test over gloo passes; not yet diagnosed",
-)
 def test_nccl_kv_transfer_between_gpus() -> None:
     import multiprocessing as mp
 

@@ -135,10 +135,19 @@ class DistributedTransfer:
     collectives, and a control plane sharing the group can deadlock.
     """
 
-    def __init__(self, peer: int, group: Any = None) -> None:
+    def __init__(self, peer: int, group: Any = None, device: torch.device | str | None = None) -> None:
+        """Collective over the pair: both sides construct theirs at the same point. NCCL sets up a
+        point-to-point connection with a blocking handshake on the first send/recv, so one
+        exchange here keeps the first real `send` from blocking until the peer happens to post."""
         self.peer, self.group = peer, group
         self._pending: dict[str, tuple[Any, torch.Tensor]] = {}
         self._tags = itertools.count()
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        mine, theirs = torch.zeros(1, device=device), torch.empty(1, device=device)
+        ops = [dist.P2POp(dist.isend, mine, peer, group), dist.P2POp(dist.irecv, theirs, peer, group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
     def send(self, caches: list[torch.Tensor], blocks: list[int]) -> KVTicket:
         payload = gather_blocks(caches, blocks).contiguous()
