@@ -46,19 +46,36 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._text_parts: list[str] = []
+        # Without left context, tokenizers' own streaming decoder does the same job in one call.
+        make_stream = getattr(tokenizer, "decode_stream", None)
+        self._step = make_stream(skip_special_tokens) if make_stream and not self._ids else None
 
     def add(self, token_id: int) -> str:
         """Append one generated id; return the text it completes ("" while a character is split)."""
         self._ids.append(int(token_id))
+        if self._step is not None:
+            piece = self._step(int(token_id))
+            if piece:
+                self._text_parts.append(piece)
+            return piece or ""
         return self._emit(final=False)
 
     def add_many(self, token_ids: Sequence[int]) -> str:
         """Append several ids at once (e.g. an accepted speculative run)."""
+        if self._step is not None:
+            return "".join(self.add(t) for t in token_ids)
         self._ids.extend(int(t) for t in token_ids)
         return self._emit(final=False)
 
     def flush(self) -> str:
         """At the end of a sequence: whatever is still held back, replacement characters included."""
+        if self._step is not None:
+            full = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
+            sent = self.text
+            rest = full[len(sent) :] if full.startswith(sent) else ""
+            if rest:
+                self._text_parts.append(rest)
+            return rest
         return self._emit(final=True)
 
     @property

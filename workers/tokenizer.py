@@ -18,6 +18,7 @@ template and encoded without adding anything (the template writes BOS itself).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,8 @@ class Tokenizer:
         # Decoding runs once or twice per generated token: call the Rust tokenizer directly when
         # transformers would add nothing (no space clean-up), skipping its Python layers.
         raw = getattr(backend, "backend_tokenizer", None)
-        self._raw_decode = raw.decode if raw is not None and not settings.clean_up_tokenization_spaces else None
+        self._raw = raw if raw is not None and not settings.clean_up_tokenization_spaces else None
+        self._raw_decode = self._raw.decode if self._raw is not None else None
 
     @property
     def backend(self) -> Any:
@@ -111,6 +113,17 @@ class Tokenizer:
         if self._raw_decode is not None:
             return self._raw_decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> Callable[[int], str | None] | None:
+        """A per-token streaming decoder (tokenizers' DecodeStream): each call takes one id and
+        returns the text it completes, or None while a character is incomplete. None when this
+        tokenizer has no Rust backend to stream with."""
+        if self._raw is None:
+            return None
+        from tokenizers.decoders import DecodeStream
+
+        stream, raw = DecodeStream(skip_special_tokens=skip_special_tokens), self._raw
+        return lambda token_id: stream.step(raw, token_id)
 
     def render_chat(
         self,

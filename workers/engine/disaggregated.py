@@ -117,7 +117,7 @@ class DisaggregatedCore:
         req = self.open.get(out.request_id)
         if req is None:
             return None
-        out.prompt, out.prompt_ids = req.prompt, req.prompt_ids
+        out.prompt, out.prompt_token_ids = req.prompt, req.prompt_ids
         for o in out.outputs:
             if o.finish_reason is not None:
                 req.done.add(o.index)
