@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 
 import pytest
 import torch
 
 from moecluster import LLM, SamplingParams
 from tests.reference import greedy_reference, load_reference
+from tests.two_ranks import run_two_ranks
 
 
 @pytest.mark.gpu
@@ -75,23 +75,5 @@ def _nccl_worker(rank: int, port: int, queue) -> None:  # noqa: ANN001
 
 @pytest.mark.gpu(count=2)
 def test_nccl_kv_transfer_between_gpus() -> None:
-    import multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_nccl_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        a, b = queue.get(timeout=240), queue.get(timeout=240)
-        for p in procs:
-            p.join(120)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    a, b = run_two_ranks(_nccl_worker, results=2, timeout=240)
     assert a == b

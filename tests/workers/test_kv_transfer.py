@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import multiprocessing as mp
 
 from moecluster import LLM, SamplingParams
+from tests.two_ranks import run_two_ranks
 from moecluster.workers.transfer.kv_transfer import (
     DistributedTransfer,
     InProcessTransfer,
@@ -94,23 +94,7 @@ def _dist_worker(rank: int, port: int, queue) -> None:  # noqa: ANN001
 
 
 def test_distributed_send_recv_over_gloo() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_dist_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = queue.get(timeout=120)
-        for p in procs:
-            p.join(60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    (got,) = run_two_ranks(_dist_worker, results=1, timeout=120)
     src = caches(True)
     for s, g in zip(src, got):
         assert torch.equal(torch.tensor(g), s[[1, 2, 8]])
