@@ -127,6 +127,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", type=Path, default=Path("bench-engine.json"), help="JSON result file")
     e.add_argument("--quick", action="store_true", help="small sizes (for tests)")
     e.set_defaults(func=_bench_engine)
+    ep = targets.add_parser("eplb", help="expert load balance per rank before and after EPLB on a skewed trace")
+    ep.add_argument("--experts", type=int, default=None, help="routed experts per layer (default 256)")
+    ep.add_argument("--ranks", type=int, default=None, help="EP ranks (default 32)")
+    ep.add_argument("--redundant", type=int, default=None, help="redundant expert slots (default 32)")
+    ep.add_argument("--nodes", type=int, default=None, help="nodes the ranks span (default 4)")
+    ep.add_argument("--groups", type=int, default=None, help="expert groups, the gate's n_group (default 8)")
+    ep.add_argument("--zipf", type=float, default=None, help="Zipf exponent of expert popularity (default 1.2)")
+    ep.add_argument("--tokens", type=int, default=None, help="tokens per layer per trace (default 65536)")
+    ep.add_argument("--layers", type=int, default=None, help="MoE layers (default 4)")
+    ep.add_argument("--keep-slack", type=float, default=None,
+                    help="load above the mean a rank may take to keep experts in place (default 0.01)")
+    ep.add_argument("--seed", type=int, default=None)
+    ep.add_argument("--out", type=Path, default=Path("bench-eplb.json"), help="JSON result file")
+    ep.add_argument("--quick", action="store_true", help="small sizes (for tests)")
+    ep.set_defaults(func=_bench_eplb)
     for name, what in BENCH_PLANNED.items():
         targets.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(
             func=_planned(f"bench {name}", what)
@@ -141,7 +156,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def _bench_target_missing(_: argparse.Namespace) -> int:
-    raise ValueError(f"name a benchmark: engine (not implemented yet: {', '.join(BENCH_PLANNED)})")
+    raise ValueError(f"name a benchmark: engine, eplb (not implemented yet: {', '.join(BENCH_PLANNED)})")
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
@@ -151,6 +166,18 @@ def _bench_engine(args: argparse.Namespace) -> int:
 
     cfg = EngineBenchConfig.quick_sizes() if args.quick else EngineBenchConfig()
     names = ("requests", "steps", "turns", "sessions", "seed")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    run(replace(cfg, **given), args.out)
+    return 0
+
+
+def _bench_eplb(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from moecluster.cluster.bench.eplb import EplbBenchConfig, run
+
+    cfg = EplbBenchConfig.quick_sizes() if args.quick else EplbBenchConfig()
+    names = ("experts", "ranks", "redundant", "nodes", "groups", "zipf", "tokens", "layers", "keep_slack", "seed")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     run(replace(cfg, **given), args.out)
     return 0

@@ -9,8 +9,10 @@ from typing import Any
 
 from moecluster.workers.engine.async_engine import AsyncEngine
 from moecluster.workers.engine.engine_config import EngineConfig, build_engine
+from moecluster.workers.engine.ep_group import EPGroup
 from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
 from moecluster.workers.engine.sampling_params import SamplingParams
+from moecluster.workers.tokenizer import load_tokenizer
 
 PromptType = str | dict[str, Any]
 
@@ -26,12 +28,22 @@ class LLM:
 
     def __init__(self, model: str | Path, **options: Any) -> None:
         self.config = EngineConfig(model=Path(model), **options)
-        core, self.tokenizer = build_engine(self.config)
-        self.engine = AsyncEngine(core)
+        self.engine: AsyncEngine | EPGroup
+        if self.config.expert_parallel_size > 1:
+            if self.config.disaggregate:
+                raise NotImplementedError("disaggregate=True with expert_parallel_size > 1 is not implemented yet")
+            self.tokenizer = load_tokenizer(self.config.tokenizer or self.config.model,
+                                            trust_remote_code=self.config.trust_remote_code)
+            self.engine = EPGroup(self.config, self.config.expert_parallel_size)
+        else:
+            core, self.tokenizer = build_engine(self.config)
+            self.engine = AsyncEngine(core)
         self._next_id = 0
 
     @property
     def model(self) -> Any:
+        if not isinstance(self.engine, AsyncEngine):
+            raise AttributeError("with expert_parallel_size > 1 the model lives in the rank processes")
         return self.engine.core.runner.model
 
     def __del__(self) -> None:
@@ -59,7 +71,7 @@ class LLM:
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
         tokenized = [self._tokenize(p) for p in prompts]
         for (_, ids), p in zip(tokenized, per_prompt):
-            self.engine.core.check(ids, p)  # refuse the whole batch before anything runs
+            self.engine.check(ids, p)  # refuse the whole batch before anything runs
         deltas: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
         results: dict[str, RequestOutput] = {}
         for (text, ids), p in zip(tokenized, per_prompt):

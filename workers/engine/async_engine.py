@@ -66,6 +66,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Validate a request without submitting it (raises RequestError)."""
+        return self.core.check(prompt_ids, params)
+
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> AsyncIterator[RequestOutput]:

@@ -13,6 +13,8 @@ from moecluster.workers.engine.engine_core import EngineCore, Role
 from moecluster.workers.engine.kv_cache import allocate_kv_cache, bytes_per_block
 from moecluster.workers.engine.model_runner import ModelRunner
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerConfig
+from moecluster.workers.config import ModelConfig
+from moecluster.workers.engine.expert_parallel import ExpertParallel
 from moecluster.workers.model_loader import load_model
 from moecluster.workers.tokenizer import Tokenizer, load_tokenizer
 from moecluster.workers.transfer.kv_transfer import InProcessTransfer, KVTransfer
@@ -41,6 +43,9 @@ class EngineConfig(BaseModel):
     # Split into a prefill engine and a decode engine (each its own model copy and cache) joined by
     # an in-process KV transfer: the single-process form of prefill/decode disaggregation.
     disaggregate: bool = False
+    # Ranks of one expert-parallel group, run as local processes (gloo on the CPU, NCCL on GPUs);
+    # attention is data-parallel across them.
+    expert_parallel_size: int = Field(1, ge=1)
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -56,11 +61,21 @@ def build_engine(cfg: EngineConfig) -> tuple[EngineCore | DisaggregatedCore, Tok
     return DisaggregatedCore(prefill, decode), tokenizer
 
 
-def build_core(cfg: EngineConfig, tokenizer: Tokenizer, role: Role = "both", transfer: KVTransfer | None = None) -> EngineCore:
-    """One engine: model, paged cache sized from the budget, scheduler, runner."""
+def build_core(
+    cfg: EngineConfig,
+    tokenizer: Tokenizer,
+    role: Role = "both",
+    transfer: KVTransfer | None = None,
+    ep: ExpertParallel | None = None,
+) -> EngineCore:
+    """One engine: model (this rank's experts when `ep` is given), paged cache sized from the
+    budget, scheduler, runner."""
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
-    model = load_model(cfg.model, cfg.dtype, device)
+    expert_ids = dispatcher = None
+    if ep is not None:
+        expert_ids, dispatcher = ep.experts_and_dispatcher(ModelConfig.from_dir(cfg.model), device)
+    model = load_model(cfg.model, cfg.dtype, device, expert_ids, dispatcher)
     mcfg = model.cfg
     max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
     if max_model_len > mcfg.max_position_embeddings:

@@ -22,6 +22,7 @@ from moecluster.workers.engine.block_manager import BlockManager
 from moecluster.workers.engine.model_runner import ModelRunner
 from moecluster.workers.engine.output_processor import SeqOutputState
 from moecluster.workers.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from moecluster.workers.engine.request_limits import RequestError, RequestLimits
 from moecluster.workers.engine.sampler import SamplerOutput
 from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerOutput
@@ -30,10 +31,6 @@ from moecluster.workers.transfer.handoff import KVHandoff
 from moecluster.workers.transfer.kv_transfer import KVTicket, KVTransfer
 
 Role = Literal["both", "prefill", "decode"]
-
-
-class RequestError(ValueError):
-    """A request the engine refuses before it costs anything; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -92,26 +89,14 @@ class EngineCore:
         )
         self.scheduler.add(seq)
 
+    @property
+    def limits(self) -> RequestLimits:
+        cfg = self.scheduler.cfg
+        return RequestLimits(cfg.max_model_len, self.runner.vocab_size, self.blocks.capacity_tokens, cfg.max_num_seqs)
+
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Validate a request before it costs anything; returns its sequences' length budget."""
-        n, limit = len(prompt_ids), self.scheduler.cfg.max_model_len
-        if n == 0:
-            raise RequestError("the prompt is empty")
-        if n >= limit:
-            raise RequestError(f"prompt of {n} tokens does not fit max_model_len {limit} with room to generate")
-        vocab = self.runner.vocab_size
-        bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
-        if params.n > self.scheduler.cfg.max_num_seqs:
-            raise RequestError(f"n={params.n} samples exceed max_num_seqs {self.scheduler.cfg.max_num_seqs}")
-        max_len = limit if params.max_tokens is None else min(n + params.max_tokens, limit)
-        if max_len > self.blocks.capacity_tokens:
-            raise RequestError(
-                f"prompt of {n} tokens plus up to {max_len - n} new tokens needs more than the "
-                f"{self.blocks.capacity_tokens} tokens the KV cache holds"
-            )
-        return max_len
+        return self.limits.check(prompt_ids, params)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; its final (empty) delta, if it existed."""
@@ -128,10 +113,12 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, always_forward: bool = False) -> list[RequestOutput]:
+        """One scheduled forward. With always_forward (an expert-parallel rank), a step with nothing
+        scheduled still runs the model on an empty batch so the group's collectives complete."""
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
-        if sched.empty:
+        if sched.empty and not always_forward:
             return []
         sampled = self.runner.execute(sched)
         self.scheduler.update(sched)

@@ -1,0 +1,32 @@
+"""LLM(expert_parallel_size=N): N rank processes over gloo, attention data-parallel, experts split.
+
+Greedy tokens must equal EP=1 for bf16-format and INT4 checkpoints, with a batch that leaves the
+ranks unequal numbers of requests, including a rank with none for some steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from moecluster import LLM, SamplingParams
+
+
+@pytest.mark.parametrize(("world", "quant"), [(2, "none"), (4, "int4")])
+def test_ep_greedy_equals_single_process(tiny_checkpoint, world: int, quant: str) -> None:
+    ckpt = tiny_checkpoint(num_layers=2, quant=quant)
+    # 5 requests over `world` ranks: unequal shares; different max_tokens so ranks run dry at
+    # different steps and keep stepping empty batches while the others decode.
+    prompts = [{"prompt_token_ids": [(13 * i + j) % 900 + 2 for j in range(4 + 9 * i)]} for i in range(5)]
+    params = [SamplingParams(temperature=0.0, max_tokens=3 + 4 * i, ignore_eos=True) for i in range(5)]
+    options = dict(dtype="float32", device="cpu", block_size=16, num_kv_blocks=48)
+    want = [o.outputs[0].token_ids for o in LLM(ckpt, **options).generate(prompts, params)]
+    ep = LLM(ckpt, expert_parallel_size=world, **options)
+    try:
+        got = [o.outputs[0].token_ids for o in ep.generate(prompts, params)]
+        assert got == want
+        again = [o.outputs[0].token_ids for o in ep.generate(prompts[:1], params[:1])]  # one busy rank, the rest idle
+        assert again == want[:1]
+        with pytest.raises(ValueError, match="empty"):
+            ep.generate([{"prompt_token_ids": []}])
+    finally:
+        ep.engine.shutdown()

@@ -1,0 +1,24 @@
+"""This rank's place in an expert-parallel group: which experts it holds and how tokens reach them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moecluster.router.experts.all_to_all import AllToAllDispatch
+from moecluster.router.experts.placement import ExpertPlacement
+from moecluster.workers.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    rank: int
+    world: int
+    group: Any = None  # the torch.distributed group of the EP ranks (None: the default group)
+    redundant_slots: int = 0
+
+    def experts_and_dispatcher(self, cfg: ModelConfig, device: torch.device) -> tuple[list[int], AllToAllDispatch]:
+        placement = ExpertPlacement.contiguous(cfg.n_routed_experts, self.world, self.redundant_slots)
+        return placement.local_experts(self.rank), AllToAllDispatch(placement, self.rank, self.group, device)

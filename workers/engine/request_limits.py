@@ -1,0 +1,40 @@
+"""What a replica can accept, checked before a request costs anything (also by whoever routes to it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moecluster.workers.engine.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine refuses before it costs anything; the message says why."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_model_len: int
+    vocab_size: int
+    capacity_tokens: int  # tokens the KV cache holds
+    max_num_seqs: int
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise RequestError naming the problem, or return the request's sequence length budget."""
+        n, limit = len(prompt_ids), self.max_model_len
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= limit:
+            raise RequestError(f"prompt of {n} tokens does not fit max_model_len {limit} with room to generate")
+        vocab = self.vocab_size
+        bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if params.n > self.max_num_seqs:
+            raise RequestError(f"n={params.n} samples exceed max_num_seqs {self.max_num_seqs}")
+        max_len = limit if params.max_tokens is None else min(n + params.max_tokens, limit)
+        if max_len > self.capacity_tokens:
+            raise RequestError(
+                f"prompt of {n} tokens plus up to {max_len - n} new tokens needs more than the "
+                f"{self.capacity_tokens} tokens the KV cache holds"
+            )
+        return max_len
