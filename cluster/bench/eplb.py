@@ -16,7 +16,9 @@ rank). "after" is measured on the recorded trace and on the fresh one, so a plac
 fits the recording's noise shows. The target is max / mean <= 1.10 on both. Moves are the slots
 whose expert changes (`moves_to`); cross-rank ones copy weights over the network. `churn` is
 what the next periodic rebalance would move when nothing changed but the sample: `rebalance` on
-the fresh trace, starting from the placement it computed on the recorded one.
+the fresh trace, starting from the placement it computed on the recorded one. `node_ratio` (max /
+mean tokens per node) bounds what `hierarchical` can reach: its groups stay whole on one node and
+every node has the same slots, and this trace, unlike a group-limited gate, ignores the groups.
 """
 
 from __future__ import annotations

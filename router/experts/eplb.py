@@ -11,7 +11,8 @@ One layer, `rebalance(load, num_ranks, slots_per_rank)`:
       evenly over its copies), go onto ranks of exactly `slots_per_rank` slots, never two copies
       of one expert on one rank, minimising the largest rank load: heaviest replica first onto the
       least-loaded rank that has room and lacks that expert, then swaps between the most-loaded
-      rank and the others while they lower it;
+      rank and the others while they lower it; if the largest rank is still more than 0.5% above
+      the mean, the replica counts are nudged around that rank's experts and repacked (`_place`);
   (c) `hierarchical` (DeepSeek's policy for a group that spans nodes): whole expert groups (the
       gate's n_group; expert e is in group e // (experts / groups)) are first packed onto nodes,
       balancing node load, so a token's group-limited choices stay on few nodes; then (a) and (b)
@@ -144,12 +145,56 @@ def pack(weights: Sequence[float], kinds: Sequence[int], num_bins: int, bin_size
     return bins
 
 
-def _place(load: Sequence[float], num_ranks: int, slots_per_rank: int) -> list[list[int]]:
-    """(a) + (b) for one set of ranks: the (local) expert ids on each packed rank."""
-    counts = replica_counts(load, num_ranks * slots_per_rank, num_ranks)
+def _place(load: Sequence[float], num_ranks: int, slots_per_rank: int, tolerance: float = 0.005,
+           max_rounds: int = 8) -> list[list[int]]:
+    """(a) + (b) for one set of ranks: the (local) expert ids on each packed rank.
+
+    Replica counts chosen by load alone can force a bad packing: with 8 ranks, a hot expert with
+    3 replicas and another with 6 must share a rank. While the largest rank is more than
+    `tolerance` above the mean, counts are nudged around the experts of that rank (one replica
+    fewer for one of them, given to whichever expert then carries most per replica; or one more,
+    taken from whichever expert loses least) and repacked; the best packing is kept."""
+    cap = num_ranks
+    counts = replica_counts(load, num_ranks * slots_per_rank, cap)
+    best = _pack_counts(load, counts, num_ranks, slots_per_rank)
+    mean = math.fsum(load) / num_ranks
+    for _ in range(max_rounds):
+        if best[0] <= mean * (1 + tolerance):
+            break
+        tried = [_pack_counts(load, c, num_ranks, slots_per_rank) for c in _nudges(load, best[2], best[1], cap)]
+        better = min(tried, default=best, key=lambda t: t[0])
+        if better[0] >= best[0] * (1 - _EPS) - _EPS:
+            break
+        best = better
+    return best[1]
+
+
+def _pack_counts(load: Sequence[float], counts: list[int], num_ranks: int,
+                 slots_per_rank: int) -> tuple[float, list[list[int]], list[int]]:
+    """(largest rank load, experts per rank, counts) of packing these replica counts."""
     kinds = [e for e, c in enumerate(counts) for _ in range(c)]
     weights = [load[e] / counts[e] for e in kinds]
-    return [[kinds[i] for i in b] for b in pack(weights, kinds, num_ranks, slots_per_rank)]
+    bins = [[kinds[i] for i in b] for b in pack(weights, kinds, num_ranks, slots_per_rank)]
+    return max(math.fsum(load[e] / counts[e] for e in b) for b in bins), bins, counts
+
+
+def _nudges(load: Sequence[float], counts: list[int], bins: list[list[int]], cap: int) -> list[list[int]]:
+    """Replica counts one step away from `counts`, moving a replica to or from an expert of the
+    most loaded rank."""
+    top = max(bins, key=lambda b: math.fsum(load[e] / counts[e] for e in b))
+    out = []
+    for e in sorted(top, key=lambda e: -load[e] / counts[e]):
+        if counts[e] > 1:
+            gets = [f for f in range(len(load)) if f != e and counts[f] < cap]
+            if gets:
+                f = max(gets, key=lambda f: (load[f] / counts[f], -f))
+                out.append([c - (g == e) + (g == f) for g, c in enumerate(counts)])
+        if counts[e] < cap:
+            gives = [f for f in range(len(load)) if f != e and counts[f] > 1]
+            if gives:
+                f = min(gives, key=lambda f: (load[f] / (counts[f] - 1), f))
+                out.append([c + (g == e) - (g == f) for g, c in enumerate(counts)])
+    return out
 
 
 # ---- (c) policies ----------------------------------------------------------------------------------

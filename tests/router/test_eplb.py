@@ -11,6 +11,7 @@ import pytest
 from moecluster.cluster.bench.eplb import sample_counts, zipf_probs
 from moecluster.router.experts.eplb import (
     ExpertLoadWindow,
+    _place,
     balance,
     hierarchical_applies,
     pack,
@@ -64,6 +65,21 @@ def test_pack_invariants_on_random_items(seed: int) -> None:
     bins = pack(weights, kinds, num_bins, size)
     assert sorted(i for b in bins for i in b) == list(range(len(kinds)))
     assert all(len(b) == size and len({kinds[i] for i in b}) == size for b in bins)
+
+
+def test_replica_counts_are_nudged_when_hot_experts_must_share_a_rank() -> None:
+    """Two hot experts on 8 ranks: the load-only counts (6 and 3 replicas) force two ranks to
+    hold both; moving a replica elsewhere and repacking lowers the largest rank a lot."""
+    load = [2.964, 1.707, 0.586, 0.462, 0.238, 0.18, 0.156, 0.133] + [0.028] * 56
+
+    def largest(bins: list[list[int]]) -> float:
+        count = [sum(e in b for b in bins) for e in range(len(load))]
+        return max(sum(load[e] / count[e] for e in b) for b in bins) / (sum(load) / 8)
+
+    assert replica_counts(load, 72, 8)[:3] == [6, 3, 2]
+    plain, nudged = _place(load, 8, 9, max_rounds=0), _place(load, 8, 9)
+    assert largest(nudged) < 0.92 * largest(plain)
+    assert balance(rebalance(load, 8, 9, policy="global"), load) == pytest.approx(largest(nudged))
 
 
 def test_rank_loads_split_an_expert_over_its_replicas() -> None:

@@ -30,3 +30,22 @@ def test_ep_greedy_equals_single_process(tiny_checkpoint, world: int, quant: str
             ep.generate([{"prompt_token_ids": []}])
     finally:
         ep.engine.shutdown()
+
+
+def test_eplb_rebalance_mid_generation_keeps_answers(tiny_checkpoint) -> None:
+    """Rebalance every 4 steps while requests decode: weights move between ranks, replicas of hot
+    experts appear, the tokens stay the same as one process."""
+    ckpt = tiny_checkpoint(num_layers=2, quant="int4")
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 900 + 2 for j in range(6 + 11 * i)]} for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    options = dict(dtype="float32", device="cpu", block_size=16, num_kv_blocks=48)
+    want = [o.outputs[0].token_ids for o in LLM(ckpt, **options).generate(prompts, params)]
+    ep = LLM(ckpt, expert_parallel_size=2, eplb_redundant_slots=4, eplb_interval_steps=4, **options)
+    try:
+        got = [o.outputs[0].token_ids for o in ep.generate(prompts, params)]
+        assert got == want
+        reports = [r for _, r in ep.engine.eplb_reports]
+        assert reports and sum(r.moved_slots for r in reports) > 0
+        assert all(r.balance_after <= r.balance_before + 1e-9 for r in reports)
+    finally:
+        ep.engine.shutdown()

@@ -46,6 +46,10 @@ class EngineConfig(BaseModel):
     # Ranks of one expert-parallel group, run as local processes (gloo on the CPU, NCCL on GPUs);
     # attention is data-parallel across them.
     expert_parallel_size: int = Field(1, ge=1)
+    # EPLB: extra expert slots for replicas of hot experts (over the whole group), and how often
+    # (in steps) the group rebalances online from the tokens its experts received (None: on request).
+    eplb_redundant_slots: int = Field(0, ge=0)
+    eplb_interval_steps: int | None = Field(None, ge=1)
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
 from moecluster.workers.engine.engine_config import EngineConfig, build_core
+from moecluster.workers.engine.eplb_apply import RebalanceReport, rebalance_group
 from moecluster.workers.engine.expert_parallel import ExpertParallel
 from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
@@ -43,38 +45,52 @@ def run_rank(rank: int, world: int, port: int, cfg: EngineConfig, inbox: Any, ou
             torch.cuda.set_device(rank)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
         core = build_core(cfg, load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code),
-                          ep=ExpertParallel(rank, world))
+                          ep=ExpertParallel(rank, world, redundant_slots=cfg.eplb_redundant_slots))
         outbox.put(("ready", rank, core.limits))
-        stop = busy = False
+        control = _Control()
+        busy, steps = False, 0
         while True:
-            stop |= _drain(core, inbox, outbox, wait=0.0 if busy or core.has_unfinished() else IDLE_WAIT_S)
-            flags = torch.tensor([int(core.has_unfinished()), int(stop)])
+            _drain(core, inbox, outbox, control, wait=0.0 if busy or core.has_unfinished() else IDLE_WAIT_S)
+            flags = torch.tensor([int(core.has_unfinished()), int(control.stop), int(control.rebalance)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[1]:
                 break
             busy = bool(flags[0])
             if busy:
                 outs = core.step(always_forward=True)
+                steps += 1
                 if outs:
                     outbox.put(("out", rank, outs))
+            due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
+            if flags[2] or due:  # every rank reaches this at the same step boundary
+                control.rebalance = False
+                outbox.put(("eplb", rank, rebalance_group(core.runner.model, rank)))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - the driver must hear why a rank died
         outbox.put(("error", rank, repr(e)))
         raise
 
 
-def _drain(core: Any, inbox: Any, outbox: Any, wait: float) -> bool:
-    """Apply queued commands; True when asked to stop."""
+@dataclass
+class _Control:
+    stop: bool = False
+    rebalance: bool = False
+
+
+def _drain(core: Any, inbox: Any, outbox: Any, control: _Control, wait: float) -> None:
+    """Apply queued commands; stop and rebalance requests are noted in `control`."""
     while True:
         try:
             cmd = inbox.get(timeout=wait) if wait else inbox.get_nowait()
         except queue.Empty:
-            return False
+            return
         wait = 0.0
         kind = cmd[0]
         if kind == "stop":
-            return True
-        if kind == "abort":
+            control.stop = True
+        elif kind == "rebalance":
+            control.rebalance = True
+        elif kind == "abort":
             out = core.abort(cmd[1])
             if out is not None:
                 outbox.put(("out", None, [out]))
@@ -116,6 +132,7 @@ class EPGroup:
         self._owner: dict[str, int] = {}
         self._lock = threading.Lock()
         self._error: str | None = None
+        self.eplb_reports: list[tuple[int, RebalanceReport]] = []  # (rank, report), as they arrive
         self._reader = threading.Thread(target=self._read, name="moecluster-ep-reader", daemon=True)
         self._reader.start()
 
@@ -137,6 +154,11 @@ class EPGroup:
             self._owner[request_id] = rank
         self._inboxes[rank].put(("add", request_id, list(prompt_ids), params, prompt))
 
+    def rebalance(self) -> None:
+        """Ask every rank to rebalance its experts at the next step boundary (EPLB)."""
+        for inbox in self._inboxes:
+            inbox.put(("rebalance",))
+
     def abort(self, request_id: str) -> None:
         rank = self._owner.get(request_id)
         if rank is not None:
@@ -148,6 +170,8 @@ class EPGroup:
             if kind == "out":
                 for out in payload:
                     self._deliver(out.request_id, out, out.finished)
+            elif kind == "eplb":
+                self.eplb_reports.append((who, payload))
             elif kind == "refused":
                 self._deliver(who, ValueError(payload), True)
             elif kind == "error":

@@ -57,6 +57,16 @@ class Experts(nn.Module):
             paths = [f"{self.prefix}.{e}.{name}" for e in self.expert_ids]
             yield from getattr(self, name).slots(paths)
 
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every stacked tensor of this rank's experts, each (local slots, ...), in a fixed order."""
+        return [t for name in ("gate_proj", "up_proj", "down_proj") for t in getattr(self, name).buffers()]
+
+    def load_slots(self, tensors: list[torch.Tensor], expert_ids: list[int]) -> None:
+        """Swap in a new set of local experts (same layout as `slot_tensors`), e.g. after EPLB."""
+        for old, new in zip(self.slot_tensors(), tensors):
+            old.copy_(new)
+        self.expert_ids = list(expert_ids)
+
     def forward(self, tokens: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """tokens (routed, H) grouped by local expert -> (routed, H)."""
         out = torch.empty_like(tokens)
@@ -93,6 +103,8 @@ class MoE(nn.Module):
         # The router stays in float32: its logits decide discrete choices.
         self.gate_weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        # Tokens routed to each logical expert since the last reset: the EPLB recording.
+        self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
         ids = list(range(cfg.n_routed_experts)) if expert_ids is None else expert_ids
         self.experts = Experts(cfg, f"{prefix}.experts", ids, dtype)
         self.dispatcher: Dispatcher = dispatcher or LocalDispatch(cfg.n_routed_experts)
@@ -113,6 +125,7 @@ class MoE(nn.Module):
         """x (tokens, H) -> (tokens, H)."""
         logits = F.linear(x.float(), self.gate_weight)  # (tokens, experts)
         weights, ids = select_experts(logits, self.e_score_correction_bias, self.gate_cfg)
+        self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.shape[0])
         dispatched = self.dispatcher.dispatch(x, ids, weights)
         out = self.dispatcher.combine(self.experts(dispatched.tokens, dispatched.tokens_per_expert), dispatched)
         if self.shared_experts is not None:
