@@ -142,6 +142,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--out", type=Path, default=Path("bench-eplb.json"), help="JSON result file")
     ep.add_argument("--quick", action="store_true", help="small sizes (for tests)")
     ep.set_defaults(func=_bench_eplb)
+    a = targets.add_parser("a2a", help="expert-parallel dispatch + combine time and bandwidth between local GPUs")
+    a.add_argument("--tokens", type=int, default=4096)
+    a.add_argument("--hidden", type=int, default=7168)
+    a.add_argument("--top-k", type=int, default=8)
+    a.add_argument("--experts", type=int, default=256)
+    a.add_argument("--world", type=int, default=0, help="ranks (default: every visible GPU)")
+    a.add_argument("--iters", type=int, default=20)
+    a.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a gloo smoke run")
+    a.add_argument("--out", type=Path, default=Path("bench-a2a.json"), help="JSON result file")
+    a.set_defaults(func=_bench_a2a)
     for name, what in BENCH_PLANNED.items():
         targets.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(
             func=_planned(f"bench {name}", what)
@@ -156,7 +166,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def _bench_target_missing(_: argparse.Namespace) -> int:
-    raise ValueError(f"name a benchmark: engine, eplb (not implemented yet: {', '.join(BENCH_PLANNED)})")
+    raise ValueError(f"name a benchmark: engine, eplb, a2a (not implemented yet: {', '.join(BENCH_PLANNED)})")
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
@@ -180,6 +190,14 @@ def _bench_eplb(args: argparse.Namespace) -> int:
     names = ("experts", "ranks", "redundant", "nodes", "groups", "zipf", "tokens", "layers", "keep_slack", "seed")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     run(replace(cfg, **given), args.out)
+    return 0
+
+
+def _bench_a2a(args: argparse.Namespace) -> int:
+    from moecluster.cluster.bench.all_to_all import A2ABenchConfig, run
+
+    run(A2ABenchConfig(tokens=args.tokens, hidden=args.hidden, top_k=args.top_k, experts=args.experts,
+                       world=args.world, iters=args.iters, device=args.device), args.out)
     return 0
 
 

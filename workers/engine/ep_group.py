@@ -51,8 +51,8 @@ def run_rank(rank: int, world: int, port: int, cfg: EngineConfig, inbox: Any, ou
         busy, steps = False, 0
         while True:
             _drain(core, inbox, outbox, control, wait=0.0 if busy or core.has_unfinished() else IDLE_WAIT_S)
-            flags = torch.tensor([int(core.has_unfinished()), int(control.stop), int(control.rebalance)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = torch.tensor([int(core.has_unfinished()), int(control.stop), int(control.rebalance)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; 3 ints either way
             if flags[1]:
                 break
             busy = bool(flags[0])
