@@ -116,8 +116,17 @@ class EngineCore:
     def step(self, always_forward: bool = False) -> list[RequestOutput]:
         """One scheduled forward. With always_forward (an expert-parallel rank), a step with nothing
         scheduled still runs the model on an empty batch so the group's collectives complete."""
+        return self.execute(self.schedule(), always_forward)
+
+    def schedule(self) -> SchedulerOutput:
+        """The first half of a step: what this step computes (split out so an EP group can agree
+        on its token counts before the forward)."""
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
+        return sched
+
+    def execute(self, sched: SchedulerOutput, always_forward: bool = False) -> list[RequestOutput]:
+        """The second half: the forward, sampling and outputs of a scheduled step."""
         if sched.empty and not always_forward:
             return []
         sampled = self.runner.execute(sched)

@@ -14,6 +14,7 @@ Ray actors on GPUs.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -30,7 +31,10 @@ from moecluster.workers.engine.eplb_apply import RebalanceReport, rebalance_grou
 from moecluster.workers.engine.expert_parallel import ExpertParallel
 from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
+from moecluster.workers.engine.scheduler import SchedulerOutput
 from moecluster.workers.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.005  # how long an idle group waits for requests before agreeing again
 
@@ -51,18 +55,21 @@ def run_rank(rank: int, world: int, port: int, cfg: EngineConfig, inbox: Any, ou
         busy, steps = False, 0
         while True:
             _drain(core, inbox, outbox, control, wait=0.0 if busy or core.has_unfinished() else IDLE_WAIT_S)
-            flags = torch.tensor([int(core.has_unfinished()), int(control.stop), int(control.rebalance)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; 3 ints either way
-            if flags[1]:
+            sched = core.schedule() if core.has_unfinished() else None
+            mine = [sched.num_tokens if sched else 0, int(sched is not None), int(control.stop), int(control.rebalance)]
+            flags = torch.tensor(mine, device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; 4 ints either way
+            max_tokens, busy = int(flags[0]), bool(flags[1])  # the group's largest batch this step
+            log.debug("rank %d step %d: %d tokens here, at most %d in the group", rank, steps, mine[0], max_tokens)
+            if flags[2]:
                 break
-            busy = bool(flags[0])
             if busy:
-                outs = core.step(always_forward=True)
+                outs = core.execute(sched if sched is not None else SchedulerOutput(), always_forward=True)
                 steps += 1
                 if outs:
                     outbox.put(("out", rank, outs))
             due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
-            if flags[2] or due:  # every rank reaches this at the same step boundary
+            if flags[3] or due:  # every rank reaches this at the same step boundary
                 control.rebalance = False
                 outbox.put(("eplb", rank, rebalance_group(core.runner.model, rank)))
         dist.destroy_process_group()
