@@ -1,0 +1,199 @@
+"""The deployment spec: what `moecluster serve --spec FILE` deploys, validated before anything starts.
+
+    model: /models/deepseek-v3        # checkpoint directory (as the ranks see it)
+    served_name: deepseek-v3          # the model name clients ask for (default: the directory name)
+    prefill:                          # omit for colocated serving (decode replicas prefill themselves)
+      replicas: 1
+      ep: 8                           # EP ranks per replica (one Ray actor each)
+      device: cuda                    # cuda | cpu
+      gpus_per_rank: 1
+    decode: {replicas: 2, ep: 8, device: cuda}
+    cache: {block_size: 64, memory_fraction: 0.9}     # or num_blocks, or memory_bytes (CPU)
+    engine: {max_model_len: 131072, max_num_seqs: 256, max_num_batched_tokens: 8192}
+    router: {host: 0.0.0.0, grpc_port: 50051, http_port: 8000, policy: cache_aware}
+    autoscaling:
+      policy: slo                     # or a Python class path, module.sub:Class
+      decode: {min_replicas: 1, max_replicas: 4}
+
+Every error names the field (`decode.ep`, `router.http_port`) and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Policy = Literal["round_robin", "least_load", "cache_aware", "session"]
+CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class SpecError(ValueError):
+    """An invalid deployment spec; the message names the field and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PoolSpec(_Strict):
+    """One pool of identical replicas; each replica is one expert-parallel group."""
+
+    replicas: int = Field(1, ge=0, le=1024)
+    ep: int = Field(1, ge=1, le=1024, description="EP ranks per replica")
+    device: Literal["cuda", "cpu"] = "cuda"
+    gpus_per_rank: int | None = Field(None, ge=0, le=8, description="default: 1 on cuda, 0 on cpu")
+
+    @model_validator(mode="after")
+    def _gpus(self) -> PoolSpec:
+        if self.gpus_per_rank is None:
+            object.__setattr__(self, "gpus_per_rank", 1 if self.device == "cuda" else 0)
+        if self.device == "cuda" and self.gpus_per_rank != 1:
+            raise ValueError(f"gpus_per_rank: must be 1 on cuda (one rank per GPU), got {self.gpus_per_rank}")
+        if self.device == "cpu" and self.gpus_per_rank:
+            raise ValueError("gpus_per_rank: must be 0 on cpu")
+        return self
+
+
+class CacheSpec(_Strict):
+    block_size: int = Field(64, ge=1, le=1024)
+    num_blocks: int | None = Field(None, ge=1)
+    memory_fraction: float = Field(0.9, gt=0.0, le=1.0, description="GPU: fraction of memory for weights + cache")
+    memory_bytes: int | None = Field(None, ge=1, description="CPU: bytes for the cache")
+    enable_prefix_caching: bool = True
+
+
+class EngineSpec(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=2)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    enable_chunked_prefill: bool = True
+    eplb_redundant_slots: int = Field(0, ge=0)
+    eplb_interval_steps: int | None = Field(None, ge=1)
+
+
+class RouterSpec(_Strict):
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    http_port: int = Field(8000, ge=0, le=65535)
+    metrics_port: int = Field(9400, ge=0, le=65535)
+    policy: Policy = "cache_aware"
+    max_queue: int = Field(1024, ge=1, description="requests waiting beyond this are refused (RESOURCE_EXHAUSTED / 429)")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> RouterSpec:
+        ports = [p for p in (self.grpc_port, self.http_port, self.metrics_port) if p]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"http_port: grpc_port, http_port and metrics_port must differ, got {ports}")
+        return self
+
+
+class ScaleBounds(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> ScaleBounds:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas: {self.min_replicas} exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class AutoscalingSpec(_Strict):
+    policy: str = Field("slo", description="'slo', or a user policy as a class path module.sub:Class")
+    prefill: ScaleBounds | None = None
+    decode: ScaleBounds | None = None
+    interval_s: float = Field(10.0, gt=0)
+    cooldown_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _policy(self) -> AutoscalingSpec:
+        if self.policy != "slo" and not CLASS_PATH.match(self.policy):
+            raise ValueError(f"policy: must be 'slo' or a class path like 'my_pkg.policies:Policy', got {self.policy!r}")
+        return self
+
+
+class DeploymentSpec(_Strict):
+    model: Path
+    served_name: str | None = None
+    trust_remote_code: bool = False
+    prefill: PoolSpec | None = None
+    decode: PoolSpec = PoolSpec()
+    cache: CacheSpec = CacheSpec()
+    engine: EngineSpec = EngineSpec()
+    router: RouterSpec = RouterSpec()
+    autoscaling: AutoscalingSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeploymentSpec:
+        if self.served_name is None:
+            object.__setattr__(self, "served_name", self.model.name or str(self.model))
+        if self.decode.replicas < 1:
+            raise ValueError("decode.replicas: must be at least 1 (the decode pool serves every request)")
+        if self.prefill is not None and self.prefill.replicas < 1:
+            raise ValueError("prefill.replicas: must be at least 1, or omit prefill for colocated serving")
+        if self.prefill is not None and self.prefill.device != self.decode.device:
+            raise ValueError(f"prefill.device: {self.prefill.device} must match decode.device ({self.decode.device})")
+        if self.autoscaling is not None:
+            for name in ("prefill", "decode"):
+                bounds, pool = getattr(self.autoscaling, name), getattr(self, name)
+                if bounds is None:
+                    continue
+                if pool is None:
+                    raise ValueError(f"autoscaling.{name}: is set but there is no {name} pool")
+                if not bounds.min_replicas <= pool.replicas <= bounds.max_replicas:
+                    raise ValueError(
+                        f"{name}.replicas: {pool.replicas} is outside autoscaling.{name} "
+                        f"[{bounds.min_replicas}, {bounds.max_replicas}]"
+                    )
+        return self
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill is None
+
+    def pools(self) -> dict[str, PoolSpec]:
+        return {"decode": self.decode} | ({"prefill": self.prefill} if self.prefill is not None else {})
+
+    def check_paths(self) -> None:
+        """For a local deployment: the checkpoint must be where the spec says."""
+        if not (self.model / "config.json").is_file():
+            raise SpecError(f"spec field 'model': no config.json in {self.model}")
+
+    @classmethod
+    def parse(cls, data: Any) -> DeploymentSpec:
+        if not isinstance(data, dict):
+            raise SpecError(f"a deployment spec must be a mapping of fields, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise SpecError(_describe(e)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DeploymentSpec:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise SpecError(f"spec file {p} does not exist") from None
+        except yaml.YAMLError as e:
+            raise SpecError(f"spec file {p} is not valid YAML: {e}") from None
+        return cls.parse(data)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        path = [str(part) for part in err["loc"]]
+        reason = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" and (m := re.match(r"^([\w.]+): (.*)$", reason, re.S)):
+            path.append(m.group(1))  # a cross-field check names its field relative to where it ran
+            reason = m.group(2)
+        if err["type"] == "extra_forbidden":
+            reason = "is not a known field"
+        lines.append(f"spec field '{'.'.join(path) or '(spec)'}': {reason}")
+    return "; ".join(lines)

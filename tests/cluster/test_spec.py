@@ -1,0 +1,79 @@
+"""Deployment specs: the documented example parses; every invalid field is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moecluster.cluster.spec import DeploymentSpec, SpecError
+
+EXAMPLE = """
+model: /models/deepseek-v3
+prefill: {replicas: 1, ep: 8, device: cuda}
+decode: {replicas: 2, ep: 8, device: cuda}
+cache: {block_size: 64, memory_fraction: 0.9}
+engine: {max_model_len: 131072, max_num_seqs: 256}
+router: {host: 0.0.0.0, grpc_port: 50051, http_port: 8000, policy: cache_aware}
+autoscaling:
+  policy: slo
+  decode: {min_replicas: 1, max_replicas: 4}
+"""
+
+
+def test_example_parses(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(EXAMPLE)
+    spec = DeploymentSpec.from_yaml(path)
+    assert spec.served_name == "deepseek-v3" and not spec.colocated
+    assert spec.decode.gpus_per_rank == 1 and set(spec.pools()) == {"prefill", "decode"}
+
+
+def test_minimal_cpu_spec_is_colocated(tiny_checkpoint) -> None:
+    spec = DeploymentSpec.parse({"model": str(tiny_checkpoint()), "decode": {"device": "cpu", "ep": 2}})
+    spec.check_paths()
+    assert spec.colocated and spec.decode.gpus_per_rank == 0 and spec.decode.replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "reason"),
+    [
+        ({}, "model", "required"),
+        ({"model": "/m", "decode": {"ep": 0}}, "decode.ep", "greater than or equal to 1"),
+        ({"model": "/m", "decode": {"replicas": 0}}, "decode.replicas", "at least 1"),
+        ({"model": "/m", "decode": {"device": "tpu"}}, "decode.device", "cuda"),
+        ({"model": "/m", "decode": {"device": "cpu", "gpus_per_rank": 1}}, "decode.gpus_per_rank", "must be 0"),
+        ({"model": "/m", "prefill": {"device": "cpu"}, "decode": {"device": "cuda"}}, "prefill.device", "must match"),
+        ({"model": "/m", "router": {"grpc_port": 8000, "http_port": 8000}}, "router.http_port", "must differ"),
+        ({"model": "/m", "router": {"http_port": 70000}}, "router.http_port", "less than or equal to 65535"),
+        ({"model": "/m", "router": {"policy": "random"}}, "router.policy", "round_robin"),
+        ({"model": "/m", "cache": {"memory_fraction": 1.5}}, "cache.memory_fraction", "less than or equal to 1"),
+        ({"model": "/m", "engine": {"dtype": "int8"}}, "engine.dtype", "auto"),
+        ({"model": "/m", "decoder": {}}, "decoder", "not a known field"),
+        ({"model": "/m", "autoscaling": {"policy": "not a path"}}, "autoscaling.policy", "class path"),
+        ({"model": "/m", "autoscaling": {"decode": {"min_replicas": 3, "max_replicas": 2}}}, "autoscaling.decode.min_replicas", "exceeds"),
+        ({"model": "/m", "decode": {"replicas": 5}, "autoscaling": {"decode": {"max_replicas": 4}}}, "decode.replicas", "outside"),
+        ({"model": "/m", "autoscaling": {"prefill": {"max_replicas": 2}}}, "autoscaling.prefill", "no prefill pool"),
+    ],
+)
+def test_invalid_specs_name_the_field(data: dict, field: str, reason: str) -> None:
+    with pytest.raises(SpecError) as err:
+        DeploymentSpec.parse(data)
+    assert f"'{field}'" in str(err.value) and reason in str(err.value)
+
+
+def test_yaml_problems(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="does not exist"):
+        DeploymentSpec.from_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        DeploymentSpec.from_yaml(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(SpecError, match="mapping"):
+        DeploymentSpec.from_yaml(bad)
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="'model'.*config.json"):
+        DeploymentSpec.parse({"model": str(tmp_path)}).check_paths()
