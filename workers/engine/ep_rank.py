@@ -1,0 +1,116 @@
+"""One rank of an expert-parallel group: join the group, build the engine, step in lockstep.
+
+Used by the local-process group (`ep_group.py`) and by the cluster's Ray rank actors. Commands
+arrive on `inbox` (("add", request_id, prompt_ids, params, prompt), ("abort", request_id),
+("rebalance",), ("stop",)); events leave on `outbox` (("ready", rank, RequestLimits),
+("out", rank, [RequestOutput]), ("refused", request_id, reason), ("eplb", rank, report),
+("error", rank, reason)). Any queue with put / get(timeout) / get_nowait works.
+
+Lockstep: each rank schedules its step, then one all-reduce agrees on (largest batch, any work,
+stop, rebalance); when any rank has work all of them run the forward, a rank with nothing
+scheduled on an empty batch, so every MoE layer's all-to-all completes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moecluster.workers.engine.engine_config import EngineConfig, build_core
+from moecluster.workers.engine.engine_core import EngineCore
+from moecluster.workers.engine.eplb_apply import rebalance_group
+from moecluster.workers.engine.expert_parallel import ExpertParallel
+from moecluster.workers.engine.scheduler import SchedulerOutput
+from moecluster.workers.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.005  # how long an idle group waits for requests before agreeing again
+
+
+def join_group(rank: int, world: int, master_addr: str, port: int, cfg: EngineConfig) -> tuple[EngineCore, torch.device]:
+    """Initialise torch.distributed for this rank (NCCL on cuda, gloo on cpu) and build its engine."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port))
+    device = cfg.resolved_device()
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if world == 1 else rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    core = build_core(cfg, tokenizer, ep=ExpertParallel(rank, world, redundant_slots=cfg.eplb_redundant_slots))
+    return core, device
+
+
+def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: EngineConfig, inbox: Any, outbox: Any) -> None:
+    """Step with the rest of the group until one of the ranks is told to stop."""
+    control = _Control()
+    busy, steps = False, 0
+    while True:
+        _drain(core, inbox, outbox, control, wait=0.0 if busy or core.has_unfinished() else IDLE_WAIT_S)
+        sched = core.schedule() if core.has_unfinished() else None
+        mine = [sched.num_tokens if sched else 0, int(sched is not None), int(control.stop), int(control.rebalance)]
+        flags = torch.tensor(mine, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; 4 ints either way
+        max_tokens, busy = int(flags[0]), bool(flags[1])  # the group's largest batch this step
+        log.debug("rank %d step %d: %d tokens here, at most %d in the group", rank, steps, mine[0], max_tokens)
+        if flags[2]:
+            return
+        if busy:
+            outs = core.execute(sched if sched is not None else SchedulerOutput(), always_forward=True)
+            steps += 1
+            if outs:
+                outbox.put(("out", rank, outs))
+        due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
+        if flags[3] or due:  # every rank reaches this at the same step boundary
+            control.rebalance = False
+            outbox.put(("eplb", rank, rebalance_group(core.runner.model, rank)))
+
+
+def run_rank(rank: int, world: int, port: int, cfg: EngineConfig, inbox: Any, outbox: Any) -> None:
+    """The body of one local rank process."""
+    try:
+        core, device = join_group(rank, world, "127.0.0.1", port, cfg)
+        outbox.put(("ready", rank, core.limits))
+        lockstep_loop(core, rank, device, cfg, inbox, outbox)
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - the driver must hear why a rank died
+        outbox.put(("error", rank, repr(e)))
+        raise
+
+
+@dataclass
+class _Control:
+    stop: bool = False
+    rebalance: bool = False
+
+
+def _drain(core: Any, inbox: Any, outbox: Any, control: _Control, wait: float) -> None:
+    """Apply queued commands; stop and rebalance requests are noted in `control`."""
+    while True:
+        try:
+            cmd = inbox.get(timeout=wait) if wait else inbox.get_nowait()
+        except queue.Empty:
+            return
+        wait = 0.0
+        kind = cmd[0]
+        if kind == "stop":
+            control.stop = True
+        elif kind == "rebalance":
+            control.rebalance = True
+        elif kind == "abort":
+            out = core.abort(cmd[1])
+            if out is not None:
+                outbox.put(("out", None, [out]))
+        elif kind == "add":
+            _, request_id, prompt_ids, params, prompt = cmd
+            try:
+                core.add_request(request_id, prompt_ids, params, prompt)
+            except ValueError as e:
+                outbox.put(("refused", request_id, str(e)))
