@@ -12,7 +12,6 @@ PLANNED = {
     "serve": "the cluster runtime (Ray placement groups, rank actors, router)",
     "status": "the cluster runtime",
     "down": "the cluster runtime",
-    "plan": "the capacity planner",
 }
 BENCH_PLANNED = {
     "kernels": "the Triton kernels",
@@ -27,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_make_tiny(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_plan(sub)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(func=_planned(name, what))
     args, extra = parser.parse_known_args(argv)
@@ -111,6 +111,47 @@ def _generate(args: argparse.Namespace) -> int:
             print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}))
         else:
             print(f"--- {out.prompt!r}\n{c.text}\n[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]")
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory: weights, headroom and latent cache for a model on H100/H200 nodes")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, or a preset: deepseek-v3, kimi-k2, kimi-k2-thinking")
+    p.add_argument("--gpu", required=True, help="h100 or h200")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--context", type=_tokens, default=None,
+                   help="tokens per sequence, e.g. 131072 or 128K (default: the model's max_position_embeddings)")
+    p.add_argument("--ep", type=int, default=None, help="EP ranks per replica (default: every GPU, one replica)")
+    p.add_argument("--kv-dtype", default="bf16", help="latent cache dtype: bf16 or fp8")
+    p.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per forward, sizes the activation headroom")
+    p.add_argument("--reserve-gib", type=float, default=4.0,
+                   help="fixed headroom per GPU: CUDA context, NCCL / all-to-all buffers, graphs, fragmentation")
+    p.add_argument("--redundant-experts", type=int, default=0, help="EPLB expert slots per replica beyond one per expert")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_plan)
+
+
+def _tokens(text: str) -> int:
+    scale = 1024 if text[-1:] in ("k", "K") else 1
+    try:
+        return int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count such as 131072 or 128K, got {text!r}") from None
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from moecluster.cluster.plan import PlanConfig, make_plan, plan_to_dict, print_plan
+
+    cfg = PlanConfig(gpu=args.gpu, gpus_per_node=args.gpus_per_node, nodes=args.nodes, context=args.context, ep=args.ep,
+                     kv_dtype=args.kv_dtype, max_batched_tokens=args.max_batched_tokens, reserve_gib=args.reserve_gib,
+                     redundant_experts=args.redundant_experts)
+    plan = make_plan(args.model, cfg)
+    if args.json:
+        print(json.dumps(plan_to_dict(plan), indent=2))
+    else:
+        print_plan(plan)
     return 0
 
 

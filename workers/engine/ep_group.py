@@ -15,10 +15,10 @@ import multiprocessing as mp
 import threading
 from typing import Any
 
-from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
+from moecluster.workers.engine.async_engine import Sink
 from moecluster.workers.engine.engine_config import EngineConfig
 from moecluster.workers.engine.ep_rank import run_rank
-from moecluster.workers.engine.eplb_apply import RebalanceReport
+from moecluster.workers.engine.rank_streams import RankStreams
 from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
 
@@ -49,13 +49,13 @@ class EPGroup:
                 raise RuntimeError(f"EP rank {rank} failed to start: {payload}")
             limits.append(payload)
         self.limits = limits[0]
-        self._sinks: dict[str, Sink] = {}
-        self._owner: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._error: str | None = None
-        self.eplb_reports: list[tuple[int, RebalanceReport]] = []  # (rank, report), as they arrive
+        self.streams = RankStreams(world, "the expert-parallel group")
         self._reader = threading.Thread(target=self._read, name="moecluster-ep-reader", daemon=True)
         self._reader.start()
+
+    @property
+    def eplb_reports(self) -> list:
+        return self.streams.eplb_reports
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         return self.limits.check(prompt_ids, params)
@@ -63,16 +63,8 @@ class EPGroup:
     def submit(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, prompt: str | None = None
     ) -> None:
-        if self._error is not None:
-            raise EngineDead(f"the expert-parallel group failed: {self._error}")
         self.check(prompt_ids, params)
-        with self._lock:
-            load = [0] * self.world
-            for owner in self._owner.values():
-                load[owner] += 1
-            rank = min(range(self.world), key=lambda r: (load[r], r))
-            self._sinks[request_id] = sink
-            self._owner[request_id] = rank
+        rank = self.streams.open(request_id, sink)
         self._inboxes[rank].put(("add", request_id, list(prompt_ids), params, prompt))
 
     def rebalance(self) -> None:
@@ -81,36 +73,13 @@ class EPGroup:
             inbox.put(("rebalance",))
 
     def abort(self, request_id: str) -> None:
-        rank = self._owner.get(request_id)
+        rank = self.streams.owner(request_id)
         if rank is not None:
             self._inboxes[rank].put(("abort", request_id))
 
     def _read(self) -> None:
-        while True:
-            kind, who, payload = self._outbox.get()
-            if kind == "out":
-                for out in payload:
-                    self._deliver(out.request_id, out, out.finished)
-            elif kind == "eplb":
-                self.eplb_reports.append((who, payload))
-            elif kind == "refused":
-                self._deliver(who, ValueError(payload), True)
-            elif kind == "error":
-                self._error = f"rank {who}: {payload}"
-                with self._lock:
-                    sinks, self._sinks, self._owner = list(self._sinks.values()), {}, {}
-                for sink in sinks:
-                    _notify(sink, RuntimeError(self._error))
-                return
-
-    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
-        with self._lock:
-            sink = self._sinks.get(request_id)
-            if last:
-                self._sinks.pop(request_id, None)
-                self._owner.pop(request_id, None)
-        if sink is not None:
-            _notify(sink, item)
+        while self.streams.error is None:
+            self.streams.handle(self._outbox.get())
 
     def shutdown(self, timeout: float = 30.0) -> None:
         for inbox in self._inboxes:

@@ -1,0 +1,81 @@
+"""One expert-parallel rank as a Ray actor: its engine and lockstep loop on a background thread.
+
+The actor is threaded (Ray `max_concurrency`): `poll` can wait for events while `submit` and
+`abort` come in. The group's torch.distributed rendezvous goes through Ray: rank 0 reports an
+address and a free port on its node, and every rank's `start` joins with them.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from typing import Any
+
+import ray
+
+from moecluster.workers.engine.engine_config import EngineConfig
+from moecluster.workers.engine.ep_rank import join_group, lockstep_loop
+from moecluster.workers.engine.request_limits import RequestLimits
+from moecluster.workers.engine.sampling_params import SamplingParams
+
+
+class RankActor:
+    def __init__(self, cfg: EngineConfig, rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.inbox: queue.Queue[tuple] = queue.Queue()
+        self.outbox: queue.Queue[tuple] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._core: Any = None
+
+    def address(self) -> tuple[str, int]:
+        """Where the group's rendezvous listens (asked of rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def start(self, master_addr: str, port: int) -> RequestLimits:
+        """Join the group and build the engine (all ranks at once), then step in the background."""
+        self._core, device = join_group(self.rank, self.world, master_addr, port, self.cfg)
+        self._thread = threading.Thread(
+            target=self._run, args=(device,), name=f"moecluster-rank-{self.rank}", daemon=True
+        )
+        self._thread.start()
+        return self._core.limits
+
+    def _run(self, device: Any) -> None:
+        try:
+            lockstep_loop(self._core, self.rank, device, self.cfg, self.inbox, self.outbox)
+            self.outbox.put(("stopped", self.rank, None))
+        except BaseException as e:  # noqa: BLE001 - the replica must hear why this rank stopped
+            self.outbox.put(("error", self.rank, repr(e)))
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None) -> None:
+        self.inbox.put(("add", request_id, prompt_ids, params, prompt))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def rebalance(self) -> None:
+        self.inbox.put(("rebalance",))
+
+    def poll(self, wait_s: float = 0.05) -> list[tuple]:
+        """Events since the last poll (waiting up to wait_s for the first)."""
+        events = []
+        try:
+            events.append(self.outbox.get(timeout=wait_s))
+            while True:
+                events.append(self.outbox.get_nowait())
+        except queue.Empty:
+            return events
+
+    def health(self) -> dict[str, Any]:
+        alive = self._thread is not None and self._thread.is_alive()
+        stats = self._core.stats() if self._core is not None else None
+        return {"rank": self.rank, "alive": alive, "stats": stats}
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.inbox.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(timeout)

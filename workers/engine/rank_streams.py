@@ -1,0 +1,70 @@
+"""Driver-side bookkeeping for a group of ranks: which rank serves each open request, where its
+deltas go, and what the ranks' events mean. Shared by the local-process group and the Ray replica."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
+from moecluster.workers.engine.eplb_apply import RebalanceReport
+
+
+class RankStreams:
+    def __init__(self, world: int, name: str) -> None:
+        self.world, self.name = world, name
+        self._sinks: dict[str, Sink] = {}
+        self._owner: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.error: str | None = None
+        self.eplb_reports: list[tuple[int, RebalanceReport]] = []  # (rank, report), as they arrive
+
+    def open(self, request_id: str, sink: Sink) -> int:
+        """Register a request; returns the rank with the fewest open requests to serve it."""
+        if self.error is not None:
+            raise EngineDead(f"{self.name} failed: {self.error}")
+        with self._lock:
+            if request_id in self._sinks:
+                raise ValueError(f"request id {request_id!r} is already running")
+            load = [0] * self.world
+            for owner in self._owner.values():
+                load[owner] += 1
+            rank = min(range(self.world), key=lambda r: (load[r], r))
+            self._sinks[request_id], self._owner[request_id] = sink, rank
+        return rank
+
+    def owner(self, request_id: str) -> int | None:
+        return self._owner.get(request_id)
+
+    def open_requests(self) -> int:
+        return len(self._sinks)
+
+    def handle(self, event: tuple) -> None:
+        """Apply one event from a rank's outbox."""
+        kind, who, payload = event
+        if kind == "out":
+            for out in payload:
+                self._deliver(out.request_id, out, out.finished)
+        elif kind == "eplb":
+            self.eplb_reports.append((who, payload))
+        elif kind == "refused":
+            self._deliver(who, ValueError(payload), True)
+        elif kind in ("error", "stopped"):
+            self.fail(f"rank {who}: {payload or 'stopped'}")
+
+    def fail(self, reason: str) -> None:
+        """The group is gone: every open request hears why."""
+        self.error = self.error or reason
+        with self._lock:
+            sinks, self._sinks, self._owner = list(self._sinks.values()), {}, {}
+        for sink in sinks:
+            _notify(sink, RuntimeError(f"{self.name} failed: {reason}"))
+
+    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
+        with self._lock:
+            sink = self._sinks.get(request_id)
+            if last:
+                self._sinks.pop(request_id, None)
+                self._owner.pop(request_id, None)
+        if sink is not None:
+            _notify(sink, item)
