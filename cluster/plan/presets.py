@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moecluster.workers.config import ModelConfig
+from moecluster.workers.quant import Fp8BlockScheme, Int4GroupScheme
 
 FP8_BLOCK = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 # compressed-tensors pack-quantized INT4 for the routed experts only: attention, shared experts,
@@ -120,8 +121,6 @@ def resolve_model(model: str | Path) -> tuple[str, ModelConfig]:
 
 def format_label(cfg: ModelConfig) -> str:
     """How the weights are stored, in words."""
-    from moecluster.workers.quant import Fp8BlockScheme, Int4GroupScheme
-
     q = cfg.quant
     if q is None:
         return f"{cfg.torch_dtype} (unquantized)"

@@ -106,7 +106,7 @@ def matrix_bytes(scheme: QuantScheme | None, module: str, out_f: int, in_f: int,
         bo, bi = scheme.block
         return out_f * in_f + cdiv(out_f, bo) * cdiv(in_f, bi) * FP32
     if isinstance(scheme, Int4GroupScheme):
-        return out_f * cdiv(in_f, 8) * INT32 + out_f * cdiv(in_f, scheme.group_size) * dtype_bytes
+        return out_f * cdiv(in_f, 8) * INT32 + out_f * cdiv(in_f, scheme.group_size) * dtype_bytes + 2 * INT32
     raise TypeError(f"unknown quantization scheme {scheme!r}")
 
 
