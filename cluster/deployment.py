@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from moecluster.cluster.metrics import RayMetrics, RequestTimer
 from moecluster.cluster.replica import Replica
 from moecluster.cluster.spec import DeploymentSpec, PoolSpec
 from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
@@ -46,6 +47,7 @@ class _Stream:
     params: SamplingParams
     sink: Sink
     prompt: str | None
+    timer: RequestTimer
     delivered: list[int] = field(default_factory=list)
     attempts: int = 0
 
@@ -63,6 +65,8 @@ class Deployment:
         self._where: dict[str, int] = {}
         self._stop = threading.Event()
         self.failovers = 0
+        self.metrics = RayMetrics()
+        self.tags = {"model": spec.served_name or ""}
         self._monitor = threading.Thread(target=self._watch, args=(health_interval_s,), name="moecluster-health", daemon=True)
         self._monitor.start()
 
@@ -77,7 +81,7 @@ class Deployment:
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, prompt: str | None = None
     ) -> None:
         self.check(prompt_ids, params)
-        stream = _Stream(request_id, list(prompt_ids), params, sink, prompt)
+        stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, RequestTimer(self.metrics, self.tags))
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -121,6 +125,7 @@ class Deployment:
             if stream.params.n == 1 and not isinstance(item, ValueError) and not self._stop.is_set():
                 stream.attempts += 1
                 self.failovers += 1
+                self.metrics.count("moecluster_failovers_total", 1, self.tags)
                 log.warning("request %s: replica failed (%s); resuming after %d tokens",
                             stream.request_id, item, len(stream.delivered))
                 threading.Thread(target=self._place, args=(stream,), daemon=True).start()
@@ -131,9 +136,11 @@ class Deployment:
         for o in item.outputs:
             if stream.params.n == 1:
                 stream.delivered += o.token_ids
+        stream.timer.on_tokens(sum(len(o.token_ids) for o in item.outputs))
         item.prompt_token_ids = stream.prompt_ids
         if item.finished:
             self._finish(stream)
+            stream.timer.on_finish(next((o.finish_reason for o in item.outputs if o.finish_reason), "stop"))
         _notify(stream.sink, item)
 
     def _finish(self, stream: _Stream) -> None:

@@ -10,19 +10,27 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+import time
 from typing import Any
 
 import ray
 
+from moecluster.cluster.metrics import RayMetrics, publish_engine_stats
 from moecluster.workers.engine.engine_config import EngineConfig
 from moecluster.workers.engine.ep_rank import join_group, lockstep_loop
 from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
 
 
+PUBLISH_INTERVAL_S = 1.0
+
+
 class RankActor:
-    def __init__(self, cfg: EngineConfig, rank: int, world: int) -> None:
+    def __init__(self, cfg: EngineConfig, rank: int, world: int, replica: str = "replica") -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.tags = {"replica": replica, "rank": str(rank)}
+        self.metrics = RayMetrics()
+        self._published, self._preemptions = 0.0, 0
         self.inbox: queue.Queue[tuple] = queue.Queue()
         self.outbox: queue.Queue[tuple] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -68,7 +76,19 @@ class RankActor:
             while True:
                 events.append(self.outbox.get_nowait())
         except queue.Empty:
-            return events
+            pass
+        self._publish(events)
+        return events
+
+    def _publish(self, events: list[tuple]) -> None:
+        """At most once a second: this rank's engine gauges; every EPLB report as it comes."""
+        for kind, _, payload in events:
+            if kind == "eplb":
+                self.metrics.gauge("moecluster_expert_imbalance", payload.balance_after, self.tags)
+        now = time.monotonic()
+        if self._core is not None and now - self._published >= PUBLISH_INTERVAL_S:
+            self._published = now
+            self._preemptions = publish_engine_stats(self.metrics, self._core.stats(), self.tags, self._preemptions)
 
     def health(self) -> dict[str, Any]:
         alive = self._thread is not None and self._thread.is_alive()

@@ -56,7 +56,7 @@ class Replica:
                 num_gpus=1 if device == "cuda" else 0,
                 max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(cfg, r, ep)
+            ).remote(cfg, r, ep, name)
             for r in range(ep)
         ]
         addr, port = ray.get(self.actors[0].address.remote(), timeout=start_timeout)

@@ -133,6 +133,7 @@ class DisaggregatedCore:
             num_waiting=p.num_waiting + d.num_waiting + len(self.pending),
             kv_usage=d.kv_usage,
             kv_capacity_tokens=d.kv_capacity_tokens,
+            num_blocks=d.num_blocks,
             num_free_blocks=d.num_free_blocks,
             prefix_hit_rate=p.prefix_hit_rate,
             num_preemptions=p.num_preemptions + d.num_preemptions,

@@ -39,7 +39,8 @@ class EngineStats:
     num_waiting: int
     kv_usage: float  # fraction of cache blocks referenced
     kv_capacity_tokens: int
-    num_free_blocks: int
+    num_blocks: int
+    num_free_blocks: int  # unreferenced, cached ones included
     prefix_hit_rate: float  # prompt tokens found in the prefix cache / prompt tokens looked up
     num_preemptions: int
     num_steps: int
@@ -243,6 +244,7 @@ class EngineCore:
             num_waiting=len(self.scheduler.waiting),
             kv_usage=s.usage,
             kv_capacity_tokens=self.blocks.capacity_tokens,
+            num_blocks=s.num_blocks,
             num_free_blocks=s.num_free_blocks,
             prefix_hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
             num_preemptions=self.num_preemptions,
