@@ -13,26 +13,7 @@ from typing import Any
 
 from moecluster.workers.config import ModelConfig
 from moecluster.workers.quant import Fp8BlockScheme, Int4GroupScheme
-
-FP8_BLOCK = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-# compressed-tensors pack-quantized INT4 for the routed experts only: attention, shared experts,
-# the dense MLP and lm_head are bf16.
-INT4_ROUTED = {
-    "quant_method": "compressed-tensors",
-    "format": "pack-quantized",
-    "quantization_status": "compressed",
-    "config_groups": {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
-                        "dynamic": False, "actorder": None, "block_structure": None},
-            "input_activations": None,
-            "output_activations": None,
-        }
-    },
-    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-    "kv_cache_scheme": None,
-}
+from moecluster.workers.quant.published import DEEPSEEK_FP8, KIMI_K2_THINKING_INT4
 
 DEEPSEEK_V3: dict[str, Any] = {
     "model_type": "deepseek_v3",
@@ -70,7 +51,7 @@ DEEPSEEK_V3: dict[str, Any] = {
     "bos_token_id": 0,
     "eos_token_id": 1,
     "torch_dtype": "bfloat16",
-    "quantization_config": FP8_BLOCK,
+    "quantization_config": DEEPSEEK_FP8,
 }
 
 KIMI_K2: dict[str, Any] = {
@@ -98,7 +79,7 @@ KIMI_K2_THINKING: dict[str, Any] = {
     "max_position_embeddings": 262144,
     "rope_scaling": {**KIMI_K2["rope_scaling"], "factor": 64.0},
     "eos_token_id": 163586,
-    "quantization_config": INT4_ROUTED,
+    "quantization_config": KIMI_K2_THINKING_INT4,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -21,32 +21,10 @@ from safetensors.torch import save_file
 from moecluster.workers.checkpoint.tiny_tokenizer import write_tiny_tokenizer
 from moecluster.workers.config import ModelConfig
 from moecluster.workers.quant import quantize_fp8_block, quantize_int4_group
+from moecluster.workers.quant.published import DEEPSEEK_FP8, KIMI_K2_THINKING_INT4
 
 Arch = Literal["deepseek-v3", "kimi-k2"]
 Quant = Literal["none", "fp8", "int4"]
-
-FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-INT4_CONFIG = {
-    "quant_method": "compressed-tensors",
-    "format": "pack-quantized",
-    "quantization_status": "compressed",
-    "config_groups": {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {
-                "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
-                "dynamic": False, "observer": "minmax", "actorder": None, "block_structure": None,
-                "observer_kwargs": {},
-            },
-            "input_activations": None,
-            "output_activations": None,
-        }
-    },
-    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-    "kv_cache_scheme": None,
-    "sparsity_config": {},
-}
-
 
 @dataclass(frozen=True)
 class TinySpec:
@@ -127,9 +105,9 @@ def tiny_config(spec: TinySpec, vocab_size: int, bos: int, eos: int) -> dict:
         "use_cache": True,
     }
     if spec.quant == "fp8":
-        cfg["quantization_config"] = FP8_CONFIG
+        cfg["quantization_config"] = DEEPSEEK_FP8
     elif spec.quant == "int4":
-        cfg["quantization_config"] = INT4_CONFIG
+        cfg["quantization_config"] = KIMI_K2_THINKING_INT4
     return cfg
 
 
