@@ -3,9 +3,11 @@
 Colocated serving (no prefill pool): every decode replica prefills its own requests. A request
 goes to the healthy replica with the fewest open requests. A monitor checks every replica's ranks;
 when a rank dies the whole replica is torn down and rebuilt (a collective group cannot lose one
-member). Its in-flight requests do not fail: each stream remembers the tokens it has delivered,
-and when its replica fails it is resubmitted to a healthy replica as prompt + those tokens with
-the remaining budget, so the client's stream continues with nothing lost and nothing repeated.
+member). Its in-flight requests do not fail: each stream remembers the tokens every sample has
+delivered, and when its replica fails each unfinished sample is resubmitted to a healthy replica
+as prompt + those tokens with the remaining budget, so the client's stream continues with nothing
+lost and nothing repeated (exactly so for greedy decoding; a seeded sample restarts its
+generator from its seed).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:
 
 @dataclass
 class _Stream:
-    """One client request across replicas: what it has delivered so far."""
+    """One client request across replicas: what each of its samples has delivered so far."""
 
     request_id: str
     prompt_ids: list[int]
@@ -48,7 +50,9 @@ class _Stream:
     sink: Sink
     prompt: str | None
     timer: RequestTimer
-    delivered: list[int] = field(default_factory=list)
+    delivered: dict[int, list[int]] = field(default_factory=dict)  # sample index -> tokens sent
+    finished: set[int] = field(default_factory=set)
+    inner: dict[str, int] = field(default_factory=dict)  # engine request id -> replica index
     attempts: int = 0
 
 
@@ -62,7 +66,6 @@ class Deployment:
         self.limits = next(r for r in self.replicas if r is not None).limits
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
-        self._where: dict[str, int] = {}
         self._stop = threading.Event()
         self.failovers = 0
         self.metrics = RayMetrics()
@@ -90,16 +93,24 @@ class Deployment:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            self._streams.pop(request_id, None)
-            index = self._where.pop(request_id, None)
-        replica = self.replicas[index] if index is not None else None
-        if replica is not None:
-            replica.abort(request_id)
+            stream = self._streams.pop(request_id, None)
+            inner = dict(stream.inner) if stream is not None else {}
+        for inner_id, index in inner.items():
+            replica = self.replicas[index]
+            if replica is not None:
+                replica.abort(inner_id)
 
-    def _place(self, stream: _Stream) -> None:
-        """Submit (or resubmit) a stream to the healthy replica with the fewest open requests."""
-        left = None if stream.params.max_tokens is None else stream.params.max_tokens - len(stream.delivered)
-        params = stream.params if not stream.delivered else stream.params.model_copy(update={"max_tokens": left})
+    def _place(self, stream: _Stream, sample: int | None = None) -> None:
+        """Submit the whole request (sample None), or resume one sample of it after a failure as
+        its own request: prompt + the tokens that sample delivered, with the budget left."""
+        if sample is None:
+            inner_id, prompt_ids, params = stream.request_id, stream.prompt_ids, stream.params
+        else:
+            done = stream.delivered.get(sample, [])
+            p = stream.params
+            update = {"n": 1, "max_tokens": None if p.max_tokens is None else p.max_tokens - len(done),
+                      "seed": None if p.seed is None else p.seed + sample}
+            inner_id, prompt_ids, params = f"{stream.request_id}#{sample}.{stream.attempts}", stream.prompt_ids + done, p.model_copy(update=update)
         while True:
             healthy = [(r.streams.open_requests(), i) for i, r in enumerate(self.replicas) if r is not None and r.healthy]
             if not healthy:
@@ -112,32 +123,39 @@ class Deployment:
             replica = self.replicas[index]
             assert replica is not None
             with self._lock:
-                self._where[stream.request_id] = index
+                stream.inner[inner_id] = index
             try:
-                replica.submit(stream.request_id, stream.prompt_ids + stream.delivered, params,
-                               lambda item, s=stream: self._on_item(s, item), stream.prompt)
+                replica.submit(inner_id, prompt_ids, params,
+                               lambda item, i=inner_id, k=sample: self._on_item(stream, i, k, item), stream.prompt)
                 return
             except EngineDead:
                 continue  # it failed between the health look and the submit: try another
 
-    def _on_item(self, stream: _Stream, item: RequestOutput | BaseException) -> None:
+    def _on_item(self, stream: _Stream, inner_id: str, sample: int | None, item: RequestOutput | BaseException) -> None:
         if isinstance(item, BaseException):
-            if stream.params.n == 1 and not isinstance(item, ValueError) and not self._stop.is_set():
-                stream.attempts += 1
-                self.failovers += 1
-                self.metrics.count("moecluster_failovers_total", 1, self.tags)
-                log.warning("request %s: replica failed (%s); resuming after %d tokens",
-                            stream.request_id, item, len(stream.delivered))
-                threading.Thread(target=self._place, args=(stream,), daemon=True).start()
+            with self._lock:
+                stream.inner.pop(inner_id, None)
+            if isinstance(item, ValueError) or self._stop.is_set():
+                self._finish(stream)
+                _notify(stream.sink, item)
                 return
-            self._finish(stream)
-            _notify(stream.sink, item)
+            pending = [sample] if sample is not None else [i for i in range(stream.params.n) if i not in stream.finished]
+            stream.attempts += 1
+            self.failovers += 1
+            self.metrics.count("moecluster_failovers_total", 1, self.tags)
+            log.warning("request %s: replica failed (%s); resuming samples %s", stream.request_id, item, pending)
+            for index in pending:
+                threading.Thread(target=self._place, args=(stream, index), daemon=True).start()
             return
         for o in item.outputs:
-            if stream.params.n == 1:
-                stream.delivered += o.token_ids
+            if sample is not None:
+                o.index = sample
+            stream.delivered.setdefault(o.index, []).extend(o.token_ids)
+            if o.finish_reason is not None:
+                stream.finished.add(o.index)
         stream.timer.on_tokens(sum(len(o.token_ids) for o in item.outputs))
-        item.prompt_token_ids = stream.prompt_ids
+        item.request_id, item.prompt_token_ids = stream.request_id, stream.prompt_ids
+        item.finished = len(stream.finished) == stream.params.n
         if item.finished:
             self._finish(stream)
             stream.timer.on_finish(next((o.finish_reason for o in item.outputs if o.finish_reason), "stop"))
@@ -146,7 +164,6 @@ class Deployment:
     def _finish(self, stream: _Stream) -> None:
         with self._lock:
             self._streams.pop(stream.request_id, None)
-            self._where.pop(stream.request_id, None)
 
     # ---- health and failover -------------------------------------------------------------------
     def _watch(self, interval: float) -> None:

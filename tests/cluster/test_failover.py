@@ -44,18 +44,25 @@ def test_killed_rank_streams_continue_exactly(local_ray, tiny_checkpoint) -> Non
         deltas: queue.SimpleQueue = queue.SimpleQueue()
         for i, p in enumerate(prompts):
             dep.submit(f"r{i}", p, params, deltas.put)
+        dep.submit("pair", prompts[3], params.model_copy(update={"n": 2}), deltas.put)  # two greedy samples
         got: dict[str, list[int]] = {f"r{i}": [] for i in range(REQUESTS)}
+        pair: dict[int, list[int]] = {0: [], 1: []}
         finished, killed = 0, False
-        while finished < REQUESTS:
+        while finished < REQUESTS + 1:
             d = deltas.get(timeout=180)
             assert not isinstance(d, BaseException), d
-            got[d.request_id] += [t for o in d.outputs for t in o.token_ids]
+            if d.request_id == "pair":
+                for o in d.outputs:
+                    pair[o.index] += o.token_ids
+            else:
+                got[d.request_id] += [t for o in d.outputs for t in o.token_ids]
             finished += d.finished
             if not killed and sum(map(len, got.values())) > REQUESTS * 4:
                 ray.kill(ray.get_actor("decode-0-rank-1", namespace=NAMESPACE))  # mid-stream
                 killed = True
         assert killed and dep.failovers > 0
         assert [got[f"r{i}"] for i in range(REQUESTS)] == want
+        assert pair == {0: want[3], 1: want[3]}
         deadline = time.time() + 120
         while time.time() < deadline and not all(s["healthy"] for s in dep.status()):
             time.sleep(0.5)
