@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class LLM:
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
-        if engine is not None:
+        if engine is not None and not sys.is_finalizing():  # at exit, atexit handlers did it
             engine.shutdown(timeout=1.0)
 
     def get_tokenizer(self) -> Any:

@@ -49,3 +49,19 @@ def test_eplb_rebalance_mid_generation_keeps_answers(tiny_checkpoint) -> None:
         assert all(r.balance_after <= r.balance_before + 1e-9 for r in reports)
     finally:
         ep.engine.shutdown()
+
+
+def test_a_script_using_ep_exits_cleanly(tiny_checkpoint) -> None:
+    """Leaving the rank processes to interpreter shutdown must not hang the program."""
+    import subprocess
+    import sys
+
+    script = (
+        "from moecluster import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_checkpoint(num_layers=2))!r}, dtype='float32', device='cpu', expert_parallel_size=2,"
+        " num_kv_blocks=32, block_size=16)\n"
+        "print(len(llm.generate(['hi'], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("3")

@@ -11,8 +11,10 @@ Ray actors on GPUs.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import threading
+import weakref
 from typing import Any
 
 from moecluster.workers.engine.async_engine import Sink
@@ -41,6 +43,9 @@ class EPGroup:
         ]
         for p in self._procs:
             p.start()
+        self._closed = False
+        # Stop the ranks at exit while threads can still start (queue puts start a feeder thread).
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
         limits: list[RequestLimits] = []
         while len(limits) < world:
             kind, rank, payload = self._outbox.get(timeout=start_timeout)
@@ -82,6 +87,9 @@ class EPGroup:
             self.streams.handle(self._outbox.get())
 
     def shutdown(self, timeout: float = 30.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for inbox in self._inboxes:
             inbox.put(("stop",))
         for p in self._procs:
@@ -96,3 +104,9 @@ def _socket():  # noqa: ANN202
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     return s
+
+
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    group = ref()
+    if group is not None:
+        group.shutdown(timeout=5.0)
