@@ -1,13 +1,18 @@
-"""A deployment on Ray from a spec: replicas, health checks, failover with resumed streams.
+"""A deployment on Ray from a spec: pools of replicas, KV handoffs, health checks, failover.
 
-Colocated serving (no prefill pool): every decode replica prefills its own requests. A request
-goes to the healthy replica with the fewest open requests. A monitor checks every replica's ranks;
-when a rank dies the whole replica is torn down and rebuilt (a collective group cannot lose one
-member). Its in-flight requests do not fail: each stream remembers the tokens every sample has
-delivered, and when its replica fails each unfinished sample is resubmitted to a healthy replica
-as prompt + those tokens with the remaining budget, so the client's stream continues with nothing
-lost and nothing repeated (exactly so for greedy decoding; a seeded sample restarts its
-generator from its seed).
+Colocated (no `prefill` pool): a request goes to the decode replica with the fewest open
+requests, which prefills and decodes it. Disaggregated: it goes to a prefill replica; each sample
+the prefill rank hands over (first token streamed, latent blocks in Ray's object store) is routed
+here to a decode replica as its own inner request `"{inner}@{sample}"`; when the decode rank has
+the blocks ("taken") the prefill rank is told to free its copy.
+
+A monitor checks every replica's ranks; when a rank dies the whole replica is torn down and
+rebuilt (a collective group cannot lose one member). Its in-flight requests do not fail: each
+stream remembers the tokens every sample has delivered, and when the replica serving a sample
+fails, the sample is resubmitted to a healthy replica of the entry pool as prompt + those tokens
+with the remaining budget, so the client's stream continues with nothing lost and nothing
+repeated (exactly so for greedy decoding; a seeded sample restarts its generator from its seed).
+A handoff whose prefill replica died before the decode side read it is prefilled again there.
 """
 
 from __future__ import annotations
@@ -16,14 +21,19 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from moecluster.cluster.metrics import RayMetrics, RequestTimer
+from moecluster.cluster.pool import Pool
 from moecluster.cluster.replica import Replica
+from moecluster.cluster.request_log import log_event
 from moecluster.cluster.spec import DeploymentSpec, PoolSpec
 from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
 from moecluster.workers.engine.engine_config import EngineConfig
-from moecluster.workers.engine.outputs import RequestOutput
+from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
+from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
+from moecluster.workers.transfer.handoff import KVHandoff
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,25 @@ def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:
 
 
 @dataclass
+class _Route:
+    """One live inner request: where it runs and which client sample it serves (None: all)."""
+
+    pool: str
+    replica: Replica | None  # None while a handoff waits for a decode replica
+    sample: int | None
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A handoff the decode side has not taken yet: the prefill rank keeps its blocks."""
+
+    replica: Replica
+    rank: int
+    request_id: str  # the prefill side's request id and sample index
+    sample_index: int
+
+
+@dataclass
 class _Stream:
     """One client request across replicas: what each of its samples has delivered so far."""
 
@@ -52,33 +81,48 @@ class _Stream:
     timer: RequestTimer
     delivered: dict[int, list[int]] = field(default_factory=dict)  # sample index -> tokens sent
     finished: set[int] = field(default_factory=set)
-    inner: dict[str, int] = field(default_factory=dict)  # engine request id -> replica index
+    routes: dict[str, _Route] = field(default_factory=dict)  # inner request id -> where it runs
+    inner_ids: set[str] = field(default_factory=set)  # every inner id it ever had
     attempts: int = 0
+    closed: bool = False  # finished, failed or aborted: nothing more reaches the sink
 
 
 class Deployment:
     def __init__(self, spec: DeploymentSpec, health_interval_s: float = 1.0) -> None:
-        if spec.prefill is not None:
-            raise NotImplementedError("a separate prefill pool on Ray is not implemented yet; omit `prefill` (colocated)")
-        self.spec, self.pool = spec, spec.decode
-        self.cfg = engine_config(spec, self.pool)
-        self.replicas: list[Replica | None] = [self._build(i) for i in range(self.pool.replicas)]
-        self.limits = next(r for r in self.replicas if r is not None).limits
+        self.spec = spec
+        self.pools: dict[str, Pool] = {}
+        split = spec.prefill is not None
+        if split:
+            assert spec.prefill is not None
+            self.pools["prefill"] = Pool("prefill", spec.prefill, engine_config(spec, spec.prefill), "prefill", self._on_event)
+        self.pools["decode"] = Pool("decode", spec.decode, engine_config(spec, spec.decode),
+                                    "decode" if split else "both", self._on_event)
+        self.entry = self.pools["prefill" if split else "decode"]
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
+        self._owner: dict[str, tuple[_Stream, int | None]] = {}  # inner id -> (stream, client sample)
+        self._held: dict[str, _Held] = {}  # decode inner id -> the prefill rank holding its blocks
         self._stop = threading.Event()
         self.failovers = 0
         self.metrics = RayMetrics()
-        self.tags = {"model": spec.served_name or ""}
+        self.tags = {"model": spec.served_name or spec.model.name}
+        try:
+            for pool in self.pools.values():
+                pool.start()
+        except BaseException:
+            for pool in self.pools.values():
+                pool.shutdown()
+            raise
+        self.limits: list[RequestLimits] = [
+            next(r for r in pool.replicas if r is not None).limits for pool in self.pools.values()
+        ]
         self._monitor = threading.Thread(target=self._watch, args=(health_interval_s,), name="moecluster-health", daemon=True)
         self._monitor.start()
 
-    def _build(self, index: int) -> Replica:
-        return Replica(f"decode-{index}", self.cfg, self.pool.ep, self.pool.device)
-
     # ---- requests ------------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        return self.limits.check(prompt_ids, params)
+        """Validate against every pool the request passes through; its length budget."""
+        return min(limits.check(prompt_ids, params) for limits in self.limits)
 
     def submit(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, prompt: str | None = None
@@ -89,20 +133,30 @@ class Deployment:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
+        log_event(request_id, "accepted", prompt_tokens=len(prompt_ids), n=params.n, max_tokens=params.max_tokens)
         self._place(stream)
 
     def abort(self, request_id: str) -> None:
+        """Stop a request everywhere it runs, free its blocks, and end its stream with "abort"."""
         with self._lock:
-            stream = self._streams.pop(request_id, None)
-            inner = dict(stream.inner) if stream is not None else {}
-        for inner_id, index in inner.items():
-            replica = self.replicas[index]
-            if replica is not None:
-                replica.abort(inner_id)
+            stream = self._streams.get(request_id)
+            routes = dict(stream.routes) if stream is not None else {}
+        if stream is None:
+            return
+        for inner_id, route in routes.items():
+            if route.replica is not None:
+                route.replica.abort(inner_id)
+        left = [CompletionOutput(i, "", [], finish_reason="abort") for i in range(stream.params.n) if i not in stream.finished]
+        if self._close(stream, RequestOutput(request_id, stream.prompt, stream.prompt_ids, left, finished=True)):
+            stream.timer.on_finish("abort")
+            log_event(request_id, "aborted", delivered=sum(map(len, stream.delivered.values())))
+
+    def num_open(self) -> int:
+        return len(self._streams)
 
     def _place(self, stream: _Stream, sample: int | None = None) -> None:
-        """Submit the whole request (sample None), or resume one sample of it after a failure as
-        its own request: prompt + the tokens that sample delivered, with the budget left."""
+        """Submit the whole request (sample None) to the entry pool, or resume one sample of it after
+        a failure as its own request: prompt + the tokens that sample delivered, with the budget left."""
         if sample is None:
             inner_id, prompt_ids, params = stream.request_id, stream.prompt_ids, stream.params
         else:
@@ -111,45 +165,111 @@ class Deployment:
             update = {"n": 1, "max_tokens": None if p.max_tokens is None else p.max_tokens - len(done),
                       "seed": None if p.seed is None else p.seed + sample}
             inner_id, prompt_ids, params = f"{stream.request_id}#{sample}.{stream.attempts}", stream.prompt_ids + done, p.model_copy(update=update)
-        while True:
-            healthy = [(r.streams.open_requests(), i) for i, r in enumerate(self.replicas) if r is not None and r.healthy]
-            if not healthy:
+        while not stream.closed:
+            pick = self.entry.least_loaded()
+            if pick is None:
                 if self._stop.is_set():
-                    _notify(stream.sink, EngineDead("the deployment is shut down"))
+                    self._close(stream, EngineDead("the deployment is shut down"))
                     return
-                time.sleep(0.2)  # every replica is being rebuilt: wait, the request is kept
+                time.sleep(0.2)  # every replica of the pool is being rebuilt: wait, the request is kept
                 continue
-            index = min(healthy)[1]
-            replica = self.replicas[index]
-            assert replica is not None
+            _, replica = pick
             with self._lock:
-                stream.inner[inner_id] = index
+                stream.routes[inner_id] = _Route(self.entry.name, replica, sample)
+                stream.inner_ids.add(inner_id)
+                self._owner[inner_id] = (stream, sample)
             try:
-                replica.submit(inner_id, prompt_ids, params,
-                               lambda item, i=inner_id, k=sample: self._on_item(stream, i, k, item), stream.prompt)
-                return
+                replica.submit(inner_id, prompt_ids, params, lambda item: self._on_item(stream, inner_id, item), stream.prompt)
             except EngineDead:
+                with self._lock:
+                    stream.routes.pop(inner_id, None)
                 continue  # it failed between the health look and the submit: try another
-
-    def _on_item(self, stream: _Stream, inner_id: str, sample: int | None, item: RequestOutput | BaseException) -> None:
-        if isinstance(item, BaseException):
-            with self._lock:
-                stream.inner.pop(inner_id, None)
-            if isinstance(item, ValueError) or self._stop.is_set():
-                self._finish(stream)
-                _notify(stream.sink, item)
-                return
-            pending = [sample] if sample is not None else [i for i in range(stream.params.n) if i not in stream.finished]
-            stream.attempts += 1
-            self.failovers += 1
-            self.metrics.count("moecluster_failovers_total", 1, self.tags)
-            log.warning("request %s: replica failed (%s); resuming samples %s", stream.request_id, item, pending)
-            for index in pending:
-                threading.Thread(target=self._place, args=(stream, index), daemon=True).start()
+            log_event(stream.request_id, "placed", pool=self.entry.name, replica=replica.name, inner_id=inner_id,
+                      sample=sample, prompt_tokens=len(prompt_ids))
             return
+
+    # ---- prefill -> decode handoffs ---------------------------------------------------------------
+    def _on_event(self, replica: Replica, kind: str, rank: int, payload: Any) -> None:
+        if kind == "handoff":
+            self._on_handoff(replica, rank, payload)
+        elif kind == "taken":
+            inner_id, outcome = payload
+            self._release(inner_id)
+            self.metrics.count("moecluster_kv_transfers_total", 1, {**self.tags, "outcome": outcome})
+            with self._lock:
+                owner = self._owner.get(inner_id)
+            if owner is not None:
+                log_event(owner[0].request_id, "kv_taken", inner_id=inner_id, replica=replica.name, rank=rank,
+                          outcome=outcome)
+
+    def _on_handoff(self, prefill: Replica, rank: int, h: KVHandoff) -> None:
+        decode_id = f"{h.request_id}@{h.sample_index}"
+        with self._lock:
+            owner = self._owner.get(h.request_id)
+            if owner is None or owner[0].closed:
+                owner = None
+            else:
+                stream, sample = owner
+                client = sample if sample is not None else h.sample_index
+                self._held[decode_id] = _Held(prefill, rank, h.request_id, h.sample_index)
+                self._owner[decode_id] = (stream, client)
+                stream.inner_ids.add(decode_id)
+                stream.routes[decode_id] = _Route("decode", None, client)  # live from now on
+        if owner is None:  # aborted meanwhile: nobody will take it
+            prefill.ack(rank, h.request_id, h.sample_index)
+            return
+        log_event(stream.request_id, "handoff", inner_id=decode_id, sample=client, prefill=prefill.name, rank=rank,
+                  blocks=h.ticket.num_blocks)
+        if self.pools["decode"].least_loaded() is not None:
+            self._place_prefilled(stream, decode_id, h)
+        else:  # every decode replica is being rebuilt: wait off this poller thread
+            threading.Thread(target=self._place_prefilled, args=(stream, decode_id, h), daemon=True).start()
+
+    def _place_prefilled(self, stream: _Stream, decode_id: str, h: KVHandoff) -> None:
+        pool = self.pools["decode"]
+        while not stream.closed:
+            pick = pool.least_loaded()
+            if pick is None:
+                if self._stop.is_set():
+                    self._close(stream, EngineDead("the deployment is shut down"))
+                    return
+                time.sleep(0.2)
+                continue
+            _, replica = pick
+            with self._lock:
+                route = stream.routes.get(decode_id)
+                if route is None:
+                    return
+                route.replica = replica
+            try:
+                replica.submit_prefilled(decode_id, h, lambda item: self._on_item(stream, decode_id, item))
+            except EngineDead:
+                continue
+            log_event(stream.request_id, "placed", pool="decode", replica=replica.name, inner_id=decode_id,
+                      sample=route.sample)
+            return
+
+    def _release(self, inner_id: str) -> None:
+        """The decode side took (or will never take) this handoff: the prefill rank frees its blocks."""
+        with self._lock:
+            held = self._held.pop(inner_id, None)
+        if held is not None:
+            held.replica.ack(held.rank, held.request_id, held.sample_index)
+
+    # ---- deltas and failures -------------------------------------------------------------------
+    def _on_item(self, stream: _Stream, inner_id: str, item: RequestOutput | BaseException) -> None:
+        if stream.closed:
+            return
+        if isinstance(item, BaseException):
+            self._on_failure(stream, inner_id, item)
+            return
+        with self._lock:
+            route = stream.routes.get(inner_id)
+            if item.finished:
+                stream.routes.pop(inner_id, None)
         for o in item.outputs:
-            if sample is not None:
-                o.index = sample
+            if route is not None and route.sample is not None:
+                o.index = route.sample
             stream.delivered.setdefault(o.index, []).extend(o.token_ids)
             if o.finish_reason is not None:
                 stream.finished.add(o.index)
@@ -157,40 +277,80 @@ class Deployment:
         item.request_id, item.prompt_token_ids = stream.request_id, stream.prompt_ids
         item.finished = len(stream.finished) == stream.params.n
         if item.finished:
-            self._finish(stream)
-            stream.timer.on_finish(next((o.finish_reason for o in item.outputs if o.finish_reason), "stop"))
+            reason = next((o.finish_reason for o in item.outputs if o.finish_reason), "stop")
+            if not self._close(stream, item):
+                return
+            stream.timer.on_finish(reason)
+            log_event(stream.request_id, "finished", finish_reason=reason, attempts=stream.attempts,
+                      output_tokens=sum(map(len, stream.delivered.values())),
+                      e2e_s=round(time.perf_counter() - stream.timer.start, 6))
+            return
         _notify(stream.sink, item)
 
-    def _finish(self, stream: _Stream) -> None:
+    def _on_failure(self, stream: _Stream, inner_id: str, error: BaseException) -> None:
+        self._release(inner_id)
         with self._lock:
+            route = stream.routes.pop(inner_id, None)
+            live = {r.sample for r in stream.routes.values()}
+        if route is None:
+            return  # not live (already failed over or finished)
+        if isinstance(error, ValueError) or self._stop.is_set():  # refused, or shutting down: tell the client
+            if self._close(stream, error):
+                log_event(stream.request_id, "failed", error=str(error))
+            return
+        samples = range(stream.params.n) if route.sample is None else [route.sample]
+        pending = [s for s in samples if s not in stream.finished and s not in live and None not in live]
+        if not pending:
+            return
+        stream.attempts += 1
+        self.failovers += 1
+        self.metrics.count("moecluster_failovers_total", 1, self.tags)
+        log.warning("request %s: %s failed (%s); resuming samples %s", stream.request_id, inner_id, error, pending)
+        log_event(stream.request_id, "failover", inner_id=inner_id, error=str(error), samples=pending,
+                  attempt=stream.attempts)
+        for sample in pending:
+            threading.Thread(target=self._place, args=(stream, sample), daemon=True).start()
+
+    def _close(self, stream: _Stream, last: RequestOutput | BaseException | None) -> bool:
+        """End a stream once (its last item to the sink); False if it had already ended."""
+        with self._lock:
+            if stream.closed:
+                return False
+            stream.closed = True
             self._streams.pop(stream.request_id, None)
+            for inner_id in stream.inner_ids:
+                self._owner.pop(inner_id, None)
+        for inner_id in stream.inner_ids:
+            self._release(inner_id)
+        if last is not None:
+            _notify(stream.sink, last)
+        return True
 
     # ---- health and failover -------------------------------------------------------------------
     def _watch(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            for i, replica in enumerate(self.replicas):
-                if replica is not None:
-                    if replica.healthy and all(h["alive"] for h in replica.health(timeout=interval * 5)):
-                        continue
-                    log.warning("replica %s is unhealthy: rebuilding it", replica.name)
-                    replica.streams.fail("a rank is dead")  # its streams resume elsewhere
-                    self.replicas[i] = None
-                    replica.shutdown(timeout=5.0)
-                try:
-                    self.replicas[i] = self._build(i)
-                except Exception as e:  # noqa: BLE001 - keep serving on the others, retry next round
-                    log.error("rebuilding replica decode-%d failed: %r", i, e)
+            for pool in self.pools.values():
+                for i, replica in enumerate(pool.replicas):
+                    if self._stop.is_set():
+                        return
+                    if replica is not None:
+                        if replica.healthy and all(h["alive"] for h in replica.health(timeout=interval * 5)):
+                            continue
+                        log.warning("replica %s is unhealthy: rebuilding it", replica.name)
+                        pool.replicas[i] = None
+                        replica.streams.fail("a rank is dead")  # its streams resume elsewhere
+                        replica.shutdown(timeout=5.0)
+                    try:
+                        pool.replicas[i] = pool.build(i)
+                        log.warning("replica %s-%d is back", pool.name, i)
+                    except Exception as e:  # noqa: BLE001 - keep serving on the others, retry next round
+                        log.error("rebuilding replica %s-%d failed: %r", pool.name, i, e)
 
-    def status(self) -> list[dict]:
-        return [
-            {"name": f"decode-{i}", "healthy": r is not None and r.healthy,
-             "ranks": r.health() if r is not None else []}
-            for i, r in enumerate(self.replicas)
-        ]
+    def status(self) -> list[dict[str, Any]]:
+        return [s for pool in self.pools.values() for s in pool.status()]
 
     def shutdown(self) -> None:
         self._stop.set()
         self._monitor.join(10)
-        for r in self.replicas:
-            if r is not None:
-                r.shutdown()
+        for pool in self.pools.values():
+            pool.shutdown()

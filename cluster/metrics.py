@@ -5,7 +5,8 @@ Two sources. Each rank actor publishes its engine's state (`publish_engine_stats
 waiting sequences, KV blocks used / free, prefix-cache hit rate, preemptions, and the expert load
 imbalance after an EPLB rebalance. The deployment measures what clients see
 (`RequestTimer`): time to first token, inter-token latency, queue time until the first token,
-finished requests by reason, and failovers.
+finished requests by reason, failovers, and KV transfers between the prefill and decode pools
+(received, or refilled when the transfer failed).
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ DESCRIPTIONS = {
     "moecluster_expert_imbalance": "max / mean tokens per rank after the last EPLB rebalance",
     "moecluster_requests_total": "requests finished, by finish reason",
     "moecluster_failovers_total": "streams moved to another replica after a failure",
+    "moecluster_kv_transfers_total": "prefilled samples handed to a decode replica, by outcome",
     "moecluster_ttft_seconds": "time to first token",
     "moecluster_itl_seconds": "time between consecutive tokens of a stream",
 }
 HISTOGRAMS = {"moecluster_ttft_seconds", "moecluster_itl_seconds"}
-COUNTERS = {"moecluster_requests_total", "moecluster_failovers_total", "moecluster_preemptions_total"}
+COUNTERS = {
+    "moecluster_requests_total", "moecluster_failovers_total", "moecluster_preemptions_total",
+    "moecluster_kv_transfers_total",
+}
 
 
 class RayMetrics:

@@ -1,7 +1,8 @@
 """One expert-parallel rank as a Ray actor: its engine and lockstep loop on a background thread.
 
 The actor is threaded (Ray `max_concurrency`): `poll` can wait for events while `submit` and
-`abort` come in. The group's torch.distributed rendezvous goes through Ray: rank 0 reports an
+`abort` come in. A rank of a prefill or decode pool runs its engine in that role, with KV blocks
+travelling between pools through Ray's object store (`object_store_transfer.py`). The group's torch.distributed rendezvous goes through Ray: rank 0 reports an
 address and a free port on its node, and every rank's `start` joins with them.
 """
 
@@ -16,18 +17,21 @@ from typing import Any
 import ray
 
 from moecluster.cluster.metrics import RayMetrics, publish_engine_stats
+from moecluster.cluster.object_store_transfer import ObjectStoreTransfer
 from moecluster.workers.engine.engine_config import EngineConfig
+from moecluster.workers.engine.engine_core import Role
 from moecluster.workers.engine.ep_rank import join_group, lockstep_loop
 from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
+from moecluster.workers.transfer.handoff import KVHandoff
 
 
 PUBLISH_INTERVAL_S = 1.0
 
 
 class RankActor:
-    def __init__(self, cfg: EngineConfig, rank: int, world: int, replica: str = "replica") -> None:
-        self.cfg, self.rank, self.world = cfg, rank, world
+    def __init__(self, cfg: EngineConfig, rank: int, world: int, replica: str = "replica", role: Role = "both") -> None:
+        self.cfg, self.rank, self.world, self.role = cfg, rank, world, role
         self.tags = {"replica": replica, "rank": str(rank)}
         self.metrics = RayMetrics()
         self._published, self._preemptions = 0.0, 0
@@ -45,7 +49,8 @@ class RankActor:
 
     def start(self, master_addr: str, port: int) -> RequestLimits:
         """Join the group and build the engine (all ranks at once), then step in the background."""
-        self._core, device = join_group(self.rank, self.world, master_addr, port, self.cfg)
+        transfer = ObjectStoreTransfer() if self.role != "both" else None
+        self._core, device = join_group(self.rank, self.world, master_addr, port, self.cfg, self.role, transfer)
         self._thread = threading.Thread(
             target=self._run, args=(device,), name=f"moecluster-rank-{self.rank}", daemon=True
         )
@@ -61,6 +66,14 @@ class RankActor:
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None) -> None:
         self.inbox.put(("add", request_id, prompt_ids, params, prompt))
+
+    def submit_prefilled(self, inner_id: str, handoff: KVHandoff) -> None:
+        """A decode rank: continue a sample a prefill rank handed over (its blocks in the object store)."""
+        self.inbox.put(("prefilled", inner_id, handoff))
+
+    def ack(self, request_id: str, sample_index: int) -> None:
+        """A prefill rank: the decode side took this sample; free its blocks."""
+        self.inbox.put(("ack", request_id, sample_index))
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
@@ -93,7 +106,7 @@ class RankActor:
     def health(self) -> dict[str, Any]:
         alive = self._thread is not None and self._thread.is_alive()
         stats = self._core.stats() if self._core is not None else None
-        return {"rank": self.rank, "alive": alive, "stats": stats}
+        return {"rank": self.rank, "role": self.role, "alive": alive, "stats": stats}
 
     def stop(self, timeout: float = 30.0) -> None:
         self.inbox.put(("stop",))

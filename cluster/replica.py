@@ -6,14 +6,15 @@ few nodes as possible. Actors are named `{pool}-{index}-rank-{r}` in the `moeclu
 the Ray dashboard shows them. The replica exposes the engine interface (check, submit with a
 sink, abort) and forwards each rank's events to the requests' sinks from one poller thread per
 rank; if a rank's actor dies, every open request of the replica fails with the reason (the
-cluster's failover moves them elsewhere).
+cluster's failover moves them elsewhere). A prefill replica reports the handoffs its ranks make,
+and a decode replica the handoffs its ranks took, to the `listener` (the deployment routes them).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -22,9 +23,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from moecluster.cluster.rank_actor import RankActor
 from moecluster.workers.engine.async_engine import Sink
 from moecluster.workers.engine.engine_config import EngineConfig
+from moecluster.workers.engine.engine_core import Role
 from moecluster.workers.engine.rank_streams import RankStreams
 from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
+from moecluster.workers.transfer.handoff import KVHandoff
 
 NAMESPACE = "moecluster"
 
@@ -38,8 +41,10 @@ class Replica:
         device: str,
         gpus_per_node: int = 8,
         start_timeout: float = 600.0,
+        role: Role = "both",
+        listener: Callable[[Replica, str, int, Any], None] | None = None,
     ) -> None:
-        self.name, self.ep = name, ep
+        self.name, self.ep, self.role = name, ep, role
         bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
         strategy = "STRICT_PACK" if ep <= gpus_per_node else "PACK"
         self.pg = placement_group([dict(bundle) for _ in range(ep)], strategy=strategy, name=f"{name}-pg")
@@ -56,13 +61,14 @@ class Replica:
                 num_gpus=1 if device == "cuda" else 0,
                 max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(cfg, r, ep, name)
+            ).remote(cfg, r, ep, name, role)
             for r in range(ep)
         ]
         addr, port = ray.get(self.actors[0].address.remote(), timeout=start_timeout)
         limits: list[RequestLimits] = ray.get([a.start.remote(addr, port) for a in self.actors], timeout=start_timeout)
         self.limits = limits[0]
-        self.streams = RankStreams(ep, f"replica {name}")
+        hear = None if listener is None else (lambda kind, rank, payload: listener(self, kind, rank, payload))
+        self.streams = RankStreams(ep, f"replica {name}", hear)
         self._pollers = [
             threading.Thread(target=self._poll, args=(r,), name=f"{name}-poll-{r}", daemon=True) for r in range(ep)
         ]
@@ -78,6 +84,18 @@ class Replica:
         self.check(prompt_ids, params)
         rank = self.streams.open(request_id, sink)
         self.actors[rank].submit.remote(request_id, list(prompt_ids), params, prompt)
+
+    def submit_prefilled(self, inner_id: str, handoff: KVHandoff, sink: Sink) -> None:
+        """A decode replica: continue a handed-over sample as `inner_id` on its least-loaded rank."""
+        rank = self.streams.open(inner_id, sink)
+        self.actors[rank].submit_prefilled.remote(inner_id, handoff)
+
+    def ack(self, rank: int, request_id: str, sample_index: int) -> None:
+        """A prefill replica: rank `rank` may free the blocks it staged for this sample."""
+        try:
+            self.actors[rank].ack.remote(request_id, sample_index)
+        except ray.exceptions.RayError:
+            pass  # that rank is gone, and its blocks with it
 
     def abort(self, request_id: str) -> None:
         rank = self.streams.owner(request_id)

@@ -18,12 +18,6 @@ REQUESTS = 16
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=6, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def test_killed_rank_streams_continue_exactly(local_ray, tiny_checkpoint) -> None:
     ckpt = tiny_checkpoint(num_layers=2)

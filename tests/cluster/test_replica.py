@@ -13,12 +13,6 @@ from moecluster.cluster.replica import NAMESPACE, Replica  # noqa: E402
 from moecluster.workers.engine.engine_config import EngineConfig  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def collect(replica: Replica, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     deltas: queue.SimpleQueue = queue.SimpleQueue()

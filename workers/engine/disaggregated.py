@@ -1,12 +1,9 @@
 """A prefill engine and a decode engine joined by a KV transfer, behind the EngineCore interface.
 
 Each step: the prefill engine steps (prompt chunks, first tokens; their deltas stream out at
-once); every handoff it made is offered to the decode engine, which allocates blocks, receives
-the latents and acknowledges, after which the prefill engine frees its copy. A handoff the
-decode engine cannot take yet (no free blocks or slots) waits and is offered again next step,
-while the prefill side keeps holding the blocks. A transfer that fails is retried up to
-`max_retries` times; after that the sample is prefilled again on the decode engine from its
-prompt and first token. Then the decode engine steps.
+once); every handoff it made joins a `HandoffQueue` for the decode engine (wait while blocks are
+short, retry a failed transfer, then re-prefill), and each handoff the decode engine took is
+acknowledged so the prefill engine frees its copy. Then the decode engine steps.
 
 Inside the decode engine each handed-over sample is its own request `"{request_id}#{index}"`;
 deltas are mapped back to the client's request id and sample index here.
@@ -14,14 +11,12 @@ deltas are mapped back to the client's request id and sample index here.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from moecluster.workers.engine.engine_core import EngineCore, EngineStats
+from moecluster.workers.engine.handoff_queue import HandoffQueue
 from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
 from moecluster.workers.engine.sampling_params import SamplingParams
-from moecluster.workers.transfer.handoff import KVHandoff
-from moecluster.workers.transfer.kv_transfer import TransferError
 
 
 @dataclass
@@ -37,10 +32,12 @@ class DisaggregatedCore:
         if prefill.role != "prefill" or decode.role != "decode":
             raise ValueError(f"need a prefill and a decode engine, got {prefill.role!r} and {decode.role!r}")
         self.prefill, self.decode, self.max_retries = prefill, decode, max_retries
-        self.pending: deque[KVHandoff] = deque()
-        self.retries: dict[tuple[str, int], int] = {}
+        self.pending = HandoffQueue(decode, max_retries)
         self.open: dict[str, _Open] = {}
-        self.num_refills = 0
+
+    @property
+    def num_refills(self) -> int:
+        return self.pending.num_refills
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         self.decode.check(prompt_ids, params)
@@ -58,7 +55,7 @@ class DisaggregatedCore:
         if req is None:
             return None
         self.prefill.abort(request_id)  # frees its queued, running and staged-for-transfer blocks
-        self.pending = deque(h for h in self.pending if h.request_id != request_id)
+        self.pending.drop(lambda h, _: h.request_id == request_id)
         out = RequestOutput(request_id, req.prompt, req.prompt_ids, finished=True)
         for index in range(req.n):
             self.decode.abort(f"{request_id}#{index}")
@@ -71,39 +68,12 @@ class DisaggregatedCore:
 
     def step(self) -> list[RequestOutput]:
         outputs = [self._client(o) for o in self.prefill.step()]
-        self.pending.extend(self.prefill.take_handoffs())
-        self._deliver_handoffs()
+        for h in self.prefill.take_handoffs():
+            self.pending.offer(h, f"{h.request_id}#{h.sample_index}")
+        for taken in self.pending.deliver():
+            self.prefill.ack(taken.handoff.request_id, taken.handoff.sample_index)
         outputs += [self._from_decode(o) for o in self.decode.step()]
         return [o for o in outputs if o is not None]
-
-    def _deliver_handoffs(self) -> None:
-        waiting: deque[KVHandoff] = deque()
-        while self.pending:
-            h = self.pending.popleft()
-            inner_id = f"{h.request_id}#{h.sample_index}"
-            key = (h.request_id, h.sample_index)
-            try:
-                taken = self.decode.add_prefilled(h, inner_id)
-            except TransferError:
-                self.retries[key] = self.retries.get(key, 0) + 1
-                if self.retries[key] <= self.max_retries:
-                    waiting.append(h)
-                    continue
-                self._refill(h, inner_id)
-                taken = True
-            if taken:
-                self.retries.pop(key, None)
-                self.prefill.ack(h.request_id, h.sample_index)
-            else:
-                waiting.append(h)
-        self.pending = waiting
-
-    def _refill(self, h: KVHandoff, inner_id: str) -> None:
-        """Give up on the transfer: the decode engine recomputes prompt + first token itself."""
-        self.num_refills += 1
-        left = None if h.params.max_tokens is None else h.params.max_tokens - 1
-        params = h.params.model_copy(update={"n": 1, "max_tokens": left, "seed": None})
-        self.decode.add_request(inner_id, [*h.prompt_ids, h.first_token], params, h.prompt)
 
     def _from_decode(self, out: RequestOutput) -> RequestOutput | None:
         request_id, _, index = out.request_id.rpartition("#")

@@ -1,10 +1,18 @@
 """One rank of an expert-parallel group: join the group, build the engine, step in lockstep.
 
-Used by the local-process group (`ep_group.py`) and by the cluster's Ray rank actors. Commands
-arrive on `inbox` (("add", request_id, prompt_ids, params, prompt), ("abort", request_id),
-("rebalance",), ("stop",)); events leave on `outbox` (("ready", rank, RequestLimits),
-("out", rank, [RequestOutput]), ("refused", request_id, reason), ("eplb", rank, report),
-("error", rank, reason)). Any queue with put / get(timeout) / get_nowait works.
+Used by the local-process group (`ep_group.py`) and by the cluster's Ray rank actors.
+Commands arrive on `inbox`:
+  ("add", request_id, prompt_ids, params, prompt), ("abort", request_id), ("rebalance",), ("stop",);
+  for the prefill / decode split also ("prefilled", inner_id, KVHandoff) on a decode rank and
+  ("ack", request_id, sample_index) on a prefill rank.
+Events leave on `outbox`:
+  ("ready", rank, RequestLimits), ("out", rank, [RequestOutput]), ("refused", request_id, reason),
+  ("eplb", rank, report), ("error", rank, reason);
+  ("handoff", rank, ([RequestOutput], [KVHandoff])) when a prefill step handed samples over (its
+  outputs and handoffs in one event, so a driver sees both or neither);
+  ("taken", rank, [(inner_id, outcome)]) when a decode rank took handoffs ("received", or
+  "refilled" from the prompt after failed transfers): the prefill side may free its copy.
+Any queue with put / get(timeout) / get_nowait works.
 
 Lockstep: each rank schedules its step, then one all-reduce agrees on (largest batch, any work,
 stop, rebalance); when any rank has work all of them run the forward, a rank with nothing
@@ -23,19 +31,26 @@ import torch
 import torch.distributed as dist
 
 from moecluster.workers.engine.engine_config import EngineConfig, build_core
-from moecluster.workers.engine.engine_core import EngineCore
+from moecluster.workers.engine.engine_core import EngineCore, Role
 from moecluster.workers.engine.eplb_apply import rebalance_group
 from moecluster.workers.engine.expert_parallel import ExpertParallel
+from moecluster.workers.engine.handoff_queue import HandoffQueue
+from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
 from moecluster.workers.engine.scheduler import SchedulerOutput
 from moecluster.workers.tokenizer import load_tokenizer
+from moecluster.workers.transfer.kv_transfer import KVTransfer
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.005  # how long an idle group waits for requests before agreeing again
 
 
-def join_group(rank: int, world: int, master_addr: str, port: int, cfg: EngineConfig) -> tuple[EngineCore, torch.device]:
-    """Initialise torch.distributed for this rank (NCCL on cuda, gloo on cpu) and build its engine."""
+def join_group(
+    rank: int, world: int, master_addr: str, port: int, cfg: EngineConfig,
+    role: Role = "both", transfer: KVTransfer | None = None,
+) -> tuple[EngineCore, torch.device]:
+    """Initialise torch.distributed for this rank (NCCL on cuda, gloo on cpu) and build its engine
+    (a prefill or decode role takes the KV transfer its handoffs travel by)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port))
     device = cfg.resolved_device()
@@ -44,16 +59,21 @@ def join_group(rank: int, world: int, master_addr: str, port: int, cfg: EngineCo
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-    core = build_core(cfg, tokenizer, ep=ExpertParallel(rank, world, redundant_slots=cfg.eplb_redundant_slots))
+    ep = ExpertParallel(rank, world, redundant_slots=cfg.eplb_redundant_slots)
+    core = build_core(cfg, tokenizer, role, transfer, ep=ep)
     return core, device
 
 
 def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: EngineConfig, inbox: Any, outbox: Any) -> None:
     """Step with the rest of the group until one of the ranks is told to stop."""
-    control = _Control()
+    control = _Control(handoffs=HandoffQueue(core) if core.role == "decode" else None)
     busy, steps = False, 0
     while True:
         _drain(core, inbox, outbox, control, wait=0.0 if busy or core.has_unfinished() else IDLE_WAIT_S)
+        if control.handoffs:
+            taken = control.handoffs.deliver()
+            if taken:
+                outbox.put(("taken", rank, [(t.inner_id, t.outcome) for t in taken]))
         sched = core.schedule() if core.has_unfinished() else None
         mine = [sched.num_tokens if sched else 0, int(sched is not None), int(control.stop), int(control.rebalance)]
         flags = torch.tensor(mine, device=device)
@@ -65,7 +85,10 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
         if busy:
             outs = core.execute(sched if sched is not None else SchedulerOutput(), always_forward=True)
             steps += 1
-            if outs:
+            handoffs = core.take_handoffs()
+            if handoffs:
+                outbox.put(("handoff", rank, (outs, handoffs)))
+            elif outs:
                 outbox.put(("out", rank, outs))
         due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
         if flags[3] or due:  # every rank reaches this at the same step boundary
@@ -89,6 +112,7 @@ def run_rank(rank: int, world: int, port: int, cfg: EngineConfig, inbox: Any, ou
 class _Control:
     stop: bool = False
     rebalance: bool = False
+    handoffs: HandoffQueue | None = None  # a decode rank's handoffs not taken yet
 
 
 def _drain(core: Any, inbox: Any, outbox: Any, control: _Control, wait: float) -> None:
@@ -106,8 +130,18 @@ def _drain(core: Any, inbox: Any, outbox: Any, control: _Control, wait: float) -
             control.rebalance = True
         elif kind == "abort":
             out = core.abort(cmd[1])
+            if out is None and control.handoffs and control.handoffs.drop(lambda _, inner_id: inner_id == cmd[1]):
+                out = RequestOutput(cmd[1], None, [], [CompletionOutput(0, "", [], finish_reason="abort")], True)
             if out is not None:
                 outbox.put(("out", None, [out]))
+        elif kind == "ack":
+            core.ack(cmd[1], cmd[2])
+        elif kind == "prefilled":
+            _, inner_id, handoff = cmd
+            if control.handoffs is None:
+                outbox.put(("refused", inner_id, f"a {core.role!r} engine does not take prefilled requests"))
+            else:
+                control.handoffs.offer(handoff, inner_id)
         elif kind == "add":
             _, request_id, prompt_ids, params, prompt = cmd
             try:

@@ -4,15 +4,18 @@ deltas go, and what the ranks' events mean. Shared by the local-process group an
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
 from moecluster.workers.engine.eplb_apply import RebalanceReport
 
 
 class RankStreams:
-    def __init__(self, world: int, name: str) -> None:
-        self.world, self.name = world, name
+    def __init__(self, world: int, name: str, listener: Callable[[str, int, Any], None] | None = None) -> None:
+        """`listener(kind, rank, payload)` hears the prefill / decode split's events: each
+        KVHandoff of a "handoff" event (after its step's outputs reached their sinks) and each
+        (inner_id, outcome) of a "taken" event."""
+        self.world, self.name, self.listener = world, name, listener
         self._sinks: dict[str, Sink] = {}
         self._owner: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -45,12 +48,26 @@ class RankStreams:
         if kind == "out":
             for out in payload:
                 self._deliver(out.request_id, out, out.finished)
+        elif kind == "handoff":
+            outs, handoffs = payload
+            for out in outs:
+                self._deliver(out.request_id, out, out.finished)
+            for h in handoffs:
+                self._listen("handoff", who, h)
+        elif kind == "taken":
+            for item in payload:
+                self._listen("taken", who, item)
         elif kind == "eplb":
             self.eplb_reports.append((who, payload))
         elif kind == "refused":
             self._deliver(who, ValueError(payload), True)
         elif kind in ("error", "stopped"):
             self.fail(f"rank {who}: {payload or 'stopped'}")
+
+    def _listen(self, kind: str, rank: int, payload: Any) -> None:
+        if self.listener is None:
+            raise RuntimeError(f"{self.name}: a {kind!r} event with nobody to hear it")
+        self.listener(kind, rank, payload)
 
     def fail(self, reason: str) -> None:
         """The group is gone: every open request hears why."""
