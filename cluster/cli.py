@@ -8,11 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-PLANNED = {
-    "serve": "the cluster runtime (Ray placement groups, rank actors, router)",
-    "status": "the cluster runtime",
-    "down": "the cluster runtime",
-}
+PLANNED: dict[str, str] = {}
 BENCH_PLANNED = {
     "kernels": "the Triton kernels",
     "serve": "the cluster runtime",
@@ -27,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_bench(sub)
     _add_plan(sub)
+    _add_serve(sub)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(func=_planned(name, what))
     args, extra = parser.parse_known_args(argv)
@@ -38,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"moecluster {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        import grpc
+
+        if isinstance(e, grpc.RpcError):  # a call to a running router failed
+            print(f"moecluster {args.command}: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+        raise
 
 
 def _planned(name: str, what: str):  # noqa: ANN202
@@ -77,9 +81,91 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="deploy on Ray (embedded local, or --address) behind gRPC + OpenAI HTTP")
+    p.add_argument("--spec", help="deployment spec (YAML)")
+    p.add_argument("--model", help="without --spec: serve this checkpoint on one CPU replica")
+    p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("status", help="pools, replicas, ranks, health, KV usage and queues of a running deployment")
+    p.add_argument("--url", help="router gRPC address host:port (default: from the state file `serve` wrote)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+    p = sub.add_parser("down", help="stop a running deployment")
+    p.add_argument("--address", help="a Ray cluster whose moecluster actors to remove (when its driver is gone)")
+    p.set_defaults(func=_down)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from moecluster.cluster.serve import load_spec, run_forever, start
+
+    run_forever(start(load_spec(args.spec, args.model), address=args.address))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import os
+
+    from google.protobuf.json_format import MessageToDict
+
+    from moecluster.cluster.serve import API_KEY_ENV, read_state
+    from moecluster.router.requests.client import Client
+
+    with Client(args.url or read_state()["grpc"], api_key=os.environ.get(API_KEY_ENV)) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(MessageToDict(status, always_print_fields_with_no_presence=True)))
+        return 0
+    print(f"model {status.model}: {status.open_requests} open requests, {status.failovers} failovers")
+    for r in status.replicas:
+        print(f"  {r.name:<12} {r.role:<8} {'healthy' if r.healthy else 'UNHEALTHY':<10} {r.open_requests} open")
+        for k in r.ranks:
+            print(f"    rank {k.rank}: {'alive' if k.alive else 'DEAD':<5} running {k.running:<4} waiting {k.waiting:<4} "
+                  f"KV {k.kv_usage:6.1%} ({k.total_blocks - k.free_blocks}/{k.total_blocks} blocks) "
+                  f"prefix hits {k.prefix_hit_rate:.1%}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import time
+
+    from moecluster.cluster.serve import read_state, state_path
+
+    if args.address:
+        import ray
+
+        from moecluster.cluster.replica import NAMESPACE
+
+        ray.init(address=args.address, namespace=NAMESPACE)
+        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+        for a in actors:
+            ray.kill(ray.get_actor(a["name"], namespace=NAMESPACE))
+        print(f"removed {len(actors)} moecluster actors from {args.address}")
+        return 0
+    state = read_state()
+    pid = state["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state_path().unlink(missing_ok=True)
+        print(f"the recorded server (pid {pid}) was not running; state cleared")
+        return 0
+    for _ in range(600):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stopped {state.get('model')} (pid {pid})")
+            return 0
+        time.sleep(0.1)
+    raise RuntimeError(f"pid {pid} did not stop within 60 s")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate from a checkpoint in this process (offline API)")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    p = sub.add_parser("generate", help="generate in this process (offline API), or from a running server (--url)")
+    p.add_argument("--model", type=Path, help="checkpoint directory (offline)")
+    p.add_argument("--url", help="a running router's gRPC address host:port ('auto': from the state file)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -94,6 +180,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.url:
+        return _generate_remote(args)
+    if args.model is None:
+        raise ValueError("give --model DIR (offline) or --url HOST:PORT (a running server)")
     from moecluster import LLM, SamplingParams
 
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
@@ -111,6 +201,31 @@ def _generate(args: argparse.Namespace) -> int:
             print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}))
         else:
             print(f"--- {out.prompt!r}\n{c.text}\n[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]")
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    import os
+
+    from moecluster.cluster.serve import API_KEY_ENV, read_state
+    from moecluster.router.requests.client import Client
+
+    target = read_state()["grpc"] if args.url == "auto" else args.url
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_tokens": args.max_tokens}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    with Client(target, api_key=os.environ.get(API_KEY_ENV)) as client:
+        for prompt in args.prompt:
+            if args.chat:
+                out = client.complete(messages=[{"role": "user", "content": prompt}], **sampling)
+            else:
+                out = client.complete(prompt, **sampling)
+            text, reason = out.texts.get(0, ""), out.finish_reasons.get(0)
+            if args.json:
+                print(json.dumps({"prompt": prompt, "text": text, "token_ids": out.token_ids.get(0, []),
+                                  "finish_reason": reason, "request_id": out.request_id}))
+            else:
+                print(f"--- {prompt!r}\n{text}\n[{len(out.token_ids.get(0, []))} tokens, finish_reason={reason}]")
     return 0
 
 

@@ -20,14 +20,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 from moecluster.cluster.metrics import RayMetrics, RequestTimer
 from moecluster.cluster.pool import Pool
 from moecluster.cluster.replica import Replica
 from moecluster.cluster.request_log import log_event
 from moecluster.cluster.spec import DeploymentSpec, PoolSpec
+from moecluster.router.requests.placement import RankView
 from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
 from moecluster.workers.engine.engine_config import EngineConfig
 from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
@@ -48,6 +49,16 @@ def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:
         enable_prefix_caching=c.enable_prefix_caching, eplb_redundant_slots=e.eplb_redundant_slots,
         eplb_interval_steps=e.eplb_interval_steps,
     )
+
+
+def _rank_views(replica: Replica, health: list[dict[str, Any]]) -> list[RankView]:
+    return [
+        RankView(replica.name, h["rank"], healthy=bool(h["alive"]), open_requests=0,
+                 waiting=h["stats"].num_waiting if h.get("stats") else 0,
+                 kv_usage=h["stats"].kv_usage if h.get("stats") else 0.0,
+                 cached=frozenset(h.get("cached", ())))
+        for h in health
+    ]
 
 
 @dataclass
@@ -103,7 +114,9 @@ class Deployment:
         self._owner: dict[str, tuple[_Stream, int | None]] = {}  # inner id -> (stream, client sample)
         self._held: dict[str, _Held] = {}  # decode inner id -> the prefill rank holding its blocks
         self._stop = threading.Event()
+        self._views: dict[str, list[RankView]] = {}  # entry-pool replica -> its ranks, as last checked
         self.failovers = 0
+        self.on_rebuilt: Callable[[str], None] | None = None  # told the name of each rebuilt replica (empty cache)
         self.metrics = RayMetrics()
         self.tags = {"model": spec.served_name or spec.model.name}
         try:
@@ -116,6 +129,8 @@ class Deployment:
         self.limits: list[RequestLimits] = [
             next(r for r in pool.replicas if r is not None).limits for pool in self.pools.values()
         ]
+        for _, replica in self.entry.healthy():
+            self._views[replica.name] = _rank_views(replica, replica.health())
         self._monitor = threading.Thread(target=self._watch, args=(health_interval_s,), name="moecluster-health", daemon=True)
         self._monitor.start()
 
@@ -125,8 +140,11 @@ class Deployment:
         return min(limits.check(prompt_ids, params) for limits in self.limits)
 
     def submit(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, prompt: str | None = None
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, prompt: str | None = None,
+        target: tuple[str, int] | None = None,
     ) -> None:
+        """Queue a request; `target` (replica name, rank) of the entry pool is where the router wants
+        it (used while that replica is healthy; otherwise the least-loaded one)."""
         self.check(prompt_ids, params)
         stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, RequestTimer(self.metrics, self.tags))
         with self._lock:
@@ -134,15 +152,16 @@ class Deployment:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
         log_event(request_id, "accepted", prompt_tokens=len(prompt_ids), n=params.n, max_tokens=params.max_tokens)
-        self._place(stream)
+        self._place(stream, target=target)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request everywhere it runs, free its blocks, and end its stream with "abort"."""
+    def abort(self, request_id: str) -> bool:
+        """Stop a request everywhere it runs, free its blocks, and end its stream with "abort"
+        (False: no such request is running)."""
         with self._lock:
             stream = self._streams.get(request_id)
             routes = dict(stream.routes) if stream is not None else {}
         if stream is None:
-            return
+            return False
         for inner_id, route in routes.items():
             if route.replica is not None:
                 route.replica.abort(inner_id)
@@ -150,11 +169,12 @@ class Deployment:
         if self._close(stream, RequestOutput(request_id, stream.prompt, stream.prompt_ids, left, finished=True)):
             stream.timer.on_finish("abort")
             log_event(request_id, "aborted", delivered=sum(map(len, stream.delivered.values())))
+        return True
 
     def num_open(self) -> int:
         return len(self._streams)
 
-    def _place(self, stream: _Stream, sample: int | None = None) -> None:
+    def _place(self, stream: _Stream, sample: int | None = None, target: tuple[str, int] | None = None) -> None:
         """Submit the whole request (sample None) to the entry pool, or resume one sample of it after
         a failure as its own request: prompt + the tokens that sample delivered, with the budget left."""
         if sample is None:
@@ -166,7 +186,10 @@ class Deployment:
                       "seed": None if p.seed is None else p.seed + sample}
             inner_id, prompt_ids, params = f"{stream.request_id}#{sample}.{stream.attempts}", stream.prompt_ids + done, p.model_copy(update=update)
         while not stream.closed:
-            pick = self.entry.least_loaded()
+            pick = self.entry.named(target[0]) if target is not None else None
+            rank = target[1] if pick is not None and target is not None else None
+            target = None  # only the first try
+            pick = pick or self.entry.least_loaded()
             if pick is None:
                 if self._stop.is_set():
                     self._close(stream, EngineDead("the deployment is shut down"))
@@ -179,7 +202,8 @@ class Deployment:
                 stream.inner_ids.add(inner_id)
                 self._owner[inner_id] = (stream, sample)
             try:
-                replica.submit(inner_id, prompt_ids, params, lambda item: self._on_item(stream, inner_id, item), stream.prompt)
+                replica.submit(inner_id, prompt_ids, params, lambda item: self._on_item(stream, inner_id, item),
+                               stream.prompt, rank)
             except EngineDead:
                 with self._lock:
                     stream.routes.pop(inner_id, None)
@@ -334,8 +358,11 @@ class Deployment:
                     if self._stop.is_set():
                         return
                     if replica is not None:
-                        if replica.healthy and all(h["alive"] for h in replica.health(timeout=interval * 5)):
+                        health = replica.health(timeout=interval * 5)
+                        if replica.healthy and all(h["alive"] for h in health):
+                            self._views[replica.name] = _rank_views(replica, health)
                             continue
+                        self._views.pop(replica.name, None)
                         log.warning("replica %s is unhealthy: rebuilding it", replica.name)
                         pool.replicas[i] = None
                         replica.streams.fail("a rank is dead")  # its streams resume elsewhere
@@ -343,8 +370,19 @@ class Deployment:
                     try:
                         pool.replicas[i] = pool.build(i)
                         log.warning("replica %s-%d is back", pool.name, i)
+                        if self.on_rebuilt is not None:
+                            self.on_rebuilt(f"{pool.name}-{i}")
                     except Exception as e:  # noqa: BLE001 - keep serving on the others, retry next round
                         log.error("rebuilding replica %s-%d failed: %r", pool.name, i, e)
+
+    def rank_views(self) -> list[RankView]:
+        """The entry pool's DP ranks for the router's placement: health and cache contents as of
+        the last check, open requests as of now."""
+        views = []
+        for _, replica in self.entry.healthy():
+            load = replica.streams.load()
+            views += [replace(v, open_requests=load[v.rank]) for v in self._views.get(replica.name, ())]
+        return views
 
     def status(self) -> list[dict[str, Any]]:
         return [s for pool in self.pools.values() for s in pool.status()]

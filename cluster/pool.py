@@ -33,6 +33,10 @@ class Pool:
     def healthy(self) -> list[tuple[int, Replica]]:
         return [(i, r) for i, r in enumerate(self.replicas) if r is not None and r.healthy]
 
+    def named(self, name: str) -> tuple[int, Replica] | None:
+        """The replica called `name`, if it is healthy."""
+        return next(((i, r) for i, r in self.healthy() if r.name == name), None)
+
     def least_loaded(self) -> tuple[int, Replica] | None:
         healthy = self.healthy()
         if not healthy:

@@ -105,8 +105,10 @@ class RankActor:
 
     def health(self) -> dict[str, Any]:
         alive = self._thread is not None and self._thread.is_alive()
-        stats = self._core.stats() if self._core is not None else None
-        return {"rank": self.rank, "role": self.role, "alive": alive, "stats": stats}
+        core = self._core
+        stats = core.stats() if core is not None else None
+        cached = core.blocks.cached_hashes() if core is not None else []
+        return {"rank": self.rank, "role": self.role, "alive": alive, "stats": stats, "cached": cached}
 
     def stop(self, timeout: float = 30.0) -> None:
         self.inbox.put(("stop",))

@@ -79,10 +79,12 @@ class Replica:
         return self.limits.check(prompt_ids, params)
 
     def submit(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, prompt: str | None = None
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, prompt: str | None = None,
+        rank: int | None = None,
     ) -> None:
+        """Queue a request on `rank` (default: the rank with the fewest open requests)."""
         self.check(prompt_ids, params)
-        rank = self.streams.open(request_id, sink)
+        rank = self.streams.open(request_id, sink, rank)
         self.actors[rank].submit.remote(request_id, list(prompt_ids), params, prompt)
 
     def submit_prefilled(self, inner_id: str, handoff: KVHandoff, sink: Sink) -> None:

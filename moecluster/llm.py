@@ -13,7 +13,7 @@ from moecluster.workers.engine.engine_config import EngineConfig, build_engine
 from moecluster.workers.engine.ep_group import EPGroup
 from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
 from moecluster.workers.engine.sampling_params import SamplingParams
-from moecluster.workers.tokenizer import load_tokenizer
+from moecluster.text.tokenizer import load_tokenizer
 
 PromptType = str | dict[str, Any]
 

@@ -52,7 +52,7 @@ from rich.table import Table
 
 from moecluster.cluster.bench import machine_info, summarize_ns, write_json
 from moecluster.workers.checkpoint.tiny import TinySpec, make_tiny
-from moecluster.workers.detokenizer import Decoder
+from moecluster.text.detokenizer import Decoder
 from moecluster.workers.engine.block_manager import BlockManager
 from moecluster.workers.engine.engine_config import EngineConfig, build_engine
 from moecluster.workers.engine.engine_core import EngineCore

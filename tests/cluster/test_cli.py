@@ -40,7 +40,19 @@ def test_bad_model_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert "error" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["serve", "status", "down", "bench"])
-def test_unbuilt_commands_say_so(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_without_a_target_names_them(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench"]) == 2
+    assert "name a benchmark" in capsys.readouterr().err
+
+
+def test_serve_without_spec_or_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve"]) == 2
+    assert "--spec FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["status", "down"])
+def test_status_and_down_without_a_server_say_so(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MOECLUSTER_STATE", str(tmp_path / "serve.json"))
     assert main([command]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert "no running deployment" in capsys.readouterr().err

@@ -200,6 +200,11 @@ class BlockManager:
         table.block_ids.clear()
         table.num_hashed, table.last_hash = 0, None
 
+    def cached_hashes(self) -> list[int]:
+        """Hashes of every block whose content is registered (referenced or evictable): what a
+        router can expect a prompt's chain to hit here."""
+        return list(self._block_of)
+
     def stats(self) -> CacheStats:
         free = self.num_free_blocks
         return CacheStats(

@@ -16,7 +16,7 @@ from moecluster.workers.engine.scheduler import Scheduler, SchedulerConfig
 from moecluster.workers.config import ModelConfig
 from moecluster.workers.engine.expert_parallel import ExpertParallel
 from moecluster.workers.model_loader import load_model
-from moecluster.workers.tokenizer import Tokenizer, load_tokenizer
+from moecluster.text.tokenizer import Tokenizer, load_tokenizer
 from moecluster.workers.transfer.kv_transfer import InProcessTransfer, KVTransfer
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU; on a GPU a fraction of free memory

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from moecluster.workers.detokenizer import Decoder
+from moecluster.text.detokenizer import Decoder
 from moecluster.workers.engine.block_manager import BlockManager
 from moecluster.workers.engine.model_runner import ModelRunner
 from moecluster.workers.engine.output_processor import SeqOutputState

@@ -37,7 +37,7 @@ from moecluster.workers.engine.expert_parallel import ExpertParallel
 from moecluster.workers.engine.handoff_queue import HandoffQueue
 from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
 from moecluster.workers.engine.scheduler import SchedulerOutput
-from moecluster.workers.tokenizer import load_tokenizer
+from moecluster.text.tokenizer import load_tokenizer
 from moecluster.workers.transfer.kv_transfer import KVTransfer
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from moecluster.workers.detokenizer import Decoder, IncrementalDetokenizer
+from moecluster.text.detokenizer import Decoder, IncrementalDetokenizer
 from moecluster.workers.engine.sequence import Sequence
 
 

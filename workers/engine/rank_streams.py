@@ -22,19 +22,30 @@ class RankStreams:
         self.error: str | None = None
         self.eplb_reports: list[tuple[int, RebalanceReport]] = []  # (rank, report), as they arrive
 
-    def open(self, request_id: str, sink: Sink) -> int:
-        """Register a request; returns the rank with the fewest open requests to serve it."""
+    def open(self, request_id: str, sink: Sink, rank: int | None = None) -> int:
+        """Register a request; returns the rank to serve it: `rank` when given, else the one with
+        the fewest open requests."""
         if self.error is not None:
             raise EngineDead(f"{self.name} failed: {self.error}")
         with self._lock:
             if request_id in self._sinks:
                 raise ValueError(f"request id {request_id!r} is already running")
-            load = [0] * self.world
-            for owner in self._owner.values():
-                load[owner] += 1
-            rank = min(range(self.world), key=lambda r: (load[r], r))
+            if rank is None or not 0 <= rank < self.world:
+                load = self._load()
+                rank = min(range(self.world), key=lambda r: (load[r], r))
             self._sinks[request_id], self._owner[request_id] = sink, rank
         return rank
+
+    def _load(self) -> list[int]:
+        load = [0] * self.world
+        for owner in self._owner.values():
+            load[owner] += 1
+        return load
+
+    def load(self) -> list[int]:
+        """Open requests per rank."""
+        with self._lock:
+            return self._load()
 
     def owner(self, request_id: str) -> int | None:
         return self._owner.get(request_id)

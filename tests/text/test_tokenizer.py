@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from moecluster.workers.checkpoint.tiny_tokenizer import ARCH_TOKENS, write_tiny_tokenizer
-from moecluster.workers.detokenizer import IncrementalDetokenizer
-from moecluster.workers.tokenizer import Tokenizer, load_tokenizer
+from moecluster.text.detokenizer import IncrementalDetokenizer
+from moecluster.text.tokenizer import Tokenizer, load_tokenizer
 
 ARCHS = ["deepseek-v3", "kimi-k2"]
 TEXTS = {

@@ -1,0 +1,134 @@
+"""`moecluster serve`: Ray, the deployment, and the router in one driver process.
+
+Without `--address` an embedded local Ray starts (CPU by default: the laptop / CI case); with one
+the driver joins that cluster (e.g. a KubeRay head). The deployment builds every pool's placement
+groups and rank actors; the router serves gRPC and OpenAI HTTP over it. A state file records where
+the servers listen and this process's id, so `status` and `down` find them; SIGTERM / SIGINT stop
+the router (health NOT_SERVING first), then the deployment, then Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from moecluster.cluster.deployment import Deployment
+from moecluster.cluster.replica import NAMESPACE
+from moecluster.cluster.serving_backend import DeploymentBackend
+from moecluster.cluster.spec import DeploymentSpec, SpecError
+from moecluster.router.requests.server import RouterConfig, RouterServer
+from moecluster.text.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+STATE_ENV = "MOECLUSTER_STATE"
+API_KEY_ENV = "MOECLUSTER_API_KEY"
+
+
+def state_path() -> Path:
+    return Path(os.environ.get(STATE_ENV) or Path.home() / ".moecluster" / "serve.json")
+
+
+@dataclass
+class Serving:
+    spec: DeploymentSpec
+    deployment: Deployment
+    router: RouterServer
+    owns_ray: bool
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.spec.router.host}:{self.router.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.router.scheme}://{self.spec.router.host}:{self.router.http_port}"
+
+    def stop(self) -> None:
+        import ray
+
+        self.router.stop()
+        self.deployment.shutdown()
+        if self.owns_ray:
+            ray.shutdown()
+        path = state_path()
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def start(spec: DeploymentSpec, address: str | None = None, api_key: str | None = None) -> Serving:
+    """Bring a deployment and its router up; returns once both serve."""
+    import ray
+
+    if address is None:
+        spec.check_paths()
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        if address is None:
+            ranks = sum(p.replicas * p.ep for p in spec.pools().values())
+            ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 1), include_dashboard=False, namespace=NAMESPACE,
+                     log_to_driver=False)
+        else:
+            ray.init(address=address, namespace=NAMESPACE)
+    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    deployment = Deployment(spec)
+    try:
+        r = spec.router
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        router = RouterServer(DeploymentBackend(deployment), tokenizer, RouterConfig(
+            host=r.host, grpc_port=r.grpc_port, http_port=r.http_port, policy=r.policy, max_queue=r.max_queue,
+            api_key=key))
+        deployment.on_rebuilt = router.service.policy.forget
+        router.start()
+    except BaseException:
+        deployment.shutdown()
+        raise
+    serving = Serving(spec, deployment, router, owns_ray)
+    _write_state(serving, address)
+    return serving
+
+
+def _write_state(serving: Serving, address: str | None) -> None:
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "pid": os.getpid(), "grpc": serving.grpc_target, "http": serving.http_url, "ray_address": address,
+        "model": serving.spec.served_name,
+    }, indent=2))
+
+
+def read_state() -> dict:
+    path = state_path()
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no running deployment recorded in {path} (start one with `moecluster serve`)") from None
+
+
+def run_forever(serving: Serving) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"serving {serving.spec.served_name}: gRPC {serving.grpc_target}, OpenAI HTTP {serving.http_url}/v1",
+          flush=True)
+    stop.wait()
+    log.warning("stopping: router, then the deployment")
+    serving.stop()
+
+
+def load_spec(spec_file: str | None, model: str | None) -> DeploymentSpec:
+    """The spec file, or the laptop default: one colocated CPU replica of `model`."""
+    if spec_file is not None:
+        return DeploymentSpec.from_yaml(spec_file)
+    if model is None:
+        raise SpecError("give --spec FILE, or --model DIR for one CPU replica of a checkpoint (e.g. from make-tiny)")
+    return DeploymentSpec.parse({"model": model, "decode": {"replicas": 1, "ep": 1, "device": "cpu"},
+                                 "cache": {"block_size": 16}, "engine": {"dtype": "float32"}})

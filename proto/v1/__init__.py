@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the moecluster.v1 API (see proto/moecluster/v1/)."""
