@@ -11,7 +11,7 @@ from pathlib import Path
 PLANNED: dict[str, str] = {}
 BENCH_PLANNED = {
     "kernels": "the Triton kernels",
-    "serve": "the cluster runtime",
+    "serve": "the GPU end-to-end issue (#9)",
 }
 
 
@@ -308,10 +308,27 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a gloo smoke run")
     a.add_argument("--out", type=Path, default=Path("bench-a2a.json"), help="JSON result file")
     a.set_defaults(func=_bench_a2a)
+    r = targets.add_parser("router", help="what the router adds per streamed delta, over a fast fake engine")
+    r.add_argument("--tokenizer", type=Path, required=True, help="a checkpoint directory to take the tokenizer from")
+    r.add_argument("--concurrency", type=int, default=256)
+    r.add_argument("--requests", type=int, default=2048)
+    r.add_argument("--tokens", type=int, default=32, help="tokens per request")
+    r.add_argument("--step-ms", type=float, default=20.0, help="the fake engine's step time")
+    r.add_argument("--out", type=Path, default=Path("bench-router.json"), help="JSON result file")
+    r.set_defaults(func=_bench_router)
     for name, what in BENCH_PLANNED.items():
         targets.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(
             func=_planned(f"bench {name}", what)
         )
+
+
+def _bench_router(args: argparse.Namespace) -> int:
+    from moecluster.cluster.bench.router import RouterBenchConfig, main as bench
+
+    cfg = RouterBenchConfig(concurrency=args.concurrency, requests=args.requests, tokens=args.tokens,
+                            step_s=args.step_ms / 1e3)
+    bench(cfg, args.tokenizer, args.out)
+    return 0
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -322,7 +339,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def _bench_target_missing(_: argparse.Namespace) -> int:
-    raise ValueError(f"name a benchmark: engine, eplb, a2a (not implemented yet: {', '.join(BENCH_PLANNED)})")
+    raise ValueError(f"name a benchmark: engine, eplb, a2a, router (not implemented yet: {', '.join(BENCH_PLANNED)})")
 
 
 def _bench_engine(args: argparse.Namespace) -> int:

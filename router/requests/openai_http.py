@@ -269,7 +269,12 @@ class _ChatParsers:
         starts_in = bool(p.prompt) and p.prompt.rstrip().endswith("<think>")
         self.reasoning = server.reasoning
         self.starts_in_reasoning = starts_in
-        self.tools = tool_parser_for(server.service.backend.model.model_type) if call.tools else None
+        self.tools = None
+        if call.tools:
+            try:
+                self.tools = tool_parser_for(server.service.backend.model.model_type)
+            except ValueError as e:
+                raise InvalidRequest(f"tools: {e}", "tools") from None
         self._split: dict[int, ReasoningSplitter] = {}
         self._calls: dict[int, Any] = {}
         self._called: dict[int, int] = {}

@@ -2,7 +2,7 @@
 
     call -> resolve model -> tokenize (text | token ids | chat template) -> admit (queue bound,
     length and field checks) -> place (policy over the entry pool's DP ranks, by the prompt's
-    block-hash chain) -> backend.submit -> deltas (thread -> asyncio queue) -> the caller
+    block-hash chain) -> backend.submit -> deltas (backend threads -> `inbox`, coalesced) -> the caller
 
 A caller that stops iterating (client gone, cancelled, deadline passed) aborts the request, which
 frees its blocks. Errors are typed so each protocol maps them to its own status:
@@ -23,6 +23,7 @@ from typing import Any
 
 from moecluster.proto.block_hash import block_hashes
 from moecluster.router.requests.backend import Backend, Delta, Overloaded
+from moecluster.router.requests.inbox import LoopInbox, StreamBox, merge
 from moecluster.router.requests.metrics import RouterMetrics
 from moecluster.router.requests.placement import NoHealthyTarget, PlacementPolicy, PlacementRequest
 from moecluster.text.tokenizer import Tokenizer
@@ -87,6 +88,7 @@ class RequestService:
         self.backend, self.tokenizer, self.policy, self.max_queue = backend, tokenizer, policy, max_queue
         self.stats = RouterStats()
         self.metrics = RouterMetrics(lambda: self.stats.open)
+        self._inbox: LoopInbox | None = None
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
 
@@ -160,11 +162,10 @@ class RequestService:
         if self.stats.open >= self.max_queue:
             self._reject("overloaded", protocol)
             raise Overloaded(f"{self.stats.open} requests are in flight (max_queue {self.max_queue}); retry later", 1.0)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-
-        def sink(item: Delta | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        if self._inbox is None:
+            self._inbox = LoopInbox(asyncio.get_running_loop())
+        box = StreamBox()
+        sink = self._inbox.sink_for(box)
 
         hashes = tuple(block_hashes(p.prompt_ids, self.backend.model.block_size))
         try:
@@ -192,14 +193,20 @@ class RequestService:
                 if left is not None and left <= 0:
                     raise DeadlineExceeded(f"request {p.request_id} passed its deadline")
                 try:
-                    item = await asyncio.wait_for(queue.get(), left)
+                    items = await asyncio.wait_for(box.take(), left)
                 except TimeoutError:
                     raise DeadlineExceeded(f"request {p.request_id} passed its deadline") from None
-                if isinstance(item, BaseException):
+                error = next((i for i in items if isinstance(i, BaseException)), None)
+                deltas = [i for i in items if not isinstance(i, BaseException)]
+                if error is not None and not deltas:
                     done = True
-                    if isinstance(item, ValueError):
-                        raise InvalidRequest(str(item), _field_of(str(item)))
-                    raise item
+                    if isinstance(error, ValueError):
+                        raise InvalidRequest(str(error), _field_of(str(error)))
+                    raise error
+                if error is not None:
+                    box.items.appendleft(error)  # after these deltas
+                    box.ready.set()
+                item = merge(deltas)
                 if len(item.choices) == 1 and item.choices[0].index == 0:
                     outputs += item.choices[0].token_ids
                 done = item.finished
