@@ -2,7 +2,8 @@
 
 The router (gRPC server, request service, placement, streaming) runs over `FakeEngine`, which
 emits one token per open request every `step_s` and records when it emitted each delta. Clients
-run in a separate process (grpc.aio, `concurrency` streams kept open, closed loop) and record when
+run in a separate process (grpc.aio, `concurrency` streams kept open, closed loop; output lengths
+spread over [tokens/2, 3 tokens/2] so requests do not finish and arrive in synchronized waves) and record when
 each delta arrived. Added latency per token = arrival of the message carrying it - its emission (both `time.perf_counter`, the
 system-wide monotonic clock on Linux). Reported: p50 / p99 of that over all deltas and over
 first deltas, requests/s and tokens/s completed, and the CPU share of the server process (router + fake engine).
@@ -46,8 +47,9 @@ def _client(port: int, cfg: RouterBenchConfig, out: mp.Queue) -> None:
                 for i in next_id:
                     rid = f"bench-{i}"
                     text = " ".join(f"w{(i * 7 + j) % 500}" for j in range(cfg.prompt_words))
+                    tokens = cfg.tokens // 2 + (i * 37) % (cfg.tokens + 1)  # U-like over [t/2, 3t/2]: no lockstep waves
                     request = pb.GenerateRequest(text=text, request_id=rid,
-                                                 sampling=pb.SamplingParams(max_tokens=cfg.tokens))
+                                                 sampling=pb.SamplingParams(max_tokens=tokens))
                     times = arrivals[rid] = []
                     async for r in stub.Generate(request):  # a message may carry several tokens
                         now = time.perf_counter()
