@@ -38,9 +38,10 @@ DESCRIPTIONS = {
     "moecluster_failovers_total": "streams moved to another replica after a failure",
     "moecluster_kv_transfers_total": "prefilled samples handed to a decode replica, by outcome",
     "moecluster_ttft_seconds": "time to first token",
+    "moecluster_queue_seconds": "time a sequence waited on its rank before its first scheduled step",
     "moecluster_itl_seconds": "time between consecutive tokens of a stream",
 }
-HISTOGRAMS = {"moecluster_ttft_seconds", "moecluster_itl_seconds"}
+HISTOGRAMS = {"moecluster_ttft_seconds", "moecluster_itl_seconds", "moecluster_queue_seconds"}
 COUNTERS = {
     "moecluster_requests_total", "moecluster_failovers_total", "moecluster_preemptions_total",
     "moecluster_kv_transfers_total",

@@ -8,6 +8,7 @@ address and a free port on its node, and every rank's `start` joins with them.
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import threading
@@ -29,8 +30,21 @@ from moecluster.workers.transfer.handoff import KVHandoff
 PUBLISH_INTERVAL_S = 1.0
 
 
+def _log_to_driver(name: str) -> None:
+    """INFO lines of our loggers (weight-loading progress, the engine's notes) on this actor's
+    stderr, which Ray forwards to the driver's console and the dashboard's logs."""
+    root = logging.getLogger("moecluster")
+    if not any(getattr(h, "moecluster_actor", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"))
+        handler.moecluster_actor = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 class RankActor:
     def __init__(self, cfg: EngineConfig, rank: int, world: int, replica: str = "replica", role: Role = "both") -> None:
+        _log_to_driver(f"{replica}-rank-{rank}")
         self.cfg, self.rank, self.world, self.role = cfg, rank, world, role
         self.tags = {"replica": replica, "rank": str(rank)}
         self.metrics = RayMetrics()
@@ -98,6 +112,9 @@ class RankActor:
         for kind, _, payload in events:
             if kind == "eplb":
                 self.metrics.gauge("moecluster_expert_imbalance", payload.balance_after, self.tags)
+        if self._core is not None:
+            for seconds in self._core.take_queue_times():
+                self.metrics.observe("moecluster_queue_seconds", seconds, self.tags)
         now = time.monotonic()
         if self._core is not None and now - self._published >= PUBLISH_INTERVAL_S:
             self._published = now

@@ -537,3 +537,24 @@ def test_kimi_k2_checkpoint(tiny_checkpoint) -> None:
     (out,) = kimi.generate([prompts[1]], greedy(10, stop_token_ids=[base[3]]))
     assert out.outputs[0].token_ids == base[: base.index(base[3]) + 1]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == base[3]
+
+
+def test_queue_time_is_recorded_once_per_sequence(tiny_checkpoint) -> None:
+    """A sequence's queue time runs from admission to its first scheduled step; with one running
+    slot the second request waits for the first to finish."""
+    from moecluster.workers.engine.engine_config import EngineConfig, build_engine
+    from moecluster.workers.engine.sampling_params import SamplingParams
+
+    core, _ = build_engine(EngineConfig(model=tiny_checkpoint(num_layers=2), dtype="float32", device="cpu",
+                                        block_size=16, num_kv_blocks=32, max_num_seqs=1))
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    core.add_request("a", [5, 6, 7], params)
+    core.add_request("b", [8, 9, 10], params)
+    first = core.schedule()
+    assert [s.seq.request_id for s in first.scheduled] == ["a"]
+    core.execute(first)
+    while core.has_unfinished():
+        core.step()
+    times = core.take_queue_times()
+    assert len(times) == 2 and 0 <= times[0] < times[1]
+    assert core.take_queue_times() == []

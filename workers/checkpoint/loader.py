@@ -74,12 +74,19 @@ def load_slots(model_dir: str | Path, slots: Iterable[Slot], progress: bool | No
         disable=not show, transient=True,
     ) as bar:
         task = bar.add_task(Path(model_dir).name, total=total)
+        done, reported = 0, 0  # without a terminal (a Ray actor's log): a line every 10%
         for path in sorted(by_file):
             with safe_open(str(path), framework="pt") as f:
                 for slot in by_file[path]:
                     _fill(slot, f.get_tensor(slot.name), path)
                     if slot.target is not None:
-                        bar.advance(task, slot.target.numel() * slot.target.element_size())
+                        size = slot.target.numel() * slot.target.element_size()
+                        bar.advance(task, size)
+                        done += size
+                        if not show and total >= PROGRESS_MIN_BYTES and 10 * done // total > reported:
+                            reported = 10 * done // total
+                            log.info("loading %s: %d%% (%.2f of %.2f GiB)", Path(model_dir).name, 10 * reported,
+                                     done / 2**30, total / 2**30)
     skipped = len(files) - sum(len(ss) for ss in by_file.values())
     log.info("loaded %d tensors (%.1f MiB) from %s; %d not owned by this model skipped",
              sum(len(ss) for ss in by_file.values()), total / 2**20, model_dir, skipped)

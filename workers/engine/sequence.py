@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,8 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     forked: bool = False  # n > 1: the siblings were created from this one
+    queued_at: float = field(default_factory=time.monotonic)  # when it joined the queue
+    queue_time: float | None = None  # seconds from queued_at to its first scheduled step
 
     @property
     def output_ids(self) -> list[int]:
