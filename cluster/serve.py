@@ -43,11 +43,13 @@ class Serving:
 
     @property
     def grpc_target(self) -> str:
-        return f"{self.spec.router.host}:{self.router.grpc_port}"
+        host = self.spec.router.host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.router.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"{self.router.scheme}://{self.spec.router.host}:{self.router.http_port}"
+        host = self.spec.router.host
+        return f"{self.router.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.router.http_port}"
 
     def stop(self) -> None:
         import ray
@@ -82,10 +84,12 @@ def start(spec: DeploymentSpec, address: str | None = None, api_key: str | None 
     deployment = Deployment(spec)
     try:
         r = spec.router
-        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        key = api_key if api_key is not None else os.environ.get(r.api_key_env or API_KEY_ENV) or None
+        if r.api_key_env and not key:
+            raise SpecError(f"spec field 'router.api_key_env': environment variable {r.api_key_env} is not set")
         router = RouterServer(DeploymentBackend(deployment), tokenizer, RouterConfig(
             host=r.host, grpc_port=r.grpc_port, http_port=r.http_port, policy=r.policy, max_queue=r.max_queue,
-            api_key=key))
+            api_key=key, tls_cert=r.tls_cert, tls_key=r.tls_key))
         deployment.on_rebuilt = router.service.policy.forget
         router.start()
     except BaseException:

@@ -83,6 +83,16 @@ class RouterSpec(_Strict):
     metrics_port: int = Field(9400, ge=0, le=65535)
     policy: Policy = "cache_aware"
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this are refused (RESOURCE_EXHAUSTED / 429)")
+    # Bearer-token auth: the key comes from this environment variable (a Kubernetes Secret), never from the spec.
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tls_cert: Path | None = None  # PEM certificate chain; TLS on both servers when set with tls_key
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> RouterSpec:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_key: tls_cert and tls_key must be given together")
+        return self
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> RouterSpec:

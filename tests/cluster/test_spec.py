@@ -77,3 +77,14 @@ def test_yaml_problems(tmp_path: Path) -> None:
 def test_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="'model'.*config.json"):
         DeploymentSpec.parse({"model": str(tmp_path)}).check_paths()
+
+
+def test_router_tls_needs_both_files_and_key_env_is_a_name() -> None:
+    from moecluster.cluster.spec import DeploymentSpec, SpecError
+
+    with pytest.raises(SpecError, match="router.tls_key"):
+        DeploymentSpec.parse({"model": "/m", "router": {"tls_cert": "/c.pem"}})
+    with pytest.raises(SpecError, match="router.api_key_env"):
+        DeploymentSpec.parse({"model": "/m", "router": {"api_key_env": "not a name"}})
+    spec = DeploymentSpec.parse({"model": "/m", "router": {"api_key_env": "MOECLUSTER_KEY"}})
+    assert spec.router.api_key_env == "MOECLUSTER_KEY"
