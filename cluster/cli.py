@@ -10,7 +10,6 @@ from pathlib import Path
 
 PLANNED: dict[str, str] = {}
 BENCH_PLANNED = {
-    "kernels": "the Triton kernels",
     "serve": "the GPU end-to-end issue (#9)",
 }
 
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
         print(f"moecluster {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -308,6 +307,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a gloo smoke run")
     a.add_argument("--out", type=Path, default=Path("bench-a2a.json"), help="JSON result file")
     a.set_defaults(func=_bench_a2a)
+    k = targets.add_parser("kernels", help="GPU: MLA decode and fused MoE against copy bandwidth, SGLang, _grouped_mm")
+    k.add_argument("--only", choices=["mla", "moe"], action="append", help="one part (repeatable; default both)")
+    k.add_argument("--quick", action="store_true", help="one shape per part (a smoke run)")
+    k.add_argument("--out", type=Path, default=Path("bench-kernels.json"), help="JSON result file")
+    k.set_defaults(func=_bench_kernels)
     r = targets.add_parser("router", help="what the router adds per streamed delta, over a fast fake engine")
     r.add_argument("--tokenizer", type=Path, required=True, help="a checkpoint directory to take the tokenizer from")
     r.add_argument("--concurrency", type=int, default=256)
@@ -320,6 +324,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         targets.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(
             func=_planned(f"bench {name}", what)
         )
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from moecluster.cluster.bench.kernels import KernelBenchConfig, main as bench
+
+    cfg = KernelBenchConfig(only=tuple(args.only or ("mla", "moe")))
+    if args.quick:
+        cfg = KernelBenchConfig(mla_batches=(8,), mla_contexts=(1024,), mla_heads=(128,), moe_tokens_per_expert=(8,),
+                                moe_experts=4, only=cfg.only)
+    bench(cfg, args.out)
+    return 0
 
 
 def _bench_router(args: argparse.Namespace) -> int:
@@ -339,7 +354,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def _bench_target_missing(_: argparse.Namespace) -> int:
-    raise ValueError(f"name a benchmark: engine, eplb, a2a, router (not implemented yet: {', '.join(BENCH_PLANNED)})")
+    raise ValueError(f"name a benchmark: engine, eplb, a2a, router, kernels (not implemented yet: {', '.join(BENCH_PLANNED)})")
 
 
 def _bench_engine(args: argparse.Namespace) -> int:

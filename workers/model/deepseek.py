@@ -93,6 +93,18 @@ class DeepseekV3Model(nn.Module):
             self.lm_head.weight.copy_(self.embed_tokens)
         for layer in self.layers:
             layer.self_attn.prepare()
+        if self.embed_tokens.is_cuda:
+            self._prepare_gpu()
+
+    def _prepare_gpu(self) -> None:
+        """On a GPU: dense layers dequantized once (FP8 blocks -> the model dtype), and each MoE
+        layer's experts put in the fused kernel's weight format."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.materialize(self.dtype)
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.experts.prepare_kernel()
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moecluster.kernels.mla_decode import mla_decode_reference
+from moecluster.kernels.mla_decode import mla_decode, mla_decode_reference
 from moecluster.workers.config import ModelConfig
 from moecluster.workers.model.attention_metadata import AttentionMetadata
 from moecluster.workers.model.rope import RotaryEmbedding
@@ -126,7 +126,8 @@ class MLA(nn.Module):
         """One new token per sequence: (batch, H, nope), (batch, H, rope) -> (batch, H, v)."""
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, self.w_uk)  # (batch, H, c)
         q = torch.cat([q_latent, q_pe], dim=-1)  # (batch, H, c + rope)
-        o_latent = mla_decode_reference(q, kv_cache, block_tables, seq_lens, self.scale, self.kv_lora)
+        decode = mla_decode if q.is_cuda else mla_decode_reference  # the Triton kernel on GPUs
+        o_latent = decode(q, kv_cache, block_tables, seq_lens, self.scale, self.kv_lora)
         return torch.einsum("bhc,hvc->bhv", o_latent, self.w_uv)  # (batch, H, v)
 
 

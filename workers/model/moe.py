@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecluster.kernels.fused_moe import DenseExperts, ExpertWeights, Int4Experts, grouped_mlp, repack_int4
 from moecluster.router.experts.dispatch import Dispatcher, LocalDispatch
 from moecluster.router.experts.gate import GateConfig, select_experts
 from moecluster.workers.config import ModelConfig
+from moecluster.workers.quant.scheme import Fp8BlockScheme, Int4GroupScheme
 from moecluster.workers.model.weights import Linear, QuantWeight, Slot, scheme_for
 
 
@@ -51,6 +53,8 @@ class Experts(nn.Module):
         self.gate_proj = QuantWeight(i, h, scheme("gate_proj"), dtype, lead=(n,))  # (local, I, H)
         self.up_proj = QuantWeight(i, h, scheme("up_proj"), dtype, lead=(n,))  # (local, I, H)
         self.down_proj = QuantWeight(h, i, scheme("down_proj"), dtype, lead=(n,))  # (local, H, I)
+        self.dtype = dtype
+        self._kernel_weights: ExpertWeights | None = None  # set on a GPU by prepare_kernel
 
     def slots(self) -> Iterator[Slot]:
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -66,9 +70,39 @@ class Experts(nn.Module):
         for old, new in zip(self.slot_tensors(), tensors):
             old.copy_(new)
         self.expert_ids = list(expert_ids)
+        if self._kernel_weights is not None:
+            self.prepare_kernel()  # the INT4 repack is a copy: redo it
+
+    @torch.no_grad()
+    def prepare_kernel(self) -> None:
+        """On a GPU, the fused MoE kernel's weights: dense (bf16) weights as they are; FP8 blocks
+        dequantized once into the model dtype; INT4 groups repacked into the W4A16 kernel's layout
+        (a copy: the checkpoint layout stays for EPLB's weight moves)."""
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if not self.expert_ids:
+            return
+        if any(isinstance(p.scheme, Fp8BlockScheme) for p in projections):
+            for p in projections:
+                p.materialize(self.dtype)
+        if all(p.scheme is None for p in projections):
+            self._kernel_weights = DenseExperts(self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        elif all(isinstance(p.scheme, Int4GroupScheme) for p in projections):
+            g = projections[0].scheme.group_size
+            self._kernel_weights = Int4Experts(*(
+                repack_int4(p.weight_packed, p.weight_scale, p.out_features, p.in_features, group_size=g)
+                for p in projections
+            ))
+        else:
+            raise NotImplementedError(
+                f"{self.prefix}: the fused MoE kernel needs gate, up and down in one format, got "
+                f"{[type(p.scheme).__name__ for p in projections]}"
+            )
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """tokens (routed, H) grouped by local expert -> (routed, H)."""
+        if self._kernel_weights is not None and tokens.is_cuda:
+            counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(tokens.device, non_blocking=True)
+            return grouped_mlp(tokens, counts, self._kernel_weights)  # fused Triton kernels
         out = torch.empty_like(tokens)
         start = 0
         for local, count in enumerate(tokens_per_expert):

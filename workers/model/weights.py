@@ -101,6 +101,21 @@ class QuantWeight(nn.Module):
         )
 
 
+    @torch.no_grad()
+    def materialize(self, dtype: torch.dtype) -> None:
+        """Dequantize once, in place: from now on a dense `weight` (lead..., out, in) in dtype.
+        On GPUs the dense layers (and FP8 experts) take this at load time, trading memory for
+        not dequantizing on every forward; see docs/architecture.md (FP8 on the GPU)."""
+        if self.scheme is None:
+            return
+        dense = self.dequantize(dtype)
+        for name in ("weight", "weight_scale_inv", "weight_packed", "weight_scale"):
+            if name in self._buffers:
+                del self._buffers[name]
+        self.scheme = None
+        self.register_buffer("weight", dense)
+
+
 class Linear(QuantWeight):
     """A bias-free linear layer over a QuantWeight: y = x @ W.T."""
 

@@ -1,0 +1,236 @@
+"""`moecluster bench kernels` (GPU): the Triton kernels against what bounds them, in one run.
+
+1. Bounds measured in the same run: copy bandwidth (a 2 GiB device-to-device `copy_`, bytes read
+   + written over the time) and dense bf16 matmul throughput (8192^3 `torch.matmul`).
+2. MLA decode (`kernels/mla_decode.py`) at batch x context x heads, latent cache bf16 in blocks of
+   64 tokens x 576 values, block tables shuffled: time, bytes read (cache + q + out) / time in
+   GB/s, and that as a fraction of the copy bandwidth; SGLang's Triton MLA decode kernel on the
+   same shapes when `.peers/sglang_min` exists (`../shared/peers/sglang_mla.sh`; page size 1 over
+   the same cache, the way its MLA backend calls it).
+3. Fused MoE (`kernels/fused_moe.py`) at DeepSeek-V3 shapes (hidden 7168, intermediate 2048, 32
+   local experts) and m tokens per expert: our bf16 and INT4 (group 32) grouped MLP against
+   `torch._grouped_mm` in bf16 (gate_up, SiLU-and-mul, down) and against the roofline
+   max(weight + activation bytes / copy bandwidth, flops / matmul throughput).
+
+Times are medians of `triton.testing.do_bench` (which clears the L2 between runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+PEERS = Path(".peers/sglang_min")
+
+
+@dataclass(frozen=True)
+class KernelBenchConfig:
+    mla_batches: tuple[int, ...] = (64, 128)
+    mla_contexts: tuple[int, ...] = (4096, 32768)
+    mla_heads: tuple[int, ...] = (128, 64)
+    moe_tokens_per_expert: tuple[int, ...] = (8, 64, 512, 4096)
+    moe_experts: int = 32
+    hidden: int = 7168
+    intermediate: int = 2048
+    seed: int = 0
+    only: tuple[str, ...] = ("mla", "moe")
+
+
+def _time_ms(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def copy_bandwidth_gbs() -> float:
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = _time_ms(lambda: a @ b)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+# ---- MLA decode ------------------------------------------------------------------------------------
+def _sglang_mla() -> Callable[..., Any] | None:
+    if not PEERS.is_dir():
+        return None
+    sys.path.insert(0, str(PEERS))
+    try:
+        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    except Exception as e:  # noqa: BLE001 - the peer is optional; say why it is missing
+        print(f"SGLang's kernel could not be imported: {e!r}", file=sys.stderr)
+        return None
+    return decode_attention_fwd
+
+
+def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.Generator) -> dict[str, Any]:
+    from moecluster.kernels.mla_decode import mla_decode
+
+    rank, rope, block = 512, 64, 64
+    dim = rank + rope
+    blocks_per_seq = context // block
+    num_blocks = batch * blocks_per_seq
+    cache = torch.randn(num_blocks, block, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(batch, blocks_per_seq).to(torch.int32)
+    lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    scale = dim**-0.5
+    nbytes = (batch * context * dim + q.numel() + batch * heads * rank) * 2
+    ms = _time_ms(lambda: mla_decode(q, cache, tables, lens, scale, rank))
+    row: dict[str, Any] = {"batch": batch, "context": context, "heads": heads, "ours_ms": ms,
+                           "ours_gbs": nbytes / (ms * 1e-3) / 1e9}
+    row["ours_of_copy"] = row["ours_gbs"] / copy_gbs
+    peer = _sglang_mla()
+    if peer is not None:
+        splits = 8
+        k_buf = cache.view(-1, 1, dim)
+        v_buf = k_buf[..., :rank]
+        tokens = (tables.long()[:, :, None] * block + torch.arange(block, device="cuda")).reshape(batch, -1)
+        indices = tokens.reshape(-1).to(torch.int32)
+        indptr = torch.arange(0, (batch + 1) * context, context, device="cuda", dtype=torch.int32)
+        o = torch.empty(batch, heads, rank, device="cuda", dtype=torch.bfloat16)
+        logits = torch.empty(batch, heads, splits, rank, device="cuda", dtype=torch.float32)
+        lse = torch.empty(batch, heads, splits, device="cuda", dtype=torch.float32)
+        nsplits = torch.full((batch,), splits, device="cuda", dtype=torch.int32)
+
+        def run_peer() -> None:
+            peer(q, k_buf, v_buf, o, indptr, indices, logits, lse, nsplits, splits, scale, 1.0, 1.0)
+
+        run_peer()
+        ours = mla_decode(q, cache, tables, lens, scale, rank)
+        row["max_abs_diff_vs_sglang"] = float((ours.float() - o.float()).abs().max())
+        pms = _time_ms(run_peer)
+        row["sglang_ms"], row["sglang_gbs"] = pms, nbytes / (pms * 1e-3) / 1e9
+        row["sglang_of_copy"] = row["sglang_gbs"] / copy_gbs
+    return row
+
+
+# ---- fused MoE -------------------------------------------------------------------------------------
+def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: float, gen: torch.Generator) -> dict[str, Any]:
+    from moecluster.kernels import fused_moe as fm
+    from moecluster.workers.quant.int4 import pack_int4
+
+    E, H, I = cfg.moe_experts, cfg.hidden, cfg.intermediate  # noqa: N806
+    rows = E * per_expert
+    x = torch.randn(rows, H, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.1
+    counts = torch.full((E,), per_expert, device="cuda", dtype=torch.int32)
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    flops = 2 * rows * H * 2 * I + 2 * rows * I * H
+    act_bytes = (rows * H * 2) * 2 + rows * I * 2 * 2  # x in, out, intermediate written + read
+    row: dict[str, Any] = {"tokens_per_expert": per_expert, "rows": rows}
+
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+
+    def grouped_mm() -> torch.Tensor:
+        gu = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # (rows, 2I)
+        h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (rows, H)
+
+    try:
+        row["grouped_mm_ms"] = _time_ms(grouped_mm)
+    except (RuntimeError, AttributeError) as e:
+        row["grouped_mm_error"] = repr(e)
+
+    bf16 = fm.DenseExperts(w13[:, :I], w13[:, I:], w2)
+    ref = grouped_mm() if "grouped_mm_ms" in row else None
+    out = fm.grouped_mlp(x, counts, bf16)
+    if ref is not None:
+        row["bf16_rel_err_vs_grouped_mm"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+    row["bf16_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, bf16))
+    w_bytes = (w13.numel() + w2.numel()) * 2
+    row["bf16_roofline_ms"] = max((w_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
+    del bf16, w13, w2, ref, out
+
+    def int4(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:  # compressed-tensors layout
+        q = torch.randint(-8, 8, (E, out_f, in_f), device="cuda", dtype=torch.int8, generator=gen)
+        scale = torch.rand(E, out_f, in_f // 32, device="cuda", generator=gen).to(torch.bfloat16) * 0.01
+        return pack_int4(q), scale
+
+    int4_w = fm.Int4Experts.from_compressed_tensors(int4(I, H), int4(I, H), int4(H, I), H, I)
+    row["int4_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, int4_w))
+    w4_bytes = sum(w.packed.numel() * 4 + w.scale.numel() * 2 for w in (int4_w.gate, int4_w.up, int4_w.down))
+    row["int4_roofline_ms"] = max((w4_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
+    if "grouped_mm_ms" in row:
+        row["bf16_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["bf16_ms"]
+        row["int4_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["int4_ms"]
+    return row
+
+
+@dataclass
+class KernelBenchResult:
+    device: str
+    copy_gbs: float
+    matmul_tflops: float
+    mla: list[dict[str, Any]] = field(default_factory=list)
+    moe: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run(cfg: KernelBenchConfig) -> KernelBenchResult:
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench kernels needs a CUDA GPU (the Triton kernels' CPU path is the torch reference)")
+    gen = torch.Generator(device="cuda").manual_seed(cfg.seed)
+    result = KernelBenchResult(torch.cuda.get_device_name(), copy_bandwidth_gbs(), matmul_tflops())
+    if "mla" in cfg.only:
+        for heads in cfg.mla_heads:
+            for batch in cfg.mla_batches:
+                for context in cfg.mla_contexts:
+                    result.mla.append(bench_mla(batch, context, heads, result.copy_gbs, gen))
+                    torch.cuda.empty_cache()
+    if "moe" in cfg.only:
+        for m in cfg.moe_tokens_per_expert:
+            result.moe.append(bench_moe(m, cfg, result.copy_gbs, result.matmul_tflops, gen))
+            torch.cuda.empty_cache()
+    return result
+
+
+def print_tables(result: KernelBenchResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"{result.device}: copy {result.copy_gbs:.0f} GB/s, bf16 matmul {result.matmul_tflops:.0f} TFLOP/s")
+    if result.mla:
+        t = Table(title="MLA decode (bf16 latent cache, 576 values per token)")
+        for col in ("heads", "batch", "context", "ours ms", "ours GB/s", "of copy", "SGLang ms", "SGLang GB/s", "SGLang of copy"):
+            t.add_column(col, justify="right")
+        for r in result.mla:
+            t.add_row(str(r["heads"]), str(r["batch"]), str(r["context"]), f"{r['ours_ms']:.3f}", f"{r['ours_gbs']:.0f}",
+                      f"{r['ours_of_copy']:.0%}", _f(r.get("sglang_ms"), ".3f"), _f(r.get("sglang_gbs"), ".0f"),
+                      _f(r.get("sglang_of_copy"), ".0%"))
+        console.print(t)
+    if result.moe:
+        t = Table(title="fused MoE, hidden 7168, intermediate 2048, 32 local experts")
+        for col in ("tokens/expert", "_grouped_mm bf16 ms", "ours bf16 ms", "bf16 roofline ms", "bf16 speedup",
+                    "ours INT4 ms", "INT4 roofline ms", "INT4 speedup"):
+            t.add_column(col, justify="right")
+        for r in result.moe:
+            t.add_row(str(r["tokens_per_expert"]), _f(r.get("grouped_mm_ms"), ".3f"), f"{r['bf16_ms']:.3f}",
+                      f"{r['bf16_roofline_ms']:.3f}", _f(r.get("bf16_speedup_vs_grouped_mm"), ".2f"),
+                      f"{r['int4_ms']:.3f}", f"{r['int4_roofline_ms']:.3f}", _f(r.get("int4_speedup_vs_grouped_mm"), ".2f"))
+        console.print(t)
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def main(cfg: KernelBenchConfig, out: Path | None) -> KernelBenchResult:
+    result = run(cfg)
+    print_tables(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": asdict(cfg), **asdict(result)}, indent=2))
+    return result

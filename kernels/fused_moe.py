@@ -1,0 +1,854 @@
+"""Fused MoE expert MLPs in Triton: the grouped SwiGLU over rows already grouped by expert, and a
+full top-k MoE (permute, grouped MLP, weighted combine) for standalone use and benchmarks.
+
+Batch flow of `grouped_mlp(x, counts, weights)`, rows grouped by local expert (expert 0's rows,
+then expert 1's, ...; a count may be 0), every step on the device and with no host sync:
+
+  1. gate_up kernel: for BLOCK_M rows of ONE expert x BLOCK_N columns of I it accumulates
+     x @ gate^T and x @ up^T in two fp32 accumulators and writes silu(g) * u   -> h (rows, I)
+  2. down kernel (the same kernel, not gated): h @ down^T                       -> out (rows, H)
+
+Programs are a 2-D grid (m-block, n-block). The m-block axis is sized from an upper bound of the
+number of per-expert row blocks, `(rows + min(E, rows) * (BLOCK_M - 1)) // BLOCK_M`, so the grid
+never needs the counts on the host (each kernel has its own BLOCK_M; no block table is built). Each program loads the E counts (a few hundred bytes, from
+L2), takes the cumsum of per-expert block counts in registers and finds its expert and its row
+range; programs past the last block exit at once. Rows past the expert's end are masked, so a
+block never mixes experts. Axis 0 (fastest launched) is the m-block, so programs running at the
+same time read the same weight columns of an expert with many row blocks (prefill), through L2.
+
+Weights, the "logical" shapes follow the checkpoint (nn.Linear: (out, in) per expert):
+
+  DenseExperts: gate (E, I, H), up (E, I, H), down (E, H, I), any strides, so the model's own
+    stacked buffers are used as they are (no copy, no concatenation; the kernel keeps two
+    pointers and two accumulators for gate and up).
+  Int4Experts: one Int4Weight per projection, repacked once at load time by `repack_int4` from
+    the compressed-tensors pack-quantized layout (weight_packed int32 (E, out, in/8), 8
+    consecutive inputs per word, value k as the nibble q + 8 at bits 4k..4k+3; weight_scale
+    (E, out, in/32)) into the kernel's layout:
+
+      packed int32 (E, K_pad / 8, N), N (= out) contiguous
+      scale        (E, K_pad / group, N), N contiguous, the checkpoint's dtype
+      K_pad = in rounded up to k_block (default 128); padding is q = 0 with scale 0.
+      Within each k_block of inputs, with P = k_block / 8 (16 by default), word row b*P + j
+      holds input k = b*k_block + s*P + j in nibble s (bits 4s..4s+3), for s = 0..7.
+
+    So one (P, BLOCK_N) tile of words, loaded once and fully coalesced along N, unpacks with a
+    shift and a mask into 8 sub-tiles (P, BLOCK_N); sub-tile s covers the CONTIGUOUS inputs
+    [b*k_block + s*P, ... + P), which lie inside one quantization group (P divides the group
+    size), so the activation sub-tile is a plain contiguous (BLOCK_M, P) load and each sub-tile
+    needs one (BLOCK_N,) scale row; the K loop makes 8 tl.dot calls of depth P per k_block. No
+    weight byte is loaded twice and no reshape/join/interleave is needed (the layout does the
+    un-interleaving). W4A16: q * scale in the activation dtype feeds tl.dot. For fp16 / bf16 the
+    nibble is OR-ed into the mantissa of a magic constant (fp16 1024.0, bf16 128.0) and the bias
+    subtracted, which gives q exactly with no int->float conversion (on an H100 the conversion
+    units, not HBM, bounded INT4 decode: this cut it by ~20%); fp32 converts.
+
+`fused_moe(hidden, topk_ids, topk_weights, weights)` sorts the T*k (token, slot) pairs by expert
+(stable argsort), counts rows per expert (scatter_add, no sync), runs the grouped MLP with the
+gate_up kernel gathering its rows straight from `hidden` (no permuted copy), then a combine kernel
+sums each token's k rows times its routing weights in fp32, deterministically (no atomics).
+
+Dispatch: the launchers run Triton on CUDA tensors, and on CPU tensors when the kernels were
+defined under TRITON_INTERPRET=1 (tests); otherwise (CPU, or Triton not installed) they run the
+torch references below, which loop over experts with dequantized weights in fp32 and round where
+the kernels round (h and the expert outputs in the activation dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch references are the whole implementation
+    triton = None
+    tl = None
+
+
+def _jit(fn):  # noqa: ANN001, ANN202
+    return triton.jit(fn) if triton is not None else fn
+
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_GROUP_SIZE = 32
+DEFAULT_K_BLOCK = 128
+_MIN_DOT = 16  # tl.dot needs every dimension >= 16
+# INT4 with 16-bit activations: (bits OR-ed into the nibble, bias subtracted), see `_dequant`.
+_MAGIC = {torch.float16: (0x6400, 1032.0), torch.bfloat16: (0x4300, 136.0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight containers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenseExperts:
+    """Dense (bf16 / fp16 / fp32) stacked expert weights in checkpoint orientation, any strides."""
+
+    gate: torch.Tensor  # (E, I, H)
+    up: torch.Tensor  # (E, I, H)
+    down: torch.Tensor  # (E, H, I)
+
+    def __post_init__(self) -> None:
+        for name in ("gate", "up", "down"):
+            t = getattr(self, name)
+            if t.ndim != 3 or t.dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"DenseExperts.{name}: expected a 3-D float tensor, got {t.dtype} {tuple(t.shape)}")
+        e, i, h = self.gate.shape
+        if tuple(self.up.shape) != (e, i, h) or tuple(self.down.shape) != (e, h, i):
+            raise ValueError(
+                f"DenseExperts: gate {tuple(self.gate.shape)}, up {tuple(self.up.shape)}, "
+                f"down {tuple(self.down.shape)}: expected (E, I, H), (E, I, H), (E, H, I)"
+            )
+        if self.gate.stride() != self.up.stride():
+            raise ValueError("DenseExperts: gate and up must have the same strides (the kernel shares them)")
+        if len({self.gate.device, self.up.device, self.down.device}) != 1:
+            raise ValueError("DenseExperts: weights on different devices")
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.gate.shape[2]
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate.device
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """One stacked INT4 projection (E, out, in) in the kernel's layout (see the module docstring)."""
+
+    packed: torch.Tensor  # int32 (E, K_pad // 8, N)
+    scale: torch.Tensor  # float (E, K_pad // group_size, N)
+    in_features: int  # K, before padding to k_block
+    group_size: int = DEFAULT_GROUP_SIZE
+    k_block: int = DEFAULT_K_BLOCK
+
+    def __post_init__(self) -> None:
+        _check_int4_params(self.in_features, self.group_size, self.k_block)
+        if self.packed.dtype != torch.int32 or self.packed.ndim != 3:
+            raise ValueError(f"Int4Weight.packed: expected int32 (E, K_pad/8, N), got {_desc(self.packed)}")
+        e, words, n = self.packed.shape
+        k_pad = _round_up(self.in_features, self.k_block)
+        if words * 8 != k_pad:
+            raise ValueError(
+                f"Int4Weight.packed: {words} word rows hold {words * 8} inputs, expected "
+                f"in_features={self.in_features} padded to k_block={self.k_block}: {k_pad}"
+            )
+        expect = (e, k_pad // self.group_size, n)
+        if self.scale.dtype not in _FLOAT_DTYPES or tuple(self.scale.shape) != expect:
+            raise ValueError(f"Int4Weight.scale: expected a float tensor {expect}, got {_desc(self.scale)}")
+        if self.packed.device != self.scale.device:
+            raise ValueError("Int4Weight: packed and scale on different devices")
+
+    @property
+    def num_experts(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[2]
+
+
+@dataclass(frozen=True)
+class Int4Experts:
+    """W4A16 stacked expert weights, each projection repacked by `repack_int4`."""
+
+    gate: Int4Weight  # (E, I, H)
+    up: Int4Weight  # (E, I, H)
+    down: Int4Weight  # (E, H, I)
+
+    def __post_init__(self) -> None:
+        e, i, h = self.gate.num_experts, self.gate.out_features, self.gate.in_features
+        for name, w, (want_out, want_in) in (("up", self.up, (i, h)), ("down", self.down, (h, i))):
+            if (w.num_experts, w.out_features, w.in_features) != (e, want_out, want_in):
+                raise ValueError(
+                    f"Int4Experts.{name}: (E, out, in) = {(w.num_experts, w.out_features, w.in_features)}, "
+                    f"expected {(e, want_out, want_in)}"
+                )
+        g, u = self.gate, self.up
+        if (g.group_size, g.k_block, g.packed.stride(), g.scale.stride(), g.scale.dtype) != (
+            u.group_size, u.k_block, u.packed.stride(), u.scale.stride(), u.scale.dtype
+        ):
+            raise ValueError("Int4Experts: gate and up must share group_size, k_block, strides and scale dtype")
+        if len({g.packed.device, u.packed.device, self.down.packed.device}) != 1:
+            raise ValueError("Int4Experts: weights on different devices")
+
+    @classmethod
+    def from_compressed_tensors(
+        cls,
+        gate: tuple[torch.Tensor, torch.Tensor],
+        up: tuple[torch.Tensor, torch.Tensor],
+        down: tuple[torch.Tensor, torch.Tensor],
+        hidden: int,
+        intermediate: int,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        k_block: int = DEFAULT_K_BLOCK,
+    ) -> "Int4Experts":
+        """Each projection as the checkpoint's (weight_packed (E, out, in/8), weight_scale (E, out, in/g))."""
+        return cls(
+            gate=repack_int4(*gate, intermediate, hidden, group_size=group_size, k_block=k_block),
+            up=repack_int4(*up, intermediate, hidden, group_size=group_size, k_block=k_block),
+            down=repack_int4(*down, hidden, intermediate, group_size=group_size, k_block=k_block),
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.num_experts
+
+    @property
+    def hidden(self) -> int:
+        return self.gate.in_features
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate.out_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate.packed.device
+
+
+ExpertWeights = DenseExperts | Int4Experts
+
+
+# ---------------------------------------------------------------------------------------------
+# INT4 repacking (torch, once at load time)
+# ---------------------------------------------------------------------------------------------
+
+
+def repack_int4(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    *,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    k_block: int = DEFAULT_K_BLOCK,
+) -> Int4Weight:
+    """compressed-tensors pack-quantized -> the kernel layout (module docstring).
+
+    weight_packed int32 (E, out, in/8) or (out, in/8), 8 consecutive inputs per word (value k as
+    q + 8 at bits 4k..4k+3); weight_scale (E, out, in/group) or (out, in/group). A 2-D weight
+    becomes E = 1. Returns new contiguous tensors on the same device; the scale keeps its dtype.
+    """
+    _check_int4_params(in_features, group_size, k_block)
+    if weight_packed.ndim == 2:
+        weight_packed, weight_scale = weight_packed.unsqueeze(0), weight_scale.unsqueeze(0)
+    if weight_packed.dtype != torch.int32 or weight_packed.ndim != 3:
+        raise ValueError(f"repack_int4: weight_packed must be int32 (E, out, in/8), got {_desc(weight_packed)}")
+    e = weight_packed.shape[0]
+    if tuple(weight_packed.shape) != (e, out_features, in_features // 8):
+        raise ValueError(
+            f"repack_int4: weight_packed {tuple(weight_packed.shape)} does not match out={out_features}, "
+            f"in={in_features}: expected {(e, out_features, in_features // 8)}"
+        )
+    scale_shape = (e, out_features, in_features // group_size)
+    if weight_scale.dtype not in _FLOAT_DTYPES or tuple(weight_scale.shape) != scale_shape:
+        raise ValueError(f"repack_int4: weight_scale {_desc(weight_scale)}: expected a float tensor {scale_shape}")
+    k_pad, p = _round_up(in_features, k_block), k_block // 8
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight_packed.device)  # (8,)
+    nib = (weight_packed.unsqueeze(-1) >> shifts) & 0xF  # (E, N, K/8, 8), q + 8
+    nib = nib.reshape(e, out_features, in_features)  # (E, N, K)
+    # Padding inputs get nibble 8 (q = 0) and scale 0: they add exactly nothing.
+    nib = F.pad(nib, (0, k_pad - in_features), value=8)  # (E, N, K_pad)
+    nib = nib.reshape(e, out_features, k_pad // k_block, 8, p).to(torch.int64)  # (E, N, blocks, s, j)
+    words = (nib << (4 * torch.arange(8, device=nib.device)).view(1, 1, 1, 8, 1)).sum(dim=3)  # (E, N, blocks, P)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+    packed = words.reshape(e, out_features, k_pad // 8).transpose(1, 2).contiguous()  # (E, K_pad/8, N)
+    scale = F.pad(weight_scale, (0, (k_pad - in_features) // group_size))  # (E, N, K_pad/g)
+    scale = scale.transpose(1, 2).contiguous()  # (E, K_pad/g, N)
+    return Int4Weight(packed, scale, in_features, group_size, k_block)
+
+
+def unrepack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of repack_int4: -> (weight_packed int32 (E, out, in/8), weight_scale (E, out, in/g))."""
+    e, n, k, g = w.num_experts, w.out_features, w.in_features, w.group_size
+    q = _unpack_kernel_layout(w)[:, :, :k]  # (E, N, K), q + 8
+    nib = q.reshape(e, n, k // 8, 8).to(torch.int64)
+    words = (nib << (4 * torch.arange(8, device=nib.device))).sum(dim=-1)  # (E, N, K/8)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words, w.scale.transpose(1, 2)[:, :, : k // g].contiguous()
+
+
+def dequantize_int4(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (E, out, in) weight: (q * scale) in fp32, cast to dtype (as the kernel does)."""
+    k, g = w.in_features, w.group_size
+    q = (_unpack_kernel_layout(w)[:, :, :k] - 8).float()  # (E, N, K)
+    s = w.scale.transpose(1, 2)[:, :, : k // g].float()  # (E, N, K/g)
+    return (q.reshape(*q.shape[:2], k // g, g) * s.unsqueeze(-1)).reshape(q.shape).to(dtype)
+
+
+def _unpack_kernel_layout(w: Int4Weight) -> torch.Tensor:
+    """Kernel-layout words -> nibbles (q + 8) as int32 (E, N, K_pad)."""
+    e, words, n = w.packed.shape
+    p = w.k_block // 8
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w.packed.device)
+    nib = (w.packed.transpose(1, 2).unsqueeze(-1) >> shifts) & 0xF  # (E, N, K_pad/8, s)
+    nib = nib.reshape(e, n, words // p, p, 8).transpose(3, 4)  # (E, N, blocks, s, j)
+    return nib.reshape(e, n, words * 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiles and launch options of one kernel (gate_up or down); each kernel maps its own row blocks.
+
+    block_m / block_n: powers of two >= 16. block_k: dense, a power of two >= 16; INT4, a multiple
+    of the repack's k_block that divides the padded K (the kernel steps over whole packed blocks),
+    None meaning k_block."""
+
+    block_m: int
+    block_n: int
+    block_k: int | None
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_tiles(
+    rows: int, weights: ExpertWeights, dtype: torch.dtype = torch.bfloat16
+) -> tuple[TileConfig, TileConfig]:
+    """(gate_up tiles, down tiles) for `rows` grouped rows, from the mean rows per expert.
+
+    Picked from a small sweep on one H100 (Triton 3.6, H=7168, I=2048, 32 local experts, bf16,
+    equal counts): decode (<= 16 rows per expert) is weight-bandwidth bound, BLOCK_M 16 wastes no
+    MMA rows and BLOCK_N 64 gives enough programs for 132 SMs; prefill is MMA bound and takes
+    larger tiles. fp32 activations (tests, not a serving path) get a shallower K and fewer stages
+    to fit shared memory. Worth re-tuning per GPU, expert count and skew.
+    """
+    mean = rows / max(weights.num_experts, 1)
+    if isinstance(weights, Int4Experts):
+        kb = weights.gate.k_block
+        # two packed blocks per K step where both K's allow it (H = 7168 and I = 2048 do)
+        kk = 2 * kb if all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down)) else kb
+        if mean <= 16:
+            gu, dn = TileConfig(16, 64, kk, 4, 2), TileConfig(16, 64, kk, 4, 2)
+        elif mean <= 32:
+            gu, dn = TileConfig(32, 64, kb, 4, 2), TileConfig(32, 64, kb, 4, 2)
+        elif mean <= 128:
+            gu, dn = TileConfig(64, 64, kb, 4, 2), TileConfig(64, 64, kb, 4, 2)
+        else:
+            gu, dn = TileConfig(128, 128, kb, 8, 3), TileConfig(128, 128, kb, 8, 2)
+    elif mean <= 16:
+        gu, dn = TileConfig(16, 64, 128, 4, 4), TileConfig(16, 64, 128, 4, 4)
+    elif mean <= 32:
+        gu, dn = TileConfig(32, 64, 128, 4, 4), TileConfig(32, 64, 128, 4, 4)
+    elif mean <= 128:
+        gu, dn = TileConfig(64, 128, 64, 8, 3), TileConfig(64, 256, 64, 8, 3)
+    else:
+        gu, dn = TileConfig(64, 256, 64, 8, 3), TileConfig(128, 256, 64, 8, 3)
+    if dtype == torch.float32:
+        gu, dn = (_fp32_tiles(t, isinstance(weights, Int4Experts)) for t in (gu, dn))
+    return gu, dn
+
+
+def _fp32_tiles(t: TileConfig, int4: bool) -> TileConfig:
+    block_k = t.block_k if int4 or t.block_k is None else min(t.block_k, 32)
+    return TileConfig(t.block_m, min(t.block_n, 128), block_k, t.num_warps, min(t.num_stages, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@_jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # fp32 activations: exact fp32 products, not TF32
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@_jit
+def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr):
+    """Nibble s of each word (SUB_K, BLOCK_N) times the (BLOCK_N,) scale row -> dtype.
+
+    q * scale is exact in fp32 and rounded once to dtype, like the reference. With MAGIC_BITS
+    (fp16: 0x6400 = 1024.0, bf16: 0x4300 = 128.0) the nibble n = q + 8 is OR-ed into the mantissa
+    to give the exact value MAGIC + n, minus MAGIC + 8 gives q: no int->float conversion (the
+    conversion units bounded decode), and q * scale rounded once in dtype is the same value
+    (for fp16 activations as long as the scale is a normal fp16 number)."""
+    nib = (words >> (4 * s)) & 0xF
+    if MAGIC_BITS != 0:
+        q = (nib | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True) - tl.full((1, 1), MAGIC_BIAS, dtype)
+        w = q * scale.to(dtype)[None, :]
+    else:
+        w = ((nib - 8).to(tl.float32) * scale.to(tl.float32)[None, :]).to(dtype)
+    return w
+
+
+@_jit
+def _moe_gemm_kernel(
+    a_ptr,  # (a_rows, K) activations; row r of the grouped batch is a[src[r]] when GATHER
+    src_ptr,  # (n_rows,) int, read only when GATHER
+    counts_ptr,  # (E,) int rows per expert
+    w0_ptr,  # dense (E, N, K) / int4 packed (E, K_pad/8, N): gate, or the only weight
+    s0_ptr,  # int4 scale (E, K_pad/group, N)
+    w1_ptr,  # up (GATED only), same strides as w0
+    s1_ptr,
+    c_ptr,  # (n_rows, N) output, grouped order
+    n_rows,
+    num_experts,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,  # dense: along K; int4: per word row
+    stride_wn,
+    stride_se,
+    stride_sk,
+    stride_sn,
+    stride_cm,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GATED: tl.constexpr,  # two weights, epilogue silu(acc0) * acc1
+    GATHER: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,  # int4 group size
+    SUB_K: tl.constexpr,  # int4: k_block // 8, inputs per unpacked sub-tile
+    MAGIC_BITS: tl.constexpr,  # int4, 16-bit activations: the bits of MAGIC_BIAS - 8 (else 0)
+    MAGIC_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K on the activations
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    # ---- which expert and rows this m-block covers, from the counts (no host table)
+    e_idx = tl.arange(0, BLOCK_E)
+    cnt = tl.load(counts_ptr + e_idx, mask=e_idx < num_experts, other=0).to(tl.int32)  # (BLOCK_E,)
+    nblk = (cnt + BLOCK_M - 1) // BLOCK_M  # (BLOCK_E,) row blocks per expert
+    blk_end = tl.cumsum(nblk, axis=0)  # (BLOCK_E,)
+    if pid_m >= tl.sum(nblk, axis=0):
+        return
+    expert = tl.sum((blk_end <= pid_m).to(tl.int32), axis=0)
+    mine = e_idx == expert
+    row_end = tl.cumsum(cnt, axis=0)  # (BLOCK_E,)
+    first_row = tl.sum(tl.where(mine, row_end - cnt, 0), axis=0)
+    stop_row = tl.sum(tl.where(mine, row_end, 0), axis=0)
+    first_blk = tl.sum(tl.where(mine, blk_end - nblk, 0), axis=0)
+
+    offs_m = first_row + (pid_m - first_blk) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) grouped rows
+    m_mask = (offs_m < stop_row) & (offs_m < n_rows)
+    if GATHER:
+        a_rows = tl.load(src_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        a_rows = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    n_mask = offs_n < N
+    expert64 = expert.to(tl.int64)
+
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_row_ptrs = a_ptr + a_rows[:, None] * stride_am  # (BLOCK_M, 1)
+    dtype = a_ptr.dtype.element_ty
+
+    if INT4:
+        offs_j = tl.arange(0, SUB_K)  # (SUB_K,)
+        w_off = expert64 * stride_we + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (SUB_K, BLOCK_N)
+        s_off = expert64 * stride_se + offs_n * stride_sn  # (BLOCK_N,)
+        # The weights are padded to a whole number of k_blocks: only N needs a mask.
+        for k0 in range(0, K, BLOCK_K):
+            for c in tl.static_range(BLOCK_K // (8 * SUB_K)):
+                kb = k0 + c * (8 * SUB_K)  # first input of this packed block
+                words0 = tl.load(w0_ptr + w_off + (kb // 8) * stride_wk, mask=n_mask[None, :], other=0)
+                if GATED:
+                    words1 = tl.load(w1_ptr + w_off + (kb // 8) * stride_wk, mask=n_mask[None, :], other=0)
+                for s in tl.static_range(8):
+                    ks = kb + s * SUB_K  # inputs [ks, ks + SUB_K): one sub-tile, inside one group
+                    offs_k = ks + offs_j
+                    a_ptrs = a_row_ptrs + offs_k[None, :] * stride_ak  # (BLOCK_M, SUB_K)
+                    if EVEN_K:
+                        a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                    else:
+                        a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+                    sc0 = tl.load(s0_ptr + s_off + (ks // GROUP) * stride_sk, mask=n_mask, other=0.0)
+                    b0 = _dequant(words0, sc0, s, dtype, MAGIC_BITS, MAGIC_BIAS)  # (SUB_K, BLOCK_N)
+                    acc0 = _mma(a, b0, acc0, IEEE)
+                    if GATED:
+                        sc1 = tl.load(s1_ptr + s_off + (ks // GROUP) * stride_sk, mask=n_mask, other=0.0)
+                        b1 = _dequant(words1, sc1, s, dtype, MAGIC_BITS, MAGIC_BIAS)
+                        acc1 = _mma(a, b1, acc1, IEEE)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        a_ptrs = a_row_ptrs + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+        w_off = expert64 * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BLOCK_K, BLOCK_N)
+        w0_ptrs = w0_ptr + w_off
+        w1_ptrs = w1_ptr + w_off
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                b0 = tl.load(w0_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_mask = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                b0 = tl.load(w0_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc0 = _mma(a, b0.to(dtype), acc0, IEEE)
+            if GATED:
+                if EVEN_K:
+                    b1 = tl.load(w1_ptrs, mask=n_mask[None, :], other=0.0)
+                else:
+                    b1 = tl.load(w1_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc1 = _mma(a, b1.to(dtype), acc1, IEEE)
+            a_ptrs += BLOCK_K * stride_ak
+            w0_ptrs += BLOCK_K * stride_wk
+            w1_ptrs += BLOCK_K * stride_wk
+
+    if GATED:
+        res = acc0 * tl.sigmoid(acc0) * acc1  # silu(gate) * up, fp32
+    else:
+        res = acc0
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, res.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@_jit
+def _combine_kernel(
+    y_ptr,  # (T*k, H) expert outputs, grouped order
+    slot_row_ptr,  # (T*k,) int: row of y holding token t's slot j, at t*k + j
+    weight_ptr,  # (T*k,) fp32 routing weights, at t*k + j
+    out_ptr,  # (T, H)
+    H,
+    stride_ym,
+    stride_om,
+    TOPK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+    mask = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        row = tl.load(slot_row_ptr + t * TOPK + j).to(tl.int64)
+        wt = tl.load(weight_ptr + t * TOPK + j).to(tl.float32)
+        y = tl.load(y_ptr + row * stride_ym + offs, mask=mask, other=0.0)
+        acc += wt * y.to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (then they run on CPU tensors)."""
+    return triton is not None and type(_moe_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether the launchers run the Triton kernels for tensors like `t` (else the references)."""
+    return triton is not None and (t.is_cuda or (t.device.type == "cpu" and _interpreted()))
+
+
+def grouped_mlp(
+    x: torch.Tensor,
+    counts: torch.Tensor | Sequence[int],
+    weights: ExpertWeights,
+    *,
+    src_rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    gate_up_tiles: TileConfig | None = None,
+    down_tiles: TileConfig | None = None,
+) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) per row, rows grouped by local expert -> (rows, H).
+
+    x (rows, H), or with `src_rows` (rows,) any (tokens, H) with grouped row r = x[src_rows[r]].
+    counts (E,) int on x's device (a list is copied there): rows per expert in order; they must
+    sum to rows (not checked: that would sync). Rows past sum(counts) are left unwritten.
+    `out` (rows, H) in x's dtype is written in place and returned. Tiles default to
+    `default_tiles(rows, weights, x.dtype)`; either kernel's can be given (autotuning).
+    """
+    dense = isinstance(weights, DenseExperts)
+    if not dense and not isinstance(weights, Int4Experts):
+        raise TypeError(f"grouped_mlp: weights must be DenseExperts or Int4Experts, got {type(weights).__name__}")
+    if x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"grouped_mlp: x must be (rows, H) bf16/fp16/fp32, got {x.dtype} {tuple(x.shape)}")
+    e, h, i = weights.num_experts, weights.hidden, weights.intermediate
+    if x.shape[1] != h:
+        raise ValueError(f"grouped_mlp: x has {x.shape[1]} features, the experts take H={h}")
+    if weights.device != x.device:
+        raise ValueError(f"grouped_mlp: x on {x.device}, weights on {weights.device}")
+    if not isinstance(counts, torch.Tensor):
+        counts = torch.tensor(list(counts), dtype=torch.int32, device=x.device)
+    if counts.ndim != 1 or counts.shape[0] != e or counts.is_floating_point() or counts.dtype == torch.bool:
+        raise ValueError(f"grouped_mlp: counts must be an int tensor of shape ({e},), got {_desc(counts)}")
+    if counts.device != x.device:
+        raise ValueError(f"grouped_mlp: counts on {counts.device}, x on {x.device}")
+    if src_rows is not None:
+        if src_rows.ndim != 1 or src_rows.is_floating_point() or src_rows.device != x.device:
+            raise ValueError(f"grouped_mlp: src_rows must be a 1-D int tensor on {x.device}, got {_desc(src_rows)}")
+        rows = src_rows.shape[0]
+    else:
+        rows = x.shape[0]
+    if out is None:
+        out = torch.empty((rows, h), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (rows, h) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"grouped_mlp: out must be {x.dtype} {(rows, h)} on {x.device}, "
+            f"got {_desc(out)} on {out.device}"
+        )
+    if rows == 0:
+        return out
+    if not uses_triton(x):
+        return grouped_mlp_reference(x, counts, weights, src_rows=src_rows, out=out)
+
+    gu_default, dn_default = default_tiles(rows, weights, x.dtype)
+    h_buf = torch.empty((rows, i), dtype=x.dtype, device=x.device)  # (rows, I)
+    _launch_gemm(x, src_rows, counts, weights, "gate_up", h_buf, rows, i, h, gate_up_tiles or gu_default)
+    _launch_gemm(h_buf, None, counts, weights, "down", out, rows, h, i, down_tiles or dn_default)
+    return out
+
+
+def _launch_gemm(
+    a: torch.Tensor,
+    src_rows: torch.Tensor | None,
+    counts: torch.Tensor,
+    weights: ExpertWeights,
+    which: str,
+    c: torch.Tensor,
+    rows: int,
+    n: int,
+    k: int,
+    tiles: TileConfig,
+) -> None:
+    gated = which == "gate_up"
+    bm, bn = tiles.block_m, tiles.block_n
+    for name, v in (("block_m", bm), ("block_n", bn)):
+        if v < _MIN_DOT or v & (v - 1):
+            raise ValueError(f"grouped_mlp {which}: {name} must be a power of two >= {_MIN_DOT}, got {v}")
+    e = weights.num_experts
+    n_mblocks = (rows + min(e, rows) * (bm - 1)) // bm  # >= sum over experts of cdiv(count, bm)
+    if isinstance(weights, DenseExperts):
+        w0, w1 = (weights.gate, weights.up) if gated else (weights.down, weights.down)
+        s0 = s1 = w0  # unused
+        bk = tiles.block_k or 64
+        if bk < _MIN_DOT or bk & (bk - 1):
+            raise ValueError(f"grouped_mlp {which}: block_k must be a power of two >= {_MIN_DOT}, got {bk}")
+        strides_w = (w0.stride(0), w0.stride(2), w0.stride(1))  # (expert, k, n)
+        strides_s = (0, 0, 0)
+        int4, group, sub_k = False, 1, _MIN_DOT
+        magic_bits, magic_bias = 0, 0.0
+    else:
+        q0, q1 = (weights.gate, weights.up) if gated else (weights.down, weights.down)
+        w0, w1, s0, s1 = q0.packed, q1.packed, q0.scale, q1.scale
+        bk = tiles.block_k or q0.k_block
+        k_pad = w0.shape[1] * 8
+        if bk % q0.k_block or k_pad % bk:
+            raise ValueError(
+                f"grouped_mlp {which}: INT4 block_k={bk} must be a multiple of the repack's k_block={q0.k_block} "
+                f"and divide the padded K={k_pad}"
+            )
+        strides_w = (w0.stride(0), w0.stride(1), w0.stride(2))
+        strides_s = (s0.stride(0), s0.stride(1), s0.stride(2))
+        int4, group, sub_k = True, q0.group_size, q0.k_block // 8
+        # 16-bit activations: nibble | magic is the bit pattern of (bias + nibble), exactly
+        # representable, so dequantizing needs no int->float conversion (module docstring).
+        magic_bits, magic_bias = _MAGIC.get(a.dtype, (0, 0.0))
+    grid = (n_mblocks, triton.cdiv(n, bn))
+    _moe_gemm_kernel[grid](
+        a, src_rows if src_rows is not None else counts, counts,
+        w0, s0, w1, s1, c,
+        rows, e, n, k,
+        a.stride(0), a.stride(1),
+        *strides_w, *strides_s,
+        c.stride(0), c.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=max(2, triton.next_power_of_2(e)),
+        GATED=gated, GATHER=src_rows is not None, INT4=int4, GROUP=group, SUB_K=sub_k,
+        MAGIC_BITS=magic_bits, MAGIC_BIAS=magic_bias,
+        EVEN_K=(k % bk == 0), IEEE=(a.dtype == torch.float32),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: ExpertWeights,
+    *,
+    out: torch.Tensor | None = None,
+    gate_up_tiles: TileConfig | None = None,
+    down_tiles: TileConfig | None = None,
+) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])  -> (T, H) in hidden's dtype.
+
+    hidden (T, H); topk_ids (T, k) int in [0, E) (not checked: that would sync); topk_weights
+    (T, k) float. The combine accumulates in fp32.
+    """
+    if hidden.ndim != 2 or hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"fused_moe: hidden must be (T, H) bf16/fp16/fp32, got {hidden.dtype} {tuple(hidden.shape)}")
+    if topk_ids.ndim != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.is_floating_point():
+        raise ValueError(f"fused_moe: topk_ids must be int (T, k) with T={hidden.shape[0]}, got {_desc(topk_ids)}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
+        raise ValueError(f"fused_moe: topk_weights must be float {tuple(topk_ids.shape)}, got {_desc(topk_weights)}")
+    if not (hidden.device == topk_ids.device == topk_weights.device == weights.device):
+        raise ValueError("fused_moe: hidden, topk_ids, topk_weights and weights must share a device")
+    t, k = topk_ids.shape
+    if out is None:
+        out = torch.empty_like(hidden)
+    elif tuple(out.shape) != tuple(hidden.shape) or out.dtype != hidden.dtype or out.device != hidden.device:
+        raise ValueError(f"fused_moe: out must be {hidden.dtype} {tuple(hidden.shape)}, got {_desc(out)}")
+    if t == 0:
+        return out
+    if not uses_triton(hidden):
+        out.copy_(fused_moe_reference(hidden, topk_ids, topk_weights, weights))
+        return out
+
+    e = weights.num_experts
+    flat = topk_ids.reshape(-1)  # (T*k,) slot t*k + j
+    order = torch.argsort(flat, stable=True)  # (T*k,) grouped row -> slot
+    counts = torch.zeros(e, dtype=torch.int32, device=hidden.device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))  # (E,), no sync unlike bincount
+    y = grouped_mlp(
+        hidden, counts, weights, src_rows=order // k,
+        gate_up_tiles=gate_up_tiles, down_tiles=down_tiles,
+    )  # (T*k, H) grouped  # fmt: skip
+    slot_row = torch.empty_like(order)
+    slot_row.scatter_(0, order, torch.arange(order.numel(), device=order.device))  # (T*k,) slot -> grouped row
+    w = topk_weights.reshape(-1).to(torch.float32).contiguous()  # (T*k,)
+    block_h = min(1024, triton.next_power_of_2(hidden.shape[1]))
+    _combine_kernel[(t, triton.cdiv(hidden.shape[1], block_h))](
+        y, slot_row, w, out, hidden.shape[1], y.stride(0), out.stride(0), TOPK=k, BLOCK_H=block_h, num_warps=4
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch references (also the CPU path)
+# ---------------------------------------------------------------------------------------------
+
+
+def expert_weights_dense(weights: ExpertWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate (E, I, H), up (E, I, H), down (E, H, I)) in dtype, dequantized if INT4."""
+    if isinstance(weights, DenseExperts):
+        return weights.gate.to(dtype), weights.up.to(dtype), weights.down.to(dtype)
+    gate, up, down = (dequantize_int4(w, dtype) for w in (weights.gate, weights.up, weights.down))
+    return gate, up, down
+
+
+def _expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x (rows, H) through one expert in fp32, rounding h and the result to x's dtype -> (rows, H)."""
+    xf = x.float()
+    g = xf @ gate.float().T  # (rows, I)
+    u = xf @ up.float().T  # (rows, I)
+    hid = (F.silu(g) * u).to(x.dtype)  # (rows, I)
+    return (hid.float() @ down.float().T).to(x.dtype)  # (rows, H)
+
+
+def grouped_mlp_reference(
+    x: torch.Tensor,
+    counts: torch.Tensor | Sequence[int],
+    weights: ExpertWeights,
+    *,
+    src_rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-expert loop with the weights in x's dtype (dequantized for INT4); same contract as grouped_mlp."""
+    rows_x = x if src_rows is None else x[src_rows.long()]  # (rows, H)
+    if out is None:
+        out = torch.empty_like(rows_x)
+    counts_list = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+    start = 0
+    for e, c in enumerate(counts_list):
+        c = min(int(c), rows_x.shape[0] - start)
+        if c > 0:
+            gate, up, down = _one_expert(weights, e, x.dtype)
+            out[start : start + c] = _expert_mlp(rows_x[start : start + c], gate, up, down)
+            start += c
+    return out
+
+
+def _one_expert(weights: ExpertWeights, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(weights, DenseExperts):
+        return weights.gate[e].to(dtype), weights.up[e].to(dtype), weights.down[e].to(dtype)
+    picked = (_select(w, e) for w in (weights.gate, weights.up, weights.down))
+    return tuple(dequantize_int4(w, dtype)[0] for w in picked)  # type: ignore[return-value]
+
+
+def _select(w: Int4Weight, e: int) -> Int4Weight:
+    return Int4Weight(w.packed[e : e + 1], w.scale[e : e + 1], w.in_features, w.group_size, w.k_block)
+
+
+def fused_moe_reference(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: ExpertWeights,
+) -> torch.Tensor:
+    """Per-expert loop over the tokens routed to it; expert outputs rounded to hidden's dtype,
+    weighted sum in fp32 -> (T, H) in hidden's dtype."""
+    acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (T, H)
+    ids = topk_ids.long()
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)  # (n,), (n,)
+        y = _expert_mlp(hidden[tok], *_one_expert(weights, e, hidden.dtype))  # (n, H)
+        acc.index_add_(0, tok, y.float() * topk_weights[tok, slot].float()[:, None])
+    return acc.to(hidden.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{t.dtype} {tuple(t.shape)}"
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def _check_int4_params(in_features: int, group_size: int, k_block: int) -> None:
+    if group_size <= 0 or in_features <= 0 or in_features % 8 or in_features % group_size:
+        raise ValueError(
+            f"INT4: in_features={in_features} must be a positive multiple of 8 and of group_size={group_size}"
+        )
+    p = k_block // 8
+    if k_block % 8 or p < _MIN_DOT or p & (p - 1) or group_size % p:
+        raise ValueError(
+            f"INT4: k_block={k_block} must be 8 * P with P a power of two >= {_MIN_DOT} that divides "
+            f"group_size={group_size} (each unpacked sub-tile must lie in one group)"
+        )
+
+
+__all__ = [
+    "DenseExperts",
+    "ExpertWeights",
+    "Int4Experts",
+    "Int4Weight",
+    "TileConfig",
+    "default_tiles",
+    "dequantize_int4",
+    "expert_weights_dense",
+    "fused_moe",
+    "fused_moe_reference",
+    "grouped_mlp",
+    "grouped_mlp_reference",
+    "repack_int4",
+    "unrepack_int4",
+    "uses_triton",
+]
