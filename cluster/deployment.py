@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from moecluster.cluster.autoscale.window import LatencyWindow
 from moecluster.cluster.metrics import RayMetrics, RequestTimer
 from moecluster.cluster.pool import Pool
 from moecluster.cluster.replica import Replica
@@ -115,6 +116,7 @@ class Deployment:
         self._held: dict[str, _Held] = {}  # decode inner id -> the prefill rank holding its blocks
         self._stop = threading.Event()
         self._views: dict[str, list[RankView]] = {}  # entry-pool replica -> its ranks, as last checked
+        self.window = LatencyWindow()
         self.failovers = 0
         self.on_rebuilt: Callable[[str], None] | None = None  # told the name of each rebuilt replica (empty cache)
         self.metrics = RayMetrics()
@@ -146,7 +148,8 @@ class Deployment:
         """Queue a request; `target` (replica name, rank) of the entry pool is where the router wants
         it (used while that replica is healthy; otherwise the least-loaded one)."""
         self.check(prompt_ids, params)
-        stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, RequestTimer(self.metrics, self.tags))
+        timer = RequestTimer(self.metrics, self.tags, observer=self._observe)
+        stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, timer)
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -170,6 +173,11 @@ class Deployment:
             stream.timer.on_finish("abort")
             log_event(request_id, "aborted", delivered=sum(map(len, stream.delivered.values())))
         return True
+
+    def _observe(self, signal: str, seconds: float) -> None:
+        """Client-side latencies for the autoscaler: TTFT belongs to the pool that prefills, ITL to
+        the pool that decodes (the same pool when colocated)."""
+        self.window.record(signal, self.entry.name if signal == "ttft" else "decode", seconds)
 
     def num_open(self) -> int:
         return len(self._streams)
@@ -357,6 +365,8 @@ class Deployment:
                 for i, replica in enumerate(pool.replicas):
                     if self._stop.is_set():
                         return
+                    if i in pool.retired:
+                        continue
                     if replica is not None:
                         health = replica.health(timeout=interval * 5)
                         if replica.healthy and all(h["alive"] for h in health):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 
@@ -100,15 +100,20 @@ class RequestTimer:
     tags: dict[str, str]
     start: float = field(default_factory=time.perf_counter)
     last: float | None = None
+    observer: Callable[[str, float], None] | None = None  # also told ("ttft" | "itl", seconds), e.g. the autoscaler
 
     def on_tokens(self, count: int) -> None:
         now = time.perf_counter()
         if count <= 0:
             return
         if self.last is None:
-            self.backend.observe("moecluster_ttft_seconds", now - self.start, self.tags)
+            signal, value = "ttft", now - self.start
+            self.backend.observe("moecluster_ttft_seconds", value, self.tags)
         else:
-            self.backend.observe("moecluster_itl_seconds", (now - self.last) / count, self.tags)
+            signal, value = "itl", (now - self.last) / count
+            self.backend.observe("moecluster_itl_seconds", value, self.tags)
+        if self.observer is not None:
+            self.observer(signal, value)
         self.last = now
 
     def on_finish(self, reason: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections import deque
 import socket
 import threading
 import time
@@ -28,6 +29,7 @@ from moecluster.workers.transfer.handoff import KVHandoff
 
 
 PUBLISH_INTERVAL_S = 1.0
+QUEUE_HORIZON_S = 60.0  # health reports the queue times of this many recent seconds (for the autoscaler)
 
 
 def _log_to_driver(name: str) -> None:
@@ -49,6 +51,7 @@ class RankActor:
         self.tags = {"replica": replica, "rank": str(rank)}
         self.metrics = RayMetrics()
         self._published, self._preemptions = 0.0, 0
+        self._recent_queue: deque[tuple[float, float]] = deque(maxlen=4096)  # (when drained, queue seconds)
         self.inbox: queue.Queue[tuple] = queue.Queue()
         self.outbox: queue.Queue[tuple] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -113,8 +116,10 @@ class RankActor:
             if kind == "eplb":
                 self.metrics.gauge("moecluster_expert_imbalance", payload.balance_after, self.tags)
         if self._core is not None:
+            now = time.monotonic()
             for seconds in self._core.take_queue_times():
                 self.metrics.observe("moecluster_queue_seconds", seconds, self.tags)
+                self._recent_queue.append((now, seconds))
         now = time.monotonic()
         if self._core is not None and now - self._published >= PUBLISH_INTERVAL_S:
             self._published = now
@@ -125,7 +130,10 @@ class RankActor:
         core = self._core
         stats = core.stats() if core is not None else None
         cached = core.blocks.cached_hashes() if core is not None else []
-        return {"rank": self.rank, "role": self.role, "alive": alive, "stats": stats, "cached": cached}
+        cutoff = time.monotonic() - QUEUE_HORIZON_S
+        queue_times = [v for t, v in list(self._recent_queue) if t >= cutoff]
+        return {"rank": self.rank, "role": self.role, "alive": alive, "stats": stats, "cached": cached,
+                "queue_times": queue_times}
 
     def stop(self, timeout: float = 30.0) -> None:
         self.inbox.put(("stop",))

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from moecluster.cluster.autoscale.controller import Autoscaler
 from moecluster.cluster.deployment import Deployment
 from moecluster.cluster.replica import NAMESPACE
 from moecluster.cluster.serving_backend import DeploymentBackend
@@ -40,6 +41,7 @@ class Serving:
     deployment: Deployment
     router: RouterServer
     owns_ray: bool
+    autoscaler: Autoscaler | None = None
 
     @property
     def grpc_target(self) -> str:
@@ -55,6 +57,8 @@ class Serving:
         import ray
 
         self.router.stop()
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         self.deployment.shutdown()
         if self.owns_ray:
             ray.shutdown()
@@ -96,6 +100,9 @@ def start(spec: DeploymentSpec, address: str | None = None, api_key: str | None 
         deployment.shutdown()
         raise
     serving = Serving(spec, deployment, router, owns_ray)
+    if spec.autoscaling is not None:
+        serving.autoscaler = Autoscaler(deployment, spec.autoscaling)
+        serving.autoscaler.start()
     _write_state(serving, address)
     return serving
 

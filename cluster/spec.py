@@ -113,8 +113,22 @@ class ScaleBounds(_Strict):
         return self
 
 
+class SLOTargets(_Strict):
+    """What the default SLO policy holds the pools to (p90 over the last interval)."""
+
+    ttft_s: float = Field(2.0, gt=0, description="prefill pool (or colocated): time to first token")
+    queue_s: float = Field(1.0, gt=0, description="prefill pool (or colocated): wait before the first step")
+    itl_s: float = Field(0.1, gt=0, description="decode pool: time between tokens")
+    kv_high: float = Field(0.85, gt=0, le=1, description="decode pool: KV-cache use that calls for a replica")
+    kv_low: float = Field(0.3, ge=0, lt=1, description="decode pool: below this (and latencies low) a replica may go")
+    low_fraction: float = Field(0.5, gt=0, lt=1, description="hysteresis: 'low' means under this fraction of a target")
+    down_intervals: int = Field(3, ge=1, description="consecutive low intervals before scaling down")
+
+
 class AutoscalingSpec(_Strict):
     policy: str = Field("slo", description="'slo', or a user policy as a class path module.sub:Class")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for a user policy")
+    targets: SLOTargets = SLOTargets()
     prefill: ScaleBounds | None = None
     decode: ScaleBounds | None = None
     interval_s: float = Field(10.0, gt=0)
