@@ -92,7 +92,8 @@ def start(spec: DeploymentSpec, address: str | None = None, api_key: str | None 
         if r.api_key_env and not key:
             raise SpecError(f"spec field 'router.api_key_env': environment variable {r.api_key_env} is not set")
         router = RouterServer(DeploymentBackend(deployment), tokenizer, RouterConfig(
-            host=r.host, grpc_port=r.grpc_port, http_port=r.http_port, policy=r.policy, max_queue=r.max_queue,
+            host=r.host, grpc_port=r.grpc_port, http_port=r.http_port, metrics_port=r.metrics_port, policy=r.policy,
+            max_queue=r.max_queue,
             api_key=key, tls_cert=r.tls_cert, tls_key=r.tls_key))
         deployment.on_rebuilt = router.service.policy.forget
         router.start()

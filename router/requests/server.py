@@ -29,6 +29,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 50051  # 0: any free port
     http_port: int = 8000
+    metrics_port: int = 0  # Prometheus text of the router's registry on its own port (0: only /metrics on http_port)
     policy: str = "cache_aware"
     max_queue: int = 1024
     api_key: str | None = None
@@ -45,6 +46,7 @@ class RouterServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
+        self._metrics_server = None
 
     @property
     def scheme(self) -> str:
@@ -95,6 +97,10 @@ class RouterServer:
         site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=ssl_context)
         await site.start()
         self.http_port = runner.addresses[0][1]
+        if cfg.metrics_port:
+            from prometheus_client import start_http_server
+
+            self._metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.service.metrics.registry)
         ready.set()
         try:
             await self._stopped.wait()
@@ -102,6 +108,8 @@ class RouterServer:
             await mark_serving(status, False)
             await runner.cleanup()
             await server.stop(grace=5)
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
 
     def stop(self) -> None:
         if self._loop is not None and self._stopped is not None and not self._loop.is_closed():

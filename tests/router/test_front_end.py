@@ -175,3 +175,21 @@ def test_http_client_that_disconnects_aborts_its_request(tiny_checkpoint) -> Non
     finally:
         server.stop()
         engine.close()
+
+
+def test_metrics_on_their_own_port(tiny_checkpoint) -> None:
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = FakeEngine(step_s=0.001)
+    server = serve(engine, tiny_checkpoint(num_layers=2), metrics_port=port)
+    try:
+        with Client(f"127.0.0.1:{server.grpc_port}") as client:
+            client.complete("hi", max_tokens=2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'moecluster_router_requests_total{outcome="finished",protocol="grpc"} 1.0' in text
+    finally:
+        server.stop()
+        engine.close()
