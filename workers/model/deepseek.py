@@ -97,8 +97,9 @@ class DeepseekV3Model(nn.Module):
             self._prepare_gpu()
 
     def _prepare_gpu(self) -> None:
-        """On a GPU: dense layers dequantized once (FP8 blocks -> the model dtype), and each MoE
-        layer's experts put in the fused kernel's weight format."""
+        """On a GPU: dense layers dequantized once (FP8 blocks -> the model dtype: attention, dense
+        MLPs, shared experts are a small part of the model), and each MoE layer's experts put in
+        the fused kernel's weight format (FP8 experts stay FP8; see Experts.prepare_kernel)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.materialize(self.dtype)

@@ -75,15 +75,14 @@ class Experts(nn.Module):
 
     @torch.no_grad()
     def prepare_kernel(self) -> None:
-        """On a GPU, the fused MoE kernel's weights: dense (bf16) weights as they are; FP8 blocks
-        dequantized once into the model dtype; INT4 groups repacked into the W4A16 kernel's layout
-        (a copy: the checkpoint layout stays for EPLB's weight moves)."""
+        """On a GPU, the fused MoE kernel's weights: dense (bf16) weights as they are; INT4 groups
+        repacked into the W4A16 kernel's layout (a copy: the checkpoint layout stays for EPLB's
+        weight moves). FP8 experts stay FP8 (a bf16 copy of DeepSeek-V3's experts would not fit
+        a node) and take the per-expert path, dequantized per use: the fused kernel has no W8A16
+        mode yet."""
         projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if not self.expert_ids:
+        if not self.expert_ids or any(isinstance(p.scheme, Fp8BlockScheme) for p in projections):
             return
-        if any(isinstance(p.scheme, Fp8BlockScheme) for p in projections):
-            for p in projections:
-                p.materialize(self.dtype)
         if all(p.scheme is None for p in projections):
             self._kernel_weights = DenseExperts(self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         elif all(isinstance(p.scheme, Int4GroupScheme) for p in projections):
