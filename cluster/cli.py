@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_plan(sub)
     _add_serve(sub)
+    _add_autoscale(sub)
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(func=_planned(name, what))
     args, extra = parser.parse_known_args(argv)
@@ -159,6 +160,68 @@ def _down(args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.1)
     raise RuntimeError(f"pid {pid} did not stop within 60 s")
+
+
+def _add_autoscale(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("autoscale", help="autoscaling: simulate a policy on a request trace, write traces")
+    p.set_defaults(func=_autoscale_tool_missing)
+    tools = p.add_subparsers(dest="tool", metavar="TOOL")
+    s = tools.add_parser("simulate", help="replay a trace under a policy and under static peak provisioning: "
+                                          "SLO attainment against GPU-hours (report.json, replicas.png)")
+    s.add_argument("--trace", type=Path, required=True, help="JSONL or CSV, one request a line: arrival_s, prompt_tokens, output_tokens")
+    s.add_argument("--policy", help="slo, or a class path module.sub:Class (default: the spec's, else slo)")
+    s.add_argument("--spec", type=Path, help="deployment spec (YAML): pools, sizes, autoscaling bounds and targets "
+                                             "(default: one colocated pool of 1..8 replicas)")
+    s.add_argument("--model", type=Path, help="replica model: JSON of ServiceModel fields, or a `bench engine` "
+                                              "result (default: DeepSeek-V3 on 8 x H200)")
+    s.add_argument("--static", type=_pool_counts, help="static replicas per pool, e.g. decode=4,prefill=2 (default: the policy's peak)")
+    s.add_argument("--out", type=Path, default=Path("autoscale-sim"), help="directory for report.json and replicas.png")
+    s.set_defaults(func=_autoscale_simulate)
+    t = tools.add_parser("trace", help="write a synthetic bursty trace (JSONL, or CSV for a .csv name)")
+    t.add_argument("out", type=Path)
+    t.add_argument("--duration", type=float, default=3600.0, help="seconds")
+    t.add_argument("--base-rps", type=float, default=2.0)
+    t.add_argument("--burst-rps", type=float, default=20.0)
+    t.add_argument("--burst-every", type=float, default=1800.0, help="a burst starts every this many seconds")
+    t.add_argument("--burst-len", type=float, default=300.0, help="seconds at the burst rate")
+    t.add_argument("--ramp", type=float, default=600.0, help="seconds ramping up to the burst rate and back (0: square)")
+    t.add_argument("--prompt-median", type=int, default=1024, help="tokens (log-normal, sigma 0.8)")
+    t.add_argument("--output-median", type=int, default=256, help="tokens (log-normal, sigma 0.8)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_autoscale_trace)
+
+
+def _autoscale_tool_missing(_: argparse.Namespace) -> int:
+    raise ValueError("name a tool: simulate, trace")
+
+
+def _pool_counts(text: str) -> dict[str, int]:
+    try:
+        pairs = [item.split("=") for item in text.split(",")]
+        return {pool: int(n) for pool, n in pairs} if "=" in text else {"decode": int(text)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pool=count pairs such as decode=4,prefill=2, got {text!r}") from None
+
+
+def _autoscale_simulate(args: argparse.Namespace) -> int:
+    from moecluster.cluster.autoscale.simulate import load_service_model, main as simulate
+
+    model = load_service_model(args.model) if args.model else None
+    simulate(args.trace, args.spec, args.policy, args.out, model=model, static_replicas=args.static)
+    return 0
+
+
+def _autoscale_trace(args: argparse.Namespace) -> int:
+    from moecluster.cluster.autoscale.trace import LengthDist, make_bursty_trace, trace_stats, write_trace
+
+    trace = make_bursty_trace(args.duration, args.base_rps, args.burst_rps, args.burst_every, args.burst_len,
+                              prompt=LengthDist(args.prompt_median, 0.8, 16, 16 * args.prompt_median),
+                              output=LengthDist(args.output_median, 0.8, 1, 16 * args.output_median),
+                              seed=args.seed, ramp_s=args.ramp)
+    stats = trace_stats(trace)
+    print(f"wrote {write_trace(args.out, trace)}: {stats['requests']} requests over {stats['span_s']:.0f} s, "
+          f"peak {stats['peak_rps']:.1f} requests/s")
+    return 0
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:

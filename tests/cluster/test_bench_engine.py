@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from moecluster.cluster.bench.engine import PARTS
 from moecluster.cluster.cli import main
@@ -72,10 +73,16 @@ def test_prefix_cache_hits_on_the_agent_trace(result: dict) -> None:
     assert check["agree"] and check["model"] == check["replay"] and check["model"]["prefix_hits"] > 0
 
 
-@pytest.mark.parametrize("target", ["kernels", "serve"])
-def test_unbuilt_bench_targets_say_so(target: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", target]) == 2
+def test_unbuilt_bench_target_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "serve"]) == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_bench_kernels_without_a_gpu_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "kernels", "--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_bench_without_a_target_names_the_choices(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,808 @@
+"""`moecluster autoscale simulate`: replay a request trace through a modelled cluster, once under an
+autoscaling policy and once with static provisioning sized for the peak, and compare SLO attainment
+against GPU-hours.
+
+The model (a discrete-event simulation; time is simulated, nothing runs on a GPU):
+
+- A replica is one expert-parallel group of `ServiceModel.gpus_per_replica` GPUs. Its ranks each run
+  an engine in lockstep (DP attention, EP MoE); the simulator treats the replica as one engine whose
+  batch is the sum of the ranks' batches, as if the router balanced sequences over the ranks (the real
+  step waits for the largest rank batch, so an unbalanced replica is slower than modelled).
+- A replica steps like the engine: continuous batching, an FCFS queue, chunked prefill. A step
+  carries one token for every decoding sequence plus prompt chunks up to `prefill_chunk_tokens` (the
+  decode tokens count against that budget in a colocated replica) and takes
+  `step_base_s + step_per_seq_s x decodes + step_per_prefill_token_s x prompt tokens`.
+  A queued request is admitted (FCFS, no overtaking) while the replica runs fewer than
+  `max_running_seqs` sequences and its KV cache can hold the request's final length: admission
+  reserves prompt + output tokens, so nothing is ever preempted (the engine allocates block by block
+  and preempts instead: the model admits slightly fewer sequences). Steps run back to back while
+  there is work; an idle replica wakes on the next request.
+- Colocated (one pool "decode", role "both"): a request goes to the serving replica with the fewest
+  open requests, prefills there (its first token comes at the end of the step that finishes its
+  prompt) and decodes there. Disaggregated (pools "prefill" and "decode"): it prefills on a prefill
+  replica, whose first token is streamed when it hands over (as the deployment does), then its KV
+  moves to the least-loaded decode replica in `handoff_s` (latency + bytes / bandwidth); the
+  transfer and the wait for a decode slot delay the second token. The prefill replica keeps the
+  prompt's KV until the transfer is done.
+- TTFT = arrival to first token (queue + prefill). A request's ITL is the mean gap between its
+  tokens; per-token ITL samples (for the p90 / p99 over all tokens, and the policy's signal) are the
+  step times, plus the handoff gap for each request's first decoded token.
+- The controller ticks every `interval_s` as the live `Autoscaler` does: per pool, p90 TTFT and
+  p90 queue time (requests whose prompt started / first token came in the interval), p90 ITL over
+  the interval's tokens, mean KV use over the serving replicas and the requests waiting now. It asks
+  the policy with each pool's size (serving + starting replicas), clamps the answer to the pool's
+  bounds (a pool without bounds keeps its size) and changes a pool at most once per `cooldown_s`.
+  A new replica costs GPU time from the request and serves after `startup_s` (placement group,
+  actors, weight loading). Scale-down first cancels replicas still starting, then drains the serving
+  replica with the fewest open requests (never the last one, as the live pool): it takes no new
+  requests, finishes what it has and is removed then. No request is ever dropped.
+- Static baseline: the same trace with every pool fixed at the most replicas the policy had serving
+  (or given counts), all serving from the start.
+- GPU-hours = replica-seconds (from the scale-up request to removal, or the end of the run) x
+  `gpus_per_replica` / 3600. SLO attainment = the fraction of requests whose TTFT <= `ttft_s` and
+  whose mean ITL <= `itl_s` (`SLOTargets`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from moecluster.cluster.autoscale.policy import AutoscalePolicy, PoolMetrics, load_policy
+from moecluster.cluster.autoscale.trace import TraceRequest, load_trace, trace_stats
+from moecluster.cluster.spec import AutoscalingSpec, DeploymentSpec, ScaleBounds, SLOTargets, SpecError
+
+Role = Literal["both", "prefill", "decode"]
+
+# GPU time of one DeepSeek-V3 (FP8) replica of 8 x H200, EP 8 with DP attention; see ServiceModel.
+GPU_BASE_S = 0.025
+GPU_PER_SEQ_S = 25e-6
+GPU_PER_PREFILL_TOKEN_S = 35e-6
+
+
+@dataclass(frozen=True)
+class ServiceModel:
+    """How fast one replica serves. Defaults: DeepSeek-V3 (FP8) on 8 x H200 (EP 8, DP attention).
+
+    Step time = GPU time + host time, added (the engine schedules, runs the forward, then updates,
+    without overlap). GPU time (estimates, replace them with measurements when you have them):
+    - `step_base_s` 25 ms: every step streams each GPU's 96 GiB of weights (`moecluster plan`) at an
+      achieved ~4 TB/s, plus 58 MoE layers of all-to-all latency. Assumes batches big enough to touch
+      every expert (from about 100 sequences); smaller ones read less.
+    - `step_per_seq_s` 28 us: 2 x 37B active parameters = 74 GFLOP per token over 8 GPUs at ~450
+      TFLOP/s achieved FP8 (21 us), attention over a few thousand tokens of latent cache (~4 us at
+      replica level), plus host 3.4 us (the engine benchmark's 27 us per sequence per rank, over 8
+      ranks stepping in parallel). Adding the weight reads and the compute (no roofline overlap)
+      is pessimistic by up to 2x where the two are equal.
+    - `step_per_prefill_token_s` 35 us: the same FLOPs per prompt token at ~265 TFLOP/s achieved
+      (our fused MoE is 0.75-0.83x of a grouped GEMM at prefill sizes): ~28.5k prompt tokens/s.
+      Linear in the prompt: attention's quadratic term is left out (small below ~8K tokens).
+    - `prefill_chunk_tokens` 8192 per replica (1024 per rank): a full chunk adds 0.29 s to a step,
+      which a colocated replica's decoding requests feel as one long inter-token gap.
+    - `max_running_seqs` 2048 = 256 per rank (the engine's max_num_seqs) x 8 ranks.
+    - `kv_capacity_tokens` 4.5M: `moecluster plan --model deepseek-v3 --gpu h200` gives 567,680
+      latent-cache tokens per GPU (bf16, 70,272 B per token) x 8.
+    - KV handoff (disaggregated): 5 ms + prompt x 70,272 B at 25 GB/s (one 200 Gb/s NIC per replica).
+    - `startup_s` 120: placement group, 8 rank actors, loading 96 GiB of weights per GPU from local NVMe.
+    The three step costs are `from_engine_bench(docs/results/engine-cpu.json)` with these GPU
+    costs, rounded (the benchmark's host intercept fits below zero and is clipped to 0).
+
+    Calibrate: run `moecluster bench engine` on the serving hosts and
+    `ServiceModel.from_engine_bench(json, gpu_base_s=..., ...)` with GPU costs measured on the
+    hardware (a decode step at a few batch sizes, a prefill chunk: the forward time alone); or fit the
+    three step coefficients to logged step times of a running deployment.
+    """
+
+    gpus_per_replica: int = 8
+    step_base_s: float = GPU_BASE_S
+    step_per_seq_s: float = 28e-6
+    step_per_prefill_token_s: float = 35e-6
+    prefill_chunk_tokens: int = 8192
+    max_running_seqs: int = 2048
+    kv_capacity_tokens: int = 4_500_000
+    kv_bytes_per_token: int = 70_272
+    handoff_latency_s: float = 0.005
+    handoff_bytes_per_s: float = 25e9
+    startup_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        positive = ("gpus_per_replica", "step_base_s", "prefill_chunk_tokens", "max_running_seqs",
+                    "kv_capacity_tokens", "kv_bytes_per_token", "handoff_bytes_per_s")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value < 0 or (value == 0 and f.name in positive):
+                raise ValueError(f"ServiceModel.{f.name}: must be {'> 0' if f.name in positive else '>= 0'}, got {value}")
+
+    def step_s(self, decodes: int, prefill_tokens: int = 0) -> float:
+        """One engine step carrying `decodes` decode tokens and `prefill_tokens` prompt tokens."""
+        return self.step_base_s + self.step_per_seq_s * decodes + self.step_per_prefill_token_s * prefill_tokens
+
+    def handoff_s(self, prompt_tokens: int) -> float:
+        """Moving a prefilled prompt's KV cache from a prefill replica to a decode replica."""
+        return self.handoff_latency_s + prompt_tokens * self.kv_bytes_per_token / self.handoff_bytes_per_s
+
+    @classmethod
+    def from_engine_bench(
+        cls,
+        path: str | Path,
+        ranks_per_replica: int = 8,
+        gpu_base_s: float = GPU_BASE_S,
+        gpu_per_seq_s: float = GPU_PER_SEQ_S,
+        gpu_per_prefill_token_s: float = GPU_PER_PREFILL_TOKEN_S,
+        **overrides: Any,
+    ) -> ServiceModel:
+        """Host cost per step from a `moecluster bench engine` JSON, plus the given GPU costs.
+
+        The benchmark times one rank's engine step without the forward (`total` = scheduler +
+        batch prepare, mean ms). A least-squares line through the decode cases gives the host
+        time per step = intercept (clipped at 0) + slope x sequences on the rank; the prefill-heavy
+        case, less that line at its running count, gives the host time per prompt token. Ranks step
+        in parallel, so per replica the per-sequence and per-token costs divide by the ranks."""
+        data = json.loads(Path(path).read_text())
+        if data.get("benchmark") != "engine":
+            raise ValueError(f"{path}: not a `moecluster bench engine` result (benchmark: {data.get('benchmark')!r})")
+        cases = data["scheduler"]["cases"]
+        decode = [(c["running_per_step"], c["parts_ms"]["total"]["mean"] / 1e3) for c in cases if c["case"] == "decode"]
+        if len(decode) < 2:
+            raise ValueError(f"{path}: needs at least two decode cases to fit the per-sequence cost")
+        mx, my = sum(x for x, _ in decode) / len(decode), sum(y for _, y in decode) / len(decode)
+        slope = sum((x - mx) * (y - my) for x, y in decode) / sum((x - mx) ** 2 for x, _ in decode)
+        intercept = max(0.0, my - slope * mx)
+        per_token = 0.0
+        for c in cases:
+            if c["case"] == "prefill-heavy":
+                prompt_tokens = c["tokens_per_step"] - c["running"]
+                extra = c["parts_ms"]["total"]["mean"] / 1e3 - (intercept + slope * c["running"])
+                per_token = max(0.0, extra / prompt_tokens)
+        fitted = dict(
+            gpus_per_replica=ranks_per_replica,  # one rank per GPU
+            step_base_s=gpu_base_s + intercept,
+            step_per_seq_s=gpu_per_seq_s + slope / ranks_per_replica,
+            step_per_prefill_token_s=gpu_per_prefill_token_s + per_token / ranks_per_replica,
+        )
+        return cls(**(fitted | overrides))
+
+
+def load_service_model(path: str | Path) -> ServiceModel:
+    """A JSON file: an engine benchmark result (calibrated with the default GPU costs), or an object
+    of `ServiceModel` fields (missing ones keep their defaults)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"service model file {p} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"service model file {p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"service model file {p}: expected a JSON object")
+    if data.get("benchmark") == "engine":
+        return ServiceModel.from_engine_bench(p)
+    known = {f.name for f in fields(ServiceModel)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"service model file {p}: unknown fields {unknown}; known: {sorted(known)}")
+    return ServiceModel(**data)
+
+
+@dataclass(frozen=True)
+class PoolSetup:
+    """One pool to simulate: its size at the start and its autoscaling bounds (None: fixed size)."""
+
+    name: str  # "decode" | "prefill"
+    role: Role
+    replicas: int
+    bounds: ScaleBounds | None = None
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    at_s: float
+    pool: str
+    before: int
+    after: int
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """One run. Per request (trace order): TTFT, mean ITL (None: a single output token), finish time
+    and how many times it completed. `itl_values` x `itl_weights`: every decoded token's gap.
+    `timeline[pool]`: (time, serving, starting, draining) after each change."""
+
+    label: str
+    ttft_s: list[float]
+    itl_mean_s: list[float | None]
+    finish_s: list[float]
+    completions: list[int]
+    itl_values: list[float]
+    itl_weights: list[int]
+    timeline: dict[str, list[tuple[float, int, int, int]]]
+    decisions: list[ScaleDecision]
+    replica_s: dict[str, float]
+    gpus_per_replica: int
+    end_s: float
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(self.replica_s.values()) * self.gpus_per_replica / 3600
+
+    def peak_serving(self) -> dict[str, int]:
+        return {pool: max(serving for _, serving, _, _ in line) for pool, line in self.timeline.items()}
+
+    def attainment(self, targets: SLOTargets) -> dict[str, float]:
+        n = len(self.ttft_s)
+        ttft_ok = [t <= targets.ttft_s for t in self.ttft_s]
+        itl_ok = [i is None or i <= targets.itl_s for i in self.itl_mean_s]
+        return {
+            "slo": sum(a and b for a, b in zip(ttft_ok, itl_ok)) / n,
+            "ttft": sum(ttft_ok) / n,
+            "itl": sum(itl_ok) / n,
+        }
+
+    def summary(self, targets: SLOTargets) -> dict[str, Any]:
+        itl_means = [i for i in self.itl_mean_s if i is not None]
+        return {
+            "label": self.label,
+            "requests": len(self.ttft_s),
+            "completed": sum(1 for c in self.completions if c == 1),
+            "attainment": self.attainment(targets),
+            "ttft_s": {f"p{q}": _pct(self.ttft_s, q / 100) for q in (50, 90, 99)},
+            "itl_token_s": {f"p{q}": _wpct(self.itl_values, self.itl_weights, q / 100) for q in (50, 90, 99)},
+            "itl_request_mean_s": {f"p{q}": _pct(itl_means, q / 100) for q in (50, 90, 99)},
+            "gpu_hours": self.gpu_hours,
+            "replica_hours": {pool: s / 3600 for pool, s in self.replica_s.items()},
+            "peak_serving": self.peak_serving(),
+            "scale_events": len(self.decisions),
+            "end_s": self.end_s,
+        }
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    """The live controller's percentile: sorted[min(n - 1, int(q n))]."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else None
+
+
+def _wpct(values: Sequence[float], weights: Sequence[int], q: float) -> float | None:
+    """`_pct` over values repeated by their weights."""
+    total = sum(weights)
+    if not total:
+        return None
+    rank, seen = min(total - 1, int(q * total)), 0
+    for value, weight in sorted(zip(values, weights)):
+        seen += weight
+        if seen > rank:
+            return value
+    raise AssertionError("unreachable: the weights sum to total")
+
+
+# --- the simulation ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Req:
+    index: int
+    arrival_s: float
+    prompt: int
+    output: int
+    enqueued_s: float = 0.0  # joined the queue it waits in now
+    prefilled: int = 0
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    completions: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Replica:
+    pool: _Pool
+    index: int
+    requested_s: float
+    state: str = "starting"  # starting | serving | draining | removed
+    removed_s: float = math.nan
+    queue: deque[_Req] = field(default_factory=deque)
+    prefilling: list[_Req] = field(default_factory=list)  # admitted, prompt not done (FCFS)
+    decoding: list[tuple[int, int, _Req]] = field(default_factory=list)  # heap of (last step, index, request)
+    inbound: int = 0  # handoffs on their way here
+    handing_off: int = 0  # prefilled requests whose KV is still being moved out
+    kv_reserved: int = 0
+    kv_prefilled: int = 0
+    kv_held: int = 0  # prompt KV kept for handoffs in flight
+    kv_decode_base: int = 0  # sum of (prompt + output - 1 - last step) over decoding: + steps x len gives their KV
+    steps: int = 0
+    busy: bool = False
+    step_start: float = 0.0
+    chunks: list[tuple[_Req, int]] = field(default_factory=list)
+    admitted: list[_Req] = field(default_factory=list)
+    decodes: int = 0
+
+    def open_requests(self) -> int:
+        return len(self.queue) + len(self.prefilling) + len(self.decoding) + self.inbound + self.handing_off
+
+    def kv_used(self) -> int:
+        return self.kv_prefilled + self.kv_held + self.kv_decode_base + self.steps * len(self.decoding)
+
+
+@dataclass(eq=False)
+class _Pool:
+    name: str
+    role: Role
+    bounds: ScaleBounds | None
+    replicas: list[_Replica] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    queue: list[float] = field(default_factory=list)
+    itl_values: list[float] = field(default_factory=list)
+    itl_weights: list[int] = field(default_factory=list)
+    touched: set[int] = field(default_factory=set)  # requests with a token or a finish this interval
+    marks: tuple[int, int, int] = (0, 0, 0)  # where this interval's ttft, queue, itl samples start
+    timeline: list[tuple[float, int, int, int]] = field(default_factory=list)
+    last_change_s: float = -math.inf
+
+    def live(self, state: str) -> list[_Replica]:
+        return [r for r in self.replicas if r.state == state]
+
+    def size(self) -> int:
+        return sum(1 for r in self.replicas if r.state in ("serving", "starting"))
+
+
+class _Sim:
+    def __init__(self, requests: Sequence[TraceRequest], model: ServiceModel, pools: Sequence[PoolSetup],
+                 policy: AutoscalePolicy | None, interval_s: float, cooldown_s: float) -> None:
+        self.model, self.policy, self.interval_s, self.cooldown_s = model, policy, interval_s, cooldown_s
+        self.reqs = [_Req(i, r.arrival_s, r.prompt_tokens, r.output_tokens) for i, r in enumerate(requests)]
+        self.pools = {p.name: _Pool(p.name, p.role, p.bounds) for p in pools}
+        self.entry = self.pools["prefill" if "prefill" in self.pools else "decode"]
+        self.now, self.done, self.end_s = 0.0, 0, 0.0
+        self.events: list[tuple[float, int, Callable[[Any], None], Any]] = []
+        self.seq = 0
+        self.decisions: list[ScaleDecision] = []
+        for p in pools:
+            for _ in range(p.replicas):
+                self._new_replica(self.pools[p.name]).state = "serving"
+            self._mark(self.pools[p.name])
+
+    def run(self) -> None:
+        for req in self.reqs:
+            self._at(req.arrival_s, self._arrive, req)
+        if self.policy is not None:
+            self._at(self.interval_s, self._tick, None)
+        while self.done < len(self.reqs):
+            if not self.events:
+                raise RuntimeError(f"simulation stalled with {len(self.reqs) - self.done} requests open (a bug)")
+            self.now, _, fn, arg = heapq.heappop(self.events)
+            fn(arg)
+
+    def _at(self, t: float, fn: Callable[[Any], None], arg: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, fn, arg))
+
+    # requests and replicas
+
+    def _arrive(self, req: _Req) -> None:
+        self._enqueue(self._place(self.entry), req)
+
+    def _place(self, pool: _Pool) -> _Replica:
+        """The serving replica with the fewest open requests (ties: the lowest index)."""
+        return min(pool.live("serving"), key=lambda r: (r.open_requests(), r.index))
+
+    def _enqueue(self, rep: _Replica, req: _Req) -> None:
+        req.enqueued_s = self.now
+        rep.queue.append(req)
+        if not rep.busy:
+            self._start_step(rep)
+
+    def _admit(self, rep: _Replica, req: _Req) -> bool:
+        """Room for `req`: a sequence slot and KV for its final length (the prompt on a prefill replica)."""
+        need = req.prompt if rep.pool.role == "prefill" else req.prompt + req.output
+        if len(rep.prefilling) + len(rep.decoding) >= self.model.max_running_seqs:
+            return False
+        if rep.kv_reserved + need > self.model.kv_capacity_tokens:
+            return False
+        rep.kv_reserved += need
+        return True
+
+    def _start_step(self, rep: _Replica) -> None:
+        role, now = rep.pool.role, self.now
+        rep.chunks, rep.admitted = [], []
+        prefill_tokens = 0
+        if role == "decode":
+            while rep.queue and self._admit(rep, rep.queue[0]):
+                req = rep.queue.popleft()
+                rep.admitted.append(req)
+                last = rep.steps + req.output - 2
+                rep.kv_decode_base += req.prompt + req.output - 1 - last
+                heapq.heappush(rep.decoding, (last, req.index, req))
+        elif rep.prefilling or rep.queue:
+            budget = self.model.prefill_chunk_tokens - (len(rep.decoding) if role == "both" else 0)
+            for req in rep.prefilling:
+                if budget <= 0:
+                    break
+                take = min(req.prompt - req.prefilled, budget)
+                rep.chunks.append((req, take))
+                budget -= take
+            while budget > 0 and rep.queue and self._admit(rep, rep.queue[0]):
+                req = rep.queue.popleft()
+                rep.pool.queue.append(now - req.enqueued_s)
+                rep.prefilling.append(req)
+                take = min(req.prompt, budget)
+                rep.chunks.append((req, take))
+                budget -= take
+            prefill_tokens = self.model.prefill_chunk_tokens - (len(rep.decoding) if role == "both" else 0) - budget
+        rep.decodes = len(rep.decoding)
+        if not rep.decodes and not rep.chunks:
+            rep.busy = False
+            return
+        rep.busy, rep.step_start = True, now
+        self._at(now + self.model.step_s(rep.decodes, prefill_tokens), self._end_step, rep)
+
+    def _end_step(self, rep: _Replica) -> None:
+        pool, now, step = rep.pool, self.now, rep.steps
+        if rep.decodes:
+            old = rep.decodes - len(rep.admitted)
+            if old:
+                pool.itl_values.append(now - rep.step_start)
+                pool.itl_weights.append(old)
+            for req in rep.admitted:
+                pool.itl_values.append(now - req.first_token_s)
+                pool.itl_weights.append(1)
+                pool.touched.add(req.index)
+            while rep.decoding and rep.decoding[0][0] == step:
+                last, _, req = heapq.heappop(rep.decoding)
+                rep.kv_reserved -= req.prompt + req.output
+                rep.kv_decode_base -= req.prompt + req.output - 1 - last
+                self._finish(pool, req)
+        if rep.chunks:
+            for req, take in rep.chunks:
+                req.prefilled += take
+                rep.kv_prefilled += take
+                if req.prefilled == req.prompt:
+                    rep.kv_prefilled -= req.prompt
+                    self._prefilled(rep, req, step)
+            rep.prefilling = [r for r in rep.prefilling if r.prefilled < r.prompt]
+        rep.steps = step + 1
+        self._start_step(rep)
+        self._maybe_remove(rep)
+
+    def _prefilled(self, rep: _Replica, req: _Req, step: int) -> None:
+        """The prompt is done: first token now; then decode here, hand over, or finish (one token)."""
+        pool = rep.pool
+        req.first_token_s = self.now
+        pool.ttft.append(self.now - req.arrival_s)
+        pool.touched.add(req.index)
+        if req.output == 1:
+            rep.kv_reserved -= req.prompt if pool.role == "prefill" else req.prompt + 1
+            self._finish(pool, req)
+        elif pool.role == "both":
+            last = step + req.output - 1
+            rep.kv_decode_base += req.prompt + req.output - 1 - last
+            heapq.heappush(rep.decoding, (last, req.index, req))
+        else:
+            dest = self._place(self.pools["decode"])
+            dest.inbound += 1
+            rep.handing_off += 1
+            rep.kv_held += req.prompt
+            self._at(self.now + self.model.handoff_s(req.prompt), self._handed_off, (rep, dest, req))
+
+    def _handed_off(self, arg: tuple[_Replica, _Replica, _Req]) -> None:
+        src, dest, req = arg
+        src.handing_off -= 1
+        src.kv_held -= req.prompt
+        src.kv_reserved -= req.prompt
+        dest.inbound -= 1
+        self._enqueue(dest, req)
+        if not src.busy:
+            self._start_step(src)
+        self._maybe_remove(src)
+
+    def _finish(self, pool: _Pool, req: _Req) -> None:
+        req.finish_s = self.now
+        req.completions += 1
+        pool.touched.add(req.index)
+        self.done += 1
+        self.end_s = self.now
+
+    # replicas coming and going
+
+    def _new_replica(self, pool: _Pool) -> _Replica:
+        rep = _Replica(pool, len(pool.replicas), self.now)
+        pool.replicas.append(rep)
+        return rep
+
+    def _ready(self, rep: _Replica) -> None:
+        if rep.state == "starting":  # not cancelled meanwhile
+            rep.state = "serving"
+            self._mark(rep.pool)
+
+    def _maybe_remove(self, rep: _Replica) -> None:
+        if rep.state == "draining" and not rep.busy and rep.open_requests() == 0:
+            rep.state, rep.removed_s = "removed", self.now
+            self._mark(rep.pool)
+
+    def _mark(self, pool: _Pool) -> None:
+        entry = (self.now, len(pool.live("serving")), len(pool.live("starting")), len(pool.live("draining")))
+        if pool.timeline and pool.timeline[-1][0] == self.now:
+            pool.timeline[-1] = entry
+        else:
+            pool.timeline.append(entry)
+
+    # the controller
+
+    def _tick(self, _: Any) -> None:
+        assert self.policy is not None
+        metrics = {name: self._metrics(pool) for name, pool in self.pools.items()}
+        sizes = {name: pool.size() for name, pool in self.pools.items()}
+        wanted = self.policy.decide(metrics, sizes)
+        for name, pool in self.pools.items():
+            if pool.bounds is None or name not in wanted:
+                continue
+            want = max(pool.bounds.min_replicas, min(pool.bounds.max_replicas, int(wanted[name])))
+            if want != sizes[name] and self.now - pool.last_change_s >= self.cooldown_s:
+                self._resize(pool, sizes[name], want)
+        if self.done < len(self.reqs):
+            self._at(self.now + self.interval_s, self._tick, None)
+
+    def _metrics(self, pool: _Pool) -> PoolMetrics:
+        t, q, i = pool.marks
+        serving = pool.live("serving")
+        for rep in pool.replicas:
+            pool.touched.update(index for _, index, _ in rep.decoding)
+        metrics = PoolMetrics(
+            pool=pool.name, role=pool.role, replicas=len(serving), requests=len(pool.touched),
+            ttft_p90=_pct(pool.ttft[t:], 0.9), queue_p90=_pct(pool.queue[q:], 0.9),
+            itl_p90=_wpct(pool.itl_values[i:], pool.itl_weights[i:], 0.9),
+            kv_usage=sum(r.kv_used() for r in serving) / (len(serving) * self.model.kv_capacity_tokens) if serving else 0.0,
+            waiting=sum(len(r.queue) for r in pool.replicas),
+        )
+        pool.marks = (len(pool.ttft), len(pool.queue), len(pool.itl_values))
+        pool.touched = set()
+        return metrics
+
+    def _resize(self, pool: _Pool, before: int, after: int) -> None:
+        for _ in range(after - before):
+            self._at(self.now + self.model.startup_s, self._ready, self._new_replica(pool))
+        excess = before - after
+        for rep in reversed(pool.live("starting")[-excess:] if excess > 0 else []):
+            rep.state, rep.removed_s = "removed", self.now
+            excess -= 1
+        while excess > 0 and len(serving := pool.live("serving")) > 1:
+            rep = min(serving, key=lambda r: (r.open_requests(), -r.index))
+            rep.state = "draining"
+            self._maybe_remove(rep)
+            excess -= 1
+        if pool.size() != before:  # else: only the last serving replica was left to drain
+            pool.last_change_s = self.now
+            self._mark(pool)
+            self.decisions.append(ScaleDecision(self.now, pool.name, before, pool.size()))
+
+    def result(self, label: str) -> SimResult:
+        replica_s: dict[str, float] = {}
+        for pool in self.pools.values():
+            self._mark(pool)
+            end = [self.end_s if math.isnan(r.removed_s) else r.removed_s for r in pool.replicas]
+            replica_s[pool.name] = sum(e - r.requested_s for e, r in zip(end, pool.replicas))
+        return SimResult(
+            label=label,
+            ttft_s=[r.first_token_s - r.arrival_s for r in self.reqs],
+            itl_mean_s=[(r.finish_s - r.first_token_s) / (r.output - 1) if r.output > 1 else None for r in self.reqs],
+            finish_s=[r.finish_s for r in self.reqs],
+            completions=[r.completions for r in self.reqs],
+            itl_values=[v for p in self.pools.values() for v in p.itl_values],
+            itl_weights=[w for p in self.pools.values() for w in p.itl_weights],
+            timeline={name: list(p.timeline) for name, p in self.pools.items()},
+            decisions=list(self.decisions),
+            replica_s=replica_s,
+            gpus_per_replica=self.model.gpus_per_replica,
+            end_s=self.end_s,
+        )
+
+
+def simulate(
+    requests: Sequence[TraceRequest],
+    model: ServiceModel,
+    pools: Sequence[PoolSetup],
+    policy: AutoscalePolicy | None = None,
+    interval_s: float = 10.0,
+    cooldown_s: float = 60.0,
+    label: str = "policy",
+) -> SimResult:
+    """Run the trace to its last completion. Without a policy every pool keeps its size."""
+    expected = {"decode": "both"} if len(pools) == 1 else {"prefill": "prefill", "decode": "decode"}
+    if {p.name: p.role for p in pools} != expected:
+        raise ValueError("pools: colocated is one pool 'decode' of role 'both', disaggregated 'prefill' and 'decode' "
+                         f"of their own roles; got {[(p.name, p.role) for p in pools]}")
+    for p in pools:
+        if p.replicas < 1:
+            raise ValueError(f"pools: {p.name} starts with {p.replicas} replicas; it needs at least 1")
+    _check_fits(requests, model)
+    sim = _Sim(requests, model, pools, policy, interval_s, cooldown_s)
+    sim.run()
+    return sim.result(label)
+
+
+def _check_fits(requests: Sequence[TraceRequest], model: ServiceModel) -> None:
+    for i, r in enumerate(requests):
+        if r.prompt_tokens + r.output_tokens > model.kv_capacity_tokens:
+            raise ValueError(f"request {i}: prompt + output = {r.prompt_tokens + r.output_tokens} tokens exceed a "
+                             f"replica's KV capacity ({model.kv_capacity_tokens})")
+
+
+def static_pools(pools: Sequence[PoolSetup], counts: Mapping[str, int]) -> list[PoolSetup]:
+    """The same pools at fixed sizes (at least one replica each)."""
+    return [replace(p, replicas=max(1, counts.get(p.name, p.replicas)), bounds=None) for p in pools]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    policy: SimResult
+    static: SimResult
+    static_replicas: dict[str, int]
+
+
+def compare(
+    requests: Sequence[TraceRequest],
+    model: ServiceModel,
+    pools: Sequence[PoolSetup],
+    autoscaling: AutoscalingSpec,
+    static_replicas: Mapping[str, int] | None = None,
+) -> Comparison:
+    """The policy of `autoscaling` against static provisioning at its peak (or `static_replicas`)."""
+    policy = load_policy(autoscaling)
+    run = simulate(requests, model, pools, policy, autoscaling.interval_s, autoscaling.cooldown_s, "policy")
+    counts = dict(run.peak_serving()) | dict(static_replicas or {})
+    fixed = static_pools(pools, counts)
+    static = simulate(requests, model, fixed, label="static")
+    return Comparison(run, static, {p.name: p.replicas for p in fixed})
+
+
+# --- the command ------------------------------------------------------------------------------
+
+DEFAULT_BOUNDS = ScaleBounds(min_replicas=1, max_replicas=8)
+
+
+def setup_from_spec(
+    spec: DeploymentSpec | None, policy: str | None, model: ServiceModel
+) -> tuple[list[PoolSetup], AutoscalingSpec, ServiceModel]:
+    """Pools, autoscaling settings and the replica model for a deployment spec.
+
+    Without a spec: one colocated pool of 1 replica autoscaled within [1, 8], default settings.
+    With one: its pools, sizes and bounds; `policy` replaces its autoscaling policy; the engine's
+    max_num_seqs and max_num_batched_tokens (per rank) set the model's per-replica limits. A pool's
+    GPUs per replica (ep on cuda) must match the model's."""
+    if spec is None:
+        autoscaling = _with_policy(AutoscalingSpec(decode=DEFAULT_BOUNDS), policy)
+        return [PoolSetup("decode", "both", 1, autoscaling.decode)], autoscaling, model
+    autoscaling = _with_policy(spec.autoscaling or AutoscalingSpec(), policy)
+    pools = []
+    for name, pool in spec.pools().items():
+        if pool.device == "cuda" and pool.ep != model.gpus_per_replica:
+            raise ValueError(f"{name}.ep: {pool.ep} GPUs per replica, but the service model describes "
+                             f"{model.gpus_per_replica}; pass a model calibrated for that replica (--model)")
+        role: Role = "both" if spec.colocated else ("prefill" if name == "prefill" else "decode")
+        pools.append(PoolSetup(name, role, pool.replicas, getattr(autoscaling, name)))
+    ep, engine = spec.decode.ep, spec.engine
+    chunk = engine.max_num_batched_tokens * ep if engine.max_num_batched_tokens else model.prefill_chunk_tokens
+    return pools, autoscaling, replace(model, max_running_seqs=engine.max_num_seqs * ep, prefill_chunk_tokens=chunk)
+
+
+def _with_policy(autoscaling: AutoscalingSpec, policy: str | None) -> AutoscalingSpec:
+    if policy is None or policy == autoscaling.policy:
+        return autoscaling
+    try:
+        return AutoscalingSpec.model_validate(autoscaling.model_dump() | {"policy": policy})
+    except ValueError as e:
+        raise SpecError(f"--policy: {e}") from None
+
+
+def report(comparison: Comparison, requests: Sequence[TraceRequest], model: ServiceModel,
+           pools: Sequence[PoolSetup], autoscaling: AutoscalingSpec, trace_path: str | Path | None = None) -> dict[str, Any]:
+    """The JSON report: settings, each run's summary, replicas over time and per-request latencies."""
+    targets = autoscaling.targets
+
+    def run(r: SimResult) -> dict[str, Any]:
+        return r.summary(targets) | {
+            "timeline": {pool: [list(e) for e in line] for pool, line in r.timeline.items()},
+            "decisions": [asdict(d) for d in r.decisions],
+            "per_request": {
+                "ttft_s": [round(v, 4) for v in r.ttft_s],
+                "itl_mean_s": [None if v is None else round(v, 5) for v in r.itl_mean_s],
+            },
+        }
+
+    return {
+        "trace": {"path": str(trace_path) if trace_path else None} | trace_stats(requests, autoscaling.interval_s),
+        "arrivals_s": [r.arrival_s for r in requests],
+        "model": asdict(model),
+        "pools": [{"name": p.name, "role": p.role, "replicas": p.replicas,
+                   "bounds": p.bounds.model_dump() if p.bounds else None} for p in pools],
+        "autoscaling": autoscaling.model_dump(),
+        "static_replicas": comparison.static_replicas,
+        "policy": run(comparison.policy),
+        "static": run(comparison.static),
+    }
+
+
+def plot(report_data: dict[str, Any], path: str | Path) -> Path:
+    """replicas.png: requests/s; replicas over time, policy vs static (solid: billed, i.e. serving +
+    starting + draining; dotted: serving); TTFT of each request by arrival time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("the plot needs matplotlib (pip install matplotlib); report.json is written") from None
+    bin_s = report_data["autoscaling"]["interval_s"]
+    arrivals = report_data["arrivals_s"]
+    ttft_target = report_data["autoscaling"]["targets"]["ttft_s"]
+    fig, (ax_rps, ax_rep, ax_ttft) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+    bins = [i * bin_s for i in range(int(max(arrivals) // bin_s) + 2)]
+    ax_rps.hist(arrivals, bins=bins, weights=[1 / bin_s] * len(arrivals), color="tab:gray")
+    ax_rps.set_ylabel(f"requests/s ({bin_s:g} s bins)")
+    for label, color in (("static", "tab:orange"), ("policy", "tab:blue")):
+        run = report_data[label]
+        for pool, line in run["timeline"].items():
+            times = [e[0] for e in line]
+            style = "-" if pool == "decode" else "--"
+            ax_rep.step(times, [e[1] + e[2] + e[3] for e in line], where="post", color=color, linestyle=style,
+                        label=f"{label} {pool}: billed")
+            if label == "policy":
+                ax_rep.step(times, [e[1] for e in line], where="post", color=color, linestyle=":", linewidth=1,
+                            label=f"{label} {pool}: serving")
+        ax_ttft.scatter(arrivals, run["per_request"]["ttft_s"], s=2, color=color, alpha=0.4,
+                        label=f"{label}: SLO met by {run['attainment']['slo']:.1%}, {run['gpu_hours']:.1f} GPU-h")
+    ax_rep.set_ylabel("replicas")
+    ax_rep.legend(loc="upper left", fontsize=8)
+    ax_ttft.axhline(ttft_target, color="tab:red", linewidth=1, label=f"TTFT target {ttft_target:g} s")
+    ax_ttft.set_yscale("log")
+    ax_ttft.set_ylabel("TTFT (s)")
+    ax_ttft.set_xlabel("time (s)")
+    ax_ttft.legend(loc="upper left", fontsize=8, markerscale=4)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(
+    trace_path: str | Path,
+    spec_path: str | Path | None = None,
+    policy: str | None = None,
+    out_dir: str | Path = "autoscale-sim",
+    model: ServiceModel | None = None,
+    static_replicas: Mapping[str, int] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """The CLI: simulate, print a table, write `report.json` and `replicas.png` under `out_dir`."""
+    requests = load_trace(trace_path)
+    spec = DeploymentSpec.from_yaml(spec_path) if spec_path else None
+    pools, autoscaling, model = setup_from_spec(spec, policy, model or ServiceModel())
+    comparison = compare(requests, model, pools, autoscaling, static_replicas)
+    data = report(comparison, requests, model, pools, autoscaling, trace_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(data))
+
+    console = console or Console(width=max(Console().width, 132))
+    t = autoscaling.targets
+    table = Table(title=f"{len(requests)} requests, policy {autoscaling.policy} vs static "
+                        f"{comparison.static_replicas}: targets TTFT {t.ttft_s} s, ITL {t.itl_s} s")
+    for col in ("run", "SLO met", "TTFT met", "ITL met", "TTFT p90 s", "ITL p90 s", "GPU-hours", "peak serving", "scalings"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name in ("policy", "static"):
+        s = data[name]
+        a = s["attainment"]
+        table.add_row(name, f"{a['slo']:.1%}", f"{a['ttft']:.1%}", f"{a['itl']:.1%}", f"{s['ttft_s']['p90']:.2f}",
+                      "-" if s["itl_token_s"]["p90"] is None else f"{s['itl_token_s']['p90']:.3f}", f"{s['gpu_hours']:.1f}",
+                      ", ".join(f"{k} {v}" for k, v in s["peak_serving"].items()), str(s["scale_events"]))
+    console.print(table)
+    png = plot(data, out / "replicas.png")
+    console.print(f"wrote {out / 'report.json'} and {png}")
+    return data
