@@ -223,7 +223,60 @@ class Int4Experts:
         return self.gate.packed.device
 
 
-ExpertWeights = DenseExperts | Int4Experts
+@dataclass(frozen=True)
+class Fp8Experts:
+    """DeepSeek-V3's FP8 experts as loaded (W8A16): e4m3 weights in checkpoint orientation and one
+    float32 scale per (block_out x block_in) block (`weight_scale_inv`, the dequantization factor).
+    The kernel converts each e4m3 tile to the activation dtype (exact: e4m3 fits bf16 / fp16) and
+    applies the block's scale to the tile's fp32 partial product, so BLOCK_K must divide block_in."""
+
+    gate: torch.Tensor  # float8_e4m3fn (E, I, H)
+    gate_scale: torch.Tensor  # float32 (E, ceil(I / bo), ceil(H / bi))
+    up: torch.Tensor
+    up_scale: torch.Tensor
+    down: torch.Tensor  # (E, H, I)
+    down_scale: torch.Tensor  # (E, ceil(H / bo), ceil(I / bi))
+    block: tuple[int, int] = (128, 128)
+
+    def __post_init__(self) -> None:
+        bo, bi = self.block
+        e, i, h = self.gate.shape
+        for name, w, sc, (o, k) in (("gate", self.gate, self.gate_scale, (i, h)), ("up", self.up, self.up_scale, (i, h)),
+                                    ("down", self.down, self.down_scale, (h, i))):
+            if w.dtype != torch.float8_e4m3fn or tuple(w.shape) != (e, o, k):
+                raise ValueError(f"Fp8Experts.{name}: expected float8_e4m3fn {(e, o, k)}, got {_desc(w)}")
+            want = (e, -(-o // bo), -(-k // bi))
+            if sc.dtype != torch.float32 or tuple(sc.shape) != want:
+                raise ValueError(f"Fp8Experts.{name}_scale: expected float32 {want}, got {_desc(sc)}")
+        if self.gate.stride() != self.up.stride() or self.gate_scale.stride() != self.up_scale.stride():
+            raise ValueError("Fp8Experts: gate and up must have the same strides (the kernel shares them)")
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.gate.shape[2]
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate.device
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """(E, out, in) e4m3 with block scales -> dense dtype (the reference's weights)."""
+    bo, bi = block
+    o, k = w.shape[-2:]
+    full = scale.repeat_interleave(bo, dim=-2)[..., :o, :].repeat_interleave(bi, dim=-1)[..., :k]  # (E, out, in)
+    return (w.float() * full).to(dtype)
+
+
+ExpertWeights = DenseExperts | Int4Experts | Fp8Experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +487,9 @@ def _moe_gemm_kernel(
     MAGIC_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K on the activations
     IEEE: tl.constexpr,
+    FP8: tl.constexpr = False,  # e4m3 weights, s0/s1 = block scales (E, N blocks, K blocks)
+    FP8_BN: tl.constexpr = 128,  # scale block along N
+    FP8_BK: tl.constexpr = 128,  # scale block along K (a multiple of BLOCK_K)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -507,13 +563,22 @@ def _moe_gemm_kernel(
                 k_mask = offs_k < K - k0
                 a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 b0 = tl.load(w0_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc0 = _mma(a, b0.to(dtype), acc0, IEEE)
+            if FP8:  # one scale per (N block, K block): applied to this tile's fp32 partial product
+                s_ptrs = expert64 * stride_se + (k0 // FP8_BK) * stride_sk + (offs_n // FP8_BN) * stride_sn
+                sc0 = tl.load(s0_ptr + s_ptrs, mask=n_mask, other=0.0)  # (BLOCK_N,)
+                acc0 += _mma(a, b0.to(dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE) * sc0[None, :]
+            else:
+                acc0 = _mma(a, b0.to(dtype), acc0, IEEE)
             if GATED:
                 if EVEN_K:
                     b1 = tl.load(w1_ptrs, mask=n_mask[None, :], other=0.0)
                 else:
                     b1 = tl.load(w1_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc1 = _mma(a, b1.to(dtype), acc1, IEEE)
+                if FP8:
+                    sc1 = tl.load(s1_ptr + s_ptrs, mask=n_mask, other=0.0)
+                    acc1 += _mma(a, b1.to(dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE) * sc1[None, :]
+                else:
+                    acc1 = _mma(a, b1.to(dtype), acc1, IEEE)
             a_ptrs += BLOCK_K * stride_ak
             w0_ptrs += BLOCK_K * stride_wk
             w1_ptrs += BLOCK_K * stride_wk
@@ -583,9 +648,8 @@ def grouped_mlp(
     `out` (rows, H) in x's dtype is written in place and returned. Tiles default to
     `default_tiles(rows, weights, x.dtype)`; either kernel's can be given (autotuning).
     """
-    dense = isinstance(weights, DenseExperts)
-    if not dense and not isinstance(weights, Int4Experts):
-        raise TypeError(f"grouped_mlp: weights must be DenseExperts or Int4Experts, got {type(weights).__name__}")
+    if not isinstance(weights, (DenseExperts, Int4Experts, Fp8Experts)):
+        raise TypeError(f"grouped_mlp: weights must be DenseExperts, Int4Experts or Fp8Experts, got {type(weights).__name__}")
     if x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"grouped_mlp: x must be (rows, H) bf16/fp16/fp32, got {x.dtype} {tuple(x.shape)}")
     e, h, i = weights.num_experts, weights.hidden, weights.intermediate
@@ -653,6 +717,18 @@ def _launch_gemm(
         strides_s = (0, 0, 0)
         int4, group, sub_k = False, 1, _MIN_DOT
         magic_bits, magic_bias = 0, 0.0
+        fp8, fp8_bn, fp8_bk = False, 128, 128
+    elif isinstance(weights, Fp8Experts):
+        w0, w1 = (weights.gate, weights.up) if gated else (weights.down, weights.down)
+        s0, s1 = (weights.gate_scale, weights.up_scale) if gated else (weights.down_scale, weights.down_scale)
+        fp8, (fp8_bn, fp8_bk) = True, weights.block
+        bk = min(tiles.block_k or 64, fp8_bk)
+        if bk < _MIN_DOT or bk & (bk - 1) or fp8_bk % bk:
+            raise ValueError(f"grouped_mlp {which}: FP8 block_k must be a power of two >= {_MIN_DOT} dividing {fp8_bk}, got {bk}")
+        strides_w = (w0.stride(0), w0.stride(2), w0.stride(1))  # (expert, k, n)
+        strides_s = (s0.stride(0), s0.stride(2), s0.stride(1))  # (expert, k block, n block)
+        int4, group, sub_k = False, 1, _MIN_DOT
+        magic_bits, magic_bias = 0, 0.0
     else:
         q0, q1 = (weights.gate, weights.up) if gated else (weights.down, weights.down)
         w0, w1, s0, s1 = q0.packed, q1.packed, q0.scale, q1.scale
@@ -669,6 +745,7 @@ def _launch_gemm(
         # 16-bit activations: nibble | magic is the bit pattern of (bias + nibble), exactly
         # representable, so dequantizing needs no int->float conversion (module docstring).
         magic_bits, magic_bias = _MAGIC.get(a.dtype, (0, 0.0))
+        fp8, fp8_bn, fp8_bk = False, 128, 128
     grid = (n_mblocks, triton.cdiv(n, bn))
     _moe_gemm_kernel[grid](
         a, src_rows if src_rows is not None else counts, counts,
@@ -680,7 +757,7 @@ def _launch_gemm(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=max(2, triton.next_power_of_2(e)),
         GATED=gated, GATHER=src_rows is not None, INT4=int4, GROUP=group, SUB_K=sub_k,
         MAGIC_BITS=magic_bits, MAGIC_BIAS=magic_bias,
-        EVEN_K=(k % bk == 0), IEEE=(a.dtype == torch.float32),
+        EVEN_K=(k % bk == 0), IEEE=(a.dtype == torch.float32), FP8=fp8, FP8_BN=fp8_bn, FP8_BK=fp8_bk,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
@@ -747,6 +824,9 @@ def expert_weights_dense(weights: ExpertWeights, dtype: torch.dtype) -> tuple[to
     """(gate (E, I, H), up (E, I, H), down (E, H, I)) in dtype, dequantized if INT4."""
     if isinstance(weights, DenseExperts):
         return weights.gate.to(dtype), weights.up.to(dtype), weights.down.to(dtype)
+    if isinstance(weights, Fp8Experts):
+        return tuple(dequantize_fp8(w, sc, weights.block, dtype) for w, sc in  # type: ignore[return-value]
+                     ((weights.gate, weights.gate_scale), (weights.up, weights.up_scale), (weights.down, weights.down_scale)))
     gate, up, down = (dequantize_int4(w, dtype) for w in (weights.gate, weights.up, weights.down))
     return gate, up, down
 
@@ -786,6 +866,9 @@ def grouped_mlp_reference(
 def _one_expert(weights: ExpertWeights, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if isinstance(weights, DenseExperts):
         return weights.gate[e].to(dtype), weights.up[e].to(dtype), weights.down[e].to(dtype)
+    if isinstance(weights, Fp8Experts):
+        return tuple(dequantize_fp8(w[e], sc[e], weights.block, dtype) for w, sc in  # type: ignore[return-value]
+                     ((weights.gate, weights.gate_scale), (weights.up, weights.up_scale), (weights.down, weights.down_scale)))
     picked = (_select(w, e) for w in (weights.gate, weights.up, weights.down))
     return tuple(dequantize_int4(w, dtype)[0] for w in picked)  # type: ignore[return-value]
 
@@ -838,6 +921,8 @@ def _check_int4_params(in_features: int, group_size: int, k_block: int) -> None:
 __all__ = [
     "DenseExperts",
     "ExpertWeights",
+    "Fp8Experts",
+    "dequantize_fp8",
     "Int4Experts",
     "Int4Weight",
     "TileConfig",

@@ -165,11 +165,23 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
 
     int4_w = fm.Int4Experts.from_compressed_tensors(int4(I, H), int4(I, H), int4(H, I), H, I)
     row["int4_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, int4_w))
+    del int4_w
+
+    def fp8(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:  # DeepSeek-V3 layout, 128 x 128 blocks
+        w = (torch.randn(E, out_f, in_f, device="cuda", generator=gen) * 2).to(torch.float8_e4m3fn)
+        return w, torch.rand(E, out_f // 128, in_f // 128, device="cuda", generator=gen) * 0.01
+
+    (g8, gs8), (u8, us8), (d8, ds8) = fp8(I, H), fp8(I, H), fp8(H, I)
+    fp8_w = fm.Fp8Experts(g8, gs8, u8, us8, d8, ds8)
+    row["fp8_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w))
+    w8_bytes = (g8.numel() * 3) + (gs8.numel() * 3) * 4
+    row["fp8_roofline_ms"] = max((w8_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
     w4_bytes = sum(w.packed.numel() * 4 + w.scale.numel() * 2 for w in (int4_w.gate, int4_w.up, int4_w.down))
     row["int4_roofline_ms"] = max((w4_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
     if "grouped_mm_ms" in row:
         row["bf16_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["bf16_ms"]
         row["int4_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["int4_ms"]
+        row["fp8_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["fp8_ms"]
     return row
 
 
@@ -224,12 +236,13 @@ def print_tables(result: KernelBenchResult) -> None:
     if result.moe:
         t = Table(title="fused MoE, hidden 7168, intermediate 2048, 32 local experts")
         for col in ("tokens/expert", "_grouped_mm bf16 ms", "ours bf16 ms", "bf16 roofline ms", "bf16 speedup",
-                    "ours INT4 ms", "INT4 roofline ms", "INT4 speedup"):
+                    "ours INT4 ms", "INT4 roofline ms", "INT4 speedup", "ours FP8 ms", "FP8 speedup"):
             t.add_column(col, justify="right")
         for r in result.moe:
             t.add_row(str(r["tokens_per_expert"]), _f(r.get("grouped_mm_ms"), ".3f"), f"{r['bf16_ms']:.3f}",
                       f"{r['bf16_roofline_ms']:.3f}", _f(r.get("bf16_speedup_vs_grouped_mm"), ".2f"),
-                      f"{r['int4_ms']:.3f}", f"{r['int4_roofline_ms']:.3f}", _f(r.get("int4_speedup_vs_grouped_mm"), ".2f"))
+                      f"{r['int4_ms']:.3f}", f"{r['int4_roofline_ms']:.3f}", _f(r.get("int4_speedup_vs_grouped_mm"), ".2f"),
+                      f"{r['fp8_ms']:.3f}", _f(r.get("fp8_speedup_vs_grouped_mm"), ".2f"))
         console.print(t)
 
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecluster.kernels.fused_moe import DenseExperts, ExpertWeights, Int4Experts, grouped_mlp, repack_int4
+from moecluster.kernels.fused_moe import (
+    DenseExperts, ExpertWeights, Fp8Experts, Int4Experts, grouped_mlp, repack_int4,
+)
 from moecluster.router.experts.dispatch import Dispatcher, LocalDispatch
 from moecluster.router.experts.gate import GateConfig, select_experts
 from moecluster.workers.config import ModelConfig
@@ -75,15 +77,18 @@ class Experts(nn.Module):
 
     @torch.no_grad()
     def prepare_kernel(self) -> None:
-        """On a GPU, the fused MoE kernel's weights: dense (bf16) weights as they are; INT4 groups
-        repacked into the W4A16 kernel's layout (a copy: the checkpoint layout stays for EPLB's
-        weight moves). FP8 experts stay FP8 (a bf16 copy of DeepSeek-V3's experts would not fit
-        a node) and take the per-expert path, dequantized per use: the fused kernel has no W8A16
-        mode yet."""
+        """On a GPU, the fused MoE kernel's weights: dense (bf16) weights and FP8 blocks (W8A16:
+        e4m3 kept, a bf16 copy of DeepSeek-V3's experts would not fit a node) as loaded, no copy;
+        INT4 groups repacked into the W4A16 kernel's layout (a copy: the checkpoint layout stays
+        for EPLB's weight moves)."""
         projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if not self.expert_ids or any(isinstance(p.scheme, Fp8BlockScheme) for p in projections):
+        if not self.expert_ids:
             return
-        if all(p.scheme is None for p in projections):
+        if all(isinstance(p.scheme, Fp8BlockScheme) for p in projections):
+            g, u, d = projections
+            self._kernel_weights = Fp8Experts(g.weight, g.weight_scale_inv, u.weight, u.weight_scale_inv,
+                                              d.weight, d.weight_scale_inv, tuple(g.scheme.block))
+        elif all(p.scheme is None for p in projections):
             self._kernel_weights = DenseExperts(self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         elif all(isinstance(p.scheme, Int4GroupScheme) for p in projections):
             g = projections[0].scheme.group_size
