@@ -165,6 +165,9 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
 
     int4_w = fm.Int4Experts.from_compressed_tensors(int4(I, H), int4(I, H), int4(H, I), H, I)
     row["int4_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, int4_w))
+
+    w4_bytes = sum(w.packed.numel() * 4 + w.scale.numel() * 2 for w in (int4_w.gate, int4_w.up, int4_w.down))
+    row["int4_roofline_ms"] = max((w4_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
     del int4_w
 
     def fp8(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:  # DeepSeek-V3 layout, 128 x 128 blocks
@@ -176,8 +179,6 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
     row["fp8_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w))
     w8_bytes = (g8.numel() * 3) + (gs8.numel() * 3) * 4
     row["fp8_roofline_ms"] = max((w8_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
-    w4_bytes = sum(w.packed.numel() * 4 + w.scale.numel() * 2 for w in (int4_w.gate, int4_w.up, int4_w.down))
-    row["int4_roofline_ms"] = max((w4_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
     if "grouped_mm_ms" in row:
         row["bf16_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["bf16_ms"]
         row["int4_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["int4_ms"]
