@@ -98,6 +98,7 @@ def chat_call(body: Any) -> tuple[GenerateCall, bool, bool]:
     """The call of a /v1/chat/completions body; (call, stream, include_usage)."""
     body = _object(body)
     sampling = _sampling(body, ("max_completion_tokens", "max_tokens"))
+    sampling.setdefault("max_tokens", None)  # chat, as OpenAI: without a limit, up to the context length
     if _bool(body, "logprobs"):
         top = body.get("top_logprobs") or 0
         if isinstance(top, bool) or not isinstance(top, int):

@@ -193,3 +193,16 @@ def test_metrics_on_their_own_port(tiny_checkpoint) -> None:
     finally:
         server.stop()
         engine.close()
+
+
+def test_chat_without_max_tokens_runs_to_the_context_limit(tiny_checkpoint) -> None:
+    backend = ScriptedBackend(["hello", " there"])
+    server = serve(backend, tiny_checkpoint(num_layers=2, arch="kimi-k2"))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="x")
+        client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
+        assert backend.seen[-1]["sampling"]["max_tokens"] is None  # not the completions default of 16
+        client.completions.create(model="scripted", prompt="hi")
+        assert "max_tokens" not in backend.seen[-1]["sampling"]  # legacy completions keep 16
+    finally:
+        server.stop()

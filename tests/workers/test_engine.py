@@ -486,7 +486,6 @@ def test_sampling_params_length_mismatch(llm: LLM, alone, count: int) -> None:
         pytest.param({"prompt_token_ids": [-1, 5]}, greedy(4), re.escape(f"[0, {VOCAB})"), id="id-negative"),
         pytest.param({"prompt_token_ids": ids(100)}, greedy(100), "KV cache", id="more-than-the-cache"),
         pytest.param({"prompt_token_ids": ids(145)}, greedy(16), "KV cache", id="one-token-over-the-cache"),
-        pytest.param({"prompt_token_ids": P3}, SamplingParams(max_tokens=None), "KV cache", id="max-tokens-none"),
         pytest.param(42, greedy(4), "prompt", id="int-in-list"),
         pytest.param(None, greedy(4), "prompt", id="none-in-list"),
         pytest.param([1, 2, 3], greedy(4), "prompt", id="list-of-ints"),
@@ -503,6 +502,16 @@ def test_invalid_request_raises_value_error(llm: LLM, alone, prompt: object, par
     with pytest.raises(ValueError, match=match):
         llm.generate([as_prompt(P17), prompt], params)  # type: ignore[list-item]
     assert_still_works(llm, alone)
+
+
+def test_max_tokens_none_generates_until_the_cache_is_full(llm: LLM) -> None:
+    """No limit means "as long as it fits": the context length, or here what the cache holds."""
+    limits = llm.engine.core.limits
+    (out,) = llm.generate({"prompt_token_ids": P3}, SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
+    c = out.outputs[0]
+    assert c.finish_reason == "length"
+    assert len(P3) + len(c.token_ids) == min(limits.capacity_tokens, limits.max_model_len)
+    assert limits.capacity_tokens < limits.max_model_len  # this fixture's cache is the tighter bound
 
 
 @pytest.mark.parametrize("prompt", [42, None], ids=["int", "none"])

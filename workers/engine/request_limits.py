@@ -31,7 +31,13 @@ class RequestLimits:
             raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
         if params.n > self.max_num_seqs:
             raise RequestError(f"n={params.n} samples exceed max_num_seqs {self.max_num_seqs}")
-        max_len = limit if params.max_tokens is None else min(n + params.max_tokens, limit)
+        if params.max_tokens is None:  # "as long as it fits": the context length, or what one cache holds
+            max_len = min(limit, self.capacity_tokens)
+            if n >= max_len:
+                raise RequestError(f"prompt of {n} tokens leaves no room to generate in a KV cache of "
+                                   f"{self.capacity_tokens} tokens")
+            return max_len
+        max_len = min(n + params.max_tokens, limit)
         if max_len > self.capacity_tokens:
             raise RequestError(
                 f"prompt of {n} tokens plus up to {max_len - n} new tokens needs more than the "
