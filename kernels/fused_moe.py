@@ -762,6 +762,53 @@ def _launch_gemm(
     )  # fmt: skip
 
 
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    *,
+    tiles: TileConfig | None = None,
+) -> torch.Tensor:
+    """x (rows, K) @ W^T with W = e4m3 weight (N, K) x its (ceil(N/bo), ceil(K/bi)) block scales
+    -> (rows, N) in x's dtype: the W8A16 GEMM for DeepSeek-V3's dense FP8 layers (attention
+    projections, dense MLPs, shared experts), the MoE GEMM kernel with one expert."""
+    if x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"fp8_linear: x must be (rows, K) bf16/fp16/fp32, got {_desc(x)}")
+    n, k = weight.shape
+    bo, bi = block
+    if weight.dtype != torch.float8_e4m3fn or x.shape[1] != k:
+        raise ValueError(f"fp8_linear: weight must be float8_e4m3fn (N, {x.shape[1]}), got {_desc(weight)}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (-(-n // bo), -(-k // bi)):
+        raise ValueError(f"fp8_linear: scale must be float32 {(-(-n // bo), -(-k // bi))}, got {_desc(scale)}")
+    rows = x.shape[0]
+    if rows == 0 or not uses_triton(x):
+        return x @ dequantize_fp8(weight, scale, block, x.dtype).T
+    if tiles is None:
+        tiles = TileConfig(16, 64, 128, 4, 4) if rows <= 16 else TileConfig(64, 128, 64, 8, 3)
+        if x.dtype == torch.float32:
+            tiles = _fp32_tiles(tiles, False)
+    bm, bn = tiles.block_m, tiles.block_n
+    bk = min(tiles.block_k or 64, bi)
+    if bk < _MIN_DOT or bk & (bk - 1) or bi % bk:
+        raise ValueError(f"fp8_linear: block_k must be a power of two >= {_MIN_DOT} dividing {bi}, got {bk}")
+    counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    _moe_gemm_kernel[(triton.cdiv(rows, bm), triton.cdiv(n, bn))](
+        x, counts, counts, weight, scale, weight, scale, out,
+        rows, 1, n, k,
+        x.stride(0), x.stride(1),
+        0, weight.stride(1), weight.stride(0),
+        0, scale.stride(1), scale.stride(0),
+        out.stride(0), out.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=2,
+        GATED=False, GATHER=False, INT4=False, GROUP=1, SUB_K=_MIN_DOT, MAGIC_BITS=0, MAGIC_BIAS=0.0,
+        EVEN_K=(k % bk == 0), IEEE=(x.dtype == torch.float32), FP8=True, FP8_BN=bo, FP8_BK=bi,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    return out
+
+
 def fused_moe(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -923,6 +970,7 @@ __all__ = [
     "ExpertWeights",
     "Fp8Experts",
     "dequantize_fp8",
+    "fp8_linear",
     "Int4Experts",
     "Int4Weight",
     "TileConfig",

@@ -60,3 +60,18 @@ def test_fp8_deepseek_shape_bf16() -> None:
     want = grouped_mlp_reference(x, c, w)
     rel = (got.float() - want.float()).norm() / want.float().norm()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize(("rows", "n", "k", "block"), [(1, 64, 96, (32, 32)), (20, 80, 64, (32, 32)), (33, 64, 128, (64, 64))])
+def test_fp8_linear_matches_dequantized_matmul(device, rows, n, k, block) -> None:
+    from moecluster.kernels.fused_moe import dequantize_fp8, fp8_linear
+
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    w = (torch.randn(n, k, generator=gen) * 2).to(torch.float8_e4m3fn).to(device)
+    s = (torch.rand(-(-n // block[0]), -(-k // block[1]), generator=gen) * 0.02 + 0.001).to(device)
+    x = torch.randn(rows, k, generator=gen).to(device)
+    got = fp8_linear(x, w, s, block)
+    want = x @ dequantize_fp8(w, s, block, torch.float32).T
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="scale"):
+        fp8_linear(x, w, s[:1, :1], block)

@@ -20,6 +20,7 @@ from moecluster.workers.model.mla import MLA
 from moecluster.workers.model.moe import MLP, MoE
 from moecluster.workers.model.rope import RotaryEmbedding
 from moecluster.workers.model.weights import Linear, RMSNorm, Slot
+from moecluster.workers.quant.scheme import Fp8BlockScheme
 
 
 class DecoderLayer(nn.Module):
@@ -101,8 +102,8 @@ class DeepseekV3Model(nn.Module):
         MLPs, shared experts are a small part of the model), and each MoE layer's experts put in
         the fused kernel's weight format (FP8 experts stay FP8; see Experts.prepare_kernel)."""
         for module in self.modules():
-            if isinstance(module, Linear):
-                module.materialize(self.dtype)
+            if isinstance(module, Linear) and not isinstance(module.scheme, Fp8BlockScheme):
+                module.materialize(self.dtype)  # FP8 layers stay e4m3 and run W8A16 (Linear.forward)
         for layer in self.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.experts.prepare_kernel()

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from moecluster.kernels.fused_moe import fp8_linear
 from moecluster.workers.quant import (
     Fp8BlockScheme,
     Int4GroupScheme,
@@ -104,8 +105,8 @@ class QuantWeight(nn.Module):
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype) -> None:
         """Dequantize once, in place: from now on a dense `weight` (lead..., out, in) in dtype.
-        On GPUs the dense layers (and FP8 experts) take this at load time, trading memory for
-        not dequantizing on every forward; see docs/architecture.md (FP8 on the GPU)."""
+        On GPUs, dense layers quantized other than FP8 take this at load time (FP8 ones run the
+        W8A16 kernel instead); see docs/architecture.md (FP8 on the GPU)."""
         if self.scheme is None:
             return
         dense = self.dequantize(dtype)
@@ -123,6 +124,9 @@ class Linear(QuantWeight):
         super().__init__(out_features, in_features, scheme, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and isinstance(self.scheme, Fp8BlockScheme):  # W8A16 on GPUs: the weight stays e4m3
+            y = fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv, tuple(self.scheme.block))
+            return y.reshape(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.dequantize(x.dtype))
 
 
