@@ -97,6 +97,7 @@ class _Stream:
     inner_ids: set[str] = field(default_factory=set)  # every inner id it ever had
     attempts: int = 0
     closed: bool = False  # finished, failed or aborted: nothing more reaches the sink
+    lock: threading.RLock = field(default_factory=threading.RLock)  # one poller thread at a time per stream
 
 
 class Deployment:
@@ -155,7 +156,10 @@ class Deployment:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
         log_event(request_id, "accepted", prompt_tokens=len(prompt_ids), n=params.n, max_tokens=params.max_tokens)
-        self._place(stream, target=target)
+        if self.entry.least_loaded() is None:  # every replica is being rebuilt: wait off the caller's thread
+            threading.Thread(target=self._place, args=(stream, None, target), daemon=True).start()
+        else:
+            self._place(stream, target=target)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request everywhere it runs, free its blocks, and end its stream with "abort"
@@ -216,6 +220,15 @@ class Deployment:
                 with self._lock:
                     stream.routes.pop(inner_id, None)
                 continue  # it failed between the health look and the submit: try another
+            except ValueError as e:  # refused by the replica (e.g. an id still draining there)
+                with self._lock:
+                    stream.routes.pop(inner_id, None)
+                if self._close(stream, e):
+                    log_event(stream.request_id, "failed", error=str(e))
+                return
+            if stream.closed:  # aborted while being placed
+                replica.abort(inner_id)
+                return
             log_event(stream.request_id, "placed", pool=self.entry.name, replica=replica.name, inner_id=inner_id,
                       sample=sample, prompt_tokens=len(prompt_ids))
             return
@@ -277,6 +290,14 @@ class Deployment:
                 replica.submit_prefilled(decode_id, h, lambda item: self._on_item(stream, decode_id, item))
             except EngineDead:
                 continue
+            except ValueError as e:
+                self._release(decode_id)
+                if self._close(stream, e):
+                    log_event(stream.request_id, "failed", error=str(e))
+                return
+            if stream.closed:
+                replica.abort(decode_id)
+                return
             log_event(stream.request_id, "placed", pool="decode", replica=replica.name, inner_id=decode_id,
                       sample=route.sample)
             return
@@ -290,6 +311,10 @@ class Deployment:
 
     # ---- deltas and failures -------------------------------------------------------------------
     def _on_item(self, stream: _Stream, inner_id: str, item: RequestOutput | BaseException) -> None:
+        with stream.lock:  # samples on different ranks arrive on different poller threads
+            self._on_item_locked(stream, inner_id, item)
+
+    def _on_item_locked(self, stream: _Stream, inner_id: str, item: RequestOutput | BaseException) -> None:
         if stream.closed:
             return
         if isinstance(item, BaseException):
@@ -297,6 +322,8 @@ class Deployment:
             return
         with self._lock:
             route = stream.routes.get(inner_id)
+            if route is None:
+                return  # from an inner request that already failed over: its samples run elsewhere
             if item.finished:
                 stream.routes.pop(inner_id, None)
         for o in item.outputs:
@@ -352,6 +379,11 @@ class Deployment:
             self._streams.pop(stream.request_id, None)
             for inner_id in stream.inner_ids:
                 self._owner.pop(inner_id, None)
+            live = [(inner_id, r.replica) for inner_id, r in stream.routes.items() if r.replica is not None]
+            stream.routes.clear()
+        for inner_id, replica in live:  # samples still running elsewhere stop and free their blocks
+            replica.abort(inner_id)
+            replica.streams.forget(inner_id)
         for inner_id in stream.inner_ids:
             self._release(inner_id)
         if last is not None:

@@ -12,6 +12,7 @@ and a decode replica the handoffs its ranks took, to the `listener` (the deploym
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Callable
@@ -28,6 +29,8 @@ from moecluster.workers.engine.rank_streams import RankStreams
 from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.transfer.handoff import KVHandoff
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "moecluster"
 
@@ -52,6 +55,23 @@ class Replica:
         if not ready:
             remove_placement_group(self.pg)
             raise TimeoutError(f"{name}: the cluster has no room for {ep} x {bundle} ({strategy})")
+        try:
+            self._start_actors(cfg, ep, device, role, start_timeout)
+        except BaseException:
+            for a in getattr(self, "actors", []):  # a group that did not come up gives its resources back
+                ray.kill(a)
+            remove_placement_group(self.pg)
+            raise
+        hear = None if listener is None else (lambda kind, rank, payload: listener(self, kind, rank, payload))
+        self.streams = RankStreams(ep, f"replica {name}", hear)
+        self._pollers = [
+            threading.Thread(target=self._poll, args=(r,), name=f"{name}-poll-{r}", daemon=True) for r in range(ep)
+        ]
+        for t in self._pollers:
+            t.start()
+
+    def _start_actors(self, cfg: EngineConfig, ep: int, device: str, role: Role, start_timeout: float) -> None:
+        name = self.name
         actor = ray.remote(RankActor)
         self.actors = [
             actor.options(
@@ -67,13 +87,6 @@ class Replica:
         addr, port = ray.get(self.actors[0].address.remote(), timeout=start_timeout)
         limits: list[RequestLimits] = ray.get([a.start.remote(addr, port) for a in self.actors], timeout=start_timeout)
         self.limits = limits[0]
-        hear = None if listener is None else (lambda kind, rank, payload: listener(self, kind, rank, payload))
-        self.streams = RankStreams(ep, f"replica {name}", hear)
-        self._pollers = [
-            threading.Thread(target=self._poll, args=(r,), name=f"{name}-poll-{r}", daemon=True) for r in range(ep)
-        ]
-        for t in self._pollers:
-            t.start()
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         return self.limits.check(prompt_ids, params)
@@ -131,7 +144,12 @@ class Replica:
                 self.streams.fail(f"rank {rank} actor is gone ({type(e).__name__})")
                 return
             for event in events:
-                self.streams.handle(event)
+                try:
+                    self.streams.handle(event)
+                except Exception as e:  # noqa: BLE001 - never die silently: fail the replica, its streams move
+                    log.exception("replica %s: handling %s from rank %d failed", self.name, event[0], rank)
+                    self.streams.fail(f"event handling failed: {e!r}")
+                    return
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self.streams.fail("shut down")

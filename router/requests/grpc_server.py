@@ -9,6 +9,7 @@ UNAVAILABLE (the deployment failed the request). A cancelled call aborts its req
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 from typing import Any
@@ -115,7 +116,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def ClusterStatus(self, request: pb.ClusterStatusRequest, context: grpc.aio.ServicerContext) -> pb.ClusterStatusResponse:  # noqa: N802
         await self._authorize(context)
-        replicas, open_requests, failovers = self.service.backend.status()
+        replicas, open_requests, failovers = await asyncio.to_thread(self.service.backend.status)  # Ray calls
         return pb.ClusterStatusResponse(
             model=self.service.model_name, open_requests=open_requests, failovers=failovers,
             replicas=[pb.ReplicaStatus(name=r.name, role=r.role, healthy=r.healthy, open_requests=r.open_requests,

@@ -83,13 +83,13 @@ class OpenAIServer:
             if e.status >= 400:
                 return error_response(e.status, e.reason or "error")
             raise
-        except (InvalidRequest, UnknownModel, Overloaded, DeadlineExceeded) as e:
-            status, message, param, headers = classify(e)
+        except (InvalidRequest, UnknownModel, Overloaded, DeadlineExceeded, RuntimeError, ConnectionError) as e:
+            status, message, param, headers = classify(e)  # a failed deployment: 503, OpenAI-shaped
             return error_response(status, message, param, headers)
 
     # ---- small endpoints -------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        replicas, _, _ = self.service.backend.status()
+        replicas, _, _ = await asyncio.to_thread(self.service.backend.status)  # Ray calls: off the loop
         healthy = any(r.healthy for r in replicas)
         return web.json_response({"status": "ok" if healthy else "unavailable"}, status=200 if healthy else 503)
 
@@ -175,7 +175,7 @@ class OpenAIServer:
                 text.setdefault(c.index, []).append(c.text)
                 completion_tokens += len(c.token_ids)
                 if c.logprobs is not None:
-                    logprobs.setdefault(c.index, []).extend(self._chat_logprobs(c))
+                    logprobs.setdefault(c.index, []).extend(self._chat_logprobs(c, p.sampling.get("logprobs") or 0))
                 if c.finish_reason:
                     finish[c.index] = c.finish_reason
         choices = []
@@ -197,25 +197,35 @@ class OpenAIServer:
                     "choices": choices, **extra}
 
         n = p.sampling.get("n", 1)
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)])
+        top_k = p.sampling.get("logprobs") or 0
         completion_tokens = 0
-        async for delta in self._stream(p, timeout):
-            choices = []
-            for c in delta.choices:
-                completion_tokens += len(c.token_ids)
-                parts, called = parsers.feed(c.index, c.text, final=c.finish_reason is not None)
-                reason = c.finish_reason
-                if reason == "stop" and called:
-                    reason = "tool_calls"
-                entry: dict[str, Any] = {"index": c.index, "delta": parts, "finish_reason": reason}
-                if c.logprobs is not None:
-                    entry["logprobs"] = {"content": self._chat_logprobs(c)}
-                if parts or reason or c.logprobs is not None:
-                    choices.append(entry)
-            if choices:
-                yield chunk(choices)
+        async with contextlib.aclosing(self._stream(p, timeout)) as deltas:
+            # admission and the first delta before any chunk: a refused request still gets its HTTP status
+            first = await anext(deltas, None)
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for i in range(n)])
+            async for delta in _prepend(first, deltas):
+                choices = self._chat_choices(delta, parsers, top_k)
+                completion_tokens += sum(len(c.token_ids) for c in delta.choices)
+                if choices:
+                    yield chunk(choices)
         if usage:
             yield chunk([], usage=_usage(len(p.prompt_ids), completion_tokens))
+
+    def _chat_choices(self, delta: Delta, parsers: _ChatParsers, top_k: int) -> list[dict[str, Any]]:
+        """The chunk's choices for one delta (samples with nothing to say are left out)."""
+        choices = []
+        for c in delta.choices:
+            parts, called = parsers.feed(c.index, c.text, final=c.finish_reason is not None)
+            reason = c.finish_reason
+            if reason == "stop" and called:
+                reason = "tool_calls"
+            entry: dict[str, Any] = {"index": c.index, "delta": parts, "finish_reason": reason}
+            if c.logprobs is not None:
+                entry["logprobs"] = {"content": self._chat_logprobs(c, top_k)}
+            if parts or reason or c.logprobs is not None:
+                choices.append(entry)
+        return choices
 
     def _completion_logprobs(self, c: ChoiceDelta) -> dict[str, Any]:
         """The legacy completions form: tokens, their logprobs, and the top-k as {token: logprob}."""
@@ -228,13 +238,18 @@ class OpenAIServer:
             "text_offset": [],
         }
 
-    def _chat_logprobs(self, c: ChoiceDelta) -> list[dict[str, Any]]:
+    def _chat_logprobs(self, c: ChoiceDelta, top_k: int) -> list[dict[str, Any]]:
+        """OpenAI's chat form: per token its text, logprob, UTF-8 bytes and the top_k most likely
+        tokens (by rank, the sampled one among them when it ranks that high)."""
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
         out = []
-        for token_id, entry in zip(c.token_ids, c.logprobs or []):
-            names = self.tokenizer.convert_ids_to_tokens([e.token_id for e in entry])
-            top = [{"token": name, "logprob": e.logprob, "bytes": list(name.encode())} for name, e in zip(names, entry)]
-            out.append({"token": names[0], "logprob": entry[0].logprob, "bytes": list(names[0].encode()),
-                        "top_logprobs": top[1:] if len(top) > 1 else top})
+        for entry in c.logprobs or []:
+            chosen = entry[0]
+            ranked = sorted({e.token_id: e for e in entry if e.rank >= 1}.values(), key=lambda e: e.rank)[:top_k]
+            out.append({**item(chosen.token_id, chosen.logprob), "top_logprobs": [item(e.token_id, e.logprob) for e in ranked]})
         return out
 
     # ---- plumbing --------------------------------------------------------------------------------
@@ -320,6 +335,13 @@ class _ChatParsers:
         if content:
             parts["content"] = content
         return parts, self._called.get(index, 0) > 0
+
+
+async def _prepend(first: Delta | None, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
 
 
 async def _merged(service: RequestService, prepared: list[Prepared], timeout: float | None) -> AsyncIterator[tuple[int, Delta]]:

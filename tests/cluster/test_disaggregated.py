@@ -130,5 +130,8 @@ def test_abort_and_n2_across_pools(deployment, workload) -> None:
         if d.finished:
             ends[d.request_id] = [o.finish_reason for o in d.outputs]
     assert ends == {f"long{i}": ["abort"] for i in range(4)}
+    # an aborted id can be used again at once (its replica-side stream is released with the abort)
+    again = drive(deployment, {"long0": (requests["r0"][0], requests["r0"][1])})
+    assert again["long0"] == {0: want[0]}
     assert deployment.num_open() == 0
     assert_all_blocks_free(deployment)

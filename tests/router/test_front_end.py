@@ -206,3 +206,20 @@ def test_chat_without_max_tokens_runs_to_the_context_limit(tiny_checkpoint) -> N
         assert "max_tokens" not in backend.seen[-1]["sampling"]  # legacy completions keep 16
     finally:
         server.stop()
+
+
+def test_streaming_chat_refused_at_admission_gets_its_http_status(tiny_checkpoint) -> None:
+    engine = FakeEngine(step_s=0.05)
+    server = serve(engine, tiny_checkpoint(num_layers=2), max_queue=1)
+    try:
+        with Client(f"127.0.0.1:{server.grpc_port}") as client:
+            running = client.stream("hello", max_tokens=40)
+            next(running)
+            http = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.RateLimitError):  # 429 before any chunk, not 200 + an error event
+                list(http.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2, stream=True))
+            running.cancel()
+    finally:
+        server.stop()
+        engine.close()

@@ -25,9 +25,9 @@ class RankStreams:
     def open(self, request_id: str, sink: Sink, rank: int | None = None) -> int:
         """Register a request; returns the rank to serve it: `rank` when given, else the one with
         the fewest open requests."""
-        if self.error is not None:
-            raise EngineDead(f"{self.name} failed: {self.error}")
         with self._lock:
+            if self.error is not None:  # under the lock: fail() cannot slip in between
+                raise EngineDead(f"{self.name} failed: {self.error}")
             if request_id in self._sinks:
                 raise ValueError(f"request id {request_id!r} is already running")
             if rank is None or not 0 <= rank < self.world:
@@ -46,6 +46,13 @@ class RankStreams:
         """Open requests per rank."""
         with self._lock:
             return self._load()
+
+    def forget(self, request_id: str) -> None:
+        """Stop delivering a request (its client is gone; an abort is on its way to the rank), so
+        the id can be used again at once."""
+        with self._lock:
+            self._sinks.pop(request_id, None)
+            self._owner.pop(request_id, None)
 
     def owner(self, request_id: str) -> int | None:
         return self._owner.get(request_id)
@@ -82,8 +89,8 @@ class RankStreams:
 
     def fail(self, reason: str) -> None:
         """The group is gone: every open request hears why."""
-        self.error = self.error or reason
         with self._lock:
+            self.error = self.error or reason
             sinks, self._sinks, self._owner = list(self._sinks.values()), {}, {}
         for sink in sinks:
             _notify(sink, RuntimeError(f"{self.name} failed: {reason}"))
