@@ -149,6 +149,8 @@ class Deployment:
         """Queue a request; `target` (replica name, rank) of the entry pool is where the router wants
         it (used while that replica is healthy; otherwise the least-loaded one)."""
         self.check(prompt_ids, params)
+        if "#" in request_id or "@" in request_id:
+            raise ValueError(f"request id {request_id!r} must not contain '#' or '@' (they mark internal sample ids)")
         timer = RequestTimer(self.metrics, self.tags, observer=self._observe)
         stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, timer)
         with self._lock:

@@ -134,6 +134,8 @@ class RequestService:
             )
         if call.request_id is not None and (not call.request_id or len(call.request_id) > 256):
             raise InvalidRequest("request_id must be 1 to 256 characters", "request_id")
+        if call.request_id is not None and ("#" in call.request_id or "@" in call.request_id):
+            raise InvalidRequest("request_id must not contain '#' or '@' (they mark internal sample ids)", "request_id")
         request_id = call.request_id or f"req-{self._prefix}-{next(self._ids)}"
         return Prepared(request_id, prompt, ids, dict(call.sampling), call.session_id or None)
 
