@@ -45,7 +45,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="8,64,512,4096")
     p.add_argument("--out", default=None)
+    p.add_argument("--formats", default="bf16,int4", help="which weight formats to sweep")
+    p.add_argument("--int4-extra", default="", help="more INT4 candidates, e.g. 16x32x256x4x3;16x64x512x4x2")
     args = p.parse_args()
+    extra = [tuple(int(v) for v in c.split("x")) for c in args.int4_extra.split(";") if c]
     E, H, I = 32, 7168, 2048  # noqa: N806
     g = torch.Generator(device="cuda").manual_seed(0)
     dense = fm.DenseExperts(*(torch.randn(E, a, b, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
@@ -60,7 +63,9 @@ def main() -> None:
     for m in (int(s) for s in args.sizes.split(",")):
         x = torch.randn(E * m, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
         counts = torch.full((E,), m, device="cuda", dtype=torch.int32)
-        for name, w, cands in (("bf16", dense, DENSE), ("int4", quant, INT4)):
+        for name, w, cands in (("bf16", dense, DENSE), ("int4", quant, INT4 + extra)):
+            if name not in args.formats.split(","):
+                continue
             r = sweep(x, counts, w, cands)
             results[f"{name}-{m}"] = r
             print(name, m, json.dumps(r), flush=True)
