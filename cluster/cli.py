@@ -204,7 +204,8 @@ def _pool_counts(text: str) -> dict[str, int]:
 
 
 def _autoscale_simulate(args: argparse.Namespace) -> int:
-    from moecluster.cluster.autoscale.simulate import load_service_model, main as simulate
+    from moecluster.cluster.autoscale.service_model import load_service_model
+    from moecluster.cluster.autoscale.sim_report import main as simulate
 
     model = load_service_model(args.model) if args.model else None
     simulate(args.trace, args.spec, args.policy, args.out, model=model, static_replicas=args.static)

@@ -24,18 +24,9 @@ from pathlib import Path
 import pytest
 
 from moecluster.cluster.autoscale.policy import PoolMetrics, load_policy
-from moecluster.cluster.autoscale.simulate import (
-    GPU_BASE_S,
-    Comparison,
-    PoolSetup,
-    ServiceModel,
-    SimResult,
-    compare,
-    load_service_model,
-    main,
-    setup_from_spec,
-    simulate,
-)
+from moecluster.cluster.autoscale.service_model import GPU_BASE_S, ServiceModel, load_service_model
+from moecluster.cluster.autoscale.sim_report import main, setup_from_spec
+from moecluster.cluster.autoscale.simulate import Comparison, PoolSetup, SimResult, compare, simulate
 from moecluster.cluster.autoscale.trace import (
     LengthDist,
     TraceError,
