@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from moecluster.router.requests.held_text import partial_marker_len
+
 
 class _State(Enum):
     OPENING = "opening"  # nothing but whitespace so far: a `<think>` may still open reasoning
@@ -78,7 +80,7 @@ class ReasoningSplitter:
             elif self._state is _State.REASONING:
                 i = buf.find(self._end)
                 if i < 0:
-                    keep = 0 if final else _partial_tag_len(buf, self._end)
+                    keep = 0 if final else partial_marker_len(buf, self._end)
                     reasoning.append(buf[: len(buf) - keep])
                     buf = buf[len(buf) - keep :]
                     break
@@ -109,11 +111,3 @@ def split_reasoning(
     reasoning, content = splitter.feed(text)
     rest_reasoning, rest_content = splitter.flush()
     return (reasoning + rest_reasoning) or None, content + rest_content
-
-
-def _partial_tag_len(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag` (may still become it)."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0

@@ -60,6 +60,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
+from moecluster.router.requests.held_text import partial_marker_len
+
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
@@ -153,7 +155,7 @@ class ToolCallStream:
             if self._where is _Where.CONTENT:
                 i = buf.find(m.section_begin)
                 if i < 0:
-                    keep = 0 if final else _partial_marker_len(buf, m.section_begin)
+                    keep = 0 if final else partial_marker_len(buf, m.section_begin)
                     content.append(buf[: len(buf) - keep])
                     buf = buf[len(buf) - keep :]
                     break
@@ -307,11 +309,3 @@ def _is_name(name: str) -> bool:
 
 def _random_call_id(index: int) -> str:
     return "call_" + secrets.token_hex(12)
-
-
-def _partial_marker_len(text: str, marker: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `marker` (may still become it)."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0

@@ -11,8 +11,6 @@ Every request that progressed gets one `RequestOutput` holding only what is new 
 from __future__ import annotations
 
 import itertools
-import time
-from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
@@ -79,8 +77,6 @@ class EngineCore:
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = self.num_steps = 0
-        # seconds each new sequence waited before its first step; the newest ones, until drained
-        self.queue_times: deque[float] = deque(maxlen=4096)
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
@@ -128,12 +124,6 @@ class EngineCore:
         on its token counts before the forward)."""
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
-        now = None
-        for s in sched.scheduled:
-            if s.seq.queue_time is None:
-                now = now if now is not None else time.monotonic()
-                s.seq.queue_time = now - s.seq.queued_at
-                self.queue_times.append(s.seq.queue_time)
         return sched
 
     def execute(self, sched: SchedulerOutput, always_forward: bool = False) -> list[RequestOutput]:
@@ -202,9 +192,9 @@ class EngineCore:
 
     def take_queue_times(self) -> list[float]:
         """Drain the queue times recorded since the last call (safe from another thread)."""
-        out = []
-        while self.queue_times:
-            out.append(self.queue_times.popleft())
+        out, times = [], self.scheduler.queue_times  # recorded where the scheduler admits a sequence
+        while times:
+            out.append(times.popleft())
         return out
 
     def take_handoffs(self) -> list[KVHandoff]:

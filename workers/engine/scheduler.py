@@ -15,6 +15,7 @@ is copied after the step) and sample their first tokens from the same logits.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -69,6 +70,8 @@ class Scheduler:
     def __init__(self, cfg: SchedulerConfig, blocks: BlockManager) -> None:
         self.cfg, self.blocks = cfg, blocks
         self.waiting: deque[Sequence] = deque()
+        # seconds each sequence waited before it first ran; the newest ones, until the engine drains them
+        self.queue_times: deque[float] = deque(maxlen=4096)
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
@@ -78,6 +81,13 @@ class Scheduler:
         """A sequence whose cache blocks were filled elsewhere (a KV handoff): it decodes next step."""
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
+        self._started(seq)
+
+    def _started(self, seq: Sequence) -> None:
+        """First time a sequence runs (not again after a preemption): its queue time."""
+        if seq.queue_time is None:
+            seq.queue_time = time.monotonic() - seq.queued_at
+            self.queue_times.append(seq.queue_time)
 
     def detach(self, seq: Sequence) -> None:
         """Stop scheduling a running sequence but keep its blocks (they are being transferred)."""
@@ -115,6 +125,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            self._started(seq)
             self._schedule(seq, n, out)
             budget -= n
         self.running += out.forked
