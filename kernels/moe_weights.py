@@ -24,8 +24,30 @@ _MIN_DOT = 16  # tl.dot needs every dimension >= 16
 # ---------------------------------------------------------------------------------------------
 
 
+class _StackedGate:
+    """Sizes read off a stacked (E, I, H) `gate` tensor (dense and FP8 experts)."""
+
+    gate: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.gate.shape[2]
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate.device
+
+
 @dataclass(frozen=True)
-class DenseExperts:
+class DenseExperts(_StackedGate):
     """Dense (bf16 / fp16 / fp32) stacked expert weights in checkpoint orientation, any strides."""
 
     gate: torch.Tensor  # (E, I, H)
@@ -47,22 +69,6 @@ class DenseExperts:
             raise ValueError("DenseExperts: gate and up must have the same strides (the kernel shares them)")
         if len({self.gate.device, self.up.device, self.down.device}) != 1:
             raise ValueError("DenseExperts: weights on different devices")
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate.shape[0]
-
-    @property
-    def hidden(self) -> int:
-        return self.gate.shape[2]
-
-    @property
-    def intermediate(self) -> int:
-        return self.gate.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.gate.device
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ class Int4Experts:
 
 
 @dataclass(frozen=True)
-class Fp8Experts:
+class Fp8Experts(_StackedGate):
     """DeepSeek-V3's FP8 experts as loaded (W8A16): e4m3 weights in checkpoint orientation and one
     float32 scale per (block_out x block_in) block (`weight_scale_inv`, the dequantization factor).
     The kernel converts each e4m3 tile to the activation dtype (exact: e4m3 fits bf16 / fp16) and
@@ -187,22 +193,6 @@ class Fp8Experts:
                 raise ValueError(f"Fp8Experts.{name}_scale: expected float32 {want}, got {_desc(sc)}")
         if self.gate.stride() != self.up.stride() or self.gate_scale.stride() != self.up_scale.stride():
             raise ValueError("Fp8Experts: gate and up must have the same strides (the kernel shares them)")
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate.shape[0]
-
-    @property
-    def hidden(self) -> int:
-        return self.gate.shape[2]
-
-    @property
-    def intermediate(self) -> int:
-        return self.gate.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.gate.device
 
 
 def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
