@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 PLANNED: dict[str, str] = {}
-BENCH_PLANNED = {
-    "serve": "the GPU end-to-end issue (#9)",
-}
+BENCH_PLANNED: dict[str, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny(sub)
+    _add_make_slice(sub)
     _add_generate(sub)
     _add_bench(sub)
     _add_plan(sub)
@@ -78,6 +77,24 @@ def _make_tiny(args: argparse.Namespace) -> int:
     out = make_tiny(args.out, spec)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {spec.arch} ({spec.quant}) to {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _add_make_slice(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-slice", help="a few layers of a full-size model at the published shapes: config + "
+                                          "tokenizer, no weights (serve with engine.load_format: random)")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--model", default="deepseek-v3", help="deepseek-v3 (FP8), kimi-k2 (FP8), kimi-k2-thinking (INT4)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--dense-layers", type=int, default=1, help="how many of them are dense (the rest MoE)")
+    p.set_defaults(func=_make_slice)
+
+
+def _make_slice(args: argparse.Namespace) -> int:
+    from moecluster.cluster.bench.slice_model import make_slice
+
+    out = make_slice(args.out, args.model, args.layers, args.dense_layers)
+    print(f"wrote a {args.layers}-layer slice of {args.model} to {out} (serve it with engine.load_format: random)")
     return 0
 
 
@@ -384,6 +401,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--step-ms", type=float, default=20.0, help="the fake engine's step time")
     r.add_argument("--out", type=Path, default=Path("bench-router.json"), help="JSON result file")
     r.set_defaults(func=_bench_router)
+    _add_bench_serve(targets)
     for name, what in BENCH_PLANNED.items():
         targets.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(
             func=_planned(f"bench {name}", what)
@@ -418,7 +436,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def _bench_target_missing(_: argparse.Namespace) -> int:
-    raise ValueError(f"name a benchmark: engine, eplb, a2a, router, kernels (not implemented yet: {', '.join(BENCH_PLANNED)})")
+    raise ValueError("name a benchmark: engine, eplb, a2a, router, kernels, serve (or plot-serve)")
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
@@ -450,6 +468,75 @@ def _bench_a2a(args: argparse.Namespace) -> int:
 
     run(A2ABenchConfig(tokens=args.tokens, hidden=args.hidden, top_k=args.top_k, experts=args.experts,
                        world=args.world, iters=args.iters, device=args.device), args.out)
+    return 0
+
+
+
+def _mixes(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple(tuple(int(x) for x in part.split(":")) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected IN:OUT[,IN:OUT...], e.g. 2000:100,8000:1000; got {text!r}") from None
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected IN:OUT pairs of positive token counts, got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
+def _add_bench_serve(targets: argparse._SubParsersAction) -> None:
+    s = targets.add_parser("serve", help="the served stack (Ray ranks, router, gRPC) under a request mix at rising "
+                                         "concurrency; transformers eager baseline; decode roofline")
+    s.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: a slice of --preset)")
+    s.add_argument("--preset", default="deepseek-v3", help="slice of deepseek-v3, kimi-k2 or kimi-k2-thinking")
+    s.add_argument("--layers", type=int, default=4)
+    s.add_argument("--dense-layers", type=int, default=1)
+    s.add_argument("--load-format", choices=["random", "safetensors"], default=None,
+                   help="default: random for a slice, safetensors for --model")
+    s.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("--ep", type=int, default=1, help="EP ranks (GPUs) per decode replica")
+    s.add_argument("--replicas", type=int, default=1, help="decode replicas")
+    s.add_argument("--prefill-ep", type=int, default=None, help="add a prefill pool of one replica of this EP size")
+    s.add_argument("--mix", type=_mixes, default=((2000, 100),), help="IN:OUT[,IN:OUT] tokens (default 2000:100)")
+    s.add_argument("--concurrency", type=_counts, default=(1, 16, 64), help="levels (default 1,16,64)")
+    s.add_argument("--waves", type=int, default=2, help="requests per level = concurrency x waves")
+    s.add_argument("--memory-fraction", type=float, default=0.9)
+    s.add_argument("--baseline-concurrency", type=int, default=64)
+    s.add_argument("--baseline-steps", type=int, default=8)
+    s.add_argument("--no-baseline", action="store_true", help="skip the transformers eager baseline")
+    s.add_argument("--no-roofline", action="store_true", help="skip the copy bandwidth, roofline and MoE layer step")
+    s.add_argument("--no-warmup", action="store_true")
+    s.add_argument("--out", type=Path, default=Path("bench-serve.json"), help="JSON result file")
+    s.add_argument("--png", type=Path, default=None, help="plot file (needs matplotlib)")
+    s.set_defaults(func=_bench_serve)
+    p = targets.add_parser("plot-serve", help="draw the PNG of a `bench serve` JSON result")
+    p.add_argument("result", type=Path)
+    p.add_argument("--png", type=Path, required=True)
+    p.set_defaults(func=_plot_serve)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from moecluster.cluster.bench.serve import ServeBenchConfig, main as bench
+
+    load_format = args.load_format or ("safetensors" if args.model else "random")
+    cfg = ServeBenchConfig(
+        model=args.model, preset=args.preset, layers=args.layers, dense_layers=args.dense_layers,
+        load_format=load_format, device=args.device, dtype=args.dtype, ep=args.ep, replicas=args.replicas,
+        prefill_ep=args.prefill_ep, mixes=args.mix, concurrency=tuple(args.concurrency), waves=args.waves,
+        memory_fraction=args.memory_fraction, baseline=not args.no_baseline, roofline=not args.no_roofline,
+        baseline_concurrency=args.baseline_concurrency, baseline_steps=args.baseline_steps, warmup=not args.no_warmup,
+    )
+    bench(cfg, args.out, args.png)
+    return 0
+
+
+def _plot_serve(args: argparse.Namespace) -> int:
+    from moecluster.cluster.bench.serve_plot import plot
+
+    try:
+        result = json.loads(args.result.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{args.result}: not a readable `bench serve` result ({e})") from None
+    print(f"wrote {plot(result, args.png)}")
     return 0
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:
     e, c = spec.engine, spec.cache
     return EngineConfig(
-        model=spec.model, dtype=e.dtype, device=pool.device, trust_remote_code=spec.trust_remote_code,
+        model=spec.model, dtype=e.dtype, load_format=e.load_format, device=pool.device, trust_remote_code=spec.trust_remote_code,
         block_size=c.block_size, num_kv_blocks=c.num_blocks, kv_cache_memory_bytes=c.memory_bytes,
         gpu_memory_utilization=c.memory_fraction, max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens, enable_chunked_prefill=e.enable_chunked_prefill,

@@ -70,8 +70,11 @@ class Serving:
             pass
 
 
-def start(spec: DeploymentSpec, address: str | None = None, api_key: str | None = None) -> Serving:
-    """Bring a deployment and its router up; returns once both serve."""
+def start(
+    spec: DeploymentSpec, address: str | None = None, api_key: str | None = None, write_state: bool = True,
+) -> Serving:
+    """Bring a deployment and its router up; returns once both serve. `write_state=False` (a
+    benchmark's private deployment) leaves the state file of `status` / `down` alone."""
     import ray
 
     if address is None:
@@ -104,7 +107,8 @@ def start(spec: DeploymentSpec, address: str | None = None, api_key: str | None 
     if spec.autoscaling is not None:
         serving.autoscaler = Autoscaler(deployment, spec.autoscaling)
         serving.autoscaler.start()
-    _write_state(serving, address)
+    if write_state:
+        _write_state(serving, address)
     return serving
 
 

@@ -68,6 +68,8 @@ class CacheSpec(_Strict):
 
 class EngineSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    load_format: Literal["safetensors", "random"] = Field(
+        "safetensors", description="'random': no checkpoint read, weights drawn on the GPUs (benchmarks)")
     max_model_len: int | None = Field(None, ge=2)
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)

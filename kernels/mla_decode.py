@@ -155,6 +155,8 @@ def _mla_decode_stage1(
     BLOCK_N: tl.constexpr,  # tokens per tile
     WRITE_LSE: tl.constexpr,  # num_splits > 1
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for 16-bit inputs
+    TILE_IN_PAGE: tl.constexpr,  # PAGE_SIZE % BLOCK_N == 0: a whole tile is rows of one page
+    PE_FIRST: tl.constexpr = False,
 ):
     pid_h = tl.program_id(0)  # fastest: programs of one (sequence, split) are adjacent
     split = tl.program_id(1)
@@ -164,10 +166,12 @@ def _mla_decode_stage1(
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # per sequence, whole tiles
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)  # may be <= start: an empty split
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles end here
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
     offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
     offs_r = tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    offs_t = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     mask_h = offs_h < num_heads
     # Padding masks on the feature dims; when there is no padding they are constant true, so the
     # compiler sees the loads as whole rows and keeps them 16 bytes wide.
@@ -188,13 +192,48 @@ def _mla_decode_stage1(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max of log2-scaled scores
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp2
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    bt_row = BlockTables + b * stride_btb
 
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token positions
+    # Whole tiles: no token mask.
+    if TILE_IN_PAGE:
+        next_page = tl.load(bt_row + (start // PAGE_SIZE) * stride_btn, mask=start < full_end, other=0)
+    for n0 in range(start, full_end, BLOCK_N):
+        if TILE_IN_PAGE:
+            page = next_page  # one page for the whole tile, loaded a tile ahead
+            n1 = tl.minimum(n0 + BLOCK_N, full_end - 1)
+            next_page = tl.load(bt_row + (n1 // PAGE_SIZE) * stride_btn)
+            row = KV + page.to(tl.int64) * stride_kvb + (n0 % PAGE_SIZE + offs_t) * stride_kvt  # (BLOCK_N,)
+        else:  # a tile over several pages: a page per row
+            offs_n = n0 + offs_t
+            page = tl.load(bt_row + (offs_n // PAGE_SIZE) * stride_btn)
+            row = KV + page.to(tl.int64) * stride_kvb + (offs_n % PAGE_SIZE) * stride_kvt  # (BLOCK_N,)
+        latent = tl.load(row[:, None] + offs_c[None, :] * stride_kvd, mask=mask_c[None, :], other=0.0)
+        latent = latent.to(q_nope.dtype)  # (BLOCK_N, BLOCK_C): K-nope and V
+        k_pe = tl.load(row[:, None] + (KV_LORA + offs_r)[None, :] * stride_kvd, mask=mask_r[None, :], other=0.0)
+        k_pe = k_pe.to(q_nope.dtype)  # (BLOCK_N, BLOCK_R)
+
+        if PE_FIRST:
+            s = tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
+            s = tl.dot(q_nope, tl.trans(latent), acc=s, input_precision=DOT_PRECISION)
+        else:
+            s = tl.dot(q_nope, tl.trans(latent), input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N) fp32
+            s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PRECISION)
+        s = s * sm_scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
+        p = tl.exp2(s - m_new[:, None])  # (BLOCK_H, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(latent.dtype), latent, acc=acc, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_C)
+        m_i = m_new
+
+    # The last, partial tile of the sequence (only in its last non-empty split): rows past the
+    # length are masked at the load (zeros, never the slot's contents) and in the scores.
+    if full_end < end:
+        offs_n = full_end + offs_t  # (BLOCK_N,) token positions
         mask_n = offs_n < end
-        page = tl.load(BlockTables + b * stride_btb + (offs_n // PAGE_SIZE) * stride_btn, mask=mask_n, other=0)
+        page = tl.load(bt_row + (offs_n // PAGE_SIZE) * stride_btn, mask=mask_n, other=0)
         row = KV + page.to(tl.int64) * stride_kvb + (offs_n % PAGE_SIZE) * stride_kvt  # (BLOCK_N,)
-        # The tile, loaded once: latent (BLOCK_N, BLOCK_C) serves as K-nope and as V, k_pe (BLOCK_N, BLOCK_R)
         latent = tl.load(
             row[:, None] + offs_c[None, :] * stride_kvd, mask=mask_n[:, None] & mask_c[None, :], other=0.0
         ).to(q_nope.dtype)
@@ -202,16 +241,15 @@ def _mla_decode_stage1(
             row[:, None] + (KV_LORA + offs_r)[None, :] * stride_kvd, mask=mask_n[:, None] & mask_r[None, :], other=0.0
         ).to(q_nope.dtype)
 
-        s = tl.dot(q_nope, tl.trans(latent), input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N) fp32
+        s = tl.dot(q_nope, tl.trans(latent), input_precision=DOT_PRECISION)
         s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PRECISION)
         s = tl.where(mask_n[None, :], s * sm_scale_log2, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid token
-        alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
-        p = tl.exp2(s - m_new[:, None])  # (BLOCK_H, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the tile holds at least one valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(latent.dtype), latent, acc=acc, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_C)
+        acc = tl.dot(p.to(latent.dtype), latent, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
     nonempty = l_i > 0.0  # false only for an empty split
@@ -286,6 +324,7 @@ _MAX_SPLITS = 64
 _INTERPRETER_SMS = 4  # a stand-in SM count for the CPU interpreter: few programs, fast tests
 _DEFAULT_BLOCK_N = 64
 _DEFAULT_BLOCK_H = 64
+_PE_FIRST = False
 
 
 def _interpreting() -> bool:
@@ -391,7 +430,9 @@ def mla_decode(
     `mla_decode_reference`. Tuning knobs (None: the defaults in the module docstring):
     num_splits (context splits per sequence), block_n (tokens per tile, a power of two >= 16),
     block_h (heads per program, a power of two >= 16), num_warps, num_stages. max_seq_len: an
-    upper bound on seq_lens, to choose num_splits without reading seq_lens back to the host.
+    upper bound on seq_lens, to choose num_splits; None takes the block tables' capacity
+    (max_blocks * block_size), which needs no host sync and is tight when the tables are only as
+    wide as the longest sequence needs.
     out: an optional (batch, heads, kv_lora_rank) tensor of q's dtype to write into.
     Block tables must cover every sequence's length; this is not checked (it would need a sync).
     """
@@ -419,22 +460,25 @@ def mla_decode(
     block_n, num_stages = _fit_tiles(block_h, block_n, num_stages, row_bytes, _smem_budget(q.device))
     num_warps = num_warps or (8 if block_h >= 64 else 4)
     if num_splits is None:
-        if max_seq_len is None:
-            max_seq_len = int(seq_lens.max())  # a host sync; pass max_seq_len or num_splits to avoid it
+        if max_seq_len is None:  # the tables' capacity bounds every length: no host sync on seq_lens
+            max_seq_len = max(1, block_tables.shape[1] * page_size)
         resident = _programs_per_sm(block_h, block_n, num_warps, num_stages, row_bytes)
         num_splits = choose_num_splits(batch, num_heads, max_seq_len, _sm_count(q.device), block_h, block_n, resident)
 
     stage1, stage2 = _jitted(_interpreting())
+    block_c, block_r = _next_pow2(kv_lora_rank), max(16, _next_pow2(rope_dim))
     consts = dict(
         KV_LORA=kv_lora_rank,
         ROPE=rope_dim,
-        BLOCK_C=_next_pow2(kv_lora_rank),
-        BLOCK_R=max(16, _next_pow2(rope_dim)),
+        BLOCK_C=block_c,
+        BLOCK_R=block_r,
         PAGE_SIZE=page_size,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
         WRITE_LSE=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        TILE_IN_PAGE=page_size % block_n == 0,
+        PE_FIRST=_PE_FIRST,
     )
     grid1 = (-(-num_heads // block_h), num_splits, batch)
     if num_splits == 1:  # stage 1 normalizes straight into the output; no stage 2

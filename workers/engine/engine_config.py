@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +28,9 @@ class EngineConfig(BaseModel):
 
     model: Path
     dtype: str = "auto"
+    # "random": weights drawn on the device in the config's formats (benchmarks of full-size
+    # shapes without a checkpoint); "safetensors": read from the checkpoint directory.
+    load_format: Literal["safetensors", "random"] = "safetensors"
     device: str | None = None  # default: cuda when available
     tokenizer: Path | None = None
     trust_remote_code: bool = False
@@ -79,7 +83,7 @@ def build_core(
     expert_ids = dispatcher = None
     if ep is not None:
         expert_ids, dispatcher = ep.experts_and_dispatcher(ModelConfig.from_dir(cfg.model), device)
-    model = load_model(cfg.model, cfg.dtype, device, expert_ids, dispatcher)
+    model = load_model(cfg.model, cfg.dtype, device, expert_ids, dispatcher, load_format=cfg.load_format, seed=cfg.seed)
     mcfg = model.cfg
     max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
     if max_model_len > mcfg.max_position_embeddings:

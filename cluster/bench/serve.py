@@ -1,0 +1,285 @@
+"""`moecluster bench serve`: the whole served stack under load, against transformers and the roofline.
+
+1. The stack: `serve.start` on an embedded Ray (rank actors on the local GPUs, the router's gRPC
+   front end), a checkpoint directory or a full-width slice written by `make_slice` and served
+   with random weights. Optional prefill pool (disaggregated serving).
+2. Load: for each request mix (input / output tokens) and each concurrency, closed-loop gRPC
+   streams from a separate client process (`serve_load.py`); per level: input and output tok/s
+   per GPU over the level's wall time, TTFT and ITL p50 / p99, and the decode rate concurrency /
+   ITL p50 per GPU (tokens per second while every stream decodes). A prefill level per mix
+   (max_tokens 1) gives prefill tok/s per GPU. A short warm-up level runs first (Triton compiles).
+3. After the stack is down, on the same GPU: the copy bandwidth; the decode-step roofline per
+   level (weights + cache bytes per rank, `roofline.py`); one MoE layer timed on a decode batch
+   against its own roofline; transformers' eager `DeepseekV3ForCausalLM` decode rate on the same
+   shapes (`hf_baseline.py`).
+
+Everything lands in one JSON (written after every level, so a crash keeps what was measured) and
+a table; `serve_plot.py` draws the PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moecluster.cluster.bench.serve_load import LoadLevel, RequestRecord, run_level
+from moecluster.cluster.bench.stats import percentile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    model: Path | None = None  # a checkpoint directory; None: a slice of `preset`
+    preset: str = "deepseek-v3"
+    layers: int = 4
+    dense_layers: int = 1
+    load_format: str = "random"
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    ep: int = 1
+    replicas: int = 1
+    prefill_ep: int | None = None  # a prefill pool of one replica of this EP size (disaggregated)
+    mixes: tuple[tuple[int, int], ...] = ((2000, 100),)
+    concurrency: tuple[int, ...] = (1, 16, 64)
+    waves: int = 2  # requests per level = concurrency * waves
+    block_size: int = 64
+    memory_fraction: float = 0.9
+    max_num_batched_tokens: int = 8192
+    warmup: bool = True
+    baseline: bool = True
+    baseline_concurrency: int = 64
+    baseline_steps: int = 8
+    roofline: bool = True
+    seed: int = 0
+
+    @property
+    def gpus(self) -> int:
+        return self.ep * self.replicas + (self.prefill_ep or 0)
+
+
+@dataclass
+class ServeBenchResult:
+    config: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
+    levels: list[dict[str, Any]] = field(default_factory=list)
+    copy_gbs: float | None = None
+    moe_layer: list[dict[str, Any]] = field(default_factory=list)
+    baseline: dict[str, Any] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def summarize_level(records: list[RequestRecord], start: float, end: float, gpus: int) -> dict[str, Any]:
+    """Throughput and latency of one level from its request records."""
+    ok = [r for r in records if r.error is None and r.token_times]
+    ttft = [(r.token_times[0] - r.sent) * 1e3 for r in ok]
+    itl = [(b - a) * 1e3 for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    steps = [(b - a) * 1e3 for r in ok for a, b in zip(r.token_times, r.token_times[1:]) if b > a]
+    out_tokens = sum(len(r.token_times) for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    wall = max(end - start, 1e-9)
+    itl_p50 = percentile(steps, 0.5)
+    concurrency_seen = min(len(ok), max(1, len(records)))
+    return {
+        "requests": len(records), "errors": len(records) - len(ok),
+        "error_examples": sorted({r.error for r in records if r.error})[:3],
+        "wall_s": wall, "input_tokens": in_tokens, "output_tokens": out_tokens,
+        "input_tok_s_per_gpu": in_tokens / wall / gpus, "output_tok_s_per_gpu": out_tokens / wall / gpus,
+        "ttft_ms_p50": percentile(ttft, 0.5), "ttft_ms_p99": percentile(ttft, 0.99),
+        "itl_ms_p50": percentile(itl, 0.5), "itl_ms_p99": percentile(itl, 0.99),
+        "step_ms_p50": itl_p50,
+        "decode_tok_s_per_gpu": (concurrency_seen / (itl_p50 * 1e-3) / gpus) if itl_p50 else None,
+    }
+
+
+def _spec(cfg: ServeBenchConfig, model_dir: Path, max_len: int, max_seqs: int) -> Any:
+    from moecluster.cluster.spec import DeploymentSpec
+
+    pool = {"replicas": cfg.replicas, "ep": cfg.ep, "device": cfg.device}
+    data: dict[str, Any] = {
+        "model": str(model_dir), "decode": pool,
+        "cache": {"block_size": cfg.block_size, "memory_fraction": cfg.memory_fraction,
+                  **({"memory_bytes": 256 << 20} if cfg.device == "cpu" else {})},
+        "engine": {"dtype": cfg.dtype, "load_format": cfg.load_format, "max_model_len": max_len,
+                   "max_num_seqs": max_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens},
+        "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "policy": "least_load",
+                   "max_queue": 4 * max_seqs},
+    }
+    if cfg.prefill_ep:
+        data["prefill"] = {"replicas": 1, "ep": cfg.prefill_ep, "device": cfg.device}
+    return DeploymentSpec.parse(data)
+
+
+def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
+    import torch
+
+    from moecluster.cluster.bench.slice_model import make_slice
+    from moecluster.cluster.serve import start
+    from moecluster.workers.config import ModelConfig
+
+    result = ServeBenchResult(config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()})
+    result.config["gpus_total"] = cfg.gpus
+    checkpoint = save or (lambda r: None)
+    tmp = tempfile.TemporaryDirectory(prefix="moecluster-slice-")
+    model_dir = cfg.model or make_slice(Path(tmp.name) / cfg.preset, cfg.preset, cfg.layers, cfg.dense_layers)
+    mcfg = ModelConfig.from_dir(model_dir)
+    result.model = {"dir": str(model_dir), "model_type": mcfg.model_type, "layers": mcfg.num_hidden_layers,
+                    "moe_layers": sum(mcfg.is_moe_layer(i) for i in range(mcfg.num_hidden_layers)),
+                    "experts": mcfg.n_routed_experts, "heads": mcfg.num_attention_heads, "hidden": mcfg.hidden_size,
+                    "quant": type(mcfg.quant).__name__ if mcfg.quant else "none", "vocab": mcfg.vocab_size}
+    max_len = max(i + o for i, o in cfg.mixes) + cfg.block_size
+    max_seqs = max(cfg.concurrency)
+    serving = start(_spec(cfg, model_dir, max_len, max_seqs), write_state=False)
+    try:
+        target = serving.grpc_target
+        if cfg.warmup:  # compiles every kernel shape the levels use: prefill chunks, decode batches
+            i, _ = cfg.mixes[0]
+            for c in sorted({1, max_seqs}):
+                run_level(target, LoadLevel(i, 4, c, c, mcfg.vocab_size, seed=10_000 + c))
+        for i, o in cfg.mixes:
+            levels = [("prefill", max_seqs, 1)] + [("serve", c, o) for c in cfg.concurrency]
+            for kind, c, out_len in levels:
+                level = LoadLevel(i, out_len, c, c * (1 if kind == "prefill" else cfg.waves), mcfg.vocab_size,
+                                  seed=cfg.seed + len(result.levels) + 1)
+                records, t0, t1 = run_level(target, level)
+                row = {"kind": kind, "input_len": i, "output_len": out_len, "concurrency": c,
+                       **summarize_level(records, t0, t1, cfg.gpus)}
+                result.levels.append(row)
+                _print_level(row)
+                checkpoint(result)
+    finally:
+        serving.stop()
+    device = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.roofline:
+        _rooflines(cfg, mcfg, dtype, device, result)
+        checkpoint(result)
+    if cfg.baseline:
+        _baseline(cfg, model_dir, device, dtype, result)
+        checkpoint(result)
+    result.summary = summarize(result, cfg)
+    checkpoint(result)
+    tmp.cleanup()
+    return result
+
+
+def _rooflines(cfg: ServeBenchConfig, mcfg: Any, dtype: Any, device: Any, result: ServeBenchResult) -> None:
+    from moecluster.cluster.bench.roofline import copy_bandwidth_gbs, decode_step_roofline, moe_layer_step
+
+    result.copy_gbs = copy_bandwidth_gbs(device)
+    for row in result.levels:
+        if row["kind"] != "serve":
+            continue
+        context = row["input_len"] + row["output_len"] // 2  # the mean context over a request's decode
+        roof = decode_step_roofline(mcfg, dtype, row["concurrency"], context, cfg.ep, result.copy_gbs)
+        row["roofline_step_ms"] = roof["roofline_ms"]
+        row["roofline_bytes"] = roof["bytes"]
+        row["step_vs_roofline"] = row["step_ms_p50"] / roof["roofline_ms"] if row["step_ms_p50"] else None
+    for c in sorted(set(cfg.concurrency)):
+        try:
+            result.moe_layer.append(moe_layer_step(mcfg, dtype, c, result.copy_gbs, device, cfg.seed))
+        except RuntimeError as e:  # e.g. all experts of a layer do not fit one GPU (large EP setups)
+            result.notes.append(f"MoE layer step at {c} tokens not measured: {e}")
+            break
+
+
+def _baseline(cfg: ServeBenchConfig, model_dir: Path, device: Any, dtype: Any, result: ServeBenchResult) -> None:
+    from moecluster.cluster.bench.hf_baseline import decode_baseline
+
+    context = cfg.mixes[0][0]
+    try:
+        result.baseline = decode_baseline(model_dir, cfg.baseline_concurrency, context, cfg.baseline_steps, device,
+                                          dtype, cfg.seed)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        result.notes.append(f"transformers baseline not run: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def summarize(result: ServeBenchResult, cfg: ServeBenchConfig) -> dict[str, Any]:
+    """The acceptance numbers: decode rate per GPU vs transformers at the baseline's concurrency,
+    and the MoE layer's decode step vs its roofline."""
+    out: dict[str, Any] = {"gpus": cfg.gpus}
+    serve = [r for r in result.levels if r["kind"] == "serve" and r["concurrency"] == cfg.baseline_concurrency]
+    if serve and result.baseline:
+        ours = serve[0]["decode_tok_s_per_gpu"]
+        out["decode_tok_s_per_gpu"] = ours
+        out["baseline_decode_tok_s"] = result.baseline["decode_tok_s"]
+        out["speedup_vs_transformers"] = ours / result.baseline["decode_tok_s"] if ours else None
+    at = [m for m in result.moe_layer if m["tokens"] == cfg.baseline_concurrency] or result.moe_layer[-1:]
+    if at:
+        out["moe_layer_tokens"] = at[0]["tokens"]
+        out["moe_layer_vs_roofline"] = at[0]["vs_roofline"]
+    prefill = [r for r in result.levels if r["kind"] == "prefill"]
+    if prefill:
+        out["prefill_tok_s_per_gpu"] = max(r["input_tok_s_per_gpu"] for r in prefill)
+    return out
+
+
+def _print_level(row: dict[str, Any]) -> None:
+    print(f"{row['kind']:>7} {row['input_len']:>6}/{row['output_len']:<5} c={row['concurrency']:<4} "
+          f"in {row['input_tok_s_per_gpu']:9.0f} out {row['output_tok_s_per_gpu']:8.0f} tok/s/GPU  "
+          f"TTFT p50 {_f(row['ttft_ms_p50'], '8.1f')} p99 {_f(row['ttft_ms_p99'], '8.1f')}  "
+          f"ITL p50 {_f(row['itl_ms_p50'], '7.2f')} p99 {_f(row['itl_ms_p99'], '7.2f')} ms  errors {row['errors']} "
+          f"{' '.join(row['error_examples'])}", flush=True)
+
+
+def print_tables(result: ServeBenchResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result.model
+    table = Table(title=f"bench serve: {m.get('model_type')} {m.get('layers')} layers ({m.get('moe_layers')} MoE, "
+                        f"{m.get('experts')} experts, {m.get('quant')}), {result.config['gpus_total']} GPU(s)")
+    for col in ("kind", "in/out", "conc", "in tok/s/GPU", "out tok/s/GPU", "decode tok/s/GPU", "TTFT p50/p99 ms",
+                "ITL p50/p99 ms", "roofline ms", "step/roofline", "errors"):
+        table.add_column(col, justify="right")
+    for r in result.levels:
+        table.add_row(r["kind"], f"{r['input_len']}/{r['output_len']}", str(r["concurrency"]),
+                      _f(r["input_tok_s_per_gpu"], ".0f"), _f(r["output_tok_s_per_gpu"], ".0f"),
+                      _f(r.get("decode_tok_s_per_gpu"), ".0f") if r["kind"] == "serve" else "-",
+                      f"{_f(r['ttft_ms_p50'], '.0f')} / {_f(r['ttft_ms_p99'], '.0f')}",
+                      f"{_f(r['itl_ms_p50'], '.2f')} / {_f(r['itl_ms_p99'], '.2f')}",
+                      _f(r.get("roofline_step_ms"), ".2f"), _f(r.get("step_vs_roofline"), ".2f"), str(r["errors"]))
+    console = Console()
+    console.print(table)
+    if result.moe_layer:
+        t = Table(title=f"one MoE layer, decode batch (copy {result.copy_gbs:.0f} GB/s)")
+        for col in ("tokens", "experts hit", "GiB read", "ms", "roofline ms", "vs roofline"):
+            t.add_column(col, justify="right")
+        for r in result.moe_layer:
+            t.add_row(str(r["tokens"]), str(r["experts_hit"]), f"{r['bytes'] / 2**30:.2f}", f"{r['ms']:.3f}",
+                      f"{r['roofline_ms']:.3f}", f"{r['vs_roofline']:.2f}x")
+        console.print(t)
+    if result.baseline:
+        b = result.baseline
+        console.print(f"baseline: {b['implementation']}, {b['dtype']}: {b['decode_tok_s']:.0f} decode tok/s at "
+                      f"concurrency {b['concurrency']}, context {b['context']} (step {b['step_ms_p50']:.1f} ms)")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"summary: {json.dumps(result.summary)}")
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(cfg: ServeBenchConfig, out: Path | None, png: Path | None = None) -> ServeBenchResult:
+    def save(result: ServeBenchResult) -> None:
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(asdict(result), indent=2, default=str))
+
+    result = run(cfg, save)
+    print_tables(result)
+    if png is not None:
+        from moecluster.cluster.bench.serve_plot import plot
+
+        try:
+            plot(asdict(result), png)
+        except ImportError as e:
+            print(f"no PNG ({e}); draw it later with `moecluster bench plot-serve {out} --png {png}`")
+    return result

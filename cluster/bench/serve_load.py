@@ -1,0 +1,92 @@
+"""The client side of `moecluster bench serve`: closed-loop gRPC streams against a served router.
+
+One level = `requests` requests of `input_len` random prompt token ids and exactly `output_len`
+new tokens (ignore_eos), `concurrency` of them open at a time. The clients run in their own
+process (grpc.aio), so they share no interpreter with the router they measure, and record for
+each request when it was sent, when each token arrived and what the server reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import random
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LoadLevel:
+    input_len: int
+    output_len: int
+    concurrency: int
+    requests: int
+    vocab_size: int
+    seed: int = 0
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class RequestRecord:
+    sent: float  # time.perf_counter() of the client process (CLOCK_MONOTONIC, shared across processes)
+    token_times: list[float] = field(default_factory=list)  # arrival of each new token
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+
+
+def prompt_ids(level: LoadLevel, index: int) -> list[int]:
+    """A random prompt per request (no shared prefixes: the prefix cache does not help)."""
+    rng = random.Random(level.seed * 1_000_003 + index)
+    return [rng.randrange(level.vocab_size) for _ in range(level.input_len)]
+
+
+def _client(target: str, level: LoadLevel, out: mp.Queue) -> None:
+    import grpc
+
+    from moecluster.proto.v1 import generation_pb2 as pb
+    from moecluster.proto.v1 import generation_pb2_grpc as pb_grpc
+
+    async def run() -> tuple[list[RequestRecord], float, float]:
+        records: list[RequestRecord] = []
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            next_index = iter(range(level.requests))
+            sampling = pb.SamplingParams(max_tokens=level.output_len, ignore_eos=True, temperature=0.0)
+
+            async def worker() -> None:
+                for i in next_index:
+                    request = pb.GenerateRequest(request_id=f"bench-{level.seed}-{i}", sampling=sampling)
+                    request.token_ids.ids.extend(prompt_ids(level, i))
+                    record = RequestRecord(sent=time.perf_counter())
+                    records.append(record)
+                    try:
+                        async for r in stub.Generate(request, timeout=level.timeout_s):
+                            now = time.perf_counter()
+                            record.token_times.extend([now] * sum(len(c.token_ids) for c in r.choices))
+                            if r.HasField("usage"):
+                                record.prompt_tokens = r.usage.prompt_tokens
+                                record.output_tokens = r.usage.completion_tokens
+                    except grpc.aio.AioRpcError as e:
+                        record.error = f"{e.code().name}: {e.details()}"
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(level.concurrency)))
+            return records, start, time.perf_counter()
+
+    out.put(asyncio.run(run()))
+
+
+def run_level(target: str, level: LoadLevel) -> tuple[list[RequestRecord], float, float]:
+    """Run one level from a fresh client process; returns (records, start, end)."""
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_client, args=(target, level, out), daemon=True)
+    proc.start()
+    try:
+        return out.get(timeout=level.timeout_s + 60)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()

@@ -1,0 +1,91 @@
+"""`moecluster make-slice`: a few layers of a full-size model, served with random weights.
+
+A slice keeps every published shape of DeepSeek-V3, Kimi K2 or K2-Thinking (hidden 7168, 128 or
+64 MLA heads, 256 or 384 routed experts of width 2048, the full vocabulary, FP8 or INT4 formats)
+and cuts only the depth: `dense_layers` dense layers, then MoE layers up to `layers`. The
+directory holds `config.json`, `generation_config.json` and a tokenizer, no weights: serve it
+with `engine.load_format: random` and every rank draws its weights on its GPU in the formats the
+config declares (`workers/checkpoint/random_weights.py`), so kernels, memory and the data plane
+see what the full model gives them per layer.
+
+The tokenizer is the toy BPE of `make-tiny` (trained on a built-in corpus) padded with filler
+tokens up to the published vocabulary size: every id the model can emit decodes to text, and
+prompts given as token ids may use the whole range.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moecluster.cluster.plan.presets import PRESETS
+from moecluster.workers.checkpoint.tiny_tokenizer import write_tiny_tokenizer
+from moecluster.workers.config import ModelConfig
+
+TRAINED_VOCAB = 2048  # the BPE part of the tokenizer; the rest of the vocabulary is fillers
+ARCH_OF = {"deepseek-v3": "deepseek-v3", "kimi-k2": "kimi-k2", "kimi-k2-thinking": "kimi-k2"}
+
+
+def slice_config(preset: str, layers: int, dense_layers: int = 1) -> dict[str, Any]:
+    """The preset's config.json with `layers` decoder layers, the first `dense_layers` dense."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model {preset!r}: choose one of {', '.join(PRESETS)}")
+    if not 0 <= dense_layers < layers:
+        raise ValueError(f"a slice needs 0 <= dense_layers < layers (at least one MoE layer), got {dense_layers}, {layers}")
+    full = PRESETS[preset]
+    if layers > full["num_hidden_layers"]:
+        raise ValueError(f"{preset} has {full['num_hidden_layers']} layers; a slice of {layers} is not a slice")
+    raw = {**full, "num_hidden_layers": layers, "first_k_dense_replace": dense_layers, "num_nextn_predict_layers": 0,
+           "architectures": ["DeepseekV3ForCausalLM"], "hidden_act": "silu", "attention_bias": False,
+           "initializer_range": 0.02, "use_cache": True}
+    ModelConfig.from_hf(raw)  # only write what the loader accepts
+    return raw
+
+
+def make_slice(out_dir: str | Path, preset: str = "deepseek-v3", layers: int = 4, dense_layers: int = 1) -> Path:
+    """Write config, generation config and a full-vocabulary tokenizer to out_dir."""
+    out = Path(out_dir)
+    raw = slice_config(preset, layers, dense_layers)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(out, ARCH_OF[preset], TRAINED_VOCAB, model_max_length=raw["max_position_embeddings"])
+    pad_tokenizer(out / "tokenizer.json", raw["vocab_size"])
+    tok = json.loads((out / "tokenizer.json").read_text())
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    raw["bos_token_id"] = ids[_text(tok_cfg["bos_token"])]
+    raw["eos_token_id"] = ids[_text(tok_cfg["eos_token"])]
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    gen = {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out
+
+
+def pad_tokenizer(path: Path, vocab_size: int) -> None:
+    """Grow the tokenizer to exactly `vocab_size` ids: special tokens outside the BPE vocabulary
+    move to the top ids (where the published tokenizers keep theirs; the tokenizers library
+    numbers such tokens after the model's vocabulary anyway), and filler tokens (byte-level
+    " ~<id>" strings, never produced by encoding: they have no merges) take the ids between."""
+    tok = json.loads(path.read_text())
+    vocab: dict[str, int] = tok["model"]["vocab"]
+    if len(vocab) != max(vocab.values()) + 1:
+        raise ValueError(f"{path}: the BPE vocabulary's ids are not contiguous")
+    added = [t for t in tok["added_tokens"] if t["content"] not in vocab]
+    first_top = vocab_size - len(added)
+    if first_top < len(vocab):
+        raise ValueError(f"{path}: {len(vocab)} BPE tokens + {len(added)} added ones exceed vocab_size {vocab_size}")
+    moved = {t["id"]: first_top + j for j, t in enumerate(added)}
+    for t in added:
+        t["id"] = moved[t["id"]]
+    for spec in (tok.get("post_processor") or {}).get("special_tokens", {}).values():
+        spec["ids"] = [moved.get(i, i) for i in spec["ids"]]
+    for i in range(len(vocab), first_top):
+        token = f"\u0120~{i}"  # byte-level form of " ~<i>"
+        if token in vocab:
+            raise ValueError(f"{path}: filler token {token!r} collides with a trained token")
+        vocab[token] = i
+    path.write_text(json.dumps(tok, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _text(entry: str | dict) -> str:
+    return entry["content"] if isinstance(entry, dict) else entry

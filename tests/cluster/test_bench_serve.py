@@ -1,0 +1,140 @@
+"""`moecluster bench serve` end to end on the CPU (toy checkpoint), random weights, slices, rooflines."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moecluster.cluster.bench.roofline import decode_step_roofline, expected_experts_hit, layer_bytes
+from moecluster.cluster.bench.serve import ServeBenchConfig, main, summarize_level
+from moecluster.cluster.bench.serve_load import RequestRecord
+from moecluster.cluster.bench.slice_model import make_slice, slice_config
+from moecluster.cluster.cli import main as cli
+from moecluster.text.tokenizer import load_tokenizer
+from moecluster.workers.config import ModelConfig
+from moecluster.workers.model_loader import load_model
+
+
+def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp_path) -> None:
+    ckpt = tiny_checkpoint()
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    cfg = ServeBenchConfig(model=ckpt, load_format="safetensors", device="cpu", dtype="float32",
+                           mixes=((24, 6), (40, 3)), concurrency=(1, 3), waves=2, baseline_concurrency=3,
+                           baseline_steps=3)
+    result = main(cfg, out, png)
+    saved = json.loads(out.read_text())
+    assert png.stat().st_size > 10_000
+    assert [(r["kind"], r["input_len"], r["concurrency"]) for r in saved["levels"]] == [
+        ("prefill", 24, 3), ("serve", 24, 1), ("serve", 24, 3), ("prefill", 40, 3), ("serve", 40, 1), ("serve", 40, 3)]
+    for row in saved["levels"]:
+        assert row["errors"] == 0
+        requests = row["concurrency"] * (1 if row["kind"] == "prefill" else 2)
+        assert row["requests"] == requests
+        assert row["output_tokens"] == requests * row["output_len"]  # ignore_eos: exactly the asked length
+        assert row["input_tokens"] == requests * row["input_len"]
+        assert row["ttft_ms_p50"] > 0 and row["input_tok_s_per_gpu"] > 0
+        if row["kind"] == "serve":
+            assert 0 < row["itl_ms_p50"] <= row["itl_ms_p99"]
+            assert row["roofline_step_ms"] > 0 and row["step_vs_roofline"] > 0
+    assert saved["copy_gbs"] > 0
+    assert [m["tokens"] for m in saved["moe_layer"]] == [1, 3]
+    assert all(1 <= m["experts_hit"] <= 16 and m["ms"] > 0 for m in saved["moe_layer"])
+    base = saved["baseline"]
+    assert base["concurrency"] == 3 and base["context"] == 24 and base["decode_tok_s"] > 0
+    assert result.summary["speedup_vs_transformers"] == pytest.approx(
+        result.summary["decode_tok_s_per_gpu"] / base["decode_tok_s"])
+
+
+def test_summarize_level_counts_and_percentiles() -> None:
+    records = [RequestRecord(sent=0.0, token_times=[0.5, 0.6, 0.7], prompt_tokens=10, output_tokens=3),
+               RequestRecord(sent=0.1, token_times=[0.4, 0.6, 0.8], prompt_tokens=10, output_tokens=3),
+               RequestRecord(sent=0.2, error="RESOURCE_EXHAUSTED: queue full")]
+    row = summarize_level(records, 0.0, 1.0, gpus=2)
+    assert row["errors"] == 1 and row["output_tokens"] == 6 and row["input_tokens"] == 20
+    assert row["output_tok_s_per_gpu"] == pytest.approx(3.0)
+    assert row["ttft_ms_p50"] == pytest.approx(500.0)
+    assert row["itl_ms_p99"] == pytest.approx(200.0)
+    assert row["decode_tok_s_per_gpu"] == pytest.approx(2 / (row["step_ms_p50"] * 1e-3) / 2)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int4", "none"])
+def test_random_weights_are_deterministic_finite_and_agree_across_expert_shards(tiny_checkpoint, quant) -> None:
+    ckpt = tiny_checkpoint(quant=quant)
+    a = load_model(ckpt, dtype="float32", load_format="random", seed=3)
+    b = load_model(ckpt, dtype="float32", load_format="random", seed=3)
+    c = load_model(ckpt, dtype="float32", load_format="random", seed=4)
+    part = load_model(ckpt, dtype="float32", load_format="random", seed=3, expert_ids=[5, 2, 11])
+    for (name, x), (_, y), (_, z) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(x, y), name
+        if x.is_floating_point():
+            assert torch.isfinite(x.float()).all(), name
+    moe_a, moe_part = a.layers[1].mlp.experts, part.layers[1].mlp.experts
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        full = getattr(moe_a, name).dequantize(torch.float32)
+        mine = getattr(moe_part, name).dequantize(torch.float32)
+        assert torch.equal(mine, full[[5, 2, 11]]), name  # an expert's weights do not depend on its rank
+        # a linear layer's effective weights have std about 1/sqrt(in_features)
+        assert full.std().item() == pytest.approx(full.shape[-1] ** -0.5, rel=0.25), name
+    assert not torch.equal(a.layers[0].self_attn.o_proj.dequantize(torch.float32),
+                           c.layers[0].self_attn.o_proj.dequantize(torch.float32))
+    ids = torch.arange(8)
+    hidden = a.embed_tokens[ids]
+    assert torch.isfinite(a.logits(a.norm(hidden))).all()
+
+
+def test_unknown_load_format_is_refused(tiny_checkpoint) -> None:
+    with pytest.raises(ValueError, match="load_format 'dummy' is not supported"):
+        load_model(tiny_checkpoint(), load_format="dummy")
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "kimi-k2-thinking"])
+def test_slice_keeps_published_shapes_and_a_full_vocabulary_tokenizer(tmp_path, preset) -> None:
+    out = make_slice(tmp_path / preset, preset, layers=3, dense_layers=1)
+    cfg = ModelConfig.from_dir(out)
+    assert (cfg.num_hidden_layers, cfg.first_k_dense_replace, cfg.num_nextn_predict_layers) == (3, 1, 0)
+    assert cfg.hidden_size == 7168 and cfg.moe_intermediate_size == 2048 and cfg.kv_lora_rank == 512
+    assert (cfg.n_routed_experts, cfg.num_attention_heads) == ((256, 128) if preset == "deepseek-v3" else (384, 64))
+    assert type(cfg.quant).__name__ == ("Fp8BlockScheme" if preset == "deepseek-v3" else "Int4GroupScheme")
+    assert not list(out.glob("*.safetensors"))
+    tok = load_tokenizer(out)
+    assert tok.vocab_size == cfg.vocab_size
+    assert tok.decode([5000, 77_777]) == " ~5000 ~77777"  # fillers past the trained BPE part decode to text
+    assert all(isinstance(tok.decode([i]), str) for i in range(0, cfg.vocab_size, 997))
+    assert "hello" in tok.decode(tok.encode("hello world"))
+    assert cfg.eos_token_ids[0] == tok.eos_token_id
+
+
+def test_slice_refuses_bad_depths() -> None:
+    with pytest.raises(ValueError, match="at least one MoE layer"):
+        slice_config("deepseek-v3", layers=2, dense_layers=2)
+    with pytest.raises(ValueError, match="unknown model"):
+        slice_config("llama", layers=2)
+    with pytest.raises(ValueError, match="not a slice"):
+        slice_config("kimi-k2", layers=99)
+
+
+def test_roofline_bytes_follow_the_formats(tmp_path) -> None:
+    fp8 = ModelConfig.from_hf(slice_config("deepseek-v3", layers=2, dense_layers=1))
+    parts = layer_bytes(fp8, torch.bfloat16, local_experts=256)
+    weights = 3 * 7168 * 2048  # gate, up, down of one expert, one byte each in e4m3
+    scales = (2 * 16 * 56 + 56 * 16) * 4  # float32 per 128 x 128 block
+    assert parts["per_expert"] == weights + scales
+    int4 = ModelConfig.from_hf(slice_config("kimi-k2-thinking", layers=2, dense_layers=1))
+    assert layer_bytes(int4, torch.bfloat16, 384)["per_expert"] == weights // 2 + 3 * 7168 * 2048 // 32 * 2
+    assert expected_experts_hit(256, 8, 1) == pytest.approx(8)
+    assert expected_experts_hit(256, 8, 10_000) == pytest.approx(256)
+    one = decode_step_roofline(fp8, torch.bfloat16, 64, 2048, ep=1, copy_gbs=3000.0)
+    two = decode_step_roofline(fp8, torch.bfloat16, 64, 2048, ep=2, copy_gbs=3000.0)
+    assert two["bytes"]["kv_cache"] == one["bytes"]["kv_cache"] / 2 == 32 * 2048 * 576 * 2 * 2
+    assert two["bytes"]["routed_experts"] == pytest.approx(one["bytes"]["routed_experts"] / 2)
+    assert one["roofline_ms"] == pytest.approx(one["bytes"]["total"] / 3e12 * 1e3)
+    assert math.isclose(one["experts_hit_per_layer_per_rank"], expected_experts_hit(256, 8, 64))
+
+
+def test_cli_bench_serve_rejects_bad_mix(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli(["bench", "serve", "--mix", "2000x100"])
+    assert "IN:OUT" in capsys.readouterr().err
