@@ -49,6 +49,7 @@ def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:
         max_num_batched_tokens=e.max_num_batched_tokens, enable_chunked_prefill=e.enable_chunked_prefill,
         enable_prefix_caching=c.enable_prefix_caching, eplb_redundant_slots=e.eplb_redundant_slots,
         eplb_interval_steps=e.eplb_interval_steps,
+        kv_transfer=("p2p" if pool.device == "cuda" else "object_store") if e.kv_transfer == "auto" else e.kv_transfer,
     )
 
 
@@ -119,6 +120,7 @@ class Deployment:
         self._views: dict[str, list[RankView]] = {}  # entry-pool replica -> its ranks, as last checked
         self.window = LatencyWindow()
         self.failovers = 0
+        self._transfers: dict[str, int] = {}  # taken handoffs by outcome ("received", "refilled")
         self.on_rebuilt: Callable[[str], None] | None = None  # told the name of each rebuilt replica (empty cache)
         self.metrics = RayMetrics()
         self.tags = {"model": spec.served_name or spec.model.name}
@@ -244,10 +246,17 @@ class Deployment:
             self._release(inner_id)
             self.metrics.count("moecluster_kv_transfers_total", 1, {**self.tags, "outcome": outcome})
             with self._lock:
+                self._transfers[outcome] = self._transfers.get(outcome, 0) + 1
+            with self._lock:
                 owner = self._owner.get(inner_id)
             if owner is not None:
                 log_event(owner[0].request_id, "kv_taken", inner_id=inner_id, replica=replica.name, rank=rank,
                           outcome=outcome)
+
+    def transfer_outcomes(self) -> dict[str, int]:
+        """Handoffs the decode pool took so far, by outcome ("received", or "refilled" from the prompt)."""
+        with self._lock:
+            return dict(self._transfers)
 
     def _on_handoff(self, prefill: Replica, rank: int, h: KVHandoff) -> None:
         decode_id = f"{h.request_id}@{h.sample_index}"

@@ -2,7 +2,9 @@
 
 The actor is threaded (Ray `max_concurrency`): `poll` can wait for events while `submit` and
 `abort` come in. A rank of a prefill or decode pool runs its engine in that role, with KV blocks
-travelling between pools through Ray's object store (`object_store_transfer.py`). The group's torch.distributed rendezvous goes through Ray: rank 0 reports an
+travelling between pools through Ray's object store (`object_store_transfer.py`) or a
+point-to-point group per rank pair (`p2p_transfer.py`: NCCL between GPUs; `kv_connect` and
+`kv_push` are its prefill side). The group's torch.distributed rendezvous goes through Ray: rank 0 reports an
 address and a free port on its node, and every rank's `start` joins with them.
 """
 
@@ -20,6 +22,7 @@ import ray
 
 from moecluster.cluster.metrics import RayMetrics, publish_engine_stats
 from moecluster.cluster.object_store_transfer import ObjectStoreTransfer
+from moecluster.cluster.p2p_transfer import P2PTransfer
 from moecluster.workers.engine.engine_config import EngineConfig
 from moecluster.workers.engine.engine_core import Role
 from moecluster.workers.engine.ep_rank import join_group, lockstep_loop
@@ -56,6 +59,7 @@ class RankActor:
         self.outbox: queue.Queue[tuple] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._core: Any = None
+        self._transfer: Any = None
 
     def address(self) -> tuple[str, int]:
         """Where the group's rendezvous listens (asked of rank 0)."""
@@ -66,8 +70,10 @@ class RankActor:
 
     def start(self, master_addr: str, port: int) -> RequestLimits:
         """Join the group and build the engine (all ranks at once), then step in the background."""
-        transfer = ObjectStoreTransfer() if self.role != "both" else None
-        self._core, device = join_group(self.rank, self.world, master_addr, port, self.cfg, self.role, transfer)
+        if self.role != "both":
+            cuda = self.cfg.resolved_device().type == "cuda"
+            self._transfer = P2PTransfer(cuda) if self.cfg.kv_transfer == "p2p" else ObjectStoreTransfer()
+        self._core, device = join_group(self.rank, self.world, master_addr, port, self.cfg, self.role, self._transfer)
         self._thread = threading.Thread(
             target=self._run, args=(device,), name=f"moecluster-rank-{self.rank}", daemon=True
         )
@@ -91,6 +97,19 @@ class RankActor:
     def ack(self, request_id: str, sample_index: int) -> None:
         """A prefill rank: the decode side took this sample; free its blocks."""
         self.inbox.put(("ack", request_id, sample_index))
+
+    def kv_connect(self, pair: str, host: str, port: int) -> None:
+        """A prefill rank (p2p transfers): join a decode rank's pair group."""
+        self._p2p().connect(pair, host, port)
+
+    def kv_push(self, pair: str, key: str, tag: int) -> None:
+        """A prefill rank (p2p transfers): send a staged payload to the decode rank that asks."""
+        self._p2p().push(pair, key, tag)
+
+    def _p2p(self) -> P2PTransfer:
+        if not isinstance(self._transfer, P2PTransfer):
+            raise RuntimeError(f"rank {self.rank} ({self.role}) does not use p2p KV transfers")
+        return self._transfer
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))

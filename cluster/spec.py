@@ -76,6 +76,9 @@ class EngineSpec(_Strict):
     enable_chunked_prefill: bool = True
     eplb_redundant_slots: int = Field(0, ge=0)
     eplb_interval_steps: int | None = Field(None, ge=1)
+    kv_transfer: Literal["auto", "object_store", "p2p"] = Field(
+        "auto", description="prefill -> decode KV blocks: p2p (NCCL between GPUs, gloo on CPUs) or Ray's object "
+                            "store; auto: p2p on cuda, object_store on cpu")
 
 
 class RouterSpec(_Strict):

@@ -156,7 +156,6 @@ def _mla_decode_stage1(
     WRITE_LSE: tl.constexpr,  # num_splits > 1
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for 16-bit inputs
     TILE_IN_PAGE: tl.constexpr,  # PAGE_SIZE % BLOCK_N == 0: a whole tile is rows of one page
-    PE_FIRST: tl.constexpr = False,
 ):
     pid_h = tl.program_id(0)  # fastest: programs of one (sequence, split) are adjacent
     split = tl.program_id(1)
@@ -212,12 +211,8 @@ def _mla_decode_stage1(
         k_pe = tl.load(row[:, None] + (KV_LORA + offs_r)[None, :] * stride_kvd, mask=mask_r[None, :], other=0.0)
         k_pe = k_pe.to(q_nope.dtype)  # (BLOCK_N, BLOCK_R)
 
-        if PE_FIRST:
-            s = tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
-            s = tl.dot(q_nope, tl.trans(latent), acc=s, input_precision=DOT_PRECISION)
-        else:
-            s = tl.dot(q_nope, tl.trans(latent), input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N) fp32
-            s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PRECISION)
+        s = tl.dot(q_nope, tl.trans(latent), input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N) fp32
+        s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PRECISION)
         s = s * sm_scale_log2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
@@ -324,7 +319,6 @@ _MAX_SPLITS = 64
 _INTERPRETER_SMS = 4  # a stand-in SM count for the CPU interpreter: few programs, fast tests
 _DEFAULT_BLOCK_N = 64
 _DEFAULT_BLOCK_H = 64
-_PE_FIRST = False
 
 
 def _interpreting() -> bool:
@@ -478,7 +472,6 @@ def mla_decode(
         WRITE_LSE=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         TILE_IN_PAGE=page_size % block_n == 0,
-        PE_FIRST=_PE_FIRST,
     )
     grid1 = (-(-num_heads // block_h), num_splits, batch)
     if num_splits == 1:  # stage 1 normalizes straight into the output; no stage 2

@@ -131,8 +131,5 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     fixed = moe.gate_weight.numel() * 4 + (_bytes(moe.shared_experts) if moe.shared_experts is not None else 0)
     total = fixed + hit * per_expert + 2 * x.numel() * x.element_size()
     roofline_ms = total / (copy_gbs * 1e9) * 1e3
-    del moe
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"tokens": tokens, "experts_hit": hit, "bytes": total, "ms": ms, "roofline_ms": roofline_ms,
             "vs_roofline": ms / roofline_ms}

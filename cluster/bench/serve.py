@@ -70,6 +70,7 @@ class ServeBenchResult:
     copy_gbs: float | None = None
     moe_layer: list[dict[str, Any]] = field(default_factory=list)
     baseline: dict[str, Any] | None = None
+    kv_transfers: dict[str, int] = field(default_factory=dict)  # prefill -> decode handoffs by outcome
     summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -152,6 +153,7 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
                 result.levels.append(row)
                 _print_level(row)
                 checkpoint(result)
+        result.kv_transfers = serving.deployment.transfer_outcomes()
     finally:
         serving.stop()
     device = torch.device(cfg.device)
@@ -169,6 +171,8 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
 
 
 def _rooflines(cfg: ServeBenchConfig, mcfg: Any, dtype: Any, device: Any, result: ServeBenchResult) -> None:
+    import torch
+
     from moecluster.cluster.bench.roofline import copy_bandwidth_gbs, decode_step_roofline, moe_layer_step
 
     result.copy_gbs = copy_bandwidth_gbs(device)
@@ -183,6 +187,8 @@ def _rooflines(cfg: ServeBenchConfig, mcfg: Any, dtype: Any, device: Any, result
     for c in sorted(set(cfg.concurrency)):
         try:
             result.moe_layer.append(moe_layer_step(mcfg, dtype, c, result.copy_gbs, device, cfg.seed))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the layer's weights are gone with the call
         except RuntimeError as e:  # e.g. all experts of a layer do not fit one GPU (large EP setups)
             result.notes.append(f"MoE layer step at {c} tokens not measured: {e}")
             break
@@ -244,7 +250,7 @@ def print_tables(result: ServeBenchResult) -> None:
                       f"{_f(r['ttft_ms_p50'], '.0f')} / {_f(r['ttft_ms_p99'], '.0f')}",
                       f"{_f(r['itl_ms_p50'], '.2f')} / {_f(r['itl_ms_p99'], '.2f')}",
                       _f(r.get("roofline_step_ms"), ".2f"), _f(r.get("step_vs_roofline"), ".2f"), str(r["errors"]))
-    console = Console()
+    console = Console(width=200)
     console.print(table)
     if result.moe_layer:
         t = Table(title=f"one MoE layer, decode batch (copy {result.copy_gbs:.0f} GB/s)")
@@ -258,6 +264,8 @@ def print_tables(result: ServeBenchResult) -> None:
         b = result.baseline
         console.print(f"baseline: {b['implementation']}, {b['dtype']}: {b['decode_tok_s']:.0f} decode tok/s at "
                       f"concurrency {b['concurrency']}, context {b['context']} (step {b['step_ms_p50']:.1f} ms)")
+    if result.kv_transfers:
+        console.print(f"prefill -> decode KV handoffs: {result.kv_transfers}")
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(f"summary: {json.dumps(result.summary)}")

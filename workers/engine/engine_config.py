@@ -47,6 +47,10 @@ class EngineConfig(BaseModel):
     # Split into a prefill engine and a decode engine (each its own model copy and cache) joined by
     # an in-process KV transfer: the single-process form of prefill/decode disaggregation.
     disaggregate: bool = False
+    # Between pools on Ray (a prefill pool handing samples to a decode pool): "object_store" (host
+    # memory through Ray's object store) or "p2p" (a point-to-point group per rank pair: NCCL
+    # between GPUs, gloo on CPUs).
+    kv_transfer: Literal["object_store", "p2p"] = "object_store"
     # Ranks of one expert-parallel group, run as local processes (gloo on the CPU, NCCL on GPUs);
     # attention is data-parallel across them.
     expert_parallel_size: int = Field(1, ge=1)
