@@ -17,13 +17,19 @@ kernel efficient, so:
 
 * Stage 1 (`_mla_decode_stage1`): a program owns BLOCK_H heads of one sequence and one split of
   its context. It keeps the heads' queries (BLOCK_H, 576) on chip, walks its split in tiles of
-  BLOCK_N tokens (each token's row found through the block table, so a tile may straddle cache
-  pages of any size), loads each tile once and uses it for both products on the tensor cores:
+  BLOCK_N tokens (rows found through the block table), loads each tile once and uses it for both
+  products on the tensor cores:
   scores = q_nope . latent^T + q_pe . rope^T (M = heads, K = 512 + 64) and acc += p . latent
   (M = heads, N = 512). Softmax is the online (running max / running sum) form in fp32 with
   exp2, scale*log2(e) folded into one multiply. Heads beyond the real count (toy models with 4
   heads, or 20 heads with BLOCK_H = 32) are padded with zero queries and masked at the store:
   tl.dot needs M >= 16.
+* Tiles: the split's whole tiles run unmasked; the sequence's last, partial tile (if any) runs
+  once after the loop with a token mask (rows past the length are never read, as their slots
+  may hold anything). When a tile lies inside one page (block_size % BLOCK_N == 0, the
+  production case: pages of 64, BLOCK_N = 64) the block table is read once per tile, one tile
+  ahead (a scalar carried through the loop), and the rows are contiguous; otherwise a tile may
+  straddle pages of any size and each row's page is looked up.
 * Split-K: one program per sequence is far too few for a GPU at decode batch sizes, so each
   sequence's context is cut into `num_splits` pieces of ceil(seq_len / num_splits) tokens,
   rounded up to BLOCK_N (per sequence, so short sequences get short splits; trailing splits
@@ -46,17 +52,29 @@ per pipeline stage (72 KiB at BLOCK_N = 64).
 
 Defaults (Hopper, 576-wide bf16 rows): BLOCK_H = 64 (the padded head count if smaller, at least
 16), BLOCK_N = 64 (one production page), 8 warps (4 below BLOCK_H = 64), 2 stages: 216 KiB of
-shared memory, 255 registers (0 to 2 spilled), wgmma for all three products and 16-byte cp.async
-loads (Triton 3.6, H100). Where shared memory is smaller, BLOCK_N and the stages step down
-(`_fit_tiles`). Measured on an H100 (Triton 3.6, CUDA graphs, bf16, 576-wide rows, pages of
-64, auto splits): 128 heads x 32 sequences x 4096 tokens 177 us (206 TFLOP/s, 850 GB/s of
-cache); 128 x 4 x 32768 177 us; 64 heads x 16 x 8192 101 us; 128 x 8 x 4096 59 us. At 128
-heads the work sits near the H100's balance point (about 240 FLOP per cache byte), and the
-kernel reaches about a quarter of both the bf16 matrix peak and the copy bandwidth: the likely
-limit is the serial QK^T -> softmax -> PV chain of the single 8-warp program on each SM, which
-FlashMLA hides by overlapping two warpgroups. The other configurations tried (BLOCK_H 16/32,
-BLOCK_N 32/128, 4 warps, 1 or 3 stages) were 14-80% slower at 128 heads x 32 x 4096. All knobs
-are launcher arguments, for autotuning.
+shared memory, about 250 registers (none spilled), wgmma for all three products and 16-byte
+cp.async loads (Triton 3.6, H100). Where shared memory is smaller, BLOCK_N and the stages step
+down (`_fit_tiles`). Measured on an H100 (Triton 3.6, `moecluster bench kernels --only mla`:
+do_bench medians of whole launcher calls, bf16, pages of 64, shuffled tables, auto splits), as
+a fraction of the copy bandwidth (3021 GB/s): 128 heads 38-41%, 64 heads 62-76% (batch 64 / 128,
+context 4096 / 32768); before this tile loop (a per-row, masked block-table gather inside the
+loop, and a `seq_lens.max()` host sync in the launcher) 25-30% and 38-56%. The ">= 80%"
+target is therefore met nowhere; at 128 heads the work sits near the H100's balance point
+(about 240 FLOP per cache byte).
+
+What limits it (read from the TTGIR, Triton 3.6): with 2 stages the pipeliner issues tile i+1's
+copies after tile i's P.V and waits for them at the top of the next iteration, so the load
+overlaps only the P.V, not the QK^T and softmax; and because QK^T feeds another dot, both
+warpgroups compute the whole (64, BLOCK_N) score tile (warps [8, 1] over M = 64), doubling the
+QK^T tensor work. A third stage does not fit next to q (72 KiB + 3 x 72 KiB). FlashMLA-style
+producer / consumer warpgroups (Gluon or CUDA) are the way past this. Tried and not kept (H100,
+the eight bench shapes, against this loop): TMA tensor descriptors for the whole tiles (latent
+and rope boxes, BLOCK_N 64, 2 stages: 3-18% slower in six shapes, level in two); BLOCK_N 32
+with 3 or 4 stages, which keeps 2-3 tiles in flight (TMA or cp.async: 11-45% slower); BLOCK_N
+16 with 8 stages (1.6-2.2x slower); the rope product before the latent one (no gain, up to 7%
+slower). Earlier: BLOCK_H 16/32,
+BLOCK_N 128, 4 warps, 1 or 3 stages were 14-80% slower at 128 heads x 32 x 4096. All knobs are
+launcher arguments, for autotuning.
 
 Number of splits (`choose_num_splits`): programs this heavy run one per SM, so what counts is
 waves, not "2x the SMs". With P programs per split, s splits take ceil(P * s / resident)
@@ -64,9 +82,12 @@ waves, each as long as a split (its tiles plus a fixed cost of about 128 tokens:
 partial, stage 2); the launcher takes the s that minimizes that, ties to fewer splits. On the
 H100 this model picked the fastest of the counts tried (1, 2, 4, ..., 64) in each of nine shapes
 (1 to 256 sequences, 512 to 32768 tokens, 64 and 128 heads); a ">= 2x the SMs" rule picked 5
-splits for 128 heads x 32 x 4096 (240 us) where 2 take 185 us. Choosing needs the
-longest sequence: pass `max_seq_len` (or `num_splits`) to avoid reading `seq_lens.max()` back
-to the host, e.g. under CUDA graphs.
+splits for 128 heads x 32 x 4096 (240 us) where 2 take 185 us; with the current tile loop it
+still picks the fastest of 1-4 splits, or one within 4%, in the eight bench shapes. Choosing
+needs a bound on the longest sequence: `max_seq_len` if given, else the block tables' capacity
+(max_blocks * block_size), which is tight when the tables are as wide as the longest sequence
+needs (as the engine builds them) and, unlike `seq_lens.max()`, costs no host sync (one cost
+60-90 us a call at these shapes, and it breaks CUDA graph capture).
 """
 
 from __future__ import annotations

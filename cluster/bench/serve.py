@@ -140,8 +140,8 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
         target = serving.grpc_target
         if cfg.warmup:  # compiles every kernel shape the levels use: prefill chunks, decode batches
             i, _ = cfg.mixes[0]
-            for c in sorted({1, max_seqs}):
-                run_level(target, LoadLevel(i, 4, c, c, mcfg.vocab_size, seed=10_000 + c))
+            for c, out_len in [(max_seqs, 1)] + [(c, 4) for c in sorted({1, max_seqs})]:
+                run_level(target, LoadLevel(i, out_len, c, c, mcfg.vocab_size, seed=10_000 + c + out_len))
         for i, o in cfg.mixes:
             levels = [("prefill", max_seqs, 1)] + [("serve", c, o) for c in cfg.concurrency]
             for kind, c, out_len in levels:

@@ -109,6 +109,11 @@ CASES = [
     ([45, 3], 8, 128, 64, 16, torch.float16, dict(num_splits=2, cache_dtype=torch.float32, index_dtype=torch.int64)),
     # a strided q (a view into a wider buffer)
     ([31, 64], 4, 64, 32, 32, torch.float32, dict(num_splits=2, strided_q=True)),
+    # tiles of a whole page (block_n == block_size): lengths of whole tiles only, a tail of one
+    # token, a tail of all but one; one sequence of a single token (no whole tile at all)
+    ([64, 128, 97, 1, 63], 16, 64, 16, 32, torch.float16, dict(num_splits=2, block_n=32)),
+    # several tiles per page (block_n 16 in pages of 64), splits that end inside a page
+    ([200, 129, 16], 4, 64, 16, 64, torch.float32, dict(num_splits=3, block_n=16)),
 ]
 
 
@@ -130,6 +135,27 @@ def test_splits_agree(gen, device) -> None:
         torch.testing.assert_close(run_kernel(p, num_splits=splits, block_n=16), base, rtol=1e-5, atol=1e-6)
 
 
+def test_default_splits_need_no_host_sync(gen, device, monkeypatch) -> None:
+    """Without num_splits or max_seq_len the split count is chosen from the block tables' capacity
+    (max_blocks * block_size), not from seq_lens.max(), which would sync with the host."""
+    import moecluster.kernels.mla_decode as mod
+
+    seen = []
+    real = mod.choose_num_splits
+
+    def spy(batch, heads, max_seq_len, *rest):
+        seen.append(max_seq_len)
+        return real(batch, heads, max_seq_len, *rest)
+
+    monkeypatch.setattr(mod, "choose_num_splits", spy)
+    p = make_problem(gen, device, [40, 7], 4, 64, 16, 16)
+    want = reference(p)
+    torch.testing.assert_close(run_kernel(p), want, **TOL[torch.float32])
+    assert seen == [p.block_tables.shape[1] * 16]
+    torch.testing.assert_close(run_kernel(p, max_seq_len=40), want, **TOL[torch.float32])
+    assert seen[-1] == 40
+
+
 def test_never_reads_past_length(gen, device) -> None:
     """NaN in every cache slot no sequence owns (the tail of its last block, the spare blocks)
     must not reach the output: the kernel masks those rows rather than multiplying them by 0."""
@@ -142,6 +168,7 @@ def test_never_reads_past_length(gen, device) -> None:
             owned[p.block_tables[i, t // block_size], t % block_size] = True
     p.kv_cache[~owned] = float("nan")
     torch.testing.assert_close(run_kernel(p, num_splits=2, block_n=32), want, **TOL[torch.float32])
+    torch.testing.assert_close(run_kernel(p, num_splits=2, block_n=16), want, **TOL[torch.float32])  # tiles in a page
 
 
 def test_cpu_path_is_the_reference(gen, monkeypatch) -> None:

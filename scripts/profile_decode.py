@@ -1,0 +1,84 @@
+"""Where a decode step's time goes (GPU): one engine in this process on a full-width slice with
+random weights; wall time per phase (schedule, prepare, forward, logits + sampling, outputs)
+and the profiler's busiest CUDA kernels over a few steps.
+
+    python scripts/profile_decode.py --preset deepseek-v3 --layers 3 --concurrency 64 --context 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="deepseek-v3")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--context", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+
+    from moecluster.cluster.bench.slice_model import make_slice
+    from moecluster.workers.engine.engine_config import EngineConfig, build_engine
+    from moecluster.workers.engine.sampling_params import SamplingParams
+
+    tmp = Path(tempfile.mkdtemp())
+    model = make_slice(tmp / args.preset, args.preset, args.layers)
+    core, _ = build_engine(EngineConfig(model=model, load_format="random", dtype="bfloat16", device="cuda",
+                                        gpu_memory_utilization=0.8, max_model_len=args.context + 256,
+                                        max_num_seqs=args.concurrency))
+    rng = random.Random(0)
+    vocab = core.runner.model.cfg.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps * 3 + 16, ignore_eos=True)
+    for i in range(args.concurrency):
+        core.add_request(f"r{i}", [rng.randrange(vocab) for _ in range(args.context)], params)
+    while core.scheduler.waiting or any(s.num_computed < s.prompt_len for s in core.scheduler.running):
+        core.step()
+    for _ in range(5):  # warm
+        core.step()
+    phases: dict[str, list[float]] = {k: [] for k in ("schedule", "prepare", "forward", "logits_sample", "outputs", "step")}
+    runner = core.runner
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sched = core.schedule()
+        t1 = time.perf_counter()
+        input_ids, meta = runner.prepare(sched.scheduled)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        hidden = runner.model(input_ids, meta, runner.kv_caches)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        core.execute(sched)  # the real step (forward again) to keep the engine's state right
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        phases["schedule"].append(t1 - t0)
+        phases["prepare"].append(t2 - t1)
+        phases["forward"].append(t3 - t2)
+        phases["step"].append(t4 - t3)
+        del hidden
+    for k, v in phases.items():
+        if v:
+            print(f"{k:>14}: p50 {sorted(v)[len(v) // 2] * 1e3:8.2f} ms")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            core.step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in events) / 1e3 / 3
+    print(f"GPU busy per step (sum of kernel time): {cuda_total:.2f} ms")
+    print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
