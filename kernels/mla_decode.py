@@ -177,6 +177,8 @@ def _mla_decode_stage1(
     WRITE_LSE: tl.constexpr,  # num_splits > 1
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for 16-bit inputs
     TILE_IN_PAGE: tl.constexpr,  # PAGE_SIZE % BLOCK_N == 0: a whole tile is rows of one page
+    PREFETCH_L2: tl.constexpr,  # TILE_IN_PAGE on sm_90+: bulk-prefetch the next tile into L2 (PTX)
+    PREFETCH_BYTES: tl.constexpr,  # BLOCK_N rows of the cache, in bytes (a multiple of 16)
 ):
     pid_h = tl.program_id(0)  # fastest: programs of one (sequence, split) are adjacent
     split = tl.program_id(1)
@@ -216,12 +218,33 @@ def _mla_decode_stage1(
 
     # Whole tiles: no token mask.
     if TILE_IN_PAGE:
-        next_page = tl.load(bt_row + (start // PAGE_SIZE) * stride_btn, mask=start < full_end, other=0)
+        # Pages carried through the loop, loaded a tile ahead of use: next_page for this tile's
+        # copies, pf_page for the next tile's L2 prefetch. (One carried pair of (this, next) page
+        # instead, loaded two tiles ahead, stops the pipeliner from making the copies async.)
+        has_tiles = start < full_end
+        last = tl.maximum(full_end - 1, 0)
+        next_page = tl.load(bt_row + (start // PAGE_SIZE) * stride_btn, mask=has_tiles, other=0)
+        if PREFETCH_L2:
+            pf_page = tl.load(bt_row + (tl.minimum(start + BLOCK_N, last) // PAGE_SIZE) * stride_btn, mask=has_tiles, other=0)
     for n0 in range(start, full_end, BLOCK_N):
         if TILE_IN_PAGE:
-            page = next_page  # one page for the whole tile, loaded a tile ahead
-            n1 = tl.minimum(n0 + BLOCK_N, full_end - 1)
-            next_page = tl.load(bt_row + (n1 // PAGE_SIZE) * stride_btn)
+            if PREFETCH_L2:
+                # Warm L2 with the next tile (contiguous rows of one page) now, so that its copies,
+                # which the pipeliner issues only after this tile's P.V, hit L2 instead of HBM.
+                # One thread issues `cp.async.bulk.prefetch.L2` of $2 bytes at $1 when $3 != 0.
+                n1 = n0 + BLOCK_N
+                next_tile = KV + pf_page.to(tl.int64) * stride_kvb + (n1 % PAGE_SIZE) * stride_kvt
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred %pp, %pq; .reg .u32 %tt; mov.u32 %tt, %tid.x; setp.eq.u32 %pp, %tt, 0; "
+                    "setp.ne.u32 %pq, $3, 0; and.pred %pp, %pp, %pq; "
+                    "@%pp cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+                    "=r,l,r,r",
+                    [next_tile.to(tl.int64, bitcast=True), PREFETCH_BYTES + 0 * n1, (n1 < full_end).to(tl.int32)],
+                    dtype=tl.int32, is_pure=False, pack=1,
+                )  # fmt: skip
+                pf_page = tl.load(bt_row + (tl.minimum(n1 + BLOCK_N, full_end - 1) // PAGE_SIZE) * stride_btn)
+            page = next_page  # one page for the whole tile
+            next_page = tl.load(bt_row + (tl.minimum(n0 + BLOCK_N, full_end - 1) // PAGE_SIZE) * stride_btn)
             row = KV + page.to(tl.int64) * stride_kvb + (n0 % PAGE_SIZE + offs_t) * stride_kvt  # (BLOCK_N,)
         else:  # a tile over several pages: a page per row
             offs_n = n0 + offs_t
@@ -493,6 +516,8 @@ def mla_decode(
         WRITE_LSE=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         TILE_IN_PAGE=page_size % block_n == 0,
+        PREFETCH_L2=_can_prefetch_l2(kv_cache, block_n),
+        PREFETCH_BYTES=block_n * kv_cache.stride(1) * kv_cache.element_size(),
     )
     grid1 = (-(-num_heads // block_h), num_splits, batch)
     if num_splits == 1:  # stage 1 normalizes straight into the output; no stage 2
@@ -515,6 +540,21 @@ def mla_decode(
             KV_LORA=kv_lora_rank, BLOCK_C=consts["BLOCK_C"], num_warps=4 if kv_lora_rank >= 256 else 1,
         )  # fmt: skip
     return out
+
+
+def _can_prefetch_l2(kv_cache: torch.Tensor, block_n: int) -> bool:
+    """Whether stage 1 may bulk-prefetch its next tile into L2: a compiled kernel (the interpreter
+    runs no PTX) on sm_90 or newer, tiles inside a page, rows packed (a tile is one contiguous
+    span) and every tile's first row and byte count 16-byte aligned, as cp.async.bulk.prefetch
+    requires."""
+    if not kv_cache.is_cuda or _interpreting() or kv_cache.shape[1] % block_n:
+        return False
+    if kv_cache.stride(2) != 1 or kv_cache.stride(1) != kv_cache.shape[2]:
+        return False
+    if torch.cuda.get_device_capability(kv_cache.device)[0] < 9:
+        return False
+    elt = kv_cache.element_size()
+    return kv_cache.data_ptr() % 16 == 0 and all((st * elt) % 16 == 0 for st in kv_cache.stride()[:2])
 
 
 def _check_inputs(

@@ -4,11 +4,10 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _mla_orig as orig  # noqa: E402
+import _mla_exp as exp  # noqa: E402
 import moecluster.kernels.mla_decode as new  # noqa: E402
 
 T0 = time.time()
-BUDGET = float(os.environ.get("SWEEP_BUDGET", "240"))
 OUT = os.environ.get("OUT", "/tmp")
 COPY = 3021.0
 results = []
@@ -26,16 +25,13 @@ def make(batch, context, heads, gen, ragged=False):
     return q, cache, tables, lens.to("cuda", torch.int32), dim**-0.5, rank
 
 
-def run(name, args, ctx):
-    new._PE_FIRST = name == "new_pe"
-    if name == "orig_auto":
-        return orig.mla_decode(*args)
-    if name == "orig_msl":
-        return orig.mla_decode(*args, max_seq_len=ctx)
-    if name in ("new_auto", "new_pe"):
+def run(name, args):
+    if name == "cur":
         return new.mla_decode(*args)
-    if name.startswith("new_s"):
-        return new.mla_decode(*args, num_splits=int(name[5:]))
+    if name.startswith("pf"):
+        exp._PREFETCH_AHEAD = int(name[2])
+        kw = dict(block_n=32, num_stages=4) if name.endswith("b32") else {}
+        return exp.mla_decode(*args, **kw)
     raise KeyError(name)
 
 
@@ -44,8 +40,8 @@ gen = torch.Generator().manual_seed(0)
 for heads in (128, 64):
     args = make(12, 3000, heads, gen, ragged=True)
     ref = new.mla_decode_reference(args[0].float(), args[1].float(), *args[2:])
-    for n in ("orig_auto", "new_auto", "new_pe", "new_s3"):
-        o = run(n, args, 3000).float()
+    for n in names:
+        o = run(n, args).float()
         print(f"check {n} h{heads}: rel err {((o - ref).norm() / ref.norm()).item():.2e} max {(o - ref).abs().max().item():.3e}", flush=True)
     del args, ref
 
@@ -55,9 +51,7 @@ for heads, batch, ctx in SHAPES:
     nbytes = (batch * ctx * 576 + batch * heads * (576 + 512)) * 2
     line = []
     for n in names:
-        if time.time() - T0 > BUDGET:
-            break
-        ms = float(do_bench(lambda: run(n, args, ctx), warmup=10, rep=40, return_mode="median"))
+        ms = float(do_bench(lambda: run(n, args), warmup=10, rep=40, return_mode="median"))
         gbs = nbytes / ms / 1e6
         results.append(dict(variant=n, heads=heads, batch=batch, context=ctx, ms=ms, gbs=gbs))
         line.append(f"{n}={ms:.3f}ms/{100*gbs/COPY:.1f}%")

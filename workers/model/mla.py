@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from moecluster.kernels.mla_decode import mla_decode, mla_decode_reference
 from moecluster.workers.config import ModelConfig
@@ -101,19 +103,23 @@ class MLA(nn.Module):
         return self.o_proj(out.view(x.shape[0], self.heads * self.v_dim))
 
     def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The last q rows of one sequence against its whole context (ctx, c + rope) -> (q, H, v)."""
+        """The last q rows of one sequence against its whole context (ctx, c + rope) -> (q, H, v).
+
+        Keys and values are expanded per head (prefill is compute bound: the expanded form is the
+        cheaper one) and attention runs through `scaled_dot_product_attention` with a
+        bottom-right causal mask (a chunk's rows are the context's last rows): flash or
+        memory-efficient kernels on GPUs, so no (H, q, ctx) score tensor is ever materialized."""
         n_q, n_ctx = q_nope.shape[0], context.shape[0]
         c_kv, k_pe = context.to(q_nope.dtype).split([self.kv_lora, self.rope_dim], dim=-1)
         k_nope = torch.einsum("lc,hnc->hln", c_kv, self.w_uk)  # (H, ctx, nope)
         v = torch.einsum("lc,hvc->hlv", c_kv, self.w_uv)  # (H, ctx, v)
         k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(self.heads, -1, -1)], dim=-1)  # (H, ctx, nope + rope)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # (H, q, nope + rope)
-        scores = torch.matmul(q, k.transpose(1, 2)) * self.scale  # (H, q, ctx)
-        key_pos = torch.arange(n_ctx, device=q.device)
-        query_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device)
-        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v).transpose(0, 1)  # (q, H, v)
+        if v.shape[-1] < k.shape[-1]:  # the fused kernels want one head dim: pad V, slice the output
+            v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
+        mask = causal_lower_right(n_q, n_ctx)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.scale)[0]
+        return out[..., : self.v_dim].transpose(0, 1)  # (q, H, v)
 
     def attend_absorbed(
         self,

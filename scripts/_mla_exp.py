@@ -1,0 +1,602 @@
+"""MLA decode attention in absorbed form over the paged latent cache.
+
+Each query head attends over a sequence's latent cache entries (kv_lora_rank compressed values
+plus the shared rope key, per token), reading them through the sequence's block table. The
+output stays in latent space (kv_lora_rank per head); the caller applies W_UV.
+
+This module holds the torch reference (also the CPU path) and a Triton implementation in two
+kernels with a thin launcher, `mla_decode`.
+
+Algorithm (flash-decoding over a paged cache, all heads of a sequence per latent tile)
+--------------------------------------------------------------------------------------
+In absorbed MLA every head of a sequence attends over the *same* per-token cache row: 576
+values for DeepSeek-V3 / Kimi K2 (512 latent values, which are both K-nope and V, plus a 64-wide
+rope key). One decode step is therefore, per sequence, a tiny "prefill-shaped" problem: heads
+play the role of query rows. Loading a row once and reusing it for every head is what makes the
+kernel efficient, so:
+
+* Stage 1 (`_mla_decode_stage1`): a program owns BLOCK_H heads of one sequence and one split of
+  its context. It keeps the heads' queries (BLOCK_H, 576) on chip, walks its split in tiles of
+  BLOCK_N tokens (rows found through the block table), loads each tile once and uses it for both
+  products on the tensor cores:
+  scores = q_nope . latent^T + q_pe . rope^T (M = heads, K = 512 + 64) and acc += p . latent
+  (M = heads, N = 512). Softmax is the online (running max / running sum) form in fp32 with
+  exp2, scale*log2(e) folded into one multiply. Heads beyond the real count (toy models with 4
+  heads, or 20 heads with BLOCK_H = 32) are padded with zero queries and masked at the store:
+  tl.dot needs M >= 16.
+* Tiles: the split's whole tiles run unmasked; the sequence's last, partial tile (if any) runs
+  once after the loop with a token mask (rows past the length are never read, as their slots
+  may hold anything). When a tile lies inside one page (block_size % BLOCK_N == 0, the
+  production case: pages of 64, BLOCK_N = 64) the block table is read once per tile, one tile
+  ahead (a scalar carried through the loop), and the rows are contiguous; otherwise a tile may
+  straddle pages of any size and each row's page is looked up.
+* Split-K: one program per sequence is far too few for a GPU at decode batch sizes, so each
+  sequence's context is cut into `num_splits` pieces of ceil(seq_len / num_splits) tokens,
+  rounded up to BLOCK_N (per sequence, so short sequences get short splits; trailing splits
+  may be empty). Each split writes its normalized partial output (fp32) and its log2-sum-exp.
+* Stage 2 (`_mla_decode_stage2`): one program per (sequence, head) merges the splits' partial
+  outputs, each weighted by exp2(its lse - the running max), into the output, in q's dtype. With one split,
+  stage 1 writes the output directly and stage 2 is skipped.
+
+Grid and tiles
+--------------
+Stage 1's grid is (head blocks, splits, batch), head block fastest: the programs that read the
+same tiles (same sequence and split, other heads) are adjacent in launch order, so with 128
+heads in two blocks of 64 the second block's reads mostly hit L2. The (BLOCK_H, 512) fp32
+accumulator is the register budget: BLOCK_H = 64 with 8 warps holds 128 fp32 values per thread
+for it (each of the two warpgroups owns 256 of the 512 output columns, as in FlashMLA).
+Splitting the 512 output columns across programs would shrink it but repeat the QK^T work and
+the cache reads for every column chunk (each needs the full 576-wide scores), so the columns
+stay whole. Shared memory holds q (BLOCK_H * 576 * 2 B = 72 KiB) plus one (BLOCK_N, 576) tile
+per pipeline stage (72 KiB at BLOCK_N = 64).
+
+Defaults (Hopper, 576-wide bf16 rows): BLOCK_H = 64 (the padded head count if smaller, at least
+16), BLOCK_N = 64 (one production page), 8 warps (4 below BLOCK_H = 64), 2 stages: 216 KiB of
+shared memory, about 250 registers (none spilled), wgmma for all three products and 16-byte
+cp.async loads (Triton 3.6, H100). Where shared memory is smaller, BLOCK_N and the stages step
+down (`_fit_tiles`). Measured on an H100 (Triton 3.6, `moecluster bench kernels --only mla`:
+do_bench medians of whole launcher calls, bf16, pages of 64, shuffled tables, auto splits), as
+a fraction of the copy bandwidth (3021 GB/s): 128 heads 38-41%, 64 heads 62-76% (batch 64 / 128,
+context 4096 / 32768); before this tile loop (a per-row, masked block-table gather inside the
+loop, and a `seq_lens.max()` host sync in the launcher) 25-30% and 38-56%. The ">= 80%"
+target is therefore met nowhere; at 128 heads the work sits near the H100's balance point
+(about 240 FLOP per cache byte).
+
+What limits it (read from the TTGIR, Triton 3.6): with 2 stages the pipeliner issues tile i+1's
+copies after tile i's P.V and waits for them at the top of the next iteration, so the load
+overlaps only the P.V, not the QK^T and softmax; and because QK^T feeds another dot, both
+warpgroups compute the whole (64, BLOCK_N) score tile (warps [8, 1] over M = 64), doubling the
+QK^T tensor work. A third stage does not fit next to q (72 KiB + 3 x 72 KiB). FlashMLA-style
+producer / consumer warpgroups (Gluon or CUDA) are the way past this. Tried and not kept (H100,
+the eight bench shapes, against this loop): TMA tensor descriptors for the whole tiles (latent
+and rope boxes, BLOCK_N 64, 2 stages: 3-18% slower in six shapes, level in two); BLOCK_N 32
+with 3 or 4 stages, which keeps 2-3 tiles in flight (TMA or cp.async: 11-45% slower); BLOCK_N
+16 with 8 stages (1.6-2.2x slower); the rope product before the latent one (no gain, up to 7%
+slower). Earlier: BLOCK_H 16/32,
+BLOCK_N 128, 4 warps, 1 or 3 stages were 14-80% slower at 128 heads x 32 x 4096. All knobs are
+launcher arguments, for autotuning.
+
+Number of splits (`choose_num_splits`): programs this heavy run one per SM, so what counts is
+waves, not "2x the SMs". With P programs per split, s splits take ceil(P * s / resident)
+waves, each as long as a split (its tiles plus a fixed cost of about 128 tokens: q, the fp32
+partial, stage 2); the launcher takes the s that minimizes that, ties to fewer splits. On the
+H100 this model picked the fastest of the counts tried (1, 2, 4, ..., 64) in each of nine shapes
+(1 to 256 sequences, 512 to 32768 tokens, 64 and 128 heads); a ">= 2x the SMs" rule picked 5
+splits for 128 heads x 32 x 4096 (240 us) where 2 take 185 us; with the current tile loop it
+still picks the fastest of 1-4 splits, or one within 4%, in the eight bench shapes. Choosing
+needs a bound on the longest sequence: `max_seq_len` if given, else the block tables' capacity
+(max_blocks * block_size), which is tight when the tables are as wide as the longest sequence
+needs (as the engine builds them) and, unlike `seq_lens.max()`, costs no host sync (one cost
+60-90 us a call at these shapes, and it breaks CUDA graph capture).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+try:  # the CPU path needs only torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency wherever the kernels run
+    triton = None
+    tl = None
+
+
+def mla_decode_reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+) -> torch.Tensor:
+    """q (batch, heads, kv_lora_rank + rope_dim) over kv_cache (blocks, block_size, kv_lora_rank + rope_dim)
+    with block_tables (batch, max_blocks) and seq_lens (batch,) -> (batch, heads, kv_lora_rank)."""
+    batch, _, dim = q.shape
+    if kv_cache.shape[-1] != dim:
+        raise ValueError(f"q has {dim} values per head but the cache holds {kv_cache.shape[-1]} per token")
+    if batch == 0:
+        return q.new_empty((0, q.shape[1], kv_lora_rank))
+    block_size = kv_cache.shape[1]
+    max_len = int(seq_lens.max())
+    n_blocks = -(-max_len // block_size)
+    kv = kv_cache[block_tables[:, :n_blocks].long()]  # (batch, n_blocks, block_size, dim)
+    kv = kv.reshape(batch, n_blocks * block_size, dim)[:, :max_len].to(q.dtype)  # (batch, max_len, dim)
+    scores = torch.einsum("bhd,bld->bhl", q, kv).float() * scale  # (batch, heads, max_len)
+    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)  # (batch, max_len)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.einsum("bhl,blc->bhc", probs, kv[..., :kv_lora_rank])  # (batch, heads, kv_lora_rank)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels. They are plain functions here and go through `triton.jit` on first launch
+# (`_jitted`): triton.jit decides at decoration time between the compiler and the CPU
+# interpreter (TRITON_INTERPRET=1), and this module is often imported, for the reference,
+# before a test session sets that variable.
+# --------------------------------------------------------------------------------------------
+
+
+def _mla_decode_stage1(
+    Q,  # (batch, heads, kv_lora_rank + rope_dim)
+    KV,  # (num_blocks, block_size, kv_lora_rank + rope_dim)
+    BlockTables,  # (batch, max_blocks) int32 / int64
+    SeqLens,  # (batch,) int32 / int64
+    O,  # (batch, splits, heads, kv_lora_rank): fp32 partials, or the output itself when num_splits == 1
+    Lse,  # (batch, splits, heads) fp32 log2-sum-exp of each split (unused when num_splits == 1)
+    sm_scale_log2,  # scale * log2(e)
+    num_heads,
+    num_splits,  # a run-time value: one compiled kernel serves every split count
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kvb,
+    stride_kvt,
+    stride_kvd,
+    stride_btb,
+    stride_btn,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_od,
+    stride_lb,
+    stride_ls,
+    stride_lh,
+    KV_LORA: tl.constexpr,  # latent width (512): K-nope and V
+    ROPE: tl.constexpr,  # rope key width (64)
+    BLOCK_C: tl.constexpr,  # KV_LORA padded to a power of two
+    BLOCK_R: tl.constexpr,  # ROPE padded to a power of two, at least 16
+    PAGE_SIZE: tl.constexpr,  # cache block size (tokens per page)
+    BLOCK_H: tl.constexpr,  # heads per program (dot M)
+    BLOCK_N: tl.constexpr,  # tokens per tile
+    WRITE_LSE: tl.constexpr,  # num_splits > 1
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for 16-bit inputs
+    TILE_IN_PAGE: tl.constexpr,  # PAGE_SIZE % BLOCK_N == 0: a whole tile is rows of one page
+    PREFETCH_AHEAD: tl.constexpr = 0,
+    PF_BYTES: tl.constexpr = 0,
+):
+    pid_h = tl.program_id(0)  # fastest: programs of one (sequence, split) are adjacent
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # per sequence, whole tiles
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)  # may be <= start: an empty split
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles end here
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    offs_r = tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    offs_t = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    mask_h = offs_h < num_heads
+    # Padding masks on the feature dims; when there is no padding they are constant true, so the
+    # compiler sees the loads as whole rows and keeps them 16 bytes wide.
+    if BLOCK_C == KV_LORA:
+        mask_c = tl.full((BLOCK_C,), 1, tl.int1)
+    else:
+        mask_c = offs_c < KV_LORA
+    if BLOCK_R == ROPE:
+        mask_r = tl.full((BLOCK_R,), 1, tl.int1)
+    else:
+        mask_r = offs_r < ROPE
+
+    q_row = Q + b * stride_qb + offs_h[:, None] * stride_qh  # (BLOCK_H, 1)
+    q_nope = tl.load(q_row + offs_c[None, :] * stride_qd, mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+    q_pe = tl.load(q_row + (KV_LORA + offs_r)[None, :] * stride_qd, mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+    # q_nope (BLOCK_H, BLOCK_C), q_pe (BLOCK_H, BLOCK_R): loaded once, reused for every tile
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max of log2-scaled scores
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    bt_row = BlockTables + b * stride_btb
+
+    # Whole tiles: no token mask.
+    if TILE_IN_PAGE:
+        next_page = tl.load(bt_row + (start // PAGE_SIZE) * stride_btn, mask=start < full_end, other=0)
+        if PREFETCH_AHEAD > 0:
+            npf = tl.minimum(start + PREFETCH_AHEAD * BLOCK_N, tl.maximum(full_end - 1, 0))
+            pf_page = tl.load(bt_row + (npf // PAGE_SIZE) * stride_btn, mask=start < full_end, other=0)
+    for n0 in range(start, full_end, BLOCK_N):
+        if TILE_IN_PAGE:
+            if PREFETCH_AHEAD > 0:
+                # Warm L2 with the tile PREFETCH_AHEAD ahead (rows contiguous in its page), one bulk
+                # prefetch by one thread; the pipelined copies of that tile then hit L2.
+                npf = n0 + PREFETCH_AHEAD * BLOCK_N
+                pf_addr = (KV + pf_page.to(tl.int64) * stride_kvb + (npf % PAGE_SIZE) * stride_kvt).to(tl.int64, bitcast=True)
+                pf_bytes = tl.where(npf < full_end, PF_BYTES, 0)
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred %pp, %pq; .reg .u32 %tt; mov.u32 %tt, %tid.x; setp.eq.u32 %pp, %tt, 0; "
+                    "setp.ne.u32 %pq, $3, 0; and.pred %pp, %pp, %pq; "
+                    "@%pp cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+                    "=r,l,r,r", [pf_addr, pf_bytes, (pf_bytes > 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+                )
+                npf1 = tl.minimum(npf + BLOCK_N, full_end - 1)
+                pf_page = tl.load(bt_row + (npf1 // PAGE_SIZE) * stride_btn)
+            page = next_page  # one page for the whole tile, loaded a tile ahead
+            n1 = tl.minimum(n0 + BLOCK_N, full_end - 1)
+            next_page = tl.load(bt_row + (n1 // PAGE_SIZE) * stride_btn)
+            row = KV + page.to(tl.int64) * stride_kvb + (n0 % PAGE_SIZE + offs_t) * stride_kvt  # (BLOCK_N,)
+        else:  # a tile over several pages: a page per row
+            offs_n = n0 + offs_t
+            page = tl.load(bt_row + (offs_n // PAGE_SIZE) * stride_btn)
+            row = KV + page.to(tl.int64) * stride_kvb + (offs_n % PAGE_SIZE) * stride_kvt  # (BLOCK_N,)
+        latent = tl.load(row[:, None] + offs_c[None, :] * stride_kvd, mask=mask_c[None, :], other=0.0)
+        latent = latent.to(q_nope.dtype)  # (BLOCK_N, BLOCK_C): K-nope and V
+        k_pe = tl.load(row[:, None] + (KV_LORA + offs_r)[None, :] * stride_kvd, mask=mask_r[None, :], other=0.0)
+        k_pe = k_pe.to(q_nope.dtype)  # (BLOCK_N, BLOCK_R)
+
+        s = tl.dot(q_nope, tl.trans(latent), input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N) fp32
+        s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PRECISION)
+        s = s * sm_scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
+        p = tl.exp2(s - m_new[:, None])  # (BLOCK_H, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(latent.dtype), latent, acc=acc, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_C)
+        m_i = m_new
+
+    # The last, partial tile of the sequence (only in its last non-empty split): rows past the
+    # length are masked at the load (zeros, never the slot's contents) and in the scores.
+    if full_end < end:
+        offs_n = full_end + offs_t  # (BLOCK_N,) token positions
+        mask_n = offs_n < end
+        page = tl.load(bt_row + (offs_n // PAGE_SIZE) * stride_btn, mask=mask_n, other=0)
+        row = KV + page.to(tl.int64) * stride_kvb + (offs_n % PAGE_SIZE) * stride_kvt  # (BLOCK_N,)
+        latent = tl.load(
+            row[:, None] + offs_c[None, :] * stride_kvd, mask=mask_n[:, None] & mask_c[None, :], other=0.0
+        ).to(q_nope.dtype)
+        k_pe = tl.load(
+            row[:, None] + (KV_LORA + offs_r)[None, :] * stride_kvd, mask=mask_n[:, None] & mask_r[None, :], other=0.0
+        ).to(q_nope.dtype)
+
+        s = tl.dot(q_nope, tl.trans(latent), input_precision=DOT_PRECISION)
+        s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PRECISION)
+        s = tl.where(mask_n[None, :], s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the tile holds at least one valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(latent.dtype), latent, acc=acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    nonempty = l_i > 0.0  # false only for an empty split
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # (BLOCK_H, BLOCK_C), zeros for an empty split
+    o_ptrs = O + b * stride_ob + split * stride_os + offs_h[:, None] * stride_oh + offs_c[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_h[:, None] & mask_c[None, :])
+    if WRITE_LSE:
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))  # (BLOCK_H,)
+        tl.store(Lse + b * stride_lb + split * stride_ls + offs_h * stride_lh, lse, mask=mask_h)
+
+
+def _mla_decode_stage2(
+    Partial,  # (batch, splits, heads, kv_lora_rank) fp32
+    Lse,  # (batch, splits, heads) fp32
+    Out,  # (batch, heads, kv_lora_rank)
+    stride_pb,
+    stride_ps,
+    stride_ph,
+    stride_pd,
+    stride_lb,
+    stride_ls,
+    stride_lh,
+    stride_outb,
+    stride_outh,
+    stride_outd,
+    num_splits,
+    KV_LORA: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < KV_LORA
+    lse_base = Lse + b * stride_lb + h * stride_lh
+    p_base = Partial + b * stride_pb + h * stride_ph + offs_c * stride_pd  # (BLOCK_C,)
+
+    # Online merge, seeded with split 0, which is never empty (seq_len >= 1): m stays finite, and
+    # an empty split (lse = -inf) gets weight exp2(-inf) = 0.
+    m = tl.load(lse_base)
+    denom = 1.0
+    acc = tl.load(p_base, mask=mask_c, other=0.0)  # (BLOCK_C,) fp32
+    for s in range(1, num_splits):
+        lse = tl.load(lse_base + s * stride_ls)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + w * tl.load(p_base + s * stride_ps, mask=mask_c, other=0.0)
+        denom = denom * alpha + w
+        m = m_new
+    out = acc / denom
+    tl.store(Out + b * stride_outb + h * stride_outh + offs_c * stride_outd, out.to(Out.dtype.element_ty), mask=mask_c)
+
+
+@functools.cache
+def _jitted(interpret: bool):
+    """The two kernels through triton.jit; keyed on the interpreter flag, which triton.jit reads."""
+    del interpret  # part of the cache key only
+    return triton.jit(_mla_decode_stage1), triton.jit(_mla_decode_stage2)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+# A program's fixed cost in cache rows: loading q, storing its (BLOCK_H, 512) fp32 partial and
+# merging it in stage 2, the pipeline's fill. Fitted on an H100 (see the module docstring).
+_SPLIT_OVERHEAD_TOKENS = 128
+_MAX_SPLITS = 64
+_INTERPRETER_SMS = 4  # a stand-in SM count for the CPU interpreter: few programs, fast tests
+_DEFAULT_BLOCK_N = 64
+_DEFAULT_BLOCK_H = 64
+_PREFETCH_AHEAD = 0
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER_SMS
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _smem_budget(device: torch.device) -> int:
+    """Shared memory one program may take (227 KiB on Hopper); unbounded in the interpreter."""
+    if device.type != "cuda":
+        return 1 << 30
+    return _cuda_smem_budget(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_smem_budget(index: int) -> int:
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 227 * 1024)
+
+
+def _fit_tiles(
+    block_h: int, block_n: int | None, num_stages: int | None, row_bytes: int, budget: int
+) -> tuple[int, int]:
+    """Default BLOCK_N and pipeline depth (those not given): the first of (64, 2), (32, 2),
+    (64, 1), (32, 1), (16, 1) whose shared memory, q plus `num_stages` tiles, fits `budget`.
+    On Hopper with 576-wide bf16 rows and BLOCK_H = 64 that is (64, 2): 216 KiB of 227."""
+    candidates = [(_DEFAULT_BLOCK_N, 2), (32, 2), (_DEFAULT_BLOCK_N, 1), (32, 1), (16, 1)]
+    candidates = [(block_n or n, num_stages or st) for n, st in candidates]
+    for n, st in candidates:
+        if (block_h + st * n) * row_bytes <= budget:
+            return n, st
+    return candidates[0]  # nothing fits: let the compiler report it
+
+
+def _programs_per_sm(block_h: int, block_n: int, num_warps: int, num_stages: int, row_bytes: int) -> int:
+    """A rough count of stage-1 programs resident per SM on Hopper: shared memory holds q and
+    `num_stages` tiles (228 KiB an SM); registers (64 K an SM) run near 255 a thread, so 8 warps
+    fill an SM and 4 warps fit twice."""
+    smem = (block_h + num_stages * block_n) * row_bytes
+    return max(1, min(228 * 1024 // smem, 2 if num_warps <= 4 else 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_num_splits(
+    batch: int,
+    num_heads: int,
+    max_seq_len: int,
+    num_sms: int,
+    block_h: int,
+    block_n: int,
+    programs_per_sm: int = 1,
+) -> int:
+    """Splits per sequence that minimize a wave model of stage 1's time: with P = batch * head
+    blocks programs per split and `num_sms * programs_per_sm` resident at once, s splits take
+    ceil(P * s / resident) waves of (tokens per split + `_SPLIT_OVERHEAD_TOKENS`) each; ties go
+    to fewer splits. At most `_MAX_SPLITS`, and no more than the longest sequence has tiles."""
+    per_split = batch * -(-num_heads // block_h)
+    resident = max(1, num_sms * programs_per_sm)
+    best, best_cost = 1, None
+    for splits in range(1, min(_MAX_SPLITS, -(-max_seq_len // block_n)) + 1):
+        tokens = -(-max_seq_len // splits)
+        tokens = -(-tokens // block_n) * block_n  # whole tiles, as the kernel rounds
+        cost = -(-per_split * splits // resident) * (tokens + _SPLIT_OVERHEAD_TOKENS)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+    return best
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    block_h: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    *,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MLA decode attention, absorbed form: q (batch, heads, kv_lora_rank + rope_dim) over the paged
+    kv_cache (num_blocks, block_size, kv_lora_rank + rope_dim) through block_tables (batch,
+    max_blocks) with seq_lens (batch,), every length >= 1 -> (batch, heads, kv_lora_rank) in q's dtype.
+
+    Runs the Triton kernels when the tensors are on CUDA or TRITON_INTERPRET=1 is set, else
+    `mla_decode_reference`. Tuning knobs (None: the defaults in the module docstring):
+    num_splits (context splits per sequence), block_n (tokens per tile, a power of two >= 16),
+    block_h (heads per program, a power of two >= 16), num_warps, num_stages. max_seq_len: an
+    upper bound on seq_lens, to choose num_splits; None takes the block tables' capacity
+    (max_blocks * block_size), which needs no host sync and is tight when the tables are only as
+    wide as the longest sequence needs.
+    out: an optional (batch, heads, kv_lora_rank) tensor of q's dtype to write into.
+    Block tables must cover every sequence's length; this is not checked (it would need a sync).
+    """
+    _check_inputs(q, kv_cache, block_tables, seq_lens, kv_lora_rank, out)
+    for name, value in (("num_splits", num_splits), ("num_warps", num_warps), ("num_stages", num_stages)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in (("block_n", block_n), ("block_h", block_h)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+    batch, num_heads, dim = q.shape
+    if out is None:
+        out = q.new_empty((batch, num_heads, kv_lora_rank))
+    if batch == 0 or num_heads == 0:
+        return out
+    if not (q.is_cuda or _interpreting()):
+        out.copy_(mla_decode_reference(q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank))
+        return out
+
+    rope_dim = dim - kv_lora_rank
+    page_size = kv_cache.shape[1]
+    row_bytes = dim * max(q.element_size(), kv_cache.element_size())  # one staged row of q or of the cache
+    block_h = block_h or min(_DEFAULT_BLOCK_H, max(16, _next_pow2(num_heads)))
+    block_n, num_stages = _fit_tiles(block_h, block_n, num_stages, row_bytes, _smem_budget(q.device))
+    num_warps = num_warps or (8 if block_h >= 64 else 4)
+    if num_splits is None:
+        if max_seq_len is None:  # the tables' capacity bounds every length: no host sync on seq_lens
+            max_seq_len = max(1, block_tables.shape[1] * page_size)
+        resident = _programs_per_sm(block_h, block_n, num_warps, num_stages, row_bytes)
+        num_splits = choose_num_splits(batch, num_heads, max_seq_len, _sm_count(q.device), block_h, block_n, resident)
+
+    stage1, stage2 = _jitted(_interpreting())
+    block_c, block_r = _next_pow2(kv_lora_rank), max(16, _next_pow2(rope_dim))
+    consts = dict(
+        KV_LORA=kv_lora_rank,
+        ROPE=rope_dim,
+        BLOCK_C=block_c,
+        BLOCK_R=block_r,
+        PAGE_SIZE=page_size,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        WRITE_LSE=num_splits > 1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        TILE_IN_PAGE=page_size % block_n == 0,
+        PREFETCH_AHEAD=_PREFETCH_AHEAD if (q.is_cuda and page_size % block_n == 0) else 0,
+        PF_BYTES=block_n * kv_cache.stride(1) * kv_cache.element_size(),
+    )
+    grid1 = (-(-num_heads // block_h), num_splits, batch)
+    if num_splits == 1:  # stage 1 normalizes straight into the output; no stage 2
+        partial, lse = out, out  # lse is never touched
+        p_strides = (out.stride(0), 0, out.stride(1), out.stride(2))
+        l_strides = (0, 0, 0)
+    else:
+        partial = torch.empty((batch, num_splits, num_heads, kv_lora_rank), device=q.device, dtype=torch.float32)
+        lse = torch.empty((batch, num_splits, num_heads), device=q.device, dtype=torch.float32)
+        p_strides, l_strides = partial.stride(), lse.stride()
+    stage1[grid1](
+        q, kv_cache, block_tables, seq_lens, partial, lse,
+        scale * math.log2(math.e), num_heads, num_splits,
+        *q.stride(), *kv_cache.stride(), *block_tables.stride(), *p_strides, *l_strides,
+        **consts, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        stage2[(num_heads, batch)](
+            partial, lse, out, *partial.stride(), *lse.stride(), *out.stride(), num_splits,
+            KV_LORA=kv_lora_rank, BLOCK_C=consts["BLOCK_C"], num_warps=4 if kv_lora_rank >= 256 else 1,
+        )  # fmt: skip
+    return out
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_lora_rank: int,
+    out: torch.Tensor | None,
+) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, heads, kv_lora_rank + rope_dim), got shape {tuple(q.shape)}")
+    if kv_cache.dim() != 3:
+        raise ValueError(f"kv_cache must be (num_blocks, block_size, dim), got shape {tuple(kv_cache.shape)}")
+    if block_tables.dim() != 2:
+        raise ValueError(f"block_tables must be (batch, max_blocks), got shape {tuple(block_tables.shape)}")
+    if seq_lens.dim() != 1:
+        raise ValueError(f"seq_lens must be (batch,), got shape {tuple(seq_lens.shape)}")
+    batch, num_heads, dim = q.shape
+    if kv_cache.shape[2] != dim:
+        raise ValueError(f"q has {dim} values per head but the cache holds {kv_cache.shape[2]} per token")
+    if not 0 < kv_lora_rank <= dim:
+        raise ValueError(f"kv_lora_rank must be in 1..{dim}, got {kv_lora_rank}")
+    if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
+        raise ValueError(
+            f"batch mismatch: q {batch}, block_tables {block_tables.shape[0]}, seq_lens {seq_lens.shape[0]}"
+        )
+    if q.dtype not in _DTYPES or kv_cache.dtype not in _DTYPES:
+        raise ValueError(f"q and kv_cache must be float16, bfloat16 or float32, got {q.dtype} and {kv_cache.dtype}")
+    if block_tables.dtype not in _INDEX_DTYPES or seq_lens.dtype not in _INDEX_DTYPES:
+        raise ValueError(
+            f"block_tables and seq_lens must be int32 or int64, got {block_tables.dtype} and {seq_lens.dtype}"
+        )
+    devices = {t.device for t in (q, kv_cache, block_tables, seq_lens)}
+    if out is not None:
+        if out.shape != (batch, num_heads, kv_lora_rank) or out.dtype != q.dtype:
+            raise ValueError(
+                f"out must be {(batch, num_heads, kv_lora_rank)} of {q.dtype}, got {tuple(out.shape)} of {out.dtype}"
+            )
+        devices.add(out.device)
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def mla_decode_bytes(
+    seq_lens: Sequence[int] | torch.Tensor,
+    num_heads: int,
+    dim: int,
+    kv_lora_rank: int,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype | None = None,
+) -> int:
+    """The fewest bytes one `mla_decode` call must move through device memory: each sequence's
+    cache rows read once, q read once, the output written once, seq_lens (int32) read once.
+    Not counted: block-table entries (4 bytes a page, under 0.01% of a page of 576-wide rows) and
+    split partials, which mostly stay in L2. For GB/s in benchmarks."""
+    lens = [int(n) for n in (seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
+    elt = torch.empty((), dtype=dtype).element_size()
+    cache_elt = torch.empty((), dtype=cache_dtype or dtype).element_size()
+    batch = len(lens)
+    cache = sum(lens) * dim * cache_elt
+    q_out = batch * num_heads * (dim + kv_lora_rank) * elt
+    return cache + q_out + batch * 4
