@@ -28,8 +28,10 @@ kernel efficient, so:
   once after the loop with a token mask (rows past the length are never read, as their slots
   may hold anything). When a tile lies inside one page (block_size % BLOCK_N == 0, the
   production case: pages of 64, BLOCK_N = 64) the block table is read once per tile, one tile
-  ahead (a scalar carried through the loop), and the rows are contiguous; otherwise a tile may
-  straddle pages of any size and each row's page is looked up.
+  ahead (a scalar carried through the loop), and the rows are contiguous, so on sm_90+ one
+  thread also bulk-prefetches the *next* tile into L2 (`cp.async.bulk.prefetch.L2`, inline PTX)
+  at the top of each iteration; otherwise a tile may straddle pages of any size and each row's
+  page is looked up.
 * Split-K: one program per sequence is far too few for a GPU at decode batch sizes, so each
   sequence's context is cut into `num_splits` pieces of ceil(seq_len / num_splits) tokens,
   rounded up to BLOCK_N (per sequence, so short sequences get short splits; trailing splits

@@ -211,6 +211,9 @@ ExpertWeights = DenseExperts | Int4Experts | Fp8Experts
 # ---------------------------------------------------------------------------------------------
 
 
+REPACK_TEMP_BYTES = 1 << 30  # bound on repack_int4's temporaries
+
+
 def repack_int4(
     weight_packed: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -240,19 +243,31 @@ def repack_int4(
     scale_shape = (e, out_features, in_features // group_size)
     if weight_scale.dtype not in _FLOAT_DTYPES or tuple(weight_scale.shape) != scale_shape:
         raise ValueError(f"repack_int4: weight_scale {_desc(weight_scale)}: expected a float tensor {scale_shape}")
-    k_pad, p = _round_up(in_features, k_block), k_block // 8
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight_packed.device)  # (8,)
-    nib = (weight_packed.unsqueeze(-1) >> shifts) & 0xF  # (E, N, K/8, 8), q + 8
-    nib = nib.reshape(e, out_features, in_features)  # (E, N, K)
-    # Padding inputs get nibble 8 (q = 0) and scale 0: they add exactly nothing.
-    nib = F.pad(nib, (0, k_pad - in_features), value=8)  # (E, N, K_pad)
-    nib = nib.reshape(e, out_features, k_pad // k_block, 8, p).to(torch.int64)  # (E, N, blocks, s, j)
-    words = (nib << (4 * torch.arange(8, device=nib.device)).view(1, 1, 1, 8, 1)).sum(dim=3)  # (E, N, blocks, P)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
-    packed = words.reshape(e, out_features, k_pad // 8).transpose(1, 2).contiguous()  # (E, K_pad/8, N)
+    k_pad = _round_up(in_features, k_block)
+    packed = torch.empty((e, k_pad // 8, out_features), dtype=torch.int32, device=weight_packed.device)
+    # A few experts at a time: the int64 nibble temporaries are 16x the packed bytes (a Kimi K2
+    # layer's 384 experts at once would need tens of GiB).
+    chunk = max(1, REPACK_TEMP_BYTES // max(1, out_features * k_pad * 8))
+    for start in range(0, e, chunk):
+        part = weight_packed[start : start + chunk]
+        packed[start : start + part.shape[0]] = _repack_words(part, out_features, in_features, k_pad, k_block)
     scale = F.pad(weight_scale, (0, (k_pad - in_features) // group_size))  # (E, N, K_pad/g)
     scale = scale.transpose(1, 2).contiguous()  # (E, K_pad/g, N)
     return Int4Weight(packed, scale, in_features, group_size, k_block)
+
+
+def _repack_words(weight_packed: torch.Tensor, n: int, k: int, k_pad: int, k_block: int) -> torch.Tensor:
+    """(e, N, K/8) checkpoint words -> (e, K_pad/8, N) kernel words (module docstring)."""
+    e, p = weight_packed.shape[0], k_block // 8
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight_packed.device)  # (8,)
+    nib = (weight_packed.unsqueeze(-1) >> shifts) & 0xF  # (e, N, K/8, 8), q + 8
+    nib = nib.reshape(e, n, k)  # (e, N, K)
+    # Padding inputs get nibble 8 (q = 0) and scale 0: they add exactly nothing.
+    nib = F.pad(nib, (0, k_pad - k), value=8)  # (e, N, K_pad)
+    nib = nib.reshape(e, n, k_pad // k_block, 8, p).to(torch.int64)  # (e, N, blocks, s, j)
+    words = (nib << (4 * torch.arange(8, device=nib.device)).view(1, 1, 1, 8, 1)).sum(dim=3)  # (e, N, blocks, P)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+    return words.reshape(e, n, k_pad // 8).transpose(1, 2)  # (e, K_pad/8, N)
 
 
 def unrepack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,6 +116,7 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     with torch.device(device):
         moe = MoE(cfg, f"model.layers.{layer}.mlp", dtype)
     fill_random(moe.slots(), seed)
+    per_expert = _bytes(moe.experts) / cfg.n_routed_experts  # as stored (the kernel layouts are the same size)
     if device.type == "cuda":
         for module in moe.modules():  # as DeepseekV3Model._prepare_gpu: FP8 stays e4m3, others dense
             if hasattr(module, "materialize") and type(module.scheme).__name__ != "Fp8BlockScheme":
@@ -127,7 +128,6 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     moe(x)
     hit = int((moe.expert_counts > 0).sum())
     ms = _time_ms(lambda: moe(x), device, warmup=3, iters=20)
-    per_expert = _bytes(moe.experts) / cfg.n_routed_experts
     fixed = moe.gate_weight.numel() * 4 + (_bytes(moe.shared_experts) if moe.shared_experts is not None else 0)
     total = fixed + hit * per_expert + 2 * x.numel() * x.element_size()
     roofline_ms = total / (copy_gbs * 1e9) * 1e3

@@ -73,6 +73,17 @@ def test_repack_round_trip_and_dequant(device: torch.device, out_f: int, in_f: i
     assert torch.equal(fm.dequantize_int4(w, torch.float32), want)
 
 
+def test_repack_in_expert_chunks_equals_one_pass(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large expert stacks are repacked a few experts at a time (bounded temporaries): same words."""
+    from moecluster.kernels import moe_weights
+
+    packed, scale = _int4_ckpt(7, 32, 128, device)
+    whole = fm.repack_int4(packed, scale, 32, 128)
+    monkeypatch.setattr(moe_weights, "REPACK_TEMP_BYTES", 2 * 32 * 128 * 8)  # two experts per chunk
+    chunked = fm.repack_int4(packed, scale, 32, 128)
+    assert torch.equal(chunked.packed, whole.packed) and torch.equal(chunked.scale, whole.scale)
+
+
 def test_repack_layout_hand_built(device: torch.device) -> None:
     """Word row b*P + j of the kernel layout holds input b*k_block + s*P + j in nibble s."""
     in_f, p = 256, 16

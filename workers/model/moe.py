@@ -65,7 +65,11 @@ class Experts(nn.Module):
             yield from getattr(self, name).slots(paths)
 
     def slot_tensors(self) -> list[torch.Tensor]:
-        """Every stacked tensor of this rank's experts, each (local slots, ...), in a fixed order."""
+        """Every stacked tensor of this rank's experts, each (local slots, ...), in a fixed order:
+        the form the weights are held in (INT4 on a GPU: the kernel's layout, the only copy)."""
+        if isinstance(self._kernel_weights, Int4Experts):
+            k = self._kernel_weights
+            return [t for w in (k.gate, k.up, k.down) for t in (w.packed, w.scale)]
         return [t for name in ("gate_proj", "up_proj", "down_proj") for t in getattr(self, name).buffers()]
 
     def load_slots(self, tensors: list[torch.Tensor], expert_ids: list[int]) -> None:
@@ -73,15 +77,14 @@ class Experts(nn.Module):
         for old, new in zip(self.slot_tensors(), tensors):
             old.copy_(new)
         self.expert_ids = list(expert_ids)
-        if self._kernel_weights is not None:
-            self.prepare_kernel()  # the INT4 repack is a copy: redo it
 
     @torch.no_grad()
     def prepare_kernel(self) -> None:
         """On a GPU, the fused MoE kernel's weights: dense (bf16) weights and FP8 blocks (W8A16:
         e4m3 kept, a bf16 copy of DeepSeek-V3's experts would not fit a node) as loaded, no copy;
-        INT4 groups repacked into the W4A16 kernel's layout (a copy: the checkpoint layout stays
-        for EPLB's weight moves)."""
+        INT4 groups repacked into the W4A16 kernel's layout, which then replaces the checkpoint
+        layout (one copy on the GPU: Kimi K2-Thinking's experts fill most of an H200 as it is;
+        EPLB moves the kernel layout)."""
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if not self.expert_ids:
             return
@@ -97,6 +100,8 @@ class Experts(nn.Module):
                 repack_int4(p.weight_packed, p.weight_scale, p.out_features, p.in_features, group_size=g)
                 for p in projections
             ))
+            for p in projections:
+                p.drop_payload("its experts run from the INT4 kernel layout")
         else:
             raise NotImplementedError(
                 f"{self.prefix}: the fused MoE kernel needs gate, up and down in one format, got "

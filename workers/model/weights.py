@@ -90,8 +90,17 @@ class QuantWeight(nn.Module):
                 yield Slot(f"{path}.weight_scale", self.weight_scale[idx])
                 yield Slot(f"{path}.weight_shape", expect=torch.tensor([self.out_features, self.in_features]))
 
+    def drop_payload(self, why: str) -> None:
+        """Free the stored form once a kernel holds its own copy (its buffers become empty)."""
+        for name, buf in list(self._buffers.items()):
+            if buf is not None:
+                self._buffers[name] = buf.new_empty(0)
+        self._dropped = why
+
     def dequantize(self, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
         """The dense (out, in) weight (or the whole stack when index is None) in dtype."""
+        if getattr(self, "_dropped", None):
+            raise RuntimeError(f"this weight's stored form was freed ({self._dropped})")
         pick = (lambda t: t) if index is None else (lambda t: t[index])
         if self.scheme is None:
             return pick(self.weight).to(dtype)
