@@ -53,30 +53,48 @@ stay whole. Shared memory holds q (BLOCK_H * 576 * 2 B = 72 KiB) plus one (BLOCK
 per pipeline stage (72 KiB at BLOCK_N = 64).
 
 Defaults (Hopper, 576-wide bf16 rows): BLOCK_H = 64 (the padded head count if smaller, at least
-16), BLOCK_N = 64 (one production page), 8 warps (4 below BLOCK_H = 64), 2 stages: 216 KiB of
-shared memory, about 250 registers (none spilled), wgmma for all three products and 16-byte
-cp.async loads (Triton 3.6, H100). Where shared memory is smaller, BLOCK_N and the stages step
-down (`_fit_tiles`). Measured on an H100 (Triton 3.6, `moecluster bench kernels --only mla`:
-do_bench medians of whole launcher calls, bf16, pages of 64, shuffled tables, auto splits), as
-a fraction of the copy bandwidth (3021 GB/s): 128 heads 38-41%, 64 heads 62-76% (batch 64 / 128,
-context 4096 / 32768); before this tile loop (a per-row, masked block-table gather inside the
-loop, and a `seq_lens.max()` host sync in the launcher) 25-30% and 38-56%. The ">= 80%"
-target is therefore met nowhere; at 128 heads the work sits near the H100's balance point
-(about 240 FLOP per cache byte).
+16), BLOCK_N = 64 (one production page), 8 warps (4 below BLOCK_H = 64), 2 stages, the next
+tile's L2 prefetch on: 216 KiB of shared memory, 255 registers (none spilled), wgmma for all
+three products and 16-byte cp.async loads (Triton 3.6, H100). Where shared memory is smaller,
+BLOCK_N and the stages step down (`_fit_tiles`). Measured on an H100 with `moecluster bench
+kernels --only mla` (do_bench medians of whole launcher calls, bf16, pages of 64, shuffled
+tables, auto splits; copy 3021 GB/s), batch 64 / 128 x context 4096 / 32768:
+
+| heads | batch | context | ms    | GB/s | of copy | before: ms | of copy |
+|-------|-------|---------|-------|------|---------|------------|---------|
+| 128   | 64    | 4096    | 0.252 | 1267 | 42%     | 0.416      | 25%     |
+| 128   | 64    | 32768   | 1.909 | 1275 | 42%     | 2.767      | 29%     |
+| 128   | 128   | 4096    | 0.483 | 1324 | 44%     | 0.813      | 26%     |
+| 128   | 128   | 32768   | 3.855 | 1263 | 42%     | 5.482      | 29%     |
+| 64    | 64    | 4096    | 0.146 | 2127 | 70%     | 0.343      | 30%     |
+| 64    | 64    | 32768   | 0.933 | 2600 | 86%     | 1.571      | 51%     |
+| 64    | 128   | 4096    | 0.265 | 2346 | 78%     | 0.436      | 47%     |
+| 64    | 128   | 32768   | 2.088 | 2323 | 77%     | 2.947      | 55%     |
+
+"Before" is the previous version in the same session: a per-row, masked block-table gather
+inside the loop (a synchronous load in front of every tile's copies), no L2 prefetch, and a
+`seq_lens.max()` host sync in the launcher, which alone cost 0.07-0.27 ms a call here. Gains
+measured separately (same session, no host sync on either side): the unmasked whole-tile loop
+with the page carried a tile ahead 1.19-1.31x, the L2 prefetch of the next tile another
+1.03-1.10x (prefetching 2 or 3 tiles ahead was worse at 64 heads, mixed at 128). The ">= 80%
+of copy" target is met at 64 heads x 64 x 32768 only; at 128 heads the work sits near the
+H100's balance point (about 240 FLOP per cache byte) and the kernel reaches about 300 TFLOP/s
+of useful work.
 
 What limits it (read from the TTGIR, Triton 3.6): with 2 stages the pipeliner issues tile i+1's
-copies after tile i's P.V and waits for them at the top of the next iteration, so the load
-overlaps only the P.V, not the QK^T and softmax; and because QK^T feeds another dot, both
-warpgroups compute the whole (64, BLOCK_N) score tile (warps [8, 1] over M = 64), doubling the
-QK^T tensor work. A third stage does not fit next to q (72 KiB + 3 x 72 KiB). FlashMLA-style
-producer / consumer warpgroups (Gluon or CUDA) are the way past this. Tried and not kept (H100,
-the eight bench shapes, against this loop): TMA tensor descriptors for the whole tiles (latent
-and rope boxes, BLOCK_N 64, 2 stages: 3-18% slower in six shapes, level in two); BLOCK_N 32
-with 3 or 4 stages, which keeps 2-3 tiles in flight (TMA or cp.async: 11-45% slower); BLOCK_N
-16 with 8 stages (1.6-2.2x slower); the rope product before the latent one (no gain, up to 7%
-slower). Earlier: BLOCK_H 16/32,
-BLOCK_N 128, 4 warps, 1 or 3 stages were 14-80% slower at 128 heads x 32 x 4096. All knobs are
-launcher arguments, for autotuning.
+copies after tile i's P.V and waits for them at the top of the next iteration, so the copies
+overlap only the P.V, not the QK^T and softmax (the L2 prefetch shortens, not hides, them); and
+because QK^T feeds another dot, both warpgroups compute the whole (64, BLOCK_N) score tile
+(warps [8, 1] over M = 64), doubling the QK^T tensor work. A third stage does not fit next to q
+(72 KiB + 3 x 72 KiB). FlashMLA-style producer / consumer warpgroups (Gluon or CUDA) are the way
+past this. Tried and not kept (H100, the eight bench shapes, against the loop without the L2
+prefetch): TMA tensor descriptors for the whole tiles (latent and rope boxes, BLOCK_N 64, 2
+stages: 3-18% slower in six shapes, level in two); BLOCK_N 32 with 3 or 4 stages, which keeps
+2-3 tiles in flight (TMA or cp.async: 11-45% slower; with a 2-tile-ahead L2 prefetch 17-38%);
+BLOCK_N 16 with 8 stages (1.6-2.2x slower); the rope product before the latent one (no gain, up
+to 7% slower); the next tile loaded into registers during the current one (num_stages 1: 400-950
+bytes of spills, not run). Earlier: BLOCK_H 16/32, BLOCK_N 128, 4 warps, 1 or 3 stages were
+14-80% slower at 128 heads x 32 x 4096. All knobs are launcher arguments, for autotuning.
 
 Number of splits (`choose_num_splits`): programs this heavy run one per SM, so what counts is
 waves, not "2x the SMs". With P programs per split, s splits take ceil(P * s / resident)
@@ -84,12 +102,13 @@ waves, each as long as a split (its tiles plus a fixed cost of about 128 tokens:
 partial, stage 2); the launcher takes the s that minimizes that, ties to fewer splits. On the
 H100 this model picked the fastest of the counts tried (1, 2, 4, ..., 64) in each of nine shapes
 (1 to 256 sequences, 512 to 32768 tokens, 64 and 128 heads); a ">= 2x the SMs" rule picked 5
-splits for 128 heads x 32 x 4096 (240 us) where 2 take 185 us; with the current tile loop it
-still picks the fastest of 1-4 splits, or one within 4%, in the eight bench shapes. Choosing
-needs a bound on the longest sequence: `max_seq_len` if given, else the block tables' capacity
-(max_blocks * block_size), which is tight when the tables are as wide as the longest sequence
-needs (as the engine builds them) and, unlike `seq_lens.max()`, costs no host sync (one cost
-60-90 us a call at these shapes, and it breaks CUDA graph capture).
+splits for 128 heads x 32 x 4096 (240 us) where 2 take 185 us; with the whole-tile loop (before
+the L2 prefetch) it still picked the fastest of 1-4 splits, or one within 1%, in the eight
+bench shapes. Choosing needs a bound on the longest sequence: `max_seq_len` if given, else
+the block tables' capacity (max_blocks * block_size), which is tight when the tables are as
+wide as the longest sequence needs (as the engine builds them) and, unlike `seq_lens.max()`,
+costs no host sync (that one cost 0.07-0.27 ms a call at the bench shapes, and it breaks CUDA
+graph capture).
 """
 
 from __future__ import annotations
