@@ -85,8 +85,15 @@ except ImportError:  # CPU-only installs: the torch references are the whole imp
     tl = None
 
 
-def _jit(fn):  # noqa: ANN001, ANN202
-    return triton.jit(fn) if triton is not None else fn
+def _jit(fn=None, *, do_not_specialize: tuple[str, ...] = ()):  # noqa: ANN001, ANN202
+    """triton.jit; integer arguments named in do_not_specialize vary call to call (row counts):
+    Triton would otherwise compile a variant for each value that is 1 or a multiple of 16,
+    seconds of compile in the middle of serving."""
+    if fn is None:
+        return lambda f: _jit(f, do_not_specialize=do_not_specialize)
+    if triton is None:
+        return fn
+    return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(fn)
 
 
 # INT4 with 16-bit activations: (bits OR-ed into the nibble, bias subtracted), see `_dequant`.
@@ -187,7 +194,7 @@ def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.
     return w
 
 
-@_jit
+@_jit(do_not_specialize=("n_rows",))
 def _moe_gemm_kernel(
     a_ptr,  # (a_rows, K) activations; row r of the grouped batch is a[src[r]] when GATHER
     src_ptr,  # (n_rows,) int, read only when GATHER

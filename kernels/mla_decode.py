@@ -368,7 +368,15 @@ def _mla_decode_stage2(
 def _jitted(interpret: bool):
     """The two kernels through triton.jit; keyed on the interpreter flag, which triton.jit reads."""
     del interpret  # part of the cache key only
-    return triton.jit(_mla_decode_stage1), triton.jit(_mla_decode_stage2)
+    # Arguments that change from step to step as contexts grow (split count, block-table width,
+    # the partials' strides) stay unspecialized: Triton would otherwise compile a new variant
+    # whenever one of them becomes 1 or a multiple of 16, a stall of seconds while serving.
+    return (
+        triton.jit(_mla_decode_stage1, do_not_specialize=[
+            "num_splits", "stride_btb", "stride_ob", "stride_os", "stride_lb", "stride_ls"]),
+        triton.jit(_mla_decode_stage2, do_not_specialize=[
+            "stride_pb", "stride_ps", "stride_lb", "stride_ls", "num_splits"]),
+    )
 
 
 # --------------------------------------------------------------------------------------------
