@@ -158,6 +158,8 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
         serving.stop()
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
+    if device.type == "cuda":
+        _wait_gpu_released(device)
     if cfg.roofline:
         _rooflines(cfg, mcfg, dtype, device, result)
         checkpoint(result)
@@ -168,6 +170,21 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
     checkpoint(result)
     tmp.cleanup()
     return result
+
+
+def _wait_gpu_released(device: Any, timeout_s: float = 120.0) -> None:
+    """The rank actors' processes free their GPU memory some seconds after the deployment stops."""
+    import time
+
+    import torch
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info(device)
+        if free > 0.9 * total:
+            return
+        time.sleep(1.0)
+    log.warning("GPU memory not released %ds after the deployment stopped", timeout_s)
 
 
 def _rooflines(cfg: ServeBenchConfig, mcfg: Any, dtype: Any, device: Any, result: ServeBenchResult) -> None:

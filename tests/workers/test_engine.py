@@ -567,3 +567,20 @@ def test_queue_time_is_recorded_once_per_sequence(tiny_checkpoint) -> None:
     times = core.take_queue_times()
     assert len(times) == 2 and 0 <= times[0] < times[1]
     assert core.take_queue_times() == []
+
+
+def test_activation_reserve_scales_with_the_step_and_covers_the_moe_copies(tiny_checkpoint) -> None:
+    """The KV budget on GPUs leaves room for one full step: top_k routed copies of every token's
+    hidden state dominate at DeepSeek-V3 widths (about 8 GiB for an 8192-token chunk)."""
+    import torch
+
+    from moecluster.cluster.plan.presets import DEEPSEEK_V3
+    from moecluster.workers.config import ModelConfig
+    from moecluster.workers.engine.kv_cache import activation_bytes
+
+    cfg = ModelConfig.from_hf(DEEPSEEK_V3)
+    one = activation_bytes(cfg, 1, torch.bfloat16)
+    assert activation_bytes(cfg, 8192, torch.bfloat16) == pytest.approx(8192 * one, rel=1e-3)
+    routed_copies = cfg.num_experts_per_tok * cfg.hidden_size * (3 * 2 + 4)
+    assert one > routed_copies
+    assert 6 << 30 < activation_bytes(cfg, 8192, torch.bfloat16) < 12 << 30

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from moecluster.workers.engine.block_manager import BlockManager
 from moecluster.workers.engine.disaggregated import DisaggregatedCore
 from moecluster.workers.engine.engine_core import EngineCore, Role
-from moecluster.workers.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from moecluster.workers.engine.kv_cache import activation_bytes, allocate_kv_cache, bytes_per_block
 from moecluster.workers.engine.model_runner import ModelRunner
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerConfig
 from moecluster.workers.config import ModelConfig
@@ -95,10 +95,15 @@ def build_core(
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {mcfg.max_position_embeddings}"
         )
     num_blocks = cfg.num_kv_blocks
+    batched = cfg.max_num_batched_tokens or (8192 if cfg.enable_chunked_prefill else max_model_len)
     if num_blocks is None:
         budget = cfg.kv_cache_memory_bytes or _default_kv_budget(device, cfg.gpu_memory_utilization)
+        if cfg.kv_cache_memory_bytes is None and device.type == "cuda":  # room for a full step's activations
+            budget -= activation_bytes(mcfg, batched, model.dtype)
+        if budget < bytes_per_block(mcfg, cfg.block_size, model.dtype):
+            raise ValueError(f"no GPU memory left for the KV cache after the weights and the activations of "
+                             f"{batched}-token steps: lower max_num_batched_tokens or raise the memory fraction")
         num_blocks = max(1, budget // bytes_per_block(mcfg, cfg.block_size, model.dtype))
-    batched = cfg.max_num_batched_tokens or (8192 if cfg.enable_chunked_prefill else max_model_len)
     scheduler = Scheduler(
         SchedulerConfig(max_model_len, cfg.max_num_seqs, batched, cfg.enable_chunked_prefill),
         BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),
