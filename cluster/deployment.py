@@ -440,6 +440,12 @@ class Deployment:
     def status(self) -> list[dict[str, Any]]:
         return [s for pool in self.pools.values() for s in pool.status()]
 
+    def step_profiles(self, clear: bool = False) -> dict[str, list[dict[str, Any]]]:
+        """Per replica, each rank's per-phase step times over its recent steps."""
+        return {f"{pool.name}-{i}": r.step_profiles(clear)
+                for pool in self.pools.values() for i, r in enumerate(pool.replicas)
+                if r is not None and i not in pool.retired}
+
     def shutdown(self) -> None:
         self._stop.set()
         self._monitor.join(10)

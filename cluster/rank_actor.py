@@ -152,7 +152,16 @@ class RankActor:
         cutoff = time.monotonic() - QUEUE_HORIZON_S
         queue_times = [v for t, v in list(self._recent_queue) if t >= cutoff]
         return {"rank": self.rank, "role": self.role, "alive": alive, "stats": stats, "cached": cached,
-                "queue_times": queue_times}
+                "queue_times": queue_times, "step_ms": core.timer.snapshot() if core is not None else {}}
+
+    def step_profile(self, clear: bool = False) -> dict[str, dict[str, float]]:
+        """Per-phase step times of the recent steps (`workers/engine/step_timer.py`); clear starts afresh."""
+        if self._core is None:
+            return {}
+        snapshot = self._core.timer.snapshot()
+        if clear:
+            self._core.timer.clear()
+        return snapshot
 
     def stop(self, timeout: float = 30.0) -> None:
         self.inbox.put(("stop",))

@@ -135,6 +135,17 @@ class Replica:
                 out.append({"rank": r, "alive": False, "error": repr(e)})
         return out
 
+    def step_profiles(self, clear: bool = False, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Each rank's per-phase step times (empty for a rank that does not answer)."""
+        refs = [a.step_profile.remote(clear) for a in self.actors]
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=timeout))
+            except (ray.exceptions.RayError, TimeoutError):
+                out.append({})
+        return out
+
     def _poll(self, rank: int) -> None:
         actor = self.actors[rank]
         while self.streams.error is None:

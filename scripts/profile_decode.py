@@ -67,6 +67,10 @@ def main() -> None:
     for k, v in phases.items():
         if v:
             print(f"{k:>14}: p50 {sorted(v)[len(v) // 2] * 1e3:8.2f} ms")
+    core.timer.clear()
+    for _ in range(args.steps):
+        core.step()
+    print("engine step phases (p50 ms):", {k: round(v["p50_ms"], 2) for k, v in core.timer.snapshot().items()})
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -76,8 +80,13 @@ def main() -> None:
     events = prof.key_averages()
     cuda_total = sum(e.self_device_time_total for e in events) / 1e3 / 3
     print(f"GPU busy per step (sum of kernel time): {cuda_total:.2f} ms")
-    print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:16]
+    for e in top:
+        print(f"  {e.self_device_time_total / 1e3 / 3:7.3f} ms/step  x{e.count // 3:<4} {e.key[:70]}")
+    cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    print(f"host time per step: {sum(e.self_cpu_time_total for e in events) / 1e3 / 3:.2f} ms; top:")
+    for e in cpu:
+        print(f"  {e.self_cpu_time_total / 1e3 / 3:7.3f} ms/step  x{e.count // 3:<4} {e.key[:70]}")
 
 
 if __name__ == "__main__":

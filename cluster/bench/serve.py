@@ -147,9 +147,11 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
             for kind, c, out_len in levels:
                 level = LoadLevel(i, out_len, c, c * (1 if kind == "prefill" else cfg.waves), mcfg.vocab_size,
                                   seed=cfg.seed + len(result.levels) + 1)
+                serving.deployment.step_profiles(clear=True)
                 records, t0, t1 = run_level(target, level)
                 row = {"kind": kind, "input_len": i, "output_len": out_len, "concurrency": c,
-                       **summarize_level(records, t0, t1, cfg.gpus)}
+                       **summarize_level(records, t0, t1, cfg.gpus),
+                       "rank_step_ms": _decode_step_profile(serving.deployment.step_profiles())}
                 result.levels.append(row)
                 _print_level(row)
                 checkpoint(result)
@@ -170,6 +172,13 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
     checkpoint(result)
     tmp.cleanup()
     return result
+
+
+def _decode_step_profile(profiles: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """p50 ms per step phase, averaged over the ranks of the decode replicas (where tokens come from)."""
+    ranks = [p for name, per_rank in profiles.items() if name.startswith("decode") for p in per_rank if p]
+    phases = sorted({k for p in ranks for k in p})
+    return {k: sum(p[k]["p50_ms"] for p in ranks if k in p) / sum(1 for p in ranks if k in p) for k in phases}
 
 
 def _wait_gpu_released(device: Any, timeout_s: float = 120.0) -> None:
@@ -248,6 +257,8 @@ def _print_level(row: dict[str, Any]) -> None:
           f"TTFT p50 {_f(row['ttft_ms_p50'], '8.1f')} p99 {_f(row['ttft_ms_p99'], '8.1f')}  "
           f"ITL p50 {_f(row['itl_ms_p50'], '7.2f')} p99 {_f(row['itl_ms_p99'], '7.2f')} ms  errors {row['errors']} "
           f"{' '.join(row['error_examples'])}", flush=True)
+    if row.get("rank_step_ms"):
+        print("        rank step p50 ms: " + ", ".join(f"{k} {v:.2f}" for k, v in row["rank_step_ms"].items()), flush=True)
 
 
 def print_tables(result: ServeBenchResult) -> None:

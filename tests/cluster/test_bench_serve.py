@@ -36,6 +36,9 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
         assert row["output_tokens"] == requests * row["output_len"]  # ignore_eos: exactly the asked length
         assert row["input_tokens"] == requests * row["input_len"]
         assert row["ttft_ms_p50"] > 0 and row["input_tok_s_per_gpu"] > 0
+        phases = row["rank_step_ms"]  # where the decode ranks' steps spent their time, this level only
+        assert {"schedule", "sync", "launch", "gpu_wait", "outputs", "step"} <= set(phases), phases
+        assert phases["step"] >= phases["launch"] > 0
         if row["kind"] == "serve":
             assert 0 < row["itl_ms_p50"] <= row["itl_ms_p99"]
             assert row["roofline_step_ms"] > 0 and row["step_vs_roofline"] > 0

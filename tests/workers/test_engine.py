@@ -584,3 +584,15 @@ def test_activation_reserve_scales_with_the_step_and_covers_the_moe_copies(tiny_
     routed_copies = cfg.num_experts_per_tok * cfg.hidden_size * (3 * 2 + 4)
     assert one > routed_copies
     assert 6 << 30 < activation_bytes(cfg, 8192, torch.bfloat16) < 12 << 30
+
+
+def test_step_timer_keeps_a_window_per_phase() -> None:
+    from moecluster.workers.engine.step_timer import StepTimer
+
+    t = StepTimer(window=3)
+    for s in (0.001, 0.002, 0.003, 0.010):
+        t.record("launch", s)
+    snap = t.snapshot()["launch"]
+    assert snap["n"] == 3 and snap["p50_ms"] == pytest.approx(3.0) and snap["mean_ms"] == pytest.approx(5.0)
+    t.clear()
+    assert t.snapshot() == {}

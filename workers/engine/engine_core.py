@@ -11,6 +11,7 @@ Every request that progressed gets one `RequestOutput` holding only what is new 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +19,7 @@ from typing import Literal
 import torch
 
 from moecluster.text.detokenizer import Decoder
+from moecluster.workers.engine.step_timer import StepTimer
 from moecluster.workers.engine.block_manager import BlockManager
 from moecluster.workers.engine.model_runner import ModelRunner
 from moecluster.workers.engine.output_processor import SeqOutputState
@@ -77,6 +79,7 @@ class EngineCore:
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = self.num_steps = 0
+        self.timer = StepTimer()
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
@@ -130,10 +133,18 @@ class EngineCore:
         """The second half: the forward, sampling and outputs of a scheduled step."""
         if sched.empty and not always_forward:
             return []
+        t0 = time.perf_counter()
         sampled = self.runner.execute(sched)
+        t1 = time.perf_counter()
+        sampled.token_ids.tolist()  # waits for the GPU: what is left of the step after the host issued it
+        t2 = time.perf_counter()
         self.scheduler.update(sched)
         self.num_steps += 1
-        return self._process(sched, sampled)
+        outs = self._process(sched, sampled)
+        self.timer.record("launch", t1 - t0)
+        self.timer.record("gpu_wait", t2 - t1)
+        self.timer.record("outputs", time.perf_counter() - t2)
+        return outs
 
     def _process(self, sched: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         tokens = sampled.token_ids.tolist()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,22 +75,28 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             taken = control.handoffs.deliver()
             if taken:
                 outbox.put(("taken", rank, [(t.inner_id, t.outcome) for t in taken]))
+        t0 = time.perf_counter()
         sched = core.schedule() if core.has_unfinished() else None
+        t1 = time.perf_counter()
         mine = [sched.num_tokens if sched else 0, int(sched is not None), int(control.stop), int(control.rebalance)]
         flags = torch.tensor(mine, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; 4 ints either way
         max_tokens, busy = int(flags[0]), bool(flags[1])  # the group's largest batch this step
+        t2 = time.perf_counter()
         log.debug("rank %d step %d: %d tokens here, at most %d in the group", rank, steps, mine[0], max_tokens)
         if flags[2]:
             return
         if busy:
             outs = core.execute(sched if sched is not None else SchedulerOutput(), always_forward=True)
             steps += 1
+            core.timer.record("schedule", t1 - t0)
+            core.timer.record("sync", t2 - t1)
             handoffs = core.take_handoffs()
             if handoffs:
                 outbox.put(("handoff", rank, (outs, handoffs)))
             elif outs:
                 outbox.put(("out", rank, outs))
+            core.timer.record("step", time.perf_counter() - t0)
         due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
         if flags[3] or due:  # every rank reaches this at the same step boundary
             control.rebalance = False
