@@ -39,7 +39,8 @@ def plot(result: dict[str, Any], png: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
+    for ax in axes:  # p99s sit orders of magnitude above p50s
+        ax.set_yscale("log")
     m = result.get("model", {})
     fig.suptitle(f"moecluster bench serve: {m.get('model_type')} slice, {m.get('layers')} layers, "
                  f"{m.get('quant')}, {result['config'].get('gpus_total')} GPU(s)")
