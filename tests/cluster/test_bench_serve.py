@@ -42,6 +42,10 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
         if row["kind"] == "serve":
             assert 0 < row["itl_ms_p50"] <= row["itl_ms_p99"]
             assert row["roofline_step_ms"] > 0 and row["step_vs_roofline"] > 0
+    kv = saved["kv_cache"]
+    assert kv["decode_ranks"] == 1 and kv["tokens_per_rank"] > 0
+    assert kv["sequences_per_rank_at_128k"] == kv["tokens_per_rank"] // 131072
+    assert saved["summary"]["best_decode_tok_s_per_node"] == saved["summary"]["best_decode_tok_s_per_gpu"]  # one GPU
     assert saved["copy_gbs"] > 0
     assert [m["tokens"] for m in saved["moe_layer"]] == [1, 3]
     assert all(1 <= m["experts_hit"] <= 16 and m["ms"] > 0 for m in saved["moe_layer"])
