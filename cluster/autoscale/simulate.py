@@ -54,6 +54,7 @@ from typing import Any, Literal
 from moecluster.cluster.autoscale.policy import AutoscalePolicy, PoolMetrics, load_policy
 from moecluster.cluster.autoscale.service_model import ServiceModel
 from moecluster.cluster.autoscale.trace import TraceRequest
+from moecluster.cluster.stats import percentile
 from moecluster.cluster.spec import AutoscalingSpec, ScaleBounds, SLOTargets
 
 Role = Literal["both", "prefill", "decode"]
@@ -120,9 +121,9 @@ class SimResult:
             "requests": len(self.ttft_s),
             "completed": sum(1 for c in self.completions if c == 1),
             "attainment": self.attainment(targets),
-            "ttft_s": {f"p{q}": _pct(self.ttft_s, q / 100) for q in (50, 90, 99)},
+            "ttft_s": {f"p{q}": percentile(self.ttft_s, q / 100) for q in (50, 90, 99)},
             "itl_token_s": {f"p{q}": _wpct(self.itl_values, self.itl_weights, q / 100) for q in (50, 90, 99)},
-            "itl_request_mean_s": {f"p{q}": _pct(itl_means, q / 100) for q in (50, 90, 99)},
+            "itl_request_mean_s": {f"p{q}": percentile(itl_means, q / 100) for q in (50, 90, 99)},
             "gpu_hours": self.gpu_hours,
             "replica_hours": {pool: s / 3600 for pool, s in self.replica_s.items()},
             "peak_serving": self.peak_serving(),
@@ -131,14 +132,8 @@ class SimResult:
         }
 
 
-def _pct(values: Sequence[float], q: float) -> float | None:
-    """The live controller's percentile: sorted[min(n - 1, int(q n))]."""
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else None
-
-
 def _wpct(values: Sequence[float], weights: Sequence[int], q: float) -> float | None:
-    """`_pct` over values repeated by their weights."""
+    """`percentile` over values repeated by their weights."""
     total = sum(weights)
     if not total:
         return None
@@ -421,7 +416,7 @@ class _Sim:
             pool.touched.update(index for _, index, _ in rep.decoding)
         metrics = PoolMetrics(
             pool=pool.name, role=pool.role, replicas=len(serving), requests=len(pool.touched),
-            ttft_p90=_pct(pool.ttft[t:], 0.9), queue_p90=_pct(pool.queue[q:], 0.9),
+            ttft_p90=percentile(pool.ttft[t:], 0.9), queue_p90=percentile(pool.queue[q:], 0.9),
             itl_p90=_wpct(pool.itl_values[i:], pool.itl_weights[i:], 0.9),
             kv_usage=sum(r.kv_used() for r in serving) / (len(serving) * self.model.kv_capacity_tokens) if serving else 0.0,
             waiting=sum(len(r.queue) for r in pool.replicas),

@@ -6,6 +6,8 @@ import threading
 import time
 from collections import deque
 
+from moecluster.cluster.stats import percentile
+
 
 class LatencyWindow:
     def __init__(self, horizon_s: float = 300.0, max_samples: int = 100_000) -> None:
@@ -30,5 +32,4 @@ class LatencyWindow:
             return [v for t, v in q if t >= cutoff]
 
     def p90(self, signal: str, pool: str, seconds: float) -> float | None:
-        values = sorted(self.since(signal, pool, seconds))
-        return values[min(len(values) - 1, int(0.9 * len(values)))] if values else None
+        return percentile(self.since(signal, pool, seconds), 0.9)

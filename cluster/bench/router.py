@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moecluster.cluster.bench.fake_engine import FakeEngine
+from moecluster.cluster.stats import percentile
 from moecluster.router.requests.server import RouterConfig, RouterServer
 
 
@@ -64,8 +65,8 @@ def _client(port: int, cfg: RouterBenchConfig, out: mp.Queue) -> None:
 
 
 def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+    p = percentile(values, q)
+    return float("nan") if p is None else p
 
 
 def run(cfg: RouterBenchConfig, tokenizer_dir: Path) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moecluster.cluster.bench.serve_load import LoadLevel, RequestRecord, run_level
-from moecluster.cluster.bench.stats import percentile
+from moecluster.cluster.stats import percentile
 
 log = logging.getLogger(__name__)
 

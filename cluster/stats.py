@@ -1,4 +1,4 @@
-"""Small statistics shared by the benchmarks."""
+"""Small statistics shared by the autoscaler, its simulator and the benchmarks."""
 
 from __future__ import annotations
 
