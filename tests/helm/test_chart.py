@@ -41,7 +41,7 @@ EVERYTHING = {
     "model": {"trustRemoteCode": True, "download": {"hfToken": {"secretName": "hf"}}},
     "ray": {"upgradeStrategy": "Recreate", "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]},
     "head": {"readinessProbe": {"httpGet": {"path": "/health", "port": "http", "scheme": "HTTPS"}}},
-    "engine": {"maxModelLen": None, "eplbIntervalSteps": 1000, "eplbRedundantSlots": 32},
+    "engine": {"maxModelLen": None, "eplbIntervalSteps": 1000, "eplbRedundantSlots": 32, "kvTransfer": "object_store"},
 }
 EXISTING_CLAIM = {"model": {"volume": {"existingClaim": "weights", "subPath": "deepseek-v3",
                                        "create": {"enabled": False}}, "download": {"enabled": False}}}
@@ -260,6 +260,7 @@ def test_generated_spec_parses_and_matches_the_values(case):
         c["blockSize"], c["memoryFraction"], c["numBlocks"])
     assert (spec.engine.max_model_len, spec.engine.max_num_seqs, spec.engine.eplb_interval_steps) == (
         e["maxModelLen"], e["maxNumSeqs"], e["eplbIntervalSteps"])
+    assert spec.engine.kv_transfer == e["kvTransfer"]
     a = values["autoscaling"]
     assert (spec.autoscaling is not None) == a["enabled"]
     if a["enabled"]:
@@ -505,6 +506,7 @@ BAD = [
     ({"decode": {"ep": 0}}, "/decode/ep"),
     ({"router": {"policy": "fastest"}}, "/router/policy"),
     ({"engine": {"dtype": "int8"}}, "/engine/dtype"),
+    ({"engine": {"kvTransfer": "nixl"}}, "/engine/kvTransfer"),
     ({"model": {"path": "models/ds"}}, "/model/path"),
     ({"router": {"apiKey": {"env": "not-an-env"}}}, "/router/apiKey/env"),
 ]
