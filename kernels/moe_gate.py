@@ -34,6 +34,7 @@ def _gate_kernel(
     stride_l,
     scale,
     E: tl.constexpr,
+    E_PAD: tl.constexpr,  # E rounded up to a power of two (tl.arange); lanes past E never win
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr,
@@ -41,11 +42,12 @@ def _gate_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     G: tl.constexpr = E // N_GROUP  # experts per group
-    offs = tl.arange(0, E)  # (E,)
-    logits = tl.load(logits_ptr + t * stride_l + offs).to(tl.float32)
-    scores = tl.sigmoid(logits)  # (E,)
-    biased = scores + tl.load(bias_ptr + offs).to(tl.float32)
+    offs = tl.arange(0, E_PAD)  # (E_PAD,)
+    real = offs < E
+    logits = tl.load(logits_ptr + t * stride_l + offs, mask=real, other=0.0).to(tl.float32)
+    scores = tl.sigmoid(logits)  # (E_PAD,)
     neg = float("-inf")
+    biased = tl.where(real, scores + tl.load(bias_ptr + offs, mask=real, other=0.0).to(tl.float32), neg)
     if TOPK_GROUP < N_GROUP:
         grouped = tl.reshape(biased, (N_GROUP, G))  # (N_GROUP, G)
         best = tl.max(grouped, axis=1)  # (N_GROUP,)
@@ -79,19 +81,30 @@ def _interpreted() -> bool:
     return triton is not None and type(_gate_kernel).__name__ == "InterpretedFunction"
 
 
+def _pow2(v: int) -> bool:
+    return v > 0 and not v & (v - 1)
+
+
+def fusable(num_experts: int, top_k: int, n_group: int, topk_group: int) -> bool:
+    """Whether the kernel takes this gate (the model falls back to the torch path otherwise)."""
+    return _pow2(top_k) and _pow2(n_group) and (_pow2(num_experts) or topk_group >= n_group)
+
+
 def fused_select_experts(
     logits: torch.Tensor, bias: torch.Tensor, num_experts: int, top_k: int, n_group: int, topk_group: int,
     norm_topk_prob: bool, routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (tokens, E), bias (E,) -> weights (tokens, top_k) float32, ids (tokens, top_k) int64.
-    E, top_k and n_group must be powers of two (DeepSeek-V3 / K2: 256, 8, 8) for the kernel."""
+    top_k and n_group must be powers of two; E too when groups are limited (DeepSeek-V3: 256
+    experts, 8 groups, top 4 groups), any E without group limiting (Kimi K2: 384 experts, one
+    group): the kernel pads the row to a power of two."""
     tokens, e = logits.shape
     if e != num_experts or bias.shape != (e,):
         raise ValueError(f"fused_select_experts: logits (tokens, {num_experts}) and bias ({num_experts},), "
                          f"got {tuple(logits.shape)} and {tuple(bias.shape)}")
-    for name, v in (("num_experts", e), ("top_k", top_k), ("n_group", n_group)):
-        if v & (v - 1):
-            raise ValueError(f"fused_select_experts: {name}={v} must be a power of two")
+    if not fusable(e, top_k, n_group, topk_group):
+        raise ValueError(f"fused_select_experts: top_k={top_k} and n_group={n_group} must be powers of two, and "
+                         f"num_experts={e} too when topk_group={topk_group} < n_group")
     if e % n_group or not 0 < topk_group <= n_group or top_k > e:
         raise ValueError(f"fused_select_experts: bad grouping n_group={n_group}, topk_group={topk_group}, top_k={top_k}")
     if triton is None or not (logits.is_cuda or _interpreted()):
@@ -101,6 +114,6 @@ def fused_select_experts(
     ids = torch.empty((tokens, top_k), dtype=torch.int64, device=logits.device)
     if tokens:
         _gate_kernel[(tokens,)](logits, bias.contiguous(), weights, ids, logits.stride(0), float(routed_scaling_factor),
-                                E=e, N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k, NORM=norm_topk_prob,
+                                E=e, E_PAD=triton.next_power_of_2(e), N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k, NORM=norm_topk_prob,
                                 num_warps=4)
     return weights, ids

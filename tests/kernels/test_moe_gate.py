@@ -13,7 +13,9 @@ from moecluster.router.experts.gate import GateConfig, select_experts
     (16, 4, 4, 2, True),
     (32, 8, 8, 4, True),
     (64, 2, 1, 1, False),  # no grouping
-    (256, 8, 8, 4, True),  # DeepSeek-V3 / K2
+    (256, 8, 8, 4, True),  # DeepSeek-V3
+    (384, 8, 1, 1, True),  # Kimi K2 / K2-Thinking: 384 experts, one group (padded to 512 lanes)
+    (24, 4, 1, 1, False),  # any expert count without group limiting
 ])
 def test_fused_gate_matches_reference(device, experts, top_k, n_group, topk_group, norm) -> None:
     gen = torch.Generator().manual_seed(experts * 10 + top_k)
@@ -30,5 +32,7 @@ def test_fused_gate_matches_reference(device, experts, top_k, n_group, topk_grou
 
 def test_fused_gate_rejects_bad_shapes(device) -> None:
     logits = torch.randn(3, 24, device=device)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="powers of two"):  # group limiting over a non-power-of-two expert count
         fused_select_experts(logits, torch.zeros(24, device=device), 24, 4, 4, 2, True, 1.0)
+    with pytest.raises(ValueError, match="powers of two"):
+        fused_select_experts(logits, torch.zeros(24, device=device), 24, 3, 1, 1, True, 1.0)

@@ -15,7 +15,7 @@ from torch import nn
 from moecluster.kernels.fused_moe import (
     DenseExperts, ExpertWeights, Fp8Experts, Int4Experts, grouped_mlp, repack_int4,
 )
-from moecluster.kernels.moe_gate import fused_select_experts
+from moecluster.kernels.moe_gate import fusable, fused_select_experts
 from moecluster.router.experts.dispatch import Dispatcher, LocalDispatch
 from moecluster.router.experts.gate import GateConfig, select_experts
 from moecluster.workers.config import ModelConfig
@@ -169,7 +169,7 @@ class MoE(nn.Module):
         """x (tokens, H) -> (tokens, H)."""
         logits = F.linear(x.float(), self.gate_weight)  # (tokens, experts)
         c = self.gate_cfg
-        if logits.is_cuda and _pow2(c.num_experts, c.top_k, c.n_group):  # the fused gate kernel on GPUs
+        if logits.is_cuda and fusable(c.num_experts, c.top_k, c.n_group, c.topk_group):  # the fused gate on GPUs
             weights, ids = fused_select_experts(logits, self.e_score_correction_bias, c.num_experts, c.top_k, c.n_group,
                                                 c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
         else:
@@ -180,7 +180,3 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
-
-
-def _pow2(*values: int) -> bool:
-    return all(v > 0 and not v & (v - 1) for v in values)
