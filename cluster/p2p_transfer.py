@@ -3,18 +3,21 @@ payload never leaves GPU memory), gloo on CPUs. The `p2p` transport of a prefill
 
 Which decode rank takes a handoff is decided after the prefill finished, so the decode side pulls:
 
-* `send` (prefill rank) gathers the blocks of every layer into one payload on its device, keeps
-  it under a key until `release` (the decode side's acknowledgement) and returns a ticket naming
-  itself (its Ray actor handle and id).
+* `send` (prefill rank) records which cache blocks hold the sample (the engine keeps them until
+  the decode side's acknowledgement) and returns a ticket naming itself (its Ray actor handle and
+  id). Nothing is copied yet: a handoff waiting for room on the decode pool costs no memory.
 * `receive` (decode rank) finds or opens its pair group with that prefill rank: a TCPStore of
   two on the decode rank's node, the prefill rank joins through the `kv_connect` actor method,
   both build a two-rank process group (prefill 0, decode 1) outside their expert-parallel group,
-  so transfers never queue behind the group's collectives. It posts the receive, asks the
-  prefill rank to `kv_push` the payload with a fresh tag, and waits for that call: if the
-  prefill rank is gone or late, the pair group is dropped and `TransferError` tells the decode
-  rank to prefill the sample itself (as with the object store).
+  so transfers never queue behind the group's collectives. It asks the prefill rank to `kv_push`
+  (gather the blocks of every layer into one payload and send it), posts the receive, and waits
+  for both with a deadline. A prefill rank that is gone, late, or no longer holds the sample
+  gives `TransferError`, and the decode rank prefills the sample itself (as with the object
+  store); a rank that did not answer is remembered, so its other handoffs fail at once.
 
-Each pair group serves any number of transfers; tags keep concurrent ones apart.
+A pair carries one transfer at a time (the decode rank's engine thread is the only receiver);
+tags only label them. A prefill rank asked to push a sample it no longer holds still sends a
+payload of the right shape (zeros, flagged as missing), so the pair stays in step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import itertools
 import logging
 import socket
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -56,19 +60,20 @@ class P2PTransfer:
     def __init__(self, cuda: bool, receive_timeout_s: float = RECEIVE_TIMEOUT_S) -> None:
         self.cuda = cuda
         self.receive_timeout_s = receive_timeout_s
-        self._staged: dict[str, torch.Tensor] = {}  # prefill side: payloads until released
+        self._staged: dict[str, tuple[list[torch.Tensor], list[int]]] = {}  # prefill side: caches, blocks
         self._groups: dict[str, Any] = {}  # pair id -> process group
+        self._dead: set[str] = set()  # prefill actor ids that failed to answer (decode side)
         self._tags = itertools.count()
         self._lock = threading.Lock()
 
     # ---- prefill side -------------------------------------------------------------------------
     def send(self, caches: list[torch.Tensor], blocks: list[int]) -> KVTicket:
-        payload = gather_blocks(caches, blocks).contiguous()  # (layers, n, block_size, latent_dim)
         key = uuid.uuid4().hex
         with self._lock:
-            self._staged[key] = payload
+            self._staged[key] = (caches, list(blocks))
         ctx = ray.get_runtime_context()
-        return KVTicket("p2p", key, len(blocks), tuple(payload.shape), str(payload.dtype),
+        shape = (len(caches), len(blocks), *caches[0].shape[1:])  # (layers, n, block_size, latent_dim)
+        return KVTicket("p2p", key, len(blocks), shape, str(caches[0].dtype),
                         {"actor": ctx.current_actor, "actor_id": ctx.get_actor_id()})
 
     def release(self, ticket: KVTicket) -> None:
@@ -76,31 +81,44 @@ class P2PTransfer:
             self._staged.pop(ticket.key, None)
 
     def connect(self, pair: str, host: str, port: int) -> None:
-        """Join a decode rank's pair group as rank 0 (the `kv_connect` actor method)."""
+        """Join a decode rank's pair group as rank 0 (the `kv_connect` actor method); a decode rank
+        that reconnects (it restarted, or dropped the pair after a failure) replaces the old group."""
         store = dist.TCPStore(host, port, 2, is_master=False, timeout=timedelta(seconds=self.receive_timeout_s))
         group = _pair_group(store, 0, self.cuda, self.receive_timeout_s)
         with self._lock:
-            self._groups[pair] = group
+            old, self._groups[pair] = self._groups.get(pair), group
+        _abort(old)
 
-    def push(self, pair: str, key: str, tag: int) -> None:
-        """Send a staged payload to the pair's decode rank (the `kv_push` actor method)."""
+    def push(self, pair: str, key: str, tag: int, shape: tuple[int, ...], dtype: str) -> bool:
+        """Send a staged sample's blocks to the pair's decode rank (the `kv_push` actor method).
+        False (after sending zeros of the asked shape, to keep the pair in step) when this rank no
+        longer holds the sample."""
         with self._lock:
-            payload, group = self._staged.get(key), self._groups.get(pair)
-        if payload is None:
-            raise TransferError(f"transfer {key} is not staged here (released, or this rank restarted)")
+            staged, group = self._staged.get(key), self._groups.get(pair)
         if group is None:
             raise TransferError(f"no pair group {pair} on this rank")
-        group.send([payload], 1, tag).wait()  # the payload stays staged until released
+        if staged is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+            group.send([torch.zeros(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)], 1,
+                       tag).wait()
+            return False
+        payload = gather_blocks(*staged).contiguous()  # (layers, n, block_size, latent_dim)
+        group.send([payload], 1, tag).wait()  # NCCL: the stream keeps the payload alive until sent
+        return True
+
     @property
     def num_staged(self) -> int:
         return len(self._staged)
 
     # ---- decode side --------------------------------------------------------------------------
     def receive(self, ticket: KVTicket, caches: list[torch.Tensor], blocks: list[int]) -> None:
-        actor = ticket.detail.get("actor")
+        actor, sender = ticket.detail.get("actor"), ticket.detail.get("actor_id")
         if actor is None:
             raise TransferError(f"transfer {ticket.key}: the ticket names no sender ({ticket.transport})")
-        pair = f"{ticket.detail['actor_id']}->{ray.get_runtime_context().get_actor_id()}"
+        if sender in self._dead:
+            raise TransferError(f"transfer {ticket.key}: prefill rank {sender} stopped answering earlier")
+        pair = f"{sender}->{ray.get_runtime_context().get_actor_id()}"
+        deadline = time.monotonic() + self.receive_timeout_s
         try:
             group = self._groups.get(pair) or self._open(actor, pair)
             payload = torch.empty(ticket.shape, dtype=getattr(torch, ticket.dtype.removeprefix("torch.")),
@@ -108,16 +126,21 @@ class P2PTransfer:
             tag = next(self._tags)
             # Ask first, then post: NCCL sets a pair's communicator up at its first send / recv,
             # blocking until both sides are in it.
-            pushed = actor.kv_push.remote(pair, ticket.key, tag)
+            pushed = actor.kv_push.remote(pair, ticket.key, tag, tuple(ticket.shape), ticket.dtype)
             work = group.recv([payload], 0, tag)
-            ray.get(pushed, timeout=self.receive_timeout_s)
-            work.wait()  # orders the scatter below after the receive on this stream
+            held = ray.get(pushed, timeout=max(0.1, deadline - time.monotonic()))
+            _wait(work, deadline, self.cuda)  # the data itself, not only the request, within the deadline
         except (ray.exceptions.RayError, TimeoutError, RuntimeError) as e:
+            if isinstance(e, (ray.exceptions.RayActorError, TimeoutError, ray.exceptions.GetTimeoutError)):
+                self._dead.add(sender)
             self._drop(pair)
             raise TransferError(f"transfer {ticket.key}: {type(e).__name__}: {e}") from e
+        if not held:
+            raise TransferError(f"transfer {ticket.key}: the prefill rank no longer holds this sample")
         scatter_blocks(payload, caches, blocks, ticket)
 
     def _open(self, actor: Any, pair: str) -> Any:
+        ray.get(actor.address.remote(), timeout=min(10.0, self.receive_timeout_s))  # alive? (fails fast if not)
         host, port = ray.util.get_node_ip_address(), _free_port()
         store = dist.TCPStore(host, port, 2, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=self.receive_timeout_s))
@@ -129,10 +152,26 @@ class P2PTransfer:
         return group
 
     def _drop(self, pair: str) -> None:
-        group = self._groups.pop(pair, None)
-        abort = getattr(group, "abort", None)
-        if abort is not None:
-            try:
-                abort()
-            except RuntimeError:
-                pass
+        _abort(self._groups.pop(pair, None))
+
+
+def _wait(work: Any, deadline: float, cuda: bool) -> None:
+    """Until a receive completed, or TimeoutError at the deadline. NCCL work completes on its
+    own (polled: waiting would only order streams); gloo's receive completes inside wait."""
+    if not cuda:
+        if not work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic()))):
+            raise TimeoutError("the payload did not arrive in time")
+        return
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the payload did not arrive in time")
+        time.sleep(0.0002)
+
+
+def _abort(group: Any) -> None:
+    abort = getattr(group, "abort", None)
+    if abort is not None:
+        try:
+            abort()
+        except RuntimeError:
+            pass

@@ -102,9 +102,9 @@ class RankActor:
         """A prefill rank (p2p transfers): join a decode rank's pair group."""
         self._p2p().connect(pair, host, port)
 
-    def kv_push(self, pair: str, key: str, tag: int) -> None:
-        """A prefill rank (p2p transfers): send a staged payload to the decode rank that asks."""
-        self._p2p().push(pair, key, tag)
+    def kv_push(self, pair: str, key: str, tag: int, shape: tuple[int, ...], dtype: str) -> bool:
+        """A prefill rank (p2p transfers): send a staged sample's blocks to the decode rank that asks."""
+        return self._p2p().push(pair, key, tag, shape, dtype)
 
     def _p2p(self) -> P2PTransfer:
         if not isinstance(self._transfer, P2PTransfer):

@@ -85,6 +85,7 @@ def start(
             ranks = sum(p.replicas * p.ep for p in spec.pools().values())
             ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 1), include_dashboard=False, namespace=NAMESPACE,
                      log_to_driver=False)
+            _check_local_gpus(spec)
         else:
             ray.init(address=address, namespace=NAMESPACE)
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
@@ -110,6 +111,19 @@ def start(
     if write_state:
         _write_state(serving, address)
     return serving
+
+
+def _check_local_gpus(spec: DeploymentSpec) -> None:
+    """An embedded local Ray cannot grow: a spec that needs more GPUs than it found would wait
+    for placement groups forever; say so at once (a cluster given by --address may autoscale)."""
+    import ray
+
+    need = sum(p.replicas * p.ep for p in spec.pools().values() if p.device == "cuda")
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if need > have:
+        ray.shutdown()
+        raise SpecError(f"the spec's cuda pools need {need} GPU(s); this machine's Ray found {have} "
+                        "(device: cpu runs the pools on CPUs; --address joins a cluster with GPUs)")
 
 
 def _write_state(serving: Serving, address: str | None) -> None:

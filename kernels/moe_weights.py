@@ -245,9 +245,9 @@ def repack_int4(
         raise ValueError(f"repack_int4: weight_scale {_desc(weight_scale)}: expected a float tensor {scale_shape}")
     k_pad = _round_up(in_features, k_block)
     packed = torch.empty((e, k_pad // 8, out_features), dtype=torch.int32, device=weight_packed.device)
-    # A few experts at a time: the int64 nibble temporaries are 16x the packed bytes (a Kimi K2
-    # layer's 384 experts at once would need tens of GiB).
-    chunk = max(1, REPACK_TEMP_BYTES // max(1, out_features * k_pad * 8))
+    # A few experts at a time: the nibble temporaries (int32 and int64 copies of every input,
+    # about 20 bytes each at the peak) would need tens of GiB for a Kimi K2 layer at once.
+    chunk = max(1, REPACK_TEMP_BYTES // max(1, out_features * k_pad * 20))
     for start in range(0, e, chunk):
         part = weight_packed[start : start + chunk]
         packed[start : start + part.shape[0]] = _repack_words(part, out_features, in_features, k_pad, k_block)

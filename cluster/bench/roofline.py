@@ -111,6 +111,8 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     read (gate, shared expert, the experts this batch reaches) over the copy bandwidth."""
     from moecluster.workers.checkpoint.random_weights import fill_random
     from moecluster.workers.model.moe import MoE
+    from moecluster.workers.model.weights import Linear
+    from moecluster.workers.quant import Fp8BlockScheme
 
     layer = cfg.first_k_dense_replace
     with torch.device(device):
@@ -118,8 +120,8 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     fill_random(moe.slots(), seed)
     per_expert = _bytes(moe.experts) / cfg.n_routed_experts  # as stored (the kernel layouts are the same size)
     if device.type == "cuda":
-        for module in moe.modules():  # as DeepseekV3Model._prepare_gpu: FP8 stays e4m3, others dense
-            if hasattr(module, "materialize") and type(module.scheme).__name__ != "Fp8BlockScheme":
+        for module in moe.modules():  # as DeepseekV3Model._prepare_gpu: dense layers (not experts);
+            if isinstance(module, Linear) and not isinstance(module.scheme, Fp8BlockScheme):  # FP8 stays e4m3
                 module.materialize(dtype)
         moe.experts.prepare_kernel()
     x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator(device).manual_seed(seed), device=device,

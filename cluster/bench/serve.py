@@ -78,8 +78,8 @@ class ServeBenchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def summarize_level(records: list[RequestRecord], start: float, end: float, gpus: int) -> dict[str, Any]:
-    """Throughput and latency of one level from its request records."""
+def summarize_level(records: list[RequestRecord], start: float, end: float, gpus: int, concurrency: int) -> dict[str, Any]:
+    """Throughput and latency of one level from its request records (`concurrency` streams open at a time)."""
     ok = [r for r in records if r.error is None and r.token_times]
     ttft = [(r.token_times[0] - r.sent) * 1e3 for r in ok]
     itl = [(b - a) * 1e3 for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
@@ -88,7 +88,7 @@ def summarize_level(records: list[RequestRecord], start: float, end: float, gpus
     in_tokens = sum(r.prompt_tokens for r in ok)
     wall = max(end - start, 1e-9)
     itl_p50 = percentile(steps, 0.5)
-    concurrency_seen = min(len(ok), max(1, len(records)))
+    streams = min(concurrency, len(ok))
     return {
         "requests": len(records), "errors": len(records) - len(ok),
         "error_examples": sorted({r.error for r in records if r.error})[:3],
@@ -97,7 +97,7 @@ def summarize_level(records: list[RequestRecord], start: float, end: float, gpus
         "ttft_ms_p50": percentile(ttft, 0.5), "ttft_ms_p99": percentile(ttft, 0.99),
         "itl_ms_p50": percentile(itl, 0.5), "itl_ms_p99": percentile(itl, 0.99),
         "step_ms_p50": itl_p50,
-        "decode_tok_s_per_gpu": (concurrency_seen / (itl_p50 * 1e-3) / gpus) if itl_p50 else None,
+        "decode_tok_s_per_gpu": (streams / (itl_p50 * 1e-3) / gpus) if itl_p50 else None,
     }
 
 
@@ -126,6 +126,9 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
     from moecluster.cluster.serve import start
     from moecluster.workers.config import ModelConfig
 
+    if cfg.device == "cuda" and torch.cuda.device_count() < cfg.gpus:
+        raise RuntimeError(f"bench serve --device cuda needs CUDA GPUs ({cfg.gpus} for this setup), this machine has "
+                           f"{torch.cuda.device_count()}; --device cpu with a small --model runs it on CPUs")
     result = ServeBenchResult(config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()})
     result.config["gpus_total"] = cfg.gpus
     checkpoint = save or (lambda r: None)
@@ -154,7 +157,7 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
                 serving.deployment.step_profiles(clear=True)
                 records, t0, t1 = run_level(target, level)
                 row = {"kind": kind, "input_len": i, "output_len": out_len, "concurrency": c,
-                       **summarize_level(records, t0, t1, cfg.gpus),
+                       **summarize_level(records, t0, t1, cfg.gpus, c),
                        "rank_step_ms": _decode_step_profile(serving.deployment.step_profiles())}
                 result.levels.append(row)
                 _print_level(row)
@@ -226,7 +229,8 @@ def _rooflines(cfg: ServeBenchConfig, mcfg: Any, dtype: Any, device: Any, result
         if row["kind"] != "serve":
             continue
         context = row["input_len"] + row["output_len"] // 2  # the mean context over a request's decode
-        roof = decode_step_roofline(mcfg, dtype, row["concurrency"], context, cfg.ep, result.copy_gbs)
+        per_replica = -(-row["concurrency"] // cfg.replicas)  # the router spreads streams over the replicas
+        roof = decode_step_roofline(mcfg, dtype, per_replica, context, cfg.ep, result.copy_gbs)
         row["roofline_step_ms"] = roof["roofline_ms"]
         row["roofline_bytes"] = roof["bytes"]
         row["step_vs_roofline"] = row["step_ms_p50"] / roof["roofline_ms"] if row["step_ms_p50"] else None

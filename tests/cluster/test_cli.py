@@ -56,3 +56,18 @@ def test_status_and_down_without_a_server_say_so(command: str, tmp_path: Path, m
     monkeypatch.setenv("MOECLUSTER_STATE", str(tmp_path / "serve.json"))
     assert main([command]) == 2
     assert "no running deployment" in capsys.readouterr().err
+
+
+def test_serve_cuda_spec_without_gpus_fails_at_once(tiny_checkpoint, tmp_path: Path) -> None:
+    """An embedded local Ray cannot grow: a spec needing GPUs it lacks is refused, not left waiting."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"model: {tiny_checkpoint()}\ndecode: {{replicas: 1, ep: 2, device: cuda}}\n")
+    env = {**__import__("os").environ, "MOECLUSTER_STATE": str(tmp_path / "state.json")}
+    done = subprocess.run([sys.executable, "-m", "moecluster.cluster.cli", "serve", "--spec", str(spec)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "need 2 GPU(s)" in done.stderr and "found 0" in done.stderr

@@ -99,7 +99,7 @@ def build_core(
     if num_blocks is None:
         budget = cfg.kv_cache_memory_bytes or _default_kv_budget(device, cfg.gpu_memory_utilization)
         if cfg.kv_cache_memory_bytes is None and device.type == "cuda":  # room for a full step's activations
-            budget -= activation_bytes(mcfg, batched, model.dtype)
+            budget -= activation_bytes(mcfg, batched, model.dtype, context=max_model_len)
         if budget < bytes_per_block(mcfg, cfg.block_size, model.dtype):
             raise ValueError(f"no GPU memory left for the KV cache after the weights and the activations of "
                              f"{batched}-token steps: lower max_num_batched_tokens or raise the memory fraction")

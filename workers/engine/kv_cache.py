@@ -21,17 +21,20 @@ def allocate_kv_cache(
     ]
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
-    """Peak memory of one forward over `tokens` new tokens (a full prefill chunk), reserved
-    before the cache is sized. Per token, the larger of the MoE layer (top_k routed copies of the
-    hidden state: gathered input, expert output, the fp32 weighted copy and its cast, plus the
-    intermediate) and the dense MLP (gate, up, product), plus attention's projections (q, the
-    expanded keys and padded values of the context, the output), with a quarter on top for the
+def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype, context: int = 0) -> int:
+    """Peak memory of one forward over `tokens` new tokens (a full prefill chunk) of a sequence
+    whose context reaches `context` tokens, reserved before the cache is sized. Per new token,
+    the larger of the MoE layer (top_k routed copies of the hidden state: gathered input, expert
+    output, the fp32 weighted copy and its cast, plus the intermediate) and the dense MLP (gate,
+    up, product), plus attention's projections (q, output); per context token, prefill's keys and
+    values expanded to every head (keys and head-dim-padded values, one copy each, plus one more
+    of the values while they are padded) and the gathered latent row. A quarter on top for the
     allocator's rounding and what this count leaves out."""
     b = torch.finfo(dtype).bits // 8
     h, k = cfg.hidden_size, cfg.num_experts_per_tok
     moe = k * (h * (3 * b + 4) + cfg.moe_intermediate_size * b) if cfg.n_routed_experts else 0
     dense = 3 * cfg.intermediate_size * b
-    attention = cfg.num_attention_heads * (3 * cfg.qk_head_dim + cfg.v_head_dim) * b
+    attention = cfg.num_attention_heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * b
     per_token = max(moe, dense) + attention + 4 * h * b
-    return int(1.25 * tokens * per_token)
+    per_context = cfg.num_attention_heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * b + cfg.latent_dim * b
+    return int(1.25 * (tokens * per_token + max(context, tokens) * per_context))

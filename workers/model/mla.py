@@ -114,6 +114,7 @@ class MLA(nn.Module):
         k_nope = torch.einsum("lc,hnc->hln", c_kv, self.w_uk)  # (H, ctx, nope)
         v = torch.einsum("lc,hvc->hlv", c_kv, self.w_uv)  # (H, ctx, v)
         k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(self.heads, -1, -1)], dim=-1)  # (H, ctx, nope + rope)
+        del k_nope  # the expanded keys and values are the peak of a long prefill: hold one copy each
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # (H, q, nope + rope)
         if v.shape[-1] < k.shape[-1]:  # the fused kernels want one head dim: pad V, slice the output
             v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
