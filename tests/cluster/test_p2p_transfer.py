@@ -8,6 +8,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from moecluster.cluster.deployment import Deployment  # noqa: E402
+from moecluster.cluster.replica import NAMESPACE  # noqa: E402
 from moecluster.cluster.spec import DeploymentSpec  # noqa: E402
 from tests.cluster.streams import drive, wait_healthy  # noqa: E402
 from tests.cluster.test_disaggregated import ENGINE, STREAMS, assert_all_blocks_free, kill_when, workload  # noqa: E402,F401
@@ -35,9 +36,14 @@ def test_p2p_pools_equal_one_process_then_survive_a_killed_prefill_rank(p2p_depl
     assert outcomes.get("received", 0) >= STREAMS and not outcomes.get("refilled"), outcomes
     assert_all_blocks_free(p2p_deployment)
 
-    before = p2p_deployment.failovers
+    # Kill a prefill rank mid-run. Whether a sample is still being prefilled there (a failover) or
+    # waits as a handoff (re-prefilled by the decode side) depends on timing; either way the tokens
+    # stay exact, the replica comes back as a new actor and every block is free afterwards.
+    victim = ray.get_actor("prefill-0-rank-1", namespace=NAMESPACE)._actor_id.hex()
     got = drive(p2p_deployment, requests, kill_when("prefill-0-rank-1", 8))
     assert [got[f"r{i}"] for i in range(STREAMS)] == [{0: w} for w in want]
-    assert p2p_deployment.failovers > before
     assert wait_healthy(p2p_deployment)
+    assert ray.get_actor("prefill-0-rank-1", namespace=NAMESPACE)._actor_id.hex() != victim
     assert_all_blocks_free(p2p_deployment)
+    again = drive(p2p_deployment, dict(list(requests.items())[:4]))  # the rebuilt rank's pairs work
+    assert [again[f"r{i}"] for i in range(4)] == [{0: w} for w in want[:4]]

@@ -68,10 +68,13 @@ class RankStreams:
                 self._deliver(out.request_id, out, out.finished)
         elif kind == "handoff":
             outs, handoffs = payload
-            for out in outs:
-                self._deliver(out.request_id, out, out.finished)
+            heard = {out.request_id for out in outs if self._deliver(out.request_id, out, out.finished)}
             for h in handoffs:
-                self._listen("handoff", who, h)
+                # A handoff whose first token found no stream because the group failed meanwhile
+                # (another rank died) is dropped with it: its request is failing over, and a
+                # decode continuation would skip the token nobody delivered.
+                if h.request_id in heard or self.error is None:
+                    self._listen("handoff", who, h)
         elif kind == "taken":
             for item in payload:
                 self._listen("taken", who, item)
@@ -95,7 +98,8 @@ class RankStreams:
         for sink in sinks:
             _notify(sink, RuntimeError(f"{self.name} failed: {reason}"))
 
-    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
+    def _deliver(self, request_id: str, item: Any, last: bool) -> bool:
+        """To the request's sink; False when it has none (finished, aborted, or the group failed)."""
         with self._lock:
             sink = self._sinks.get(request_id)
             if last:
@@ -103,3 +107,4 @@ class RankStreams:
                 self._owner.pop(request_id, None)
         if sink is not None:
             _notify(sink, item)
+        return sink is not None
