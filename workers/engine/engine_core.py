@@ -136,18 +136,17 @@ class EngineCore:
         t0 = time.perf_counter()
         sampled = self.runner.execute(sched)
         t1 = time.perf_counter()
-        sampled.token_ids.tolist()  # waits for the GPU: what is left of the step after the host issued it
+        tokens = sampled.token_ids.tolist()  # waits for the GPU: what is left of the step after the host issued it
         t2 = time.perf_counter()
         self.scheduler.update(sched)
         self.num_steps += 1
-        outs = self._process(sched, sampled)
+        outs = self._process(sched, sampled, tokens)
         self.timer.record("launch", t1 - t0)
         self.timer.record("gpu_wait", t2 - t1)
         self.timer.record("outputs", time.perf_counter() - t2)
         return outs
 
-    def _process(self, sched: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
-        tokens = sampled.token_ids.tolist()
+    def _process(self, sched: SchedulerOutput, sampled: SamplerOutput, tokens: list[int]) -> list[RequestOutput]:
         chosen, ranks = sampled.logprobs.tolist(), sampled.ranks.tolist()
         top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
         top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None

@@ -79,9 +79,8 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
         sched = core.schedule() if core.has_unfinished() else None
         t1 = time.perf_counter()
         mine = [sched.num_tokens if sched else 0, int(sched is not None), int(control.stop), int(control.rebalance)]
-        flags = torch.tensor(mine, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; 4 ints either way
-        max_tokens, busy = int(flags[0]), bool(flags[1])  # the group's largest batch this step
+        flags = _group_max(mine, device)
+        max_tokens, busy = flags[0], bool(flags[1])  # the group's largest batch this step
         t2 = time.perf_counter()
         log.debug("rank %d step %d: %d tokens here, at most %d in the group", rank, steps, mine[0], max_tokens)
         if flags[2]:
@@ -101,6 +100,16 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
         if flags[3] or due:  # every rank reaches this at the same step boundary
             control.rebalance = False
             outbox.put(("eplb", rank, rebalance_group(core.runner.model, rank)))
+
+
+def _group_max(values: list[int], device: torch.device) -> list[int]:
+    """Element-wise max over the group's ranks (one small all_reduce, one copy back); a group of
+    one is its own answer."""
+    if dist.get_world_size() == 1:
+        return values
+    flags = torch.tensor(values, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; 4 ints either way
+    return flags.tolist()
 
 
 def run_rank(rank: int, world: int, port: int, cfg: EngineConfig, inbox: Any, outbox: Any) -> None:
