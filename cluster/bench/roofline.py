@@ -110,9 +110,8 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     kernels the engine uses) on a decode batch of `tokens`: median time against the bytes it must
     read (gate, shared expert, the experts this batch reaches) over the copy bandwidth."""
     from moecluster.workers.checkpoint.random_weights import fill_random
+    from moecluster.workers.model.deepseek import prepare_gpu
     from moecluster.workers.model.moe import MoE
-    from moecluster.workers.model.weights import Linear
-    from moecluster.workers.quant import Fp8BlockScheme
 
     layer = cfg.first_k_dense_replace
     with torch.device(device):
@@ -120,10 +119,7 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     fill_random(moe.slots(), seed)
     per_expert = _bytes(moe.experts) / cfg.n_routed_experts  # as stored (the kernel layouts are the same size)
     if device.type == "cuda":
-        for module in moe.modules():  # as DeepseekV3Model._prepare_gpu: dense layers (not experts);
-            if isinstance(module, Linear) and not isinstance(module.scheme, Fp8BlockScheme):  # FP8 stays e4m3
-                module.materialize(dtype)
-        moe.experts.prepare_kernel()
+        prepare_gpu(moe, dtype)  # what the engine does to a loaded model
     x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator(device).manual_seed(seed), device=device,
                     dtype=dtype)
     moe.expert_counts.zero_()

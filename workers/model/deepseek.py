@@ -17,7 +17,7 @@ from moecluster.router.experts.dispatch import Dispatcher
 from moecluster.workers.config import ModelConfig
 from moecluster.workers.model.attention_metadata import AttentionMetadata
 from moecluster.workers.model.mla import MLA
-from moecluster.workers.model.moe import MLP, MoE
+from moecluster.workers.model.moe import MLP, Experts, MoE
 from moecluster.workers.model.rope import RotaryEmbedding
 from moecluster.workers.model.weights import Linear, RMSNorm, Slot
 from moecluster.workers.quant.scheme import Fp8BlockScheme
@@ -95,18 +95,7 @@ class DeepseekV3Model(nn.Module):
         for layer in self.layers:
             layer.self_attn.prepare()
         if self.embed_tokens.is_cuda:
-            self._prepare_gpu()
-
-    def _prepare_gpu(self) -> None:
-        """On a GPU: dense layers dequantized once (FP8 blocks -> the model dtype: attention, dense
-        MLPs, shared experts are a small part of the model), and each MoE layer's experts put in
-        the fused kernel's weight format (FP8 experts stay FP8; see Experts.prepare_kernel)."""
-        for module in self.modules():
-            if isinstance(module, Linear) and not isinstance(module.scheme, Fp8BlockScheme):
-                module.materialize(self.dtype)  # FP8 layers stay e4m3 and run W8A16 (Linear.forward)
-        for layer in self.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.experts.prepare_kernel()
+            prepare_gpu(self, self.dtype)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -121,3 +110,16 @@ class DeepseekV3Model(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (rows, hidden) -> float32 logits (rows, vocab)."""
         return self.lm_head(hidden).float()
+
+
+@torch.no_grad()
+def prepare_gpu(module: nn.Module, dtype: torch.dtype) -> None:
+    """On a GPU, for a model or any part of one: dense layers dequantized once (FP8 blocks stay
+    e4m3 and run W8A16 in `Linear.forward`; other formats -> dtype: attention, dense MLPs and
+    shared experts are a small part of the model), and each MoE layer's experts put in the fused
+    kernel's weight format (see `Experts.prepare_kernel`)."""
+    for m in module.modules():
+        if isinstance(m, Linear) and not isinstance(m.scheme, Fp8BlockScheme):
+            m.materialize(dtype)
+        elif isinstance(m, Experts):
+            m.prepare_kernel()
