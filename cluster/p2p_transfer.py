@@ -50,7 +50,8 @@ def _pair_group(store: dist.Store, rank: int, cuda: bool, timeout_s: float) -> A
     return dist.ProcessGroupGloo(store, rank, 2, timedelta(seconds=timeout_s))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this node right now (for a rendezvous store)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -141,7 +142,7 @@ class P2PTransfer:
 
     def _open(self, actor: Any, pair: str) -> Any:
         ray.get(actor.address.remote(), timeout=min(10.0, self.receive_timeout_s))  # alive? (fails fast if not)
-        host, port = ray.util.get_node_ip_address(), _free_port()
+        host, port = ray.util.get_node_ip_address(), free_port()
         store = dist.TCPStore(host, port, 2, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=self.receive_timeout_s))
         joined = actor.kv_connect.remote(pair, host, port)

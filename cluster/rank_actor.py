@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import queue
 from collections import deque
-import socket
 import threading
 import time
 from typing import Any
@@ -22,7 +21,7 @@ import ray
 
 from moecluster.cluster.metrics import RayMetrics, publish_engine_stats
 from moecluster.cluster.object_store_transfer import ObjectStoreTransfer
-from moecluster.cluster.p2p_transfer import P2PTransfer
+from moecluster.cluster.p2p_transfer import P2PTransfer, free_port
 from moecluster.workers.engine.engine_config import EngineConfig
 from moecluster.workers.engine.engine_core import Role
 from moecluster.workers.engine.ep_rank import join_group, lockstep_loop
@@ -63,10 +62,7 @@ class RankActor:
 
     def address(self) -> tuple[str, int]:
         """Where the group's rendezvous listens (asked of rank 0)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port()
 
     def start(self, master_addr: str, port: int) -> RequestLimits:
         """Join the group and build the engine (all ranks at once), then step in the background."""
@@ -152,7 +148,7 @@ class RankActor:
         cutoff = time.monotonic() - QUEUE_HORIZON_S
         queue_times = [v for t, v in list(self._recent_queue) if t >= cutoff]
         return {"rank": self.rank, "role": self.role, "alive": alive, "stats": stats, "cached": cached,
-                "queue_times": queue_times, "step_ms": core.timer.snapshot() if core is not None else {}}
+                "queue_times": queue_times}
 
     def step_profile(self, clear: bool = False) -> dict[str, dict[str, float]]:
         """Per-phase step times of the recent steps (`workers/engine/step_timer.py`); clear starts afresh."""

@@ -4,7 +4,7 @@ Phases of one step (ms): `schedule`; `sync` (an expert-parallel group agreeing o
 `launch` (building the batch and issuing the forward and sampling: host work, the GPU runs
 behind it); `gpu_wait` (waiting for the sampled tokens: how far the GPU was behind); `outputs`
 (tokens appended, stop checks, detokenization, deltas); `step` (the whole iteration). Only
-steps that ran a forward are recorded. Read by `health()` of a rank (and `bench serve`).
+steps that ran a forward are recorded. Read through a rank actor's `step_profile` (`bench serve`).
 """
 
 from __future__ import annotations
