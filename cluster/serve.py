@@ -85,7 +85,11 @@ def start(
             ranks = sum(p.replicas * p.ep for p in spec.pools().values())
             ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 1), include_dashboard=False, namespace=NAMESPACE,
                      log_to_driver=False)
-            _check_local_gpus(spec)
+            try:
+                _check_local_gpus(spec)
+            except SpecError:
+                ray.shutdown()
+                raise
         else:
             ray.init(address=address, namespace=NAMESPACE)
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
@@ -121,7 +125,6 @@ def _check_local_gpus(spec: DeploymentSpec) -> None:
     need = sum(p.replicas * p.ep for p in spec.pools().values() if p.device == "cuda")
     have = int(ray.cluster_resources().get("GPU", 0))
     if need > have:
-        ray.shutdown()
         raise SpecError(f"the spec's cuda pools need {need} GPU(s); this machine's Ray found {have} "
                         "(device: cpu runs the pools on CPUs; --address joins a cluster with GPUs)")
 

@@ -63,18 +63,20 @@ class RankStreams:
     def handle(self, event: tuple) -> None:
         """Apply one event from a rank's outbox."""
         kind, who, payload = event
+        if self.error is not None:
+            # The group failed: every stream it had was told so and fails over. What its other
+            # ranks still report is stale; a handoff in particular would be continued on a decode
+            # replica while the request also resumes elsewhere, and its first token found no stream.
+            return
         if kind == "out":
             for out in payload:
                 self._deliver(out.request_id, out, out.finished)
         elif kind == "handoff":
             outs, handoffs = payload
-            heard = {out.request_id for out in outs if self._deliver(out.request_id, out, out.finished)}
+            for out in outs:
+                self._deliver(out.request_id, out, out.finished)
             for h in handoffs:
-                # A handoff whose first token found no stream because the group failed meanwhile
-                # (another rank died) is dropped with it: its request is failing over, and a
-                # decode continuation would skip the token nobody delivered.
-                if h.request_id in heard or self.error is None:
-                    self._listen("handoff", who, h)
+                self._listen("handoff", who, h)
         elif kind == "taken":
             for item in payload:
                 self._listen("taken", who, item)
@@ -98,8 +100,7 @@ class RankStreams:
         for sink in sinks:
             _notify(sink, RuntimeError(f"{self.name} failed: {reason}"))
 
-    def _deliver(self, request_id: str, item: Any, last: bool) -> bool:
-        """To the request's sink; False when it has none (finished, aborted, or the group failed)."""
+    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
         with self._lock:
             sink = self._sinks.get(request_id)
             if last:
@@ -107,4 +108,3 @@ class RankStreams:
                 self._owner.pop(request_id, None)
         if sink is not None:
             _notify(sink, item)
-        return sink is not None
