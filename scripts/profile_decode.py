@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--context", type=int, default=2000)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--pstats", default="", help="also profile the host (cProfile) and write pstats here")
     args = p.parse_args()
 
     from moecluster.cluster.bench.slice_model import make_slice
@@ -71,6 +72,8 @@ def main() -> None:
     for _ in range(args.steps):
         core.step()
     print("engine step phases (p50 ms):", {k: round(v["p50_ms"], 2) for k, v in core.timer.snapshot().items()})
+    if args.pstats:
+        _host_profile(core, args.steps, args.pstats)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -87,6 +90,26 @@ def main() -> None:
     print(f"host time per step: {sum(e.self_cpu_time_total for e in events) / 1e3 / 3:.2f} ms; top:")
     for e in cpu:
         print(f"  {e.self_cpu_time_total / 1e3 / 3:7.3f} ms/step  x{e.count // 3:<4} {e.key[:70]}")
+
+
+def _host_profile(core, steps: int, path: str) -> None:  # noqa: ANN001
+    """Python-level host time of `steps` engine steps: the functions with the most own time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        core.step()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"host profile: {(time.perf_counter() - t0) / steps * 1e3:.2f} ms per step under cProfile")
+    prof.dump_stats(path)
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":
