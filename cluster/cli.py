@@ -505,6 +505,7 @@ def _add_bench_serve(targets: argparse._SubParsersAction) -> None:
     s.add_argument("--no-baseline", action="store_true", help="skip the transformers eager baseline")
     s.add_argument("--no-roofline", action="store_true", help="skip the copy bandwidth, roofline and MoE layer step")
     s.add_argument("--no-warmup", action="store_true")
+    s.add_argument("--cuda-graph-max-batch", type=int, default=256, help="decode CUDA graphs up to this batch (0: eager)")
     s.add_argument("--out", type=Path, default=Path("bench-serve.json"), help="JSON result file")
     s.add_argument("--png", type=Path, default=None, help="plot file (needs matplotlib)")
     s.set_defaults(func=_bench_serve)
@@ -524,6 +525,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         prefill_ep=args.prefill_ep, mixes=args.mix, concurrency=tuple(args.concurrency), waves=args.waves,
         memory_fraction=args.memory_fraction, baseline=not args.no_baseline, roofline=not args.no_roofline,
         baseline_concurrency=args.baseline_concurrency, baseline_steps=args.baseline_steps, warmup=not args.no_warmup,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
     )
     bench(cfg, args.out, args.png)
     return 0

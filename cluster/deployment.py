@@ -48,7 +48,7 @@ def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:
         gpu_memory_utilization=c.memory_fraction, max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens, enable_chunked_prefill=e.enable_chunked_prefill,
         enable_prefix_caching=c.enable_prefix_caching, eplb_redundant_slots=e.eplb_redundant_slots,
-        eplb_interval_steps=e.eplb_interval_steps,
+        eplb_interval_steps=e.eplb_interval_steps, cuda_graph_max_batch=e.cuda_graph_max_batch,
         kv_transfer=("p2p" if pool.device == "cuda" else "object_store") if e.kv_transfer == "auto" else e.kv_transfer,
     )
 

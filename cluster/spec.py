@@ -79,6 +79,9 @@ class EngineSpec(_Strict):
     kv_transfer: Literal["auto", "object_store", "p2p"] = Field(
         "auto", description="prefill -> decode KV blocks: p2p (NCCL between GPUs, gloo on CPUs) or Ray's object "
                             "store; auto: p2p on cuda, object_store on cpu")
+    cuda_graph_max_batch: int = Field(
+        256, ge=0, description="GPU decode steps of up to this many sequences replay CUDA graphs (0: always eager; "
+                               "ranks of an EP group of several GPUs run eagerly)")
 
 
 class RouterSpec(_Strict):

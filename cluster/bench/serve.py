@@ -57,6 +57,7 @@ class ServeBenchConfig:
     baseline_concurrency: int = 64
     baseline_steps: int = 8
     roofline: bool = True
+    cuda_graph_max_batch: int = 256  # 0: eager decode steps
     seed: int = 0
 
     @property
@@ -110,7 +111,8 @@ def _spec(cfg: ServeBenchConfig, model_dir: Path, max_len: int, max_seqs: int) -
         "cache": {"block_size": cfg.block_size, "memory_fraction": cfg.memory_fraction,
                   **({"memory_bytes": 256 << 20} if cfg.device == "cpu" else {})},
         "engine": {"dtype": cfg.dtype, "load_format": cfg.load_format, "max_model_len": max_len,
-                   "max_num_seqs": max_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens},
+                   "max_num_seqs": max_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
+                   "cuda_graph_max_batch": cfg.cuda_graph_max_batch},
         "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "policy": "least_load",
                    "max_queue": 4 * max_seqs},
     }

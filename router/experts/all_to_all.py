@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moecluster.router.experts.dispatch import Dispatched
+from moecluster.router.experts.dispatch import Dispatched, count_ids
 from moecluster.router.experts.placement import ExpertPlacement
 
 
@@ -54,14 +54,14 @@ class AllToAllDispatch:
         slot = self.slot_table[flat, pick]  # (pairs,) physical slot of each pair
         order = torch.argsort(slot, stable=True)
         slot = slot[order]
-        send_counts = torch.bincount(slot // self.slots_per_rank, minlength=self.world)
+        send_counts = count_ids(slot // self.slots_per_rank, self.world)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
         rows = self._exchange(hidden[order // top_k], recv, send)  # (received, H)
         local = self._exchange((slot % self.slots_per_rank).unsqueeze(1), recv, send).squeeze(1)  # (received,)
         local_order = torch.argsort(local, stable=True)
-        per_slot = torch.bincount(local, minlength=self.slots_per_rank).tolist()
+        per_slot = count_ids(local, self.slots_per_rank)
         handle = _A2AHandle(order, weights.reshape(-1)[order], send, recv, local_order, num_tokens, top_k)
         return Dispatched(rows[local_order], per_slot, handle)
 

@@ -17,7 +17,7 @@ import torch
 @dataclass(frozen=True)
 class Dispatched:
     tokens: torch.Tensor  # (routed, hidden) token copies sorted by local expert
-    tokens_per_expert: list[int]  # (local_experts,) how many rows of `tokens` each expert takes
+    tokens_per_expert: torch.Tensor  # (local_experts,) int64 on tokens' device: rows of `tokens` per expert
     handle: object  # what combine needs to route results back
 
 
@@ -25,6 +25,14 @@ class Dispatcher(Protocol):
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Dispatched: ...
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor: ...
+
+
+def count_ids(ids: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """ids (m,) in [0, n) -> (n,) int64 occurrences (each counted `weight[i]` times when given),
+    on ids' device. Unlike torch.bincount on CUDA it never reads the ids back to the host, so a
+    step that uses it needs no sync and can be captured in a CUDA graph."""
+    counts = torch.zeros(n, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids.long(), torch.ones_like(ids, dtype=torch.int64) if weight is None else weight)
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,8 @@ class LocalDispatch:
         flat_ids = expert_ids.reshape(-1)  # (tokens * top_k,)
         order = torch.argsort(flat_ids, stable=True)
         token_index = order // top_k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)
         handle = _LocalHandle(token_index, weights.reshape(-1)[order], hidden.shape[0])
-        return Dispatched(hidden[token_index], counts.tolist(), handle)
+        return Dispatched(hidden[token_index], count_ids(flat_ids, self.num_experts), handle)
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         h = dispatched.handle

@@ -35,6 +35,16 @@ def test_minimal_cpu_spec_is_colocated(tiny_checkpoint) -> None:
     assert spec.colocated and spec.decode.gpus_per_rank == 0 and spec.decode.replicas == 1
 
 
+def test_engine_settings_reach_the_engine_config(tiny_checkpoint) -> None:
+    from moecluster.cluster.deployment import engine_config
+
+    spec = DeploymentSpec.parse({"model": str(tiny_checkpoint()), "decode": {"device": "cuda"},
+                                 "engine": {"cuda_graph_max_batch": 0, "max_num_seqs": 32}})
+    cfg = engine_config(spec, spec.decode)
+    assert (cfg.cuda_graph_max_batch, cfg.max_num_seqs, cfg.kv_transfer) == (0, 32, "p2p")
+    assert engine_config(DeploymentSpec.parse({"model": "/m"}), spec.decode).cuda_graph_max_batch == 256
+
+
 @pytest.mark.parametrize(
     ("data", "field", "reason"),
     [
@@ -49,6 +59,7 @@ def test_minimal_cpu_spec_is_colocated(tiny_checkpoint) -> None:
         ({"model": "/m", "router": {"policy": "random"}}, "router.policy", "round_robin"),
         ({"model": "/m", "cache": {"memory_fraction": 1.5}}, "cache.memory_fraction", "less than or equal to 1"),
         ({"model": "/m", "engine": {"dtype": "int8"}}, "engine.dtype", "auto"),
+        ({"model": "/m", "engine": {"cuda_graph_max_batch": -1}}, "engine.cuda_graph_max_batch", "greater than or equal to 0"),
         ({"model": "/m", "decoder": {}}, "decoder", "not a known field"),
         ({"model": "/m", "autoscaling": {"policy": "not a path"}}, "autoscaling.policy", "class path"),
         ({"model": "/m", "autoscaling": {"decode": {"min_replicas": 3, "max_replicas": 2}}}, "autoscaling.decode.min_replicas", "exceeds"),

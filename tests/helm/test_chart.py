@@ -41,7 +41,8 @@ EVERYTHING = {
     "model": {"trustRemoteCode": True, "download": {"hfToken": {"secretName": "hf"}}},
     "ray": {"upgradeStrategy": "Recreate", "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]},
     "head": {"readinessProbe": {"httpGet": {"path": "/health", "port": "http", "scheme": "HTTPS"}}},
-    "engine": {"maxModelLen": None, "eplbIntervalSteps": 1000, "eplbRedundantSlots": 32, "kvTransfer": "object_store"},
+    "engine": {"maxModelLen": None, "eplbIntervalSteps": 1000, "eplbRedundantSlots": 32, "kvTransfer": "object_store",
+               "cudaGraphMaxBatch": 0},
 }
 EXISTING_CLAIM = {"model": {"volume": {"existingClaim": "weights", "subPath": "deepseek-v3",
                                        "create": {"enabled": False}}, "download": {"enabled": False}}}
@@ -261,6 +262,7 @@ def test_generated_spec_parses_and_matches_the_values(case):
     assert (spec.engine.max_model_len, spec.engine.max_num_seqs, spec.engine.eplb_interval_steps) == (
         e["maxModelLen"], e["maxNumSeqs"], e["eplbIntervalSteps"])
     assert spec.engine.kv_transfer == e["kvTransfer"]
+    assert spec.engine.cuda_graph_max_batch == e["cudaGraphMaxBatch"]
     a = values["autoscaling"]
     assert (spec.autoscaling is not None) == a["enabled"]
     if a["enabled"]:
@@ -507,6 +509,7 @@ BAD = [
     ({"router": {"policy": "fastest"}}, "/router/policy"),
     ({"engine": {"dtype": "int8"}}, "/engine/dtype"),
     ({"engine": {"kvTransfer": "nixl"}}, "/engine/kvTransfer"),
+    ({"engine": {"cudaGraphMaxBatch": -1}}, "/engine/cudaGraphMaxBatch"),
     ({"model": {"path": "models/ds"}}, "/model/path"),
     ({"router": {"apiKey": {"env": "not-an-env"}}}, "/router/apiKey/env"),
 ]

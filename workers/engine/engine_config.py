@@ -9,6 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from moecluster.workers.engine.block_manager import BlockManager
+from moecluster.workers.engine.cuda_graphs import DecodeGraphs, graphable
 from moecluster.workers.engine.disaggregated import DisaggregatedCore
 from moecluster.workers.engine.engine_core import EngineCore, Role
 from moecluster.workers.engine.kv_cache import activation_bytes, allocate_kv_cache, bytes_per_block
@@ -58,6 +59,10 @@ class EngineConfig(BaseModel):
     # (in steps) the group rebalances online from the tokens its experts received (None: on request).
     eplb_redundant_slots: int = Field(0, ge=0)
     eplb_interval_steps: int | None = Field(None, ge=1)
+    # CUDA graphs of decode steps for batches up to this many sequences (capped at max_num_seqs;
+    # 0: every step runs eagerly). GPU only, and only where the MoE layers dispatch locally (an
+    # expert-parallel group of several ranks runs eagerly).
+    cuda_graph_max_batch: int = Field(256, ge=0)
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,6 +101,8 @@ def build_core(
         )
     num_blocks = cfg.num_kv_blocks
     batched = cfg.max_num_batched_tokens or (8192 if cfg.enable_chunked_prefill else max_model_len)
+    # decode graphs need one scratch cache block for their padding rows, past the managed ones
+    graphs = device.type == "cuda" and cfg.cuda_graph_max_batch > 0 and role != "prefill" and graphable(model)
     if num_blocks is None:
         budget = cfg.kv_cache_memory_bytes or _default_kv_budget(device, cfg.gpu_memory_utilization)
         if cfg.kv_cache_memory_bytes is None and device.type == "cuda":  # room for a full step's activations
@@ -103,12 +110,18 @@ def build_core(
         if budget < bytes_per_block(mcfg, cfg.block_size, model.dtype):
             raise ValueError(f"no GPU memory left for the KV cache after the weights and the activations of "
                              f"{batched}-token steps: lower max_num_batched_tokens or raise the memory fraction")
-        num_blocks = max(1, budget // bytes_per_block(mcfg, cfg.block_size, model.dtype))
+        num_blocks = max(1, budget // bytes_per_block(mcfg, cfg.block_size, model.dtype) - int(graphs))
     scheduler = Scheduler(
         SchedulerConfig(max_model_len, cfg.max_num_seqs, batched, cfg.enable_chunked_prefill),
         BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),
     )
-    runner = ModelRunner(model, allocate_kv_cache(mcfg, num_blocks, cfg.block_size, model.dtype, device), cfg.block_size)
+    kv_caches = allocate_kv_cache(mcfg, num_blocks + int(graphs), cfg.block_size, model.dtype, device)
+    decode_graphs = None
+    if graphs:
+        decode_graphs = DecodeGraphs(model, kv_caches, cfg.block_size, min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
+                                     max_model_len, scratch_block=num_blocks)
+        decode_graphs.capture()
+    runner = ModelRunner(model, kv_caches, cfg.block_size, decode_graphs)
     eos = mcfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     return EngineCore(runner, scheduler, tokenizer, eos, role, transfer)
 

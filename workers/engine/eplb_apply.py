@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moecluster.router.experts.all_to_all import AllToAllDispatch
+from moecluster.router.experts.dispatch import LocalDispatch
 from moecluster.router.experts.eplb import balance, rebalance
 from moecluster.router.experts.placement import ExpertPlacement
 from moecluster.workers.model.deepseek import DeepseekV3Model
@@ -41,6 +42,9 @@ def rebalance_group(model: DeepseekV3Model, rank: int, group: Any = None, policy
     dist.all_reduce(counts, group=group)
     moved, before, after = 0, [], []
     for moe, load in zip(moes, counts.tolist()):
+        if isinstance(moe.dispatcher, LocalDispatch):  # one rank holding every expert once: nothing to move
+            moe.expert_counts.zero_()
+            continue
         old = _placement(moe)
         if sum(load) == 0:
             continue

@@ -5,12 +5,18 @@ prompt chunk, a recompute after preemption, or the one token sampled last step);
 end to end with their positions and cache slots (AttentionMetadata); the model writes their
 latents into the paged cache and returns hidden states; fork copies of partial blocks happen
 after that write; only the rows of sequences that sample are projected to logits.
+
+Decode-only batches replay a captured CUDA graph of the forward when the runner has one
+(`cuda_graphs.DecodeGraphs`); the logits and sampling run eagerly after it either way. The
+sampling settings and the sampled rows are put on the device before the forward, while the
+device is idle, so nothing in the step waits on the device before its end.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moecluster.workers.engine.cuda_graphs import DecodeGraphs
 from moecluster.workers.engine.sampler import SamplerOutput, SamplingBatch, sample
 from moecluster.workers.engine.scheduler import ScheduledSeq, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence
@@ -19,8 +25,10 @@ from moecluster.workers.model.deepseek import DeepseekV3Model
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3Model, kv_caches: list[torch.Tensor], block_size: int) -> None:
-        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+    def __init__(
+        self, model: DeepseekV3Model, kv_caches: list[torch.Tensor], block_size: int, graphs: DecodeGraphs | None = None
+    ) -> None:
+        self.model, self.kv_caches, self.block_size, self.graphs = model, kv_caches, block_size, graphs
         self.device = model.embed_tokens.device
         self.vocab_size = model.cfg.vocab_size
 
@@ -73,9 +81,15 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, sched: SchedulerOutput) -> SamplerOutput:
         """Compute the scheduled tokens; sample one token for every entry of sched.samplers."""
-        input_ids, meta = self.prepare(sched.scheduled)
-        hidden = self.model(input_ids, meta, self.kv_caches)
+        batch = self.sampling_batch([seq for seq, _ in sched.samplers])
+        if self.graphs is not None and self.graphs.can_run(sched.scheduled):
+            hidden = self.graphs.run(sched.scheduled)  # row i = scheduled[i]'s one token
+            rows = [r for _, r in sched.samplers]
+        else:
+            input_ids, meta = self.prepare(sched.scheduled)
+            rows = [meta.query_starts[r] + meta.query_lens[r] - 1 for _, r in sched.samplers]
+            hidden = self.model(input_ids, meta, self.kv_caches)
+        if rows != list(range(hidden.shape[0])):  # not every row samples: gather those that do
+            hidden = hidden[torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)]
         self.copy_blocks(sched.block_copies)
-        rows = [meta.query_starts[r] + meta.query_lens[r] - 1 for _, r in sched.samplers]
-        logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
-        return sample(logits, self.sampling_batch([seq for seq, _ in sched.samplers]))
+        return sample(self.model.logits(hidden), batch)

@@ -24,6 +24,7 @@ class AttentionMetadata:
     decode_seqs: torch.Tensor  # (decodes,) int64, sequences with one new token
     decode_rows: torch.Tensor  # (decodes,) int64, their rows in the flat batch
     prefill_seqs: tuple[int, ...]  # sequences with several new tokens
+    token_mask: torch.Tensor | None = None  # (tokens,) int64, 0 on padding rows (CUDA graph batches); None: all real
 
     @classmethod
     def build(

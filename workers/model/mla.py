@@ -90,6 +90,9 @@ class MLA(nn.Module):
         """x (tokens, hidden); kv_cache (blocks, block_size, c + rope) of this layer -> (tokens, hidden)."""
         q_nope, q_pe, latent = self.project(x, cos, sin)
         kv_cache.view(-1, kv_cache.shape[-1])[meta.slot_mapping] = latent.to(kv_cache.dtype)
+        if x.shape[0] and not meta.prefill_seqs:  # decodes only: row i is sequence i's one token
+            out = self.attend_absorbed(q_nope, q_pe, kv_cache, meta.block_tables, meta.seq_lens)
+            return self.o_proj(out.reshape(x.shape[0], self.heads * self.v_dim))
         out = x.new_empty(x.shape[0], self.heads, self.v_dim)  # (tokens, H, v)
         for seq in meta.prefill_seqs:
             rows = slice(meta.query_starts[seq], meta.query_starts[seq] + meta.query_lens[seq])

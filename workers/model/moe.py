@@ -16,7 +16,7 @@ from moecluster.kernels.fused_moe import (
     DenseExperts, ExpertWeights, Fp8Experts, Int4Experts, grouped_mlp, repack_int4,
 )
 from moecluster.kernels.moe_gate import fusable, fused_select_experts
-from moecluster.router.experts.dispatch import Dispatcher, LocalDispatch
+from moecluster.router.experts.dispatch import Dispatcher, LocalDispatch, count_ids
 from moecluster.router.experts.gate import GateConfig, select_experts
 from moecluster.workers.config import ModelConfig
 from moecluster.workers.quant.scheme import Fp8BlockScheme, Int4GroupScheme
@@ -108,14 +108,13 @@ class Experts(nn.Module):
                 f"{[type(p.scheme).__name__ for p in projections]}"
             )
 
-    def forward(self, tokens: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """tokens (routed, H) grouped by local expert -> (routed, H)."""
-        if self._kernel_weights is not None and tokens.is_cuda:
-            counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(tokens.device, non_blocking=True)
-            return grouped_mlp(tokens, counts, self._kernel_weights)  # fused Triton kernels
+    def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """tokens (routed, H) grouped by local expert, tokens_per_expert (local,) int -> (routed, H)."""
+        if self._kernel_weights is not None and tokens.is_cuda:  # fused Triton kernels, counts stay on the GPU
+            return grouped_mlp(tokens, tokens_per_expert, self._kernel_weights)
         out = torch.empty_like(tokens)
         start = 0
-        for local, count in enumerate(tokens_per_expert):
+        for local, count in enumerate(tokens_per_expert.tolist()):
             if count:
                 x = tokens[start : start + count]
                 gate = F.linear(x, self.gate_proj.dequantize(x.dtype, local))
@@ -165,8 +164,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             yield from self.shared_experts.slots()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (tokens, H) -> (tokens, H)."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (tokens, H) -> (tokens, H). token_mask (tokens,) int, 0 for padding rows (a CUDA graph's
+        batch padded to its captured size): they run, but EPLB does not count their choices."""
         logits = F.linear(x.float(), self.gate_weight)  # (tokens, experts)
         c = self.gate_cfg
         if logits.is_cuda and fusable(c.num_experts, c.top_k, c.n_group, c.topk_group):  # the fused gate on GPUs
@@ -174,7 +174,8 @@ class MoE(nn.Module):
                                                 c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
         else:
             weights, ids = select_experts(logits, self.e_score_correction_bias, c)
-        self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.shape[0])
+        per_choice = None if token_mask is None else token_mask.long()[:, None].expand_as(ids).reshape(-1)
+        self.expert_counts += count_ids(ids.reshape(-1), self.expert_counts.shape[0], per_choice)
         dispatched = self.dispatcher.dispatch(x, ids, weights)
         out = self.dispatcher.combine(self.experts(dispatched.tokens, dispatched.tokens_per_expert), dispatched)
         if self.shared_experts is not None:

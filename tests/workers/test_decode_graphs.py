@@ -1,0 +1,124 @@
+"""The decode-graph path on the CPU: the padded static batch that CUDA graphs replay, run eagerly
+(`capture=False`), against the ordinary eager step. Same greedy tokens and logits, padding rows
+never reach the cache of a real sequence or EPLB's counts, mixed batches fall back to eager."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecluster.text.tokenizer import load_tokenizer
+from moecluster.workers.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes, graphable
+from moecluster.workers.engine.engine_config import EngineConfig, build_core
+from moecluster.workers.engine.engine_core import EngineCore
+from moecluster.workers.engine.kv_cache import allocate_kv_cache
+from moecluster.workers.engine.model_runner import ModelRunner
+from moecluster.workers.engine.sampling_params import SamplingParams
+from moecluster.workers.model.moe import MoE
+
+BLOCK = 16
+NUM_BLOCKS = 48
+
+
+def test_batch_sizes() -> None:
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(5) == [1, 2, 4, 5]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    sizes = graph_batch_sizes(256)
+    assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 256 and 160 in sizes and sizes == sorted(set(sizes))
+    assert graph_batch_sizes(100)[-1] == 100
+    with pytest.raises(ValueError, match="max_batch"):
+        graph_batch_sizes(0)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint) -> Path:
+    return tiny_checkpoint(num_layers=3)
+
+
+def _core(ckpt: Path, graphs: bool, max_batch: int = 8) -> EngineCore:
+    """An fp32 CPU engine; with `graphs`, its runner goes through DecodeGraphs (no capture) with
+    one scratch block past the managed ones, as build_core sets it up on a GPU."""
+    cfg = EngineConfig(model=ckpt, dtype="float32", device="cpu", block_size=BLOCK, num_kv_blocks=NUM_BLOCKS,
+                       enable_prefix_caching=False)
+    core = build_core(cfg, load_tokenizer(ckpt))
+    if graphs:  # the block manager hands out blocks 0..NUM_BLOCKS-1; block NUM_BLOCKS is the scratch
+        model = core.runner.model
+        kv = allocate_kv_cache(model.cfg, NUM_BLOCKS + 1, BLOCK, torch.float32, "cpu")
+        dg = DecodeGraphs(model, kv, BLOCK, max_batch, 512, scratch_block=NUM_BLOCKS, capture=False)
+        core.runner = ModelRunner(model, kv, BLOCK, dg)
+    return core
+
+
+def _run(core: EngineCore, prompts: list[list[int]], max_tokens: int, logits_log: list | None = None) -> dict[str, list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        core.add_request(f"r{i}", p, params)
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while core.has_unfinished():
+        for o in core.step():
+            out[o.request_id] += o.outputs[0].token_ids
+    return out
+
+
+def test_padded_decode_batches_match_eager(ckpt: Path) -> None:
+    rng = random.Random(7)
+    prompts = [[rng.randrange(2, 900) for _ in range(n)] for n in (5, 23, 9)]  # 3 decodes -> size 4 (1 padding row)
+    eager, padded = _core(ckpt, graphs=False), _core(ckpt, graphs=True)
+    calls = []
+    run = padded.runner.graphs.run
+
+    def counting_run(scheduled):  # noqa: ANN001, ANN202
+        calls.append(len(scheduled))
+        return run(scheduled)
+
+    padded.runner.graphs.run = counting_run
+    want, got = _run(eager, prompts, 12), _run(padded, prompts, 12)
+    assert got == want
+    assert calls and 3 in calls  # the decode steps went through the padded path
+    # EPLB's recording: padding rows' choices are not counted
+    for a, b in zip(eager.runner.model.modules(), padded.runner.model.modules()):
+        if isinstance(a, MoE):
+            assert torch.equal(a.expert_counts, b.expert_counts)
+
+
+def test_padding_writes_only_the_scratch_block(ckpt: Path) -> None:
+    core = _core(ckpt, graphs=True)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for i in range(3):  # three decodes run at size 4: one padding row
+        core.add_request(f"r{i}", list(range(2 + i, 12 + 3 * i)), params)
+    while core.has_unfinished():
+        before = [c[:NUM_BLOCKS].clone() for c in core.runner.kv_caches]
+        sched = core.schedule()
+        used = {b for s in sched.scheduled for b in s.seq.table.block_ids}
+        core.execute(sched)
+        for old, new in zip(before, core.runner.kv_caches):
+            changed = {int(b) for b in torch.nonzero((old != new[:NUM_BLOCKS]).flatten(1).any(1)).flatten()}
+            assert changed <= used  # a real block changed only if the batch owns it
+    assert core.runner.kv_caches[0][NUM_BLOCKS].abs().sum() > 0  # the padding rows wrote their latents here
+
+
+def test_mixed_batches_run_eagerly(ckpt: Path) -> None:
+    core = _core(ckpt, graphs=True)
+    graphs = core.runner.graphs
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    core.add_request("a", list(range(2, 30)), params)
+    sched = core.schedule()
+    assert not graphs.can_run(sched.scheduled)  # a prefill chunk
+    core.execute(sched)
+    sched = core.schedule()
+    assert graphs.can_run(sched.scheduled)  # its first decode
+    core.execute(sched)
+    many = [s for s in sched.scheduled] * 9  # more sequences than the largest size
+    assert not graphs.can_run(many)
+    assert not graphs.can_run([])
+
+
+def test_graphable_and_scratch_checks(ckpt: Path) -> None:
+    core = _core(ckpt, graphs=False)
+    assert graphable(core.runner.model)
+    with pytest.raises(ValueError, match="scratch block"):
+        DecodeGraphs(core.runner.model, core.runner.kv_caches, BLOCK, 4, 512, scratch_block=NUM_BLOCKS + 1, capture=False)

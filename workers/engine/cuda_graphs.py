@@ -1,0 +1,179 @@
+"""CUDA graphs for decode steps: the model's forward over one new token per sequence, captured
+once per batch size and replayed, instead of launched op by op.
+
+Why: a decode step launches several hundred kernels (per layer the MLA projections, the gate,
+dispatch, the fused experts, combine); issuing them from Python costs milliseconds of host time
+per step, more than the GPU needs at small batches, and at any batch the GPU waits while the host
+catches up. A replay is one launch.
+
+- Batch sizes (`graph_batch_sizes`): 1, 2, 4, 8, then every 16 up to 128, every 32 above, and
+  the largest itself. A step of n sequences replays the smallest size >= n; rows past n are
+  padding.
+- Static inputs: every graph reads the same device buffers (token ids, positions, cache slots,
+  context lengths, the token mask) and one block table as wide as the longest sequence allowed
+  (max_model_len), so the MLA launcher chooses its split count from that capacity, once per size
+  (it cuts each sequence's own context into that many pieces, so short contexts stay cheap).
+  A step writes its rows into pinned host buffers and copies them over without a host sync.
+- Padding rows: token 0 at position 0 with context length 1, writing its latent into the scratch
+  block (one cache block past those the block manager hands out) and reading only that block;
+  their MoE choices run but EPLB does not count them (token mask 0). Their outputs are not read.
+- Capture: largest size first, all sizes sharing one memory pool; each size runs once eagerly
+  on a side stream first (Triton compiles its kernels, cuBLAS picks its workspaces). Only models
+  whose MoE layers dispatch locally are captured (an expert-parallel all-to-all needs its
+  counts on the host).
+- `capture=False` runs the same padded static batch eagerly: the CPU tests check padding and
+  static buffers this way, and it is the fallback shape of the code path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import numpy as np
+import torch
+
+from moecluster.router.experts.dispatch import LocalDispatch
+from moecluster.workers.engine.scheduler import ScheduledSeq
+from moecluster.workers.model.attention_metadata import AttentionMetadata
+from moecluster.workers.model.deepseek import DeepseekV3Model
+from moecluster.workers.model.moe import MoE
+
+log = logging.getLogger(__name__)
+
+_IDS, _POS, _SLOT, _LEN, _MASK = range(5)  # rows of the (5, max batch) int64 input buffer
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The captured batch sizes up to max_batch (>= 1), ascending."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = [1, 2, 4, 8, *range(16, 129, 16), *range(160, max_batch + 1, 32)]
+    return sorted({s for s in sizes if s <= max_batch} | {max_batch})
+
+
+def graphable(model: DeepseekV3Model) -> bool:
+    """Whether a decode step of this model has no host sync: every MoE layer dispatches locally."""
+    return all(isinstance(m.dispatcher, LocalDispatch) for m in model.modules() if isinstance(m, MoE))
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: DeepseekV3Model,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        max_batch: int,
+        max_model_len: int,
+        scratch_block: int,
+        capture: bool = True,
+    ) -> None:
+        if any(scratch_block >= c.shape[0] for c in kv_caches):
+            raise ValueError(f"scratch block {scratch_block} is outside the KV cache ({kv_caches[0].shape[0]} blocks)")
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.sizes = graph_batch_sizes(max_batch)
+        self.capture_enabled = capture
+        device = model.embed_tokens.device
+        n, width = self.sizes[-1], -(-max_model_len // block_size)
+        self._scratch = scratch_block
+        pin = device.type == "cuda"
+        self._host = torch.zeros((5, n), dtype=torch.int64, pin_memory=pin)  # ids, positions, slots, lengths, mask
+        self._host_tables = torch.full((n, width), scratch_block, dtype=torch.int32, pin_memory=pin)
+        self._inputs = torch.zeros((5, n), dtype=torch.int64, device=device)
+        self._tables = torch.full((n, width), scratch_block, dtype=torch.int32, device=device)
+        self._rows = torch.arange(n, device=device)
+        self._copied: torch.cuda.Event | None = None  # the last host -> device copy (host buffers in use until done)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._fill([], n)
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def size_for(self, n: int) -> int:
+        """The captured size a batch of n sequences runs at (n <= max_batch)."""
+        return self.sizes[bisect.bisect_left(self.sizes, n)]
+
+    def can_run(self, scheduled: list[ScheduledSeq]) -> bool:
+        """A decode-only batch (every sequence computes one token) that fits the largest size."""
+        return 0 < len(scheduled) <= self.max_batch and all(s.num_tokens == 1 for s in scheduled)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Capture every size (no-op unless capture is enabled). Raises if an op of the forward
+        cannot be captured (a host sync), naming the setting that turns graphs off."""
+        if not self.capture_enabled or self._graphs:
+            return
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        warm = torch.cuda.Stream()
+        self._fill([], self.max_batch)
+        try:
+            for size in reversed(self.sizes):
+                ids, meta = self._batch(size)
+                warm.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(warm):
+                    self.model(ids, meta, self.kv_caches)
+                torch.cuda.current_stream().wait_stream(warm)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(ids, meta, self.kv_caches)
+                self._graphs[size], self._outputs[size] = graph, out
+        except RuntimeError as e:
+            raise RuntimeError(f"CUDA graph capture of a decode step failed ({e}); run eagerly with "
+                               "engine cuda_graph_max_batch: 0") from e
+        torch.cuda.synchronize()
+        log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+                 len(self.sizes), self.sizes, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """The final hidden states (n, hidden) of a decode-only batch, row i = scheduled[i]."""
+        n = len(scheduled)
+        size = self.size_for(n)
+        self._fill(scheduled, size)
+        graph = self._graphs.get(size)
+        if graph is None:  # capture disabled (or CPU): the same padded batch, eagerly
+            ids, meta = self._batch(size)
+            return self.model(ids, meta, self.kv_caches)[:n]
+        graph.replay()
+        return self._outputs[size][:n]
+
+    def _fill(self, scheduled: list[ScheduledSeq], size: int) -> None:
+        """Write the batch (padded to `size`) into the host buffers and copy them to the device."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has read the host buffers
+        host, tables = self._host.numpy(), self._host_tables.numpy()
+        bs, n = self.block_size, len(scheduled)
+        for i, s in enumerate(scheduled):
+            seq = s.seq
+            pos = seq.num_computed
+            blocks = seq.table.block_ids
+            host[:, i] = (seq.token_ids[pos], pos, blocks[pos // bs] * bs + pos % bs, pos + 1, 1)
+            tables[i, : len(blocks)] = blocks
+        host[:, n:size] = np.array([0, 0, self._scratch * bs, 1, 0])[:, None]
+        tables[n:size, 0] = self._scratch
+        self._inputs.copy_(self._host, non_blocking=True)
+        self._tables[:size].copy_(self._host_tables[:size], non_blocking=True)
+        if self._inputs.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def _batch(self, size: int) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The static inputs of a `size`-row decode batch (views of the device buffers)."""
+        rows = self._rows[:size]
+        meta = AttentionMetadata(
+            positions=self._inputs[_POS, :size],
+            slot_mapping=self._inputs[_SLOT, :size],
+            block_tables=self._tables[:size],
+            seq_lens=self._inputs[_LEN, :size],
+            query_lens=(1,) * size,
+            query_starts=tuple(range(size)),
+            decode_seqs=rows,
+            decode_rows=rows,
+            prefill_seqs=(),
+            token_mask=self._inputs[_MASK, :size],
+        )
+        return self._inputs[_IDS, :size], meta
