@@ -108,7 +108,9 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
                    seed: int = 0) -> dict[str, Any]:
     """One MoE layer (all experts on this device, random weights in the config's formats, the
     kernels the engine uses) on a decode batch of `tokens`: median time against the bytes it must
-    read (gate, shared expert, the experts this batch reaches) over the copy bandwidth."""
+    read (gate, shared expert, the experts this batch reaches) over the copy bandwidth. On a GPU
+    `ms` times replays of the layer captured in a CUDA graph, as decode steps run it (EP=1);
+    `eager_ms` the same layer launched op by op."""
     from moecluster.workers.checkpoint.random_weights import fill_random
     from moecluster.workers.model.deepseek import prepare_gpu
     from moecluster.workers.model.moe import MoE
@@ -125,9 +127,14 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     moe.expert_counts.zero_()
     moe(x)
     hit = int((moe.expert_counts > 0).sum())
-    ms = _time_ms(lambda: moe(x), device, warmup=3, iters=20)
+    eager_ms = ms = _time_ms(lambda: moe(x), device, warmup=3, iters=20)
+    if device.type == "cuda":  # as decode steps run it: replayed from a CUDA graph, no launch gaps
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            moe(x)
+        ms = _time_ms(graph.replay, device, warmup=3, iters=20)
     fixed = moe.gate_weight.numel() * 4 + (_bytes(moe.shared_experts) if moe.shared_experts is not None else 0)
     total = fixed + hit * per_expert + 2 * x.numel() * x.element_size()
     roofline_ms = total / (copy_gbs * 1e9) * 1e3
-    return {"tokens": tokens, "experts_hit": hit, "bytes": total, "ms": ms, "roofline_ms": roofline_ms,
-            "vs_roofline": ms / roofline_ms}
+    return {"tokens": tokens, "experts_hit": hit, "bytes": total, "ms": ms, "eager_ms": eager_ms,
+            "roofline_ms": roofline_ms, "vs_roofline": ms / roofline_ms}

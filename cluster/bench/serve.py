@@ -314,11 +314,11 @@ def print_tables(result: ServeBenchResult) -> None:
     console.print(table)
     if result.moe_layer:
         t = Table(title=f"one MoE layer, decode batch (copy {result.copy_gbs:.0f} GB/s)")
-        for col in ("tokens", "experts hit", "GiB read", "ms", "roofline ms", "vs roofline"):
+        for col in ("tokens", "experts hit", "GiB read", "ms (graph)", "ms (eager)", "roofline ms", "vs roofline"):
             t.add_column(col, justify="right")
         for r in result.moe_layer:
             t.add_row(str(r["tokens"]), str(r["experts_hit"]), f"{r['bytes'] / 2**30:.2f}", f"{r['ms']:.3f}",
-                      f"{r['roofline_ms']:.3f}", f"{r['vs_roofline']:.2f}x")
+                      _f(r.get("eager_ms"), ".3f"), f"{r['roofline_ms']:.3f}", f"{r['vs_roofline']:.2f}x")
         console.print(t)
     if result.baseline:
         b = result.baseline
