@@ -46,7 +46,7 @@ def test_graph_decode_equals_eager(tiny_checkpoint, quant: str) -> None:
     assert graphed.runner.kv_caches[0].shape[0] == 129  # the scratch block past the managed 128
     sizes: list[int] = []
     run = graphs.run
-    graphs.run = lambda scheduled: (sizes.append(len(scheduled)), run(scheduled))[1]  # type: ignore[method-assign]
+    graphs.run = lambda scheduled, size=None: (sizes.append(len(scheduled)), run(scheduled, size))[1]  # type: ignore[method-assign]
     assert _generate(graphed, prompts) == _generate(eager, prompts)
     assert 11 in sizes and 1 in sizes  # replayed at 16 with 5 padding rows, and down to one sequence
     for a, b in zip(eager.runner.model.modules(), graphed.runner.model.modules()):

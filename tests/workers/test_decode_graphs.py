@@ -71,9 +71,9 @@ def test_padded_decode_batches_match_eager(ckpt: Path) -> None:
     calls = []
     run = padded.runner.graphs.run
 
-    def counting_run(scheduled):  # noqa: ANN001, ANN202
+    def counting_run(scheduled, size=None):  # noqa: ANN001, ANN202
         calls.append(len(scheduled))
-        return run(scheduled)
+        return run(scheduled, size)
 
     padded.runner.graphs.run = counting_run
     want, got = _run(eager, prompts, 12), _run(padded, prompts, 12)

@@ -18,9 +18,14 @@ catches up. A replay is one launch.
   block (one cache block past those the block manager hands out) and reading only that block;
   their MoE choices run but EPLB does not count them (token mask 0). Their outputs are not read.
 - Capture: largest size first, all sizes sharing one memory pool; each size runs once eagerly
-  on a side stream first (Triton compiles its kernels, cuBLAS picks its workspaces). Only models
-  whose MoE layers dispatch locally are captured (an expert-parallel all-to-all needs its
-  counts on the host).
+  on a side stream first (Triton compiles its kernels, cuBLAS picks its workspaces).
+- Expert parallelism: the eager all-to-all needs its counts on the host, so the graphs are
+  captured with each MoE layer's `AllToAllDispatch` swapped for a `GatherDispatch` over the same
+  placement (all-gather, local experts, reduce-scatter: sizes known from the batch alone). Every
+  rank of the group must replay the same size in the same step: the lockstep loop agrees on it
+  (`lockstep_loop`), a rank with nothing scheduled replays an all-padding batch, and any rank
+  with a prefill chunk makes the whole step eager. After EPLB moves experts,
+  `sync_placement` points the captured dispatchers at the new placement in place.
 - `capture=False` runs the same padded static batch eagerly: the CPU tests check padding and
   static buffers this way, and it is the fallback shape of the code path.
 """
@@ -34,7 +39,12 @@ import time
 import numpy as np
 import torch
 
+from contextlib import contextmanager
+from typing import Iterator
+
+from moecluster.router.experts.all_to_all import AllToAllDispatch
 from moecluster.router.experts.dispatch import LocalDispatch
+from moecluster.router.experts.gather_dispatch import GatherDispatch
 from moecluster.workers.engine.scheduler import ScheduledSeq
 from moecluster.workers.model.attention_metadata import AttentionMetadata
 from moecluster.workers.model.deepseek import DeepseekV3Model
@@ -54,8 +64,9 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 def graphable(model: DeepseekV3Model) -> bool:
-    """Whether a decode step of this model has no host sync: every MoE layer dispatches locally."""
-    return all(isinstance(m.dispatcher, LocalDispatch) for m in model.modules() if isinstance(m, MoE))
+    """Whether decode steps of this model can be captured: every MoE layer dispatches locally or
+    through an all-to-all that a `GatherDispatch` can stand in for."""
+    return all(isinstance(m.dispatcher, (LocalDispatch, AllToAllDispatch)) for m in model.modules() if isinstance(m, MoE))
 
 
 class DecodeGraphs:
@@ -86,11 +97,27 @@ class DecodeGraphs:
         self._copied: torch.cuda.Event | None = None  # the last host -> device copy (host buffers in use until done)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
+        # expert-parallel MoE layers: the sync-free dispatcher the graphs run with, per layer
+        self._gather = {
+            m: GatherDispatch(m.dispatcher.placement, m.dispatcher.rank, m.dispatcher.group, device)
+            for m in model.modules() if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatch)
+        }
         self._fill([], n)
 
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
+
+    @property
+    def grouped(self) -> bool:
+        """Whether replays run collectives with other ranks (then the group picks every step's size)."""
+        return bool(self._gather)
+
+    def sync_placement(self) -> None:
+        """After EPLB moved experts: the captured dispatchers follow the layers' new placements."""
+        for moe, gather in self._gather.items():
+            assert isinstance(moe.dispatcher, AllToAllDispatch)
+            gather.set_placement(moe.dispatcher.placement)
 
     def size_for(self, n: int) -> int:
         """The captured size a batch of n sequences runs at (n <= max_batch)."""
@@ -111,16 +138,17 @@ class DecodeGraphs:
         warm = torch.cuda.Stream()
         self._fill([], self.max_batch)
         try:
-            for size in reversed(self.sizes):
-                ids, meta = self._batch(size)
-                warm.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(warm):
-                    self.model(ids, meta, self.kv_caches)
-                torch.cuda.current_stream().wait_stream(warm)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.model(ids, meta, self.kv_caches)
-                self._graphs[size], self._outputs[size] = graph, out
+            with self._sync_free_dispatch():
+                for size in reversed(self.sizes):
+                    ids, meta = self._batch(size)
+                    warm.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(warm):
+                        self.model(ids, meta, self.kv_caches)
+                    torch.cuda.current_stream().wait_stream(warm)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self.model(ids, meta, self.kv_caches)
+                    self._graphs[size], self._outputs[size] = graph, out
         except RuntimeError as e:
             raise RuntimeError(f"CUDA graph capture of a decode step failed ({e}); run eagerly with "
                                "engine cuda_graph_max_batch: 0") from e
@@ -129,17 +157,33 @@ class DecodeGraphs:
                  len(self.sizes), self.sizes, time.perf_counter() - t0)
 
     @torch.no_grad()
-    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """The final hidden states (n, hidden) of a decode-only batch, row i = scheduled[i]."""
+    def run(self, scheduled: list[ScheduledSeq], size: int | None = None) -> torch.Tensor:
+        """The final hidden states (n, hidden) of a decode-only batch, row i = scheduled[i], run at
+        `size` (a captured size >= n; default the smallest)."""
         n = len(scheduled)
-        size = self.size_for(n)
+        size = self.size_for(n) if size is None else size
+        if size not in self.sizes or n > size:
+            raise ValueError(f"a batch of {n} cannot run at size {size} (captured sizes {self.sizes})")
         self._fill(scheduled, size)
         graph = self._graphs.get(size)
         if graph is None:  # capture disabled (or CPU): the same padded batch, eagerly
             ids, meta = self._batch(size)
-            return self.model(ids, meta, self.kv_caches)[:n]
+            with self._sync_free_dispatch():
+                return self.model(ids, meta, self.kv_caches)[:n]
         graph.replay()
         return self._outputs[size][:n]
+
+    @contextmanager
+    def _sync_free_dispatch(self) -> Iterator[None]:
+        """Expert-parallel layers dispatch through their GatherDispatch inside."""
+        eager = {moe: moe.dispatcher for moe in self._gather}
+        for moe, gather in self._gather.items():
+            moe.dispatcher = gather
+        try:
+            yield
+        finally:
+            for moe, dispatcher in eager.items():
+                moe.dispatcher = dispatcher
 
     def _fill(self, scheduled: list[ScheduledSeq], size: int) -> None:
         """Write the batch (padded to `size`) into the host buffers and copy them to the device."""

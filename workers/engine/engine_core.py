@@ -129,12 +129,15 @@ class EngineCore:
         self.num_preemptions += len(sched.preempted)
         return sched
 
-    def execute(self, sched: SchedulerOutput, always_forward: bool = False) -> list[RequestOutput]:
-        """The second half: the forward, sampling and outputs of a scheduled step."""
+    def execute(
+        self, sched: SchedulerOutput, always_forward: bool = False, graph_size: int | None = None
+    ) -> list[RequestOutput]:
+        """The second half: the forward, sampling and outputs of a scheduled step (graph_size: the
+        decode graph an expert-parallel group agreed to replay)."""
         if sched.empty and not always_forward:
             return []
         t0 = time.perf_counter()
-        sampled = self.runner.execute(sched)
+        sampled = self.runner.execute(sched, graph_size)
         t1 = time.perf_counter()
         tokens = sampled.token_ids.tolist()  # waits for the GPU: what is left of the step after the host issued it
         t2 = time.perf_counter()

@@ -78,15 +78,21 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
         t0 = time.perf_counter()
         sched = core.schedule() if core.has_unfinished() else None
         t1 = time.perf_counter()
-        mine = [sched.num_tokens if sched else 0, int(sched is not None), int(control.stop), int(control.rebalance)]
+        graphs = core.runner.graphs
+        eager = bool(sched and sched.scheduled) and not (graphs is not None and graphs.can_run(sched.scheduled))
+        mine = [sched.num_tokens if sched else 0, int(sched is not None), int(control.stop), int(control.rebalance),
+                int(eager)]
         flags = _group_max(mine, device)
         max_tokens, busy = flags[0], bool(flags[1])  # the group's largest batch this step
+        # every rank decodes only (or idles): all replay the decode graph of one size
+        size = (graphs.size_for(max_tokens) if graphs is not None and not flags[4] and 0 < max_tokens <= graphs.max_batch
+                else None)
         t2 = time.perf_counter()
         log.debug("rank %d step %d: %d tokens here, at most %d in the group", rank, steps, mine[0], max_tokens)
         if flags[2]:
             return
         if busy:
-            outs = core.execute(sched if sched is not None else SchedulerOutput(), always_forward=True)
+            outs = core.execute(sched if sched is not None else SchedulerOutput(), always_forward=True, graph_size=size)
             steps += 1
             core.timer.record("schedule", t1 - t0)
             core.timer.record("sync", t2 - t1)
@@ -99,7 +105,10 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
         due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
         if flags[3] or due:  # every rank reaches this at the same step boundary
             control.rebalance = False
-            outbox.put(("eplb", rank, rebalance_group(core.runner.model, rank)))
+            report = rebalance_group(core.runner.model, rank)
+            if graphs is not None:
+                graphs.sync_placement()  # the captured dispatchers follow the moved experts
+            outbox.put(("eplb", rank, report))
 
 
 def _group_max(values: list[int], device: torch.device) -> list[int]:

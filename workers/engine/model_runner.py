@@ -79,11 +79,15 @@ class ModelRunner:
             cache[dst] = cache[src]
 
     @torch.no_grad()
-    def execute(self, sched: SchedulerOutput) -> SamplerOutput:
-        """Compute the scheduled tokens; sample one token for every entry of sched.samplers."""
+    def execute(self, sched: SchedulerOutput, graph_size: int | None = None) -> SamplerOutput:
+        """Compute the scheduled tokens; sample one token for every entry of sched.samplers.
+        graph_size: replay the decode graph of that size (an expert-parallel group's choice for
+        this step); without it a rank of its own replays whenever its batch allows."""
         batch = self.sampling_batch([seq for seq, _ in sched.samplers])
-        if self.graphs is not None and self.graphs.can_run(sched.scheduled):
-            hidden = self.graphs.run(sched.scheduled)  # row i = scheduled[i]'s one token
+        graphs = self.graphs
+        if graph_size is not None or (graphs is not None and not graphs.grouped and graphs.can_run(sched.scheduled)):
+            assert graphs is not None
+            hidden = graphs.run(sched.scheduled, graph_size)  # row i = scheduled[i]'s one token
             rows = [r for _, r in sched.samplers]
         else:
             input_ids, meta = self.prepare(sched.scheduled)
