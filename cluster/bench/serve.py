@@ -161,6 +161,10 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
                 row = {"kind": kind, "input_len": i, "output_len": out_len, "concurrency": c,
                        **summarize_level(records, t0, t1, cfg.gpus, c),
                        "rank_step_ms": _decode_step_profile(serving.deployment.step_profiles())}
+                rank_step = row["rank_step_ms"].get("step")
+                # the same rate from the decode ranks' side: streams / their median step / GPUs (the client's
+                # ITLs also carry output delivery, and tokens read together show as a 0 ms gap)
+                row["rank_decode_tok_s_per_gpu"] = c / (rank_step * 1e-3) / cfg.gpus if kind == "serve" and rank_step else None
                 result.levels.append(row)
                 _print_level(row)
                 checkpoint(result)
@@ -273,6 +277,8 @@ def summarize(result: ServeBenchResult, cfg: ServeBenchConfig) -> dict[str, Any]
         out["decode_tok_s_per_gpu"] = ours
         out["baseline_decode_tok_s"] = result.baseline["decode_tok_s"]
         out["speedup_vs_transformers"] = ours / result.baseline["decode_tok_s"] if ours else None
+        rank_side = serve[0].get("rank_decode_tok_s_per_gpu")
+        out["rank_side_speedup_vs_transformers"] = rank_side / result.baseline["decode_tok_s"] if rank_side else None
     at = [m for m in result.moe_layer if m["tokens"] == cfg.baseline_concurrency] or result.moe_layer[-1:]
     if at:
         out["moe_layer_tokens"] = at[0]["tokens"]
@@ -300,13 +306,14 @@ def print_tables(result: ServeBenchResult) -> None:
     m = result.model
     table = Table(title=f"bench serve: {m.get('model_type')} {m.get('layers')} layers ({m.get('moe_layers')} MoE, "
                         f"{m.get('experts')} experts, {m.get('quant')}), {result.config['gpus_total']} GPU(s)")
-    for col in ("kind", "in/out", "conc", "in tok/s/GPU", "out tok/s/GPU", "decode tok/s/GPU", "TTFT p50/p99 ms",
-                "ITL p50/p99 ms", "roofline ms", "step/roofline", "errors"):
+    for col in ("kind", "in/out", "conc", "in tok/s/GPU", "out tok/s/GPU", "decode tok/s/GPU", "rank-side",
+                "TTFT p50/p99 ms", "ITL p50/p99 ms", "roofline ms", "step/roofline", "errors"):
         table.add_column(col, justify="right")
     for r in result.levels:
         table.add_row(r["kind"], f"{r['input_len']}/{r['output_len']}", str(r["concurrency"]),
                       _f(r["input_tok_s_per_gpu"], ".0f"), _f(r["output_tok_s_per_gpu"], ".0f"),
                       _f(r.get("decode_tok_s_per_gpu"), ".0f") if r["kind"] == "serve" else "-",
+                      _f(r.get("rank_decode_tok_s_per_gpu"), ".0f") if r["kind"] == "serve" else "-",
                       f"{_f(r['ttft_ms_p50'], '.0f')} / {_f(r['ttft_ms_p99'], '.0f')}",
                       f"{_f(r['itl_ms_p50'], '.2f')} / {_f(r['itl_ms_p99'], '.2f')}",
                       _f(r.get("roofline_step_ms"), ".2f"), _f(r.get("step_vs_roofline"), ".2f"), str(r["errors"]))
