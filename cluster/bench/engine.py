@@ -121,7 +121,8 @@ class ReplayRunner:
         self.gen = torch.Generator().manual_seed(seed)
         self.prepare_ns = self.execute_ns = 0
 
-    def execute(self, sched: SchedulerOutput) -> SamplerOutput:
+    def execute(self, sched: SchedulerOutput, graph_size: int | None = None) -> SamplerOutput:
+        del graph_size  # no model, no graphs: the host's share of a step only
         start = perf_counter_ns()
         if self.runner is not None:
             self.runner.prepare(sched.scheduled)
