@@ -80,8 +80,7 @@ class EngineSpec(_Strict):
         "auto", description="prefill -> decode KV blocks: p2p (NCCL between GPUs, gloo on CPUs) or Ray's object "
                             "store; auto: p2p on cuda, object_store on cpu")
     cuda_graph_max_batch: int = Field(
-        256, ge=0, description="GPU decode steps of up to this many sequences replay CUDA graphs (0: always eager; "
-                               "ranks of an EP group of several GPUs run eagerly)")
+        256, ge=0, description="GPU decode steps of up to this many sequences replay CUDA graphs (0: always eager)")
 
 
 class RouterSpec(_Strict):

@@ -24,6 +24,24 @@ from moecluster.router.experts.dispatch import Dispatched, count_ids
 from moecluster.router.experts.placement import ExpertPlacement
 
 
+def replica_tables(placement: ExpertPlacement, widest: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts, widest) int64 physical slots of each expert, its replicas cycled to a rectangle
+    (default width: the most replicas any expert has), and (experts,) replica counts; on the CPU."""
+    replicas = placement.log2phy
+    widest = widest or max(len(r) for r in replicas)
+    table = torch.tensor([[r[i % len(r)] for i in range(widest)] for r in replicas], dtype=torch.int64)
+    return table, torch.tensor([len(r) for r in replicas], dtype=torch.int64)
+
+
+def pick_slots(flat_ids: torch.Tensor, slot_table: torch.Tensor, num_replicas: torch.Tensor,
+               pairs_per_rank: int) -> torch.Tensor:
+    """flat_ids (pairs,) logical experts of (token, choice) pairs, each rank's pairs contiguous ->
+    (pairs,) the physical slot each pair goes to: replica (position among its rank's pairs) mod the
+    expert's replica count, so a hot expert's tokens spread evenly over its copies."""
+    position = torch.arange(flat_ids.numel(), device=flat_ids.device) % pairs_per_rank
+    return slot_table[flat_ids, position % num_replicas[flat_ids]]
+
+
 @dataclass(frozen=True)
 class _A2AHandle:
     order: torch.Tensor  # (pairs,) flat (token * top_k + choice) index of each sent row, in slot order
@@ -39,19 +57,14 @@ class AllToAllDispatch:
     def __init__(self, placement: ExpertPlacement, rank: int, group: Any = None, device: torch.device | str = "cpu") -> None:
         self.placement, self.rank, self.group = placement, rank, group
         self.world, self.slots_per_rank = placement.num_ranks, placement.slots_per_rank
-        replicas = placement.log2phy
-        widest = max(len(r) for r in replicas)
-        # (experts, widest) physical slots of each expert, cycled to a rectangle; and replica counts
-        self.slot_table = torch.tensor([[r[i % len(r)] for i in range(widest)] for r in replicas], device=device)
-        self.num_replicas = torch.tensor([len(r) for r in replicas], device=device)
+        self.slot_table, self.num_replicas = (t.to(device) for t in replica_tables(placement))
         self.gloo = dist.get_backend(group) == "gloo"
 
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Dispatched:
         """hidden (tokens, H), expert_ids / weights (tokens, top_k) -> this rank's rows grouped by local slot."""
         num_tokens, top_k = expert_ids.shape
         flat = expert_ids.reshape(-1)  # (pairs,)
-        pick = torch.arange(flat.numel(), device=flat.device) % self.num_replicas[flat]
-        slot = self.slot_table[flat, pick]  # (pairs,) physical slot of each pair
+        slot = pick_slots(flat, self.slot_table, self.num_replicas, flat.numel())  # (pairs,) physical slot of each pair
         order = torch.argsort(slot, stable=True)
         slot = slot[order]
         send_counts = count_ids(slot // self.slots_per_rank, self.world)

@@ -27,11 +27,13 @@ class Dispatcher(Protocol):
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor: ...
 
 
-def count_ids(ids: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+def count_ids(
+    ids: torch.Tensor, n: int, weight: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """ids (m,) in [0, n) -> (n,) int64 occurrences (each counted `weight[i]` times when given),
-    on ids' device. Unlike torch.bincount on CUDA it never reads the ids back to the host, so a
-    step that uses it needs no sync and can be captured in a CUDA graph."""
-    counts = torch.zeros(n, dtype=torch.int64, device=ids.device)
+    on ids' device; added into `out` when given. Unlike torch.bincount on CUDA it never reads the
+    ids back to the host, so a step that uses it needs no sync and can be captured in a CUDA graph."""
+    counts = torch.zeros(n, dtype=torch.int64, device=ids.device) if out is None else out
     return counts.scatter_add_(0, ids.long(), torch.ones_like(ids, dtype=torch.int64) if weight is None else weight)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moecluster.router.experts.all_to_all import pick_slots, replica_tables
 from moecluster.router.experts.dispatch import Dispatched, count_ids
 from moecluster.router.experts.placement import ExpertPlacement
 
@@ -35,7 +36,7 @@ from moecluster.router.experts.placement import ExpertPlacement
 @dataclass(frozen=True)
 class _GatherHandle:
     order: torch.Tensor  # (world * T * top_k,) flat gathered pair index of each grouped row
-    weight: torch.Tensor  # (world * T * top_k,) fp32 routing weight of each grouped row, 0 where not this rank's
+    weight: torch.Tensor  # (world * T * top_k,) fp32 routing weight of each grouped row
     valid: torch.Tensor  # (world * T * top_k,) bool, grouped rows this rank computed
     num_tokens: int  # T, this rank's tokens
     top_k: int
@@ -57,10 +58,9 @@ class GatherDispatch:
         """Point at a new placement of the same shape, in place (captured graphs read these tensors)."""
         if (placement.num_ranks, placement.slots_per_rank) != (self.world, self.slots_per_rank):
             raise ValueError("a placement of another shape needs a new GatherDispatch")
-        widest = self.slot_table.shape[1]
-        table = [[r[i % len(r)] for i in range(widest)] for r in placement.log2phy]
-        self.slot_table.copy_(torch.tensor(table, dtype=torch.int64))
-        self.num_replicas.copy_(torch.tensor([len(r) for r in placement.log2phy], dtype=torch.int64))
+        table, counts = replica_tables(placement, self.slot_table.shape[1])
+        self.slot_table.copy_(table)
+        self.num_replicas.copy_(counts)
 
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Dispatched:
         """hidden (T, H), expert_ids / weights (T, top_k) -> this rank's pairs of the whole group's
@@ -70,14 +70,12 @@ class GatherDispatch:
         ids = self._gather(expert_ids.to(torch.int64))  # (world * T, top_k)
         w = self._gather(weights.float())  # (world * T, top_k)
         flat = ids.reshape(-1)  # (pairs,) pair p = gathered token p // top_k, choice p % top_k
-        pick = (torch.arange(flat.numel(), device=flat.device) % (num_tokens * top_k)) % self.num_replicas[flat]
-        slot = self.slot_table[flat, pick]  # (pairs,) the physical slot of each pair
+        slot = pick_slots(flat, self.slot_table, self.num_replicas, num_tokens * top_k)  # (pairs,) physical slots
         mine = slot // self.slots_per_rank == self.rank
-        local = torch.where(mine, slot % self.slots_per_rank, self.slots_per_rank)  # others sort last
+        local = torch.where(mine, slot % self.slots_per_rank, self.slots_per_rank)  # others: one bin past the end
         order = torch.argsort(local, stable=True)
-        counts = count_ids(torch.where(mine, local, 0), self.slots_per_rank, mine.long())
-        valid = mine[order]
-        handle = _GatherHandle(order, torch.where(valid, w.reshape(-1)[order], 0.0), valid, num_tokens, top_k)
+        counts = count_ids(local, self.slots_per_rank + 1)[:-1]
+        handle = _GatherHandle(order, w.reshape(-1)[order], mine[order], num_tokens, top_k)
         return Dispatched(tokens[order // top_k], counts, handle)
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:

@@ -46,7 +46,7 @@ from moecluster.router.experts.all_to_all import AllToAllDispatch
 from moecluster.router.experts.dispatch import LocalDispatch
 from moecluster.router.experts.gather_dispatch import GatherDispatch
 from moecluster.workers.engine.scheduler import ScheduledSeq
-from moecluster.workers.model.attention_metadata import AttentionMetadata
+from moecluster.workers.model.attention_metadata import AttentionMetadata, cache_slots
 from moecluster.workers.model.deepseek import DeepseekV3Model
 from moecluster.workers.model.moe import MoE
 
@@ -94,7 +94,8 @@ class DecodeGraphs:
         self._inputs = torch.zeros((5, n), dtype=torch.int64, device=device)
         self._tables = torch.full((n, width), scratch_block, dtype=torch.int32, device=device)
         self._rows = torch.arange(n, device=device)
-        self._copied: torch.cuda.Event | None = None  # the last host -> device copy (host buffers in use until done)
+        # the last host -> device copy: the host buffers are in use until it is done
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         # expert-parallel MoE layers: the sync-free dispatcher the graphs run with, per layer
@@ -135,8 +136,7 @@ class DecodeGraphs:
             return
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        warm = torch.cuda.Stream()
-        self._fill([], self.max_batch)
+        warm = torch.cuda.Stream()  # the inputs are all padding since __init__
         try:
             with self._sync_free_dispatch():
                 for size in reversed(self.sizes):
@@ -188,21 +188,20 @@ class DecodeGraphs:
     def _fill(self, scheduled: list[ScheduledSeq], size: int) -> None:
         """Write the batch (padded to `size`) into the host buffers and copy them to the device."""
         if self._copied is not None:
-            self._copied.synchronize()  # the previous copy has read the host buffers
+            self._copied.synchronize()  # the previous copy has read the host buffers (no-op before the first)
         host, tables = self._host.numpy(), self._host_tables.numpy()
         bs, n = self.block_size, len(scheduled)
         for i, s in enumerate(scheduled):
             seq = s.seq
             pos = seq.num_computed
             blocks = seq.table.block_ids
-            host[:, i] = (seq.token_ids[pos], pos, blocks[pos // bs] * bs + pos % bs, pos + 1, 1)
+            host[:, i] = (seq.token_ids[pos], pos, cache_slots(blocks, pos, pos + 1, bs)[0], pos + 1, 1)
             tables[i, : len(blocks)] = blocks
         host[:, n:size] = np.array([0, 0, self._scratch * bs, 1, 0])[:, None]
         tables[n:size, 0] = self._scratch
         self._inputs.copy_(self._host, non_blocking=True)
         self._tables[:size].copy_(self._host_tables[:size], non_blocking=True)
-        if self._inputs.is_cuda:
-            self._copied = torch.cuda.Event()
+        if self._copied is not None:
             self._copied.record()
 
     def _batch(self, size: int) -> tuple[torch.Tensor, AttentionMetadata]:

@@ -60,8 +60,7 @@ class EngineConfig(BaseModel):
     eplb_redundant_slots: int = Field(0, ge=0)
     eplb_interval_steps: int | None = Field(None, ge=1)
     # CUDA graphs of decode steps for batches up to this many sequences (capped at max_num_seqs;
-    # 0: every step runs eagerly). GPU only, and only where the MoE layers dispatch locally (an
-    # expert-parallel group of several ranks runs eagerly).
+    # 0: every step runs eagerly). GPU only; not on a prefill-only engine.
     cuda_graph_max_batch: int = Field(256, ge=0)
 
     def resolved_device(self) -> torch.device:

@@ -15,8 +15,9 @@ Events leave on `outbox`:
 Any queue with put / get(timeout) / get_nowait works.
 
 Lockstep: each rank schedules its step, then one all-reduce agrees on (largest batch, any work,
-stop, rebalance); when any rank has work all of them run the forward, a rank with nothing
-scheduled on an empty batch, so every MoE layer's all-to-all completes.
+stop, rebalance, some rank must run eagerly); when any rank has work all of them run the forward,
+a rank with nothing scheduled on an empty batch, so every MoE layer's collectives complete. When
+no rank must run eagerly, all replay the decode CUDA graph of the size that fits the largest batch.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _group_max(values: list[int], device: torch.device) -> list[int]:
     if dist.get_world_size() == 1:
         return values
     flags = torch.tensor(values, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; 4 ints either way
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; a few ints either way
     return flags.tolist()
 
 

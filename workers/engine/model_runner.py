@@ -20,7 +20,7 @@ from moecluster.workers.engine.cuda_graphs import DecodeGraphs
 from moecluster.workers.engine.sampler import SamplerOutput, SamplingBatch, sample
 from moecluster.workers.engine.scheduler import ScheduledSeq, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence
-from moecluster.workers.model.attention_metadata import AttentionMetadata
+from moecluster.workers.model.attention_metadata import AttentionMetadata, cache_slots
 from moecluster.workers.model.deepseek import DeepseekV3Model
 
 
@@ -43,7 +43,7 @@ class ModelRunner:
             blocks = seq.table.block_ids
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            slots += cache_slots(blocks, start, end, bs)
         meta = AttentionMetadata.build(
             positions=positions,
             slot_mapping=slots,

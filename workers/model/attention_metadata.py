@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 
 
+def cache_slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The paged-cache slots (block * block_size + offset) of a sequence's positions start..end-1."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 @dataclass(frozen=True)
 class AttentionMetadata:
     positions: torch.Tensor  # (tokens,) int64, position of each new token in its sequence

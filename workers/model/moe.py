@@ -175,7 +175,7 @@ class MoE(nn.Module):
         else:
             weights, ids = select_experts(logits, self.e_score_correction_bias, c)
         per_choice = None if token_mask is None else token_mask.long()[:, None].expand_as(ids).reshape(-1)
-        self.expert_counts += count_ids(ids.reshape(-1), self.expert_counts.shape[0], per_choice)
+        count_ids(ids.reshape(-1), self.expert_counts.shape[0], per_choice, out=self.expert_counts)
         dispatched = self.dispatcher.dispatch(x, ids, weights)
         out = self.dispatcher.combine(self.experts(dispatched.tokens, dispatched.tokens_per_expert), dispatched)
         if self.shared_experts is not None:
