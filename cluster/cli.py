@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 PLANNED: dict[str, str] = {}
-BENCH_PLANNED: dict[str, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,10 +401,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", type=Path, default=Path("bench-router.json"), help="JSON result file")
     r.set_defaults(func=_bench_router)
     _add_bench_serve(targets)
-    for name, what in BENCH_PLANNED.items():
-        targets.add_parser(name, help=f"not implemented yet: needs {what}").set_defaults(
-            func=_planned(f"bench {name}", what)
-        )
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:

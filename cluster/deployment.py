@@ -247,7 +247,6 @@ class Deployment:
             self.metrics.count("moecluster_kv_transfers_total", 1, {**self.tags, "outcome": outcome})
             with self._lock:
                 self._transfers[outcome] = self._transfers.get(outcome, 0) + 1
-            with self._lock:
                 owner = self._owner.get(inner_id)
             if owner is not None:
                 log_event(owner[0].request_id, "kv_taken", inner_id=inner_id, replica=replica.name, rank=rank,
@@ -442,9 +441,7 @@ class Deployment:
 
     def step_profiles(self, clear: bool = False) -> dict[str, list[dict[str, Any]]]:
         """Per replica, each rank's per-phase step times over its recent steps."""
-        return {f"{pool.name}-{i}": r.step_profiles(clear)
-                for pool in self.pools.values() for i, r in enumerate(pool.replicas)
-                if r is not None and i not in pool.retired}
+        return {name: profile for pool in self.pools.values() for name, profile in pool.step_profiles(clear).items()}
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -35,7 +35,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from moecluster.workers.transfer.kv_transfer import KVTicket, TransferError, gather_blocks, scatter_blocks
+from moecluster.workers.transfer.kv_transfer import KVTicket, TransferError, gather_blocks, payload_dtype, scatter_blocks
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ class P2PTransfer:
             raise TransferError(f"no pair group {pair} on this rank")
         if staged is None:
             device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
-            group.send([torch.zeros(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)], 1,
-                       tag).wait()
+            group.send([torch.zeros(shape, dtype=payload_dtype(dtype), device=device)], 1, tag).wait()
             return False
         payload = gather_blocks(*staged).contiguous()  # (layers, n, block_size, latent_dim)
         group.send([payload], 1, tag).wait()  # NCCL: the stream keeps the payload alive until sent
@@ -122,8 +121,7 @@ class P2PTransfer:
         deadline = time.monotonic() + self.receive_timeout_s
         try:
             group = self._groups.get(pair) or self._open(actor, pair)
-            payload = torch.empty(ticket.shape, dtype=getattr(torch, ticket.dtype.removeprefix("torch.")),
-                                  device=caches[0].device)
+            payload = torch.empty(ticket.shape, dtype=payload_dtype(ticket.dtype), device=caches[0].device)
             tag = next(self._tags)
             # Ask first, then post: NCCL sets a pair's communicator up at its first send / recv,
             # blocking until both sides are in it.

@@ -96,6 +96,11 @@ class Pool:
             for i, r in enumerate(self.replicas) if i not in self.retired
         ]
 
+    def step_profiles(self, clear: bool = False) -> dict[str, list[dict[str, Any]]]:
+        """Per live replica (named as in `status`), each rank's per-phase step times."""
+        return {f"{self.name}-{i}": r.step_profiles(clear)
+                for i, r in enumerate(self.replicas) if r is not None and i not in self.retired}
+
     def shutdown(self) -> None:
         for r in self.replicas:
             if r is not None:

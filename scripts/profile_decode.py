@@ -27,6 +27,7 @@ def main() -> None:
     args = p.parse_args()
 
     from moecluster.cluster.bench.slice_model import make_slice
+    from moecluster.cluster.stats import percentile
     from moecluster.workers.engine.engine_config import EngineConfig, build_engine
     from moecluster.workers.engine.sampling_params import SamplingParams
 
@@ -44,7 +45,7 @@ def main() -> None:
         core.step()
     for _ in range(5):  # warm
         core.step()
-    phases: dict[str, list[float]] = {k: [] for k in ("schedule", "prepare", "forward", "logits_sample", "outputs", "step")}
+    phases: dict[str, list[float]] = {k: [] for k in ("schedule", "prepare", "forward", "step")}
     runner = core.runner
     for _ in range(args.steps):
         torch.cuda.synchronize()
@@ -66,8 +67,7 @@ def main() -> None:
         phases["step"].append(t4 - t3)
         del hidden
     for k, v in phases.items():
-        if v:
-            print(f"{k:>14}: p50 {sorted(v)[len(v) // 2] * 1e3:8.2f} ms")
+        print(f"{k:>14}: p50 {percentile(v, 0.5) * 1e3:8.2f} ms")
     core.timer.clear()
     for _ in range(args.steps):
         core.step()

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from moecluster.cluster.stats import percentile
+
 SCORES_BUDGET = 2 << 30  # bytes of eager attention scores per prefill micro-batch
 
 
@@ -99,7 +101,7 @@ def decode_baseline(
         cache = out.past_key_values
         sync()
         step_ms.append((time.perf_counter() - t0) * 1e3)
-    median = sorted(step_ms)[len(step_ms) // 2]
+    median = percentile(step_ms, 0.5)
     result = {
         "implementation": f"transformers {_version()} DeepseekV3ForCausalLM, eager attention"
                           + (", eager experts" if hasattr(cfg, "_experts_implementation") else ""),

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from moecluster.cluster.stats import percentile
 from moecluster.workers.config import ModelConfig
+from moecluster.workers.engine.kv_cache import bytes_per_block
 
 ATTENTION_WEIGHTS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")
 
@@ -26,6 +28,13 @@ ATTENTION_WEIGHTS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_
 def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.buffers()) + sum(
         p.numel() * p.element_size() for p in module.parameters())
+
+
+def _moe_bytes(moe: torch.nn.Module) -> tuple[int, float]:
+    """An MoE layer's bytes read whatever the batch (router weights in fp32, shared experts) and
+    one routed expert's bytes, as stored."""
+    fixed = moe.gate_weight.numel() * 4 + (_bytes(moe.shared_experts) if moe.shared_experts is not None else 0)
+    return fixed, _bytes(moe.experts) / max(1, len(moe.experts.expert_ids))
 
 
 def layer_bytes(cfg: ModelConfig, dtype: torch.dtype, local_experts: int) -> dict[str, float]:
@@ -43,9 +52,8 @@ def layer_bytes(cfg: ModelConfig, dtype: torch.dtype, local_experts: int) -> dic
         attention += attn.w_uk.numel() * attn.w_uk.element_size() + attn.w_uv.numel() * attn.w_uv.element_size()
         attention += _bytes(attn.q_a_layernorm) if hasattr(attn, "q_a_layernorm") else 0
         if isinstance(layer.mlp, MoE):
-            dense += layer.mlp.gate_weight.numel() * 4
-            dense += _bytes(layer.mlp.shared_experts) if layer.mlp.shared_experts is not None else 0
-            expert = _bytes(layer.mlp.experts) / max(1, local_experts)
+            fixed, expert = _moe_bytes(layer.mlp)
+            dense += fixed
         else:
             dense += _bytes(layer.mlp)
     head = _bytes(model.lm_head)
@@ -59,14 +67,15 @@ def expected_experts_hit(num_experts: int, top_k: int, tokens: int) -> float:
 
 def decode_step_roofline(
     cfg: ModelConfig, dtype: torch.dtype, concurrency: int, context: int, ep: int, copy_gbs: float,
+    parts: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Per-rank bytes of one decode step and the time reading them at `copy_gbs` takes."""
-    local = cfg.n_routed_experts // ep
-    parts = layer_bytes(cfg, dtype, local)
+    """Per-rank bytes of one decode step and the time reading them at `copy_gbs` takes (`parts`:
+    `layer_bytes(cfg, dtype, n_routed_experts // ep)`, when the caller has it already)."""
+    parts = parts or layer_bytes(cfg, dtype, cfg.n_routed_experts // ep)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     hit = expected_experts_hit(cfg.n_routed_experts, cfg.num_experts_per_tok, concurrency) / ep
     seqs = -(-concurrency // ep)
-    kv = seqs * context * cfg.latent_dim * torch.finfo(dtype).bits // 8 * cfg.num_hidden_layers
+    kv = seqs * context * bytes_per_block(cfg, 1, dtype)  # every layer's latent rows
     experts = hit * parts["per_expert"] * moe_layers
     total = parts["attention"] + parts["dense_and_shared"] + parts["lm_head"] + experts + kv
     return {
@@ -100,7 +109,7 @@ def _time_ms(fn, device: torch.device, warmup: int = 3, iters: int = 20) -> floa
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return percentile(times, 0.5)
 
 
 @torch.no_grad()
@@ -119,7 +128,7 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
     with torch.device(device):
         moe = MoE(cfg, f"model.layers.{layer}.mlp", dtype)
     fill_random(moe.slots(), seed)
-    per_expert = _bytes(moe.experts) / cfg.n_routed_experts  # as stored (the kernel layouts are the same size)
+    fixed, per_expert = _moe_bytes(moe)  # as stored (the kernel layouts are the same size)
     if device.type == "cuda":
         prepare_gpu(moe, dtype)  # what the engine does to a loaded model
     x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator(device).manual_seed(seed), device=device,
@@ -133,7 +142,6 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
         with torch.cuda.graph(graph):
             moe(x)
         ms = _time_ms(graph.replay, device, warmup=3, iters=20)
-    fixed = moe.gate_weight.numel() * 4 + (_bytes(moe.shared_experts) if moe.shared_experts is not None else 0)
     total = fixed + hit * per_expert + 2 * x.numel() * x.element_size()
     roofline_ms = total / (copy_gbs * 1e9) * 1e3
     return {"tokens": tokens, "experts_hit": hit, "bytes": total, "ms": ms, "eager_ms": eager_ms,

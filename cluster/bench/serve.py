@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moecluster.cluster.bench import write_json
 from moecluster.cluster.bench.serve_load import LoadLevel, RequestRecord, run_level
 from moecluster.cluster.stats import percentile
 
@@ -84,7 +85,7 @@ def summarize_level(records: list[RequestRecord], start: float, end: float, gpus
     ok = [r for r in records if r.error is None and r.token_times]
     ttft = [(r.token_times[0] - r.sent) * 1e3 for r in ok]
     itl = [(b - a) * 1e3 for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
-    steps = [(b - a) * 1e3 for r in ok for a, b in zip(r.token_times, r.token_times[1:]) if b > a]
+    steps = [x for x in itl if x > 0]  # tokens read together (a 0 gap) are not a step apart
     out_tokens = sum(len(r.token_times) for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
     wall = max(end - start, 1e-9)
@@ -228,15 +229,16 @@ def _wait_gpu_released(device: Any, timeout_s: float = 120.0) -> None:
 def _rooflines(cfg: ServeBenchConfig, mcfg: Any, dtype: Any, device: Any, result: ServeBenchResult) -> None:
     import torch
 
-    from moecluster.cluster.bench.roofline import copy_bandwidth_gbs, decode_step_roofline, moe_layer_step
+    from moecluster.cluster.bench.roofline import copy_bandwidth_gbs, decode_step_roofline, layer_bytes, moe_layer_step
 
     result.copy_gbs = copy_bandwidth_gbs(device)
+    parts = layer_bytes(mcfg, dtype, mcfg.n_routed_experts // cfg.ep)  # the same for every level
     for row in result.levels:
         if row["kind"] != "serve":
             continue
         context = row["input_len"] + row["output_len"] // 2  # the mean context over a request's decode
         per_replica = -(-row["concurrency"] // cfg.replicas)  # the router spreads streams over the replicas
-        roof = decode_step_roofline(mcfg, dtype, per_replica, context, cfg.ep, result.copy_gbs)
+        roof = decode_step_roofline(mcfg, dtype, per_replica, context, cfg.ep, result.copy_gbs, parts)
         row["roofline_step_ms"] = roof["roofline_ms"]
         row["roofline_bytes"] = roof["bytes"]
         row["step_vs_roofline"] = row["step_ms_p50"] / roof["roofline_ms"] if row["step_ms_p50"] else None
@@ -347,8 +349,7 @@ def _f(value: float | None, spec: str) -> str:
 def main(cfg: ServeBenchConfig, out: Path | None, png: Path | None = None) -> ServeBenchResult:
     def save(result: ServeBenchResult) -> None:
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(asdict(result), indent=2, default=str))
+            write_json(out, asdict(result))
 
     result = run(cfg, save)
     print_tables(result)

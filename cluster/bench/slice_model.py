@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from moecluster.cluster.plan.presets import PRESETS
-from moecluster.workers.checkpoint.tiny_tokenizer import write_tiny_tokenizer
+from moecluster.workers.checkpoint.tiny_tokenizer import special_token_ids, write_generation_config, write_tiny_tokenizer
 from moecluster.workers.config import ModelConfig
 
 TRAINED_VOCAB = 2048  # the BPE part of the tokenizer; the rest of the vocabulary is fillers
-ARCH_OF = {"deepseek-v3": "deepseek-v3", "kimi-k2": "kimi-k2", "kimi-k2-thinking": "kimi-k2"}
 
 
 def slice_config(preset: str, layers: int, dense_layers: int = 1) -> dict[str, Any]:
@@ -37,7 +36,7 @@ def slice_config(preset: str, layers: int, dense_layers: int = 1) -> dict[str, A
     if layers > full["num_hidden_layers"]:
         raise ValueError(f"{preset} has {full['num_hidden_layers']} layers; a slice of {layers} is not a slice")
     raw = {**full, "num_hidden_layers": layers, "first_k_dense_replace": dense_layers, "num_nextn_predict_layers": 0,
-           "architectures": ["DeepseekV3ForCausalLM"], "hidden_act": "silu", "attention_bias": False,
+           "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False,
            "initializer_range": 0.02, "use_cache": True}
     ModelConfig.from_hf(raw)  # only write what the loader accepts
     return raw
@@ -48,16 +47,12 @@ def make_slice(out_dir: str | Path, preset: str = "deepseek-v3", layers: int = 4
     out = Path(out_dir)
     raw = slice_config(preset, layers, dense_layers)
     out.mkdir(parents=True, exist_ok=True)
-    write_tiny_tokenizer(out, ARCH_OF[preset], TRAINED_VOCAB, model_max_length=raw["max_position_embeddings"])
-    pad_tokenizer(out / "tokenizer.json", raw["vocab_size"])
-    tok = json.loads((out / "tokenizer.json").read_text())
-    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
-    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    raw["bos_token_id"] = ids[_text(tok_cfg["bos_token"])]
-    raw["eos_token_id"] = ids[_text(tok_cfg["eos_token"])]
+    arch = raw["model_type"].replace("_", "-")  # deepseek-v3 or kimi-k2 (K2-Thinking's too)
+    write_tiny_tokenizer(out, arch, TRAINED_VOCAB, model_max_length=raw["max_position_embeddings"])
+    pad_tokenizer(out / "tokenizer.json", raw["vocab_size"])  # moves the special tokens: read their ids after
+    raw["bos_token_id"], raw["eos_token_id"] = special_token_ids(out)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    gen = {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"], "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_generation_config(out, raw["bos_token_id"], raw["eos_token_id"])
     return out
 
 
@@ -85,7 +80,3 @@ def pad_tokenizer(path: Path, vocab_size: int) -> None:
             raise ValueError(f"{path}: filler token {token!r} collides with a trained token")
         vocab[token] = i
     path.write_text(json.dumps(tok, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _text(entry: str | dict) -> str:
-    return entry["content"] if isinstance(entry, dict) else entry

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from moecluster.workers.checkpoint.tiny_tokenizer import write_tiny_tokenizer
+from moecluster.workers.checkpoint.tiny_tokenizer import special_token_ids, write_generation_config, write_tiny_tokenizer
 from moecluster.workers.config import ModelConfig
 from moecluster.workers.quant import quantize_fp8_block, quantize_int4_group
 from moecluster.workers.quant.published import DEEPSEEK_FP8, KIMI_K2_THINKING_INT4
@@ -116,22 +116,14 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_tiny_tokenizer(out, spec.arch, spec.vocab_size)
-    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
-    tok = json.loads((out / "tokenizer.json").read_text())
-    ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    bos, eos = ids[_token_text(tok_cfg["bos_token"])], ids[_token_text(tok_cfg["eos_token"])]
+    bos, eos = special_token_ids(out)
     raw = tiny_config(spec, vocab, bos, eos)
     cfg = ModelConfig.from_hf(raw)  # the writer only emits what the loader accepts
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    gen = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_generation_config(out, bos, eos)
     tensors = _random_weights(cfg, spec)
     _write_shards(out, tensors, cfg.num_hidden_layers)
     return out
-
-
-def _token_text(entry: str | dict) -> str:
-    return entry["content"] if isinstance(entry, dict) else entry
 
 
 def _random_weights(cfg: ModelConfig, spec: TinySpec) -> dict[str, torch.Tensor]:

@@ -253,6 +253,24 @@ def write_tiny_tokenizer(
     return tokenizer.get_vocab_size(with_added_tokens=True)
 
 
+def special_token_ids(out_dir: Path) -> tuple[int, int]:
+    """(bos, eos) ids of the tokenizer in out_dir, from its tokenizer_config.json's names and
+    tokenizer.json's added tokens."""
+    tok = json.loads((out_dir / "tokenizer.json").read_text())
+    tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    return ids[_token_text(tok_cfg["bos_token"])], ids[_token_text(tok_cfg["eos_token"])]
+
+
+def write_generation_config(out_dir: Path, bos: int, eos: int) -> None:
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _token_text(entry: str | dict) -> str:
+    return entry["content"] if isinstance(entry, dict) else entry
+
+
 def _arch_tokens(arch: str) -> ArchTokens:
     try:
         return ARCH_TOKENS[arch]

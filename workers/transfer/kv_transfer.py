@@ -63,7 +63,8 @@ def scatter_blocks(payload: torch.Tensor, caches: list[torch.Tensor], blocks: li
         cache.index_copy_(0, index, payload[layer].to(device=cache.device, dtype=cache.dtype))
 
 
-def _dtype(name: str) -> torch.dtype:
+def payload_dtype(name: str) -> torch.dtype:
+    """A ticket's dtype name (`str(torch.bfloat16)`) back to the dtype."""
     return getattr(torch, name.removeprefix("torch."))
 
 
@@ -114,7 +115,7 @@ class SharedMemoryTransfer:
             if segment.size < nbytes:
                 raise TransferError(f"segment {ticket.key} holds {segment.size} bytes, expected {nbytes}")
             raw = torch.frombuffer(segment.buf, dtype=torch.uint8, count=nbytes).clone()
-            scatter_blocks(raw.view(_dtype(ticket.dtype)).reshape(ticket.shape), caches, blocks, ticket)
+            scatter_blocks(raw.view(payload_dtype(ticket.dtype)).reshape(ticket.shape), caches, blocks, ticket)
         finally:
             segment.close()
 
@@ -159,7 +160,7 @@ class DistributedTransfer:
         return ticket
 
     def receive(self, ticket: KVTicket, caches: list[torch.Tensor], blocks: list[int]) -> None:
-        payload = torch.empty(ticket.shape, dtype=_dtype(ticket.dtype), device=caches[0].device)
+        payload = torch.empty(ticket.shape, dtype=payload_dtype(ticket.dtype), device=caches[0].device)
         try:
             dist.recv(payload, src=ticket.detail["src"], group=self.group, tag=ticket.detail["tag"])
         except RuntimeError as e:
