@@ -62,6 +62,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from moecluster.kernels.jit import jit
 from moecluster.kernels.moe_weights import (
     _FLOAT_DTYPES,
     _MIN_DOT,
@@ -83,17 +84,6 @@ try:
 except ImportError:  # CPU-only installs: the torch references are the whole implementation
     triton = None
     tl = None
-
-
-def _jit(fn=None, *, do_not_specialize: tuple[str, ...] = ()):  # noqa: ANN001, ANN202
-    """triton.jit; integer arguments named in do_not_specialize vary call to call (row counts):
-    Triton would otherwise compile a variant for each value that is 1 or a multiple of 16,
-    seconds of compile in the middle of serving."""
-    if fn is None:
-        return lambda f: _jit(f, do_not_specialize=do_not_specialize)
-    if triton is None:
-        return fn
-    return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(fn)
 
 
 # INT4 with 16-bit activations: (bits OR-ed into the nibble, bias subtracted), see `_dequant`.
@@ -167,7 +157,7 @@ def _fp32_tiles(t: TileConfig, int4: bool) -> TileConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _mma(a, b, acc, IEEE: tl.constexpr):
     if IEEE:  # fp32 activations: exact fp32 products, not TF32
         acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -176,7 +166,7 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
     return acc
 
 
-@_jit
+@jit
 def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr):
     """Nibble s of each word (SUB_K, BLOCK_N) times the (BLOCK_N,) scale row -> dtype.
 
@@ -194,7 +184,7 @@ def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.
     return w
 
 
-@_jit(do_not_specialize=("n_rows",))
+@jit(do_not_specialize=("n_rows",))
 def _moe_gemm_kernel(
     a_ptr,  # (a_rows, K) activations; row r of the grouped batch is a[src[r]] when GATHER
     src_ptr,  # (n_rows,) int, read only when GATHER
@@ -335,7 +325,7 @@ def _moe_gemm_kernel(
     tl.store(c_ptrs, res.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@_jit
+@jit
 def _combine_kernel(
     y_ptr,  # (T*k, H) expert outputs, grouped order
     slot_row_ptr,  # (T*k,) int: row of y holding token t's slot j, at t*k + j

@@ -405,6 +405,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.cache
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -516,7 +521,8 @@ def mla_decode(
         out = q.new_empty((batch, num_heads, kv_lora_rank))
     if batch == 0 or num_heads == 0:
         return out
-    if not (q.is_cuda or _interpreting()):
+    interpreting = _interpreting()
+    if not (q.is_cuda or interpreting):
         out.copy_(mla_decode_reference(q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank))
         return out
 
@@ -532,8 +538,9 @@ def mla_decode(
         resident = _programs_per_sm(block_h, block_n, num_warps, num_stages, row_bytes)
         num_splits = choose_num_splits(batch, num_heads, max_seq_len, _sm_count(q.device), block_h, block_n, resident)
 
-    stage1, stage2 = _jitted(_interpreting())
+    stage1, stage2 = _jitted(interpreting)
     block_c, block_r = _next_pow2(kv_lora_rank), max(16, _next_pow2(rope_dim))
+    tile_in_page = page_size % block_n == 0
     consts = dict(
         KV_LORA=kv_lora_rank,
         ROPE=rope_dim,
@@ -544,8 +551,8 @@ def mla_decode(
         BLOCK_N=block_n,
         WRITE_LSE=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        TILE_IN_PAGE=page_size % block_n == 0,
-        PREFETCH_L2=_can_prefetch_l2(kv_cache, block_n),
+        TILE_IN_PAGE=tile_in_page,
+        PREFETCH_L2=tile_in_page and not interpreting and _can_prefetch_l2(kv_cache),
         PREFETCH_BYTES=block_n * kv_cache.stride(1) * kv_cache.element_size(),
     )
     grid1 = (-(-num_heads // block_h), num_splits, batch)
@@ -571,16 +578,17 @@ def mla_decode(
     return out
 
 
-def _can_prefetch_l2(kv_cache: torch.Tensor, block_n: int) -> bool:
-    """Whether stage 1 may bulk-prefetch its next tile into L2: a compiled kernel (the interpreter
-    runs no PTX) on sm_90 or newer, tiles inside a page, rows packed (a tile is one contiguous
+def _can_prefetch_l2(kv_cache: torch.Tensor) -> bool:
+    """Whether stage 1, compiled (the interpreter runs no PTX) with tiles inside a page, may
+    bulk-prefetch its next tile into L2: sm_90 or newer, rows packed (a tile is one contiguous
     span) and every tile's first row and byte count 16-byte aligned, as cp.async.bulk.prefetch
     requires."""
-    if not kv_cache.is_cuda or _interpreting() or kv_cache.shape[1] % block_n:
+    if not kv_cache.is_cuda:
         return False
     if kv_cache.stride(2) != 1 or kv_cache.stride(1) != kv_cache.shape[2]:
         return False
-    if torch.cuda.get_device_capability(kv_cache.device)[0] < 9:
+    index = kv_cache.device.index if kv_cache.device.index is not None else torch.cuda.current_device()
+    if _cuda_major(index) < 9:
         return False
     elt = kv_cache.element_size()
     return kv_cache.data_ptr() % 16 == 0 and all((st * elt) % 16 == 0 for st in kv_cache.stride()[:2])

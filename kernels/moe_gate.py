@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from moecluster.kernels.jit import jit
+
 try:
     import triton
     import triton.language as tl
@@ -21,11 +23,7 @@ except ImportError:  # CPU-only installs: the reference is the whole implementat
     tl = None
 
 
-def _jit(fn):  # noqa: ANN001, ANN202
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@jit
 def _gate_kernel(
     logits_ptr,  # (tokens, E) any float
     bias_ptr,  # (E,) float

@@ -21,9 +21,9 @@ from collections.abc import Iterable
 import torch
 
 from moecluster.workers.model.weights import Slot
+from moecluster.workers.quant.fp8 import FP8_DTYPE, FP8_E4M3_MAX
 
 INT4_STD = math.sqrt(((16**2) - 1) / 12)  # a nibble uniform over 16 values (-8..7): its std
-FP8_MAX = 448.0
 
 
 def _generator(name: str, seed: int, device: torch.device) -> torch.Generator:
@@ -51,9 +51,9 @@ def fill_random(slots: Iterable[Slot], seed: int = 0) -> int:
             target.fill_(1.0 / (INT4_STD * math.sqrt(in_features)))
         elif name.endswith(".weight_scale_inv"):  # FP8 block scales
             target.fill_(1.0 / math.sqrt(in_features))
-        elif target.dtype == torch.float8_e4m3fn:  # unit normal e4m3; the block scale sets the size
+        elif target.dtype == FP8_DTYPE:  # unit normal e4m3; the block scale sets the size
             for row in target.view(-1, target.shape[-1]).split(4096):
-                row.copy_(torch.randn(row.shape, generator=g, device=row.device).clamp_(-FP8_MAX, FP8_MAX))
+                row.copy_(torch.randn(row.shape, generator=g, device=row.device).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX))
             in_features = target.shape[-1]
         elif not target.is_floating_point():
             raise TypeError(f"slot {name}: no random initialisation for dtype {target.dtype}")

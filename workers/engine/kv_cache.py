@@ -34,7 +34,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype, context:
     h, k = cfg.hidden_size, cfg.num_experts_per_tok
     moe = k * (h * (3 * b + 4) + cfg.moe_intermediate_size * b) if cfg.n_routed_experts else 0
     dense = 3 * cfg.intermediate_size * b
-    attention = cfg.num_attention_heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * b
+    attention = cfg.num_attention_heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * b  # per token, all heads
     per_token = max(moe, dense) + attention + 4 * h * b
-    per_context = cfg.num_attention_heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * b + cfg.latent_dim * b
+    per_context = attention + cfg.latent_dim * b
     return int(1.25 * (tokens * per_token + max(context, tokens) * per_context))

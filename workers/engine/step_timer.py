@@ -27,7 +27,7 @@ class StepTimer:
         out = {}
         for phase, values in list(self._phases.items()):
             v = sorted(values)
-            if v:
+            if v:  # a snapshot from another thread can see a phase's deque before its first value
                 out[phase] = {"p50_ms": v[len(v) // 2] * 1e3, "mean_ms": sum(v) / len(v) * 1e3, "n": len(v)}
         return out
 

@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, meta.token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + self.mlp(h, meta.token_mask)
 
 
 class DeepseekV3Model(nn.Module):

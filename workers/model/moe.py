@@ -34,7 +34,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(h, intermediate, scheme_for(cfg.quant, f"{prefix}.up_proj"), dtype)
         self.down_proj = Linear(intermediate, h, scheme_for(cfg.quant, f"{prefix}.down_proj"), dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (tokens, H) -> (tokens, H); token_mask is the MoE layer's (nothing to count here)."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def slots(self) -> Iterator[Slot]:
@@ -143,6 +144,7 @@ class MoE(nn.Module):
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
         )
+        self._fused_gate = fusable(cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)
         # The router stays in float32: its logits decide discrete choices.
         self.gate_weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
@@ -169,7 +171,7 @@ class MoE(nn.Module):
         batch padded to its captured size): they run, but EPLB does not count their choices."""
         logits = F.linear(x.float(), self.gate_weight)  # (tokens, experts)
         c = self.gate_cfg
-        if logits.is_cuda and fusable(c.num_experts, c.top_k, c.n_group, c.topk_group):  # the fused gate on GPUs
+        if logits.is_cuda and self._fused_gate:  # the fused gate kernel on GPUs
             weights, ids = fused_select_experts(logits, self.e_score_correction_bias, c.num_experts, c.top_k, c.n_group,
                                                 c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
         else:

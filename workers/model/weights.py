@@ -57,6 +57,7 @@ class QuantWeight(nn.Module):
         super().__init__()
         self.out_features, self.in_features, self.lead = out_features, in_features, lead
         self.scheme = scheme
+        self._dropped: str | None = None  # why the stored form was freed (drop_payload)
         shape = (*lead, out_features, in_features)
         if scheme is None:
             self.register_buffer("weight", torch.empty(shape, dtype=dtype))
@@ -99,7 +100,7 @@ class QuantWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
         """The dense (out, in) weight (or the whole stack when index is None) in dtype."""
-        if getattr(self, "_dropped", None):
+        if self._dropped:
             raise RuntimeError(f"this weight's stored form was freed ({self._dropped})")
         pick = (lambda t: t) if index is None else (lambda t: t[index])
         if self.scheme is None:
