@@ -16,12 +16,15 @@ def drive(
     timeout: float = 240.0,
 ) -> dict[str, dict[int, list[int]]]:
     """Submit every request, then gather deltas until all finish. `during(tokens_so_far)` is called
-    after each delta (to inject a failure); it returns True once it has acted."""
+    once after the last submit (with 0) and after each delta (to inject a failure); it returns True
+    once it has acted."""
     deltas: queue.SimpleQueue = queue.SimpleQueue()
     got: dict[str, dict[int, list[int]]] = {rid: {} for rid in requests}
     for rid, (prompt, params) in requests.items():
         dep.submit(rid, prompt, params, deltas.put)
     finished, total, acted = 0, 0, during is None
+    if not acted:
+        acted = during(0)
     deadline = time.time() + timeout
     while finished < len(requests):
         d = deltas.get(timeout=max(1.0, deadline - time.time()))
