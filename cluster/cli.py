@@ -388,7 +388,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--out", type=Path, default=Path("bench-a2a.json"), help="JSON result file")
     a.set_defaults(func=_bench_a2a)
     k = targets.add_parser("kernels", help="GPU: MLA decode and fused MoE against copy bandwidth, SGLang, _grouped_mm")
-    k.add_argument("--only", choices=["mla", "moe"], action="append", help="one part (repeatable; default both)")
+    k.add_argument("--only", choices=["mla", "moe", "linear"], action="append",
+                   help="one part (repeatable; default all)")
     k.add_argument("--quick", action="store_true", help="one shape per part (a smoke run)")
     k.add_argument("--out", type=Path, default=Path("bench-kernels.json"), help="JSON result file")
     k.set_defaults(func=_bench_kernels)
@@ -406,10 +407,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _bench_kernels(args: argparse.Namespace) -> int:
     from moecluster.cluster.bench.kernels import KernelBenchConfig, main as bench
 
-    cfg = KernelBenchConfig(only=tuple(args.only or ("mla", "moe")))
+    cfg = KernelBenchConfig(only=tuple(args.only or ("mla", "moe", "linear")))
     if args.quick:
         cfg = KernelBenchConfig(mla_batches=(8,), mla_contexts=(1024,), mla_heads=(128,), moe_tokens_per_expert=(8,),
-                                moe_experts=4, only=cfg.only)
+                                moe_experts=4, linear_rows=(16, 1024), only=cfg.only)
     bench(cfg, args.out)
     return 0
 

@@ -8,13 +8,19 @@ then expert 1's, ...; a count may be 0), every step on the device and with no ho
      x @ gate^T and x @ up^T in two fp32 accumulators and writes silu(g) * u   -> h (rows, I)
   2. down kernel (the same kernel, not gated): h @ down^T                       -> out (rows, H)
 
-Programs are a 2-D grid (m-block, n-block). The m-block axis is sized from an upper bound of the
-number of per-expert row blocks, `(rows + min(E, rows) * (BLOCK_M - 1)) // BLOCK_M`, so the grid
-never needs the counts on the host (each kernel has its own BLOCK_M; no block table is built). Each program loads the E counts (a few hundred bytes, from
-L2), takes the cumsum of per-expert block counts in registers and finds its expert and its row
-range; programs past the last block exit at once. Rows past the expert's end are masked, so a
-block never mixes experts. Axis 0 (fastest launched) is the m-block, so programs running at the
-same time read the same weight columns of an expert with many row blocks (prefill), through L2.
+Programs cover (m-block, n-block) pairs. The m-block count is an upper bound of the number of
+per-expert row blocks, `(rows + min(E, rows) * (BLOCK_M - 1)) // BLOCK_M`, so the grid never
+needs the counts on the host (each kernel has its own BLOCK_M; no block table is built). Each
+program loads the E counts (a few hundred bytes, from L2), takes the cumsum of per-expert block
+counts in registers and finds its expert and its row range; programs past the last block exit at
+once. Rows past the expert's end are masked, so a block never mixes experts.
+
+Launch order (`TileConfig.group_m`): with 0 the m-block runs fastest over ALL m-blocks, so the
+programs running at the same time share one weight tile and each activation row is read from HBM
+once per n-block (fine for decode: a few rows per expert). With group_m = G the programs walk G
+m-blocks x every n-block before the next G m-blocks, so the activations of G blocks and the
+weights of the experts they belong to stay in L2 (prefill: without it, at 512 rows per expert the
+activations were re-read once per n-block, about twice the weight bytes).
 
 Weights, the "logical" shapes follow the checkpoint (nn.Linear: (out, in) per expert):
 
@@ -60,8 +66,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from moecluster.kernels.fp8_quant import quantize_fp8_groups
+from moecluster.kernels.fused_moe_ref import (
+    expert_weights_dense,
+    fp8_round_trip,
+    fused_moe_reference,
+    grouped_mlp_reference,
+)
 from moecluster.kernels.jit import jit
 from moecluster.kernels.moe_weights import (
     _FLOAT_DTYPES,
@@ -108,10 +120,11 @@ class TileConfig:
     block_k: int | None
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 0  # launch order (module docstring): 0 = m-blocks fastest, else groups of group_m
 
 
 def default_tiles(
-    rows: int, weights: ExpertWeights, dtype: torch.dtype = torch.bfloat16
+    rows: int, weights: ExpertWeights, dtype: torch.dtype = torch.bfloat16, *, fp8_activations: bool = False
 ) -> tuple[TileConfig, TileConfig]:
     """(gate_up tiles, down tiles) for `rows` grouped rows, from the mean rows per expert.
 
@@ -122,6 +135,8 @@ def default_tiles(
     to fit shared memory. Worth re-tuning per GPU, expert count and skew.
     """
     mean = rows / max(weights.num_experts, 1)
+    if fp8_activations:  # W8A8: one e4m3 dot per 128-deep scale block (half the bytes of a bf16 tile)
+        return w8a8_tiles(mean)
     if isinstance(weights, Int4Experts):
         kb = weights.gate.k_block
         # two packed blocks per K step where both K's allow it (H = 7168 and I = 2048 do)
@@ -133,7 +148,7 @@ def default_tiles(
         elif mean <= 128:
             gu, dn = TileConfig(64, 64, kb, 4, 2), TileConfig(64, 64, kb, 4, 2)
         else:
-            gu, dn = TileConfig(128, 128, kb, 8, 3), TileConfig(128, 128, kb, 8, 2)
+            gu, dn = TileConfig(128, 128, kb, 8, 3, 8), TileConfig(128, 128, kb, 8, 2, 8)
     elif mean <= 16:
         gu, dn = TileConfig(16, 64, 128, 4, 4), TileConfig(16, 64, 128, 4, 4)
     elif mean <= 32:
@@ -141,15 +156,22 @@ def default_tiles(
     elif mean <= 128:
         gu, dn = TileConfig(64, 128, 64, 8, 3), TileConfig(64, 256, 64, 8, 3)
     else:
-        gu, dn = TileConfig(64, 256, 64, 8, 3), TileConfig(128, 256, 64, 8, 3)
+        gu, dn = TileConfig(64, 256, 64, 8, 3, 8), TileConfig(128, 256, 64, 8, 3, 8)
     if dtype == torch.float32:
         gu, dn = (_fp32_tiles(t, isinstance(weights, Int4Experts)) for t in (gu, dn))
     return gu, dn
 
 
+def w8a8_tiles(mean_rows: float) -> tuple[TileConfig, TileConfig]:
+    """(gate_up, down) tiles of the W8A8 mode by mean rows per expert (or rows of a linear)."""
+    if mean_rows <= 128:
+        return TileConfig(64, 128, 128, 8, 3), TileConfig(64, 256, 128, 8, 3)
+    return TileConfig(128, 128, 128, 8, 3, 8), TileConfig(128, 256, 128, 8, 3, 8)
+
+
 def _fp32_tiles(t: TileConfig, int4: bool) -> TileConfig:
     block_k = t.block_k if int4 or t.block_k is None else min(t.block_k, 32)
-    return TileConfig(t.block_m, min(t.block_n, 128), block_k, t.num_warps, min(t.num_stages, 2))
+    return TileConfig(t.block_m, min(t.block_n, 128), block_k, t.num_warps, min(t.num_stages, 2), t.group_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +206,7 @@ def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.
     return w
 
 
-@jit(do_not_specialize=("n_rows",))
+@jit(do_not_specialize=("n_rows", "n_mblocks"))
 def _moe_gemm_kernel(
     a_ptr,  # (a_rows, K) activations; row r of the grouped batch is a[src[r]] when GATHER
     src_ptr,  # (n_rows,) int, read only when GATHER
@@ -193,8 +215,10 @@ def _moe_gemm_kernel(
     s0_ptr,  # int4 scale (E, K_pad/group, N)
     w1_ptr,  # up (GATED only), same strides as w0
     s1_ptr,
+    as_ptr,  # A_FP8: activation scales (a_rows, K / FP8_BK) float32
     c_ptr,  # (n_rows, N) output, grouped order
     n_rows,
+    n_mblocks,  # m-blocks in the grid (an upper bound of the real row blocks)
     num_experts,
     N,
     K,
@@ -206,6 +230,8 @@ def _moe_gemm_kernel(
     stride_se,
     stride_sk,
     stride_sn,
+    stride_asm,
+    stride_ask,
     stride_cm,
     stride_cn,
     BLOCK_M: tl.constexpr,
@@ -224,9 +250,19 @@ def _moe_gemm_kernel(
     FP8: tl.constexpr = False,  # e4m3 weights, s0/s1 = block scales (E, N blocks, K blocks)
     FP8_BN: tl.constexpr = 128,  # scale block along N
     FP8_BK: tl.constexpr = 128,  # scale block along K (a multiple of BLOCK_K)
+    GROUP_M: tl.constexpr = 0,  # launch order: 0 = m fastest over all m-blocks, else groups of GROUP_M
+    A_FP8: tl.constexpr = False,  # FP8 only: e4m3 activations with (row, K block) scales (W8A8)
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    if GROUP_M == 0:
+        pid_m = pid % n_mblocks
+        pid_n = pid // n_mblocks
+    else:  # GROUP_M m-blocks x every n-block, then the next GROUP_M m-blocks
+        width = GROUP_M * tl.cdiv(N, BLOCK_N)
+        first_m = (pid // width) * GROUP_M
+        size_m = min(n_mblocks - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
 
     # ---- which expert and rows this m-block covers, from the counts (no host table)
     e_idx = tl.arange(0, BLOCK_E)
@@ -300,7 +336,11 @@ def _moe_gemm_kernel(
             if FP8:  # one scale per (N block, K block): applied to this tile's fp32 partial product
                 s_ptrs = expert64 * stride_se + (k0 // FP8_BK) * stride_sk + (offs_n // FP8_BN) * stride_sn
                 sc0 = tl.load(s0_ptr + s_ptrs, mask=n_mask, other=0.0)  # (BLOCK_N,)
-                acc0 += _mma(a, b0.to(dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE) * sc0[None, :]
+                if A_FP8:  # e4m3 x e4m3 on the tensor cores, both scales on the fp32 partial product
+                    a_sc = tl.load(as_ptr + a_rows * stride_asm + (k0 // FP8_BK) * stride_ask, mask=m_mask, other=0.0)
+                    acc0 += tl.dot(a, b0) * (a_sc[:, None] * sc0[None, :])
+                else:
+                    acc0 += _mma(a, b0.to(dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE) * sc0[None, :]
             else:
                 acc0 = _mma(a, b0.to(dtype), acc0, IEEE)
             if GATED:
@@ -310,7 +350,10 @@ def _moe_gemm_kernel(
                     b1 = tl.load(w1_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 if FP8:
                     sc1 = tl.load(s1_ptr + s_ptrs, mask=n_mask, other=0.0)
-                    acc1 += _mma(a, b1.to(dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE) * sc1[None, :]
+                    if A_FP8:
+                        acc1 += tl.dot(a, b1) * (a_sc[:, None] * sc1[None, :])
+                    else:
+                        acc1 += _mma(a, b1.to(dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE) * sc1[None, :]
                 else:
                     acc1 = _mma(a, b1.to(dtype), acc1, IEEE)
             a_ptrs += BLOCK_K * stride_ak
@@ -373,6 +416,7 @@ def grouped_mlp(
     out: torch.Tensor | None = None,
     gate_up_tiles: TileConfig | None = None,
     down_tiles: TileConfig | None = None,
+    fp8_activations: bool | None = None,
 ) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) per row, rows grouped by local expert -> (rows, H).
 
@@ -381,6 +425,8 @@ def grouped_mlp(
     sum to rows (not checked: that would sync). Rows past sum(counts) are left unwritten.
     `out` (rows, H) in x's dtype is written in place and returned. Tiles default to
     `default_tiles(rows, weights, x.dtype)`; either kernel's can be given (autotuning).
+    fp8_activations (FP8 weights only): W8A8, x and h quantized to e4m3 per (row, block_in group)
+    before each GEMM; None picks it by `w8a8_default` (prefill-sized batches).
     """
     if not isinstance(weights, (DenseExperts, Int4Experts, Fp8Experts)):
         raise TypeError(f"grouped_mlp: weights must be DenseExperts, Int4Experts or Fp8Experts, got {type(weights).__name__}")
@@ -410,20 +456,42 @@ def grouped_mlp(
             f"grouped_mlp: out must be {x.dtype} {(rows, h)} on {x.device}, "
             f"got {_desc(out)} on {out.device}"
         )
+    fp8 = isinstance(weights, Fp8Experts)
+    w8a8 = fp8 and w8a8_default(rows / e, x.dtype) if fp8_activations is None else fp8_activations
+    if w8a8 and not isinstance(weights, Fp8Experts):
+        raise ValueError(f"grouped_mlp: fp8_activations needs Fp8Experts, got {type(weights).__name__}")
     if rows == 0:
         return out
     if not uses_triton(x):
-        return grouped_mlp_reference(x, counts, weights, src_rows=src_rows, out=out)
+        return grouped_mlp_reference(x, counts, weights, src_rows=src_rows, out=out, fp8_activations=w8a8)
 
-    gu_default, dn_default = default_tiles(rows, weights, x.dtype)
+    gu_default, dn_default = default_tiles(rows, weights, x.dtype, fp8_activations=w8a8)
     h_buf = torch.empty((rows, i), dtype=x.dtype, device=x.device)  # (rows, I)
-    _launch_gemm(x, src_rows, counts, weights, "gate_up", h_buf, rows, i, h, gate_up_tiles or gu_default)
-    _launch_gemm(h_buf, None, counts, weights, "down", out, rows, h, i, down_tiles or dn_default)
+    group = weights.block[1] if w8a8 else 0
+    a, a_scale = quantize_fp8_groups(x, group) if w8a8 else (x, None)  # (tokens, H) e4m3, (tokens, H / group)
+    _launch_gemm(a, a_scale, src_rows, counts, weights, "gate_up", h_buf, rows, i, h, gate_up_tiles or gu_default)
+    a, a_scale = quantize_fp8_groups(h_buf, group) if w8a8 else (h_buf, None)  # (rows, I), (rows, I / group)
+    _launch_gemm(a, a_scale, None, counts, weights, "down", out, rows, h, i, down_tiles or dn_default)
     return out
+
+
+# Mean rows per expert (W8A8_MIN_ROWS) and rows of an FP8 linear (W8A8_LINEAR_MIN_ROWS) from
+# which FP8 weights run W8A8 with 16-bit activations: below, the GEMMs are weight-bandwidth bound
+# and W8A16 (exact activations, no quantization pass) costs nothing; above, converting every e4m3
+# tile to bf16 made them 3-4x slower than bf16 weights (docs/performance.md).
+W8A8_MIN_ROWS = 64
+W8A8_LINEAR_MIN_ROWS = 512
+
+
+def w8a8_default(rows: float, dtype: torch.dtype, min_rows: float = W8A8_MIN_ROWS) -> bool:
+    """Whether FP8 weights run W8A8 by default: 16-bit activations and at least min_rows rows
+    (per expert for the MoE); fp32 activations (the tests' exact mode) never."""
+    return dtype in (torch.bfloat16, torch.float16) and rows >= min_rows
 
 
 def _launch_gemm(
     a: torch.Tensor,
+    a_scale: torch.Tensor | None,
     src_rows: torch.Tensor | None,
     counts: torch.Tensor,
     weights: ExpertWeights,
@@ -480,19 +548,23 @@ def _launch_gemm(
         # representable, so dequantizing needs no int->float conversion (module docstring).
         magic_bits, magic_bias = _MAGIC.get(a.dtype, (0, 0.0))
         fp8, fp8_bn, fp8_bk = False, 128, 128
-    grid = (n_mblocks, triton.cdiv(n, bn))
-    _moe_gemm_kernel[grid](
+    if tiles.group_m < 0:
+        raise ValueError(f"grouped_mlp {which}: group_m must be >= 0, got {tiles.group_m}")
+    if a_scale is not None and not fp8:
+        raise ValueError(f"grouped_mlp {which}: FP8 activations need FP8 weights")
+    _moe_gemm_kernel[(n_mblocks * triton.cdiv(n, bn),)](
         a, src_rows if src_rows is not None else counts, counts,
-        w0, s0, w1, s1, c,
-        rows, e, n, k,
+        w0, s0, w1, s1, a_scale if a_scale is not None else counts, c,
+        rows, n_mblocks, e, n, k,
         a.stride(0), a.stride(1),
         *strides_w, *strides_s,
+        *(a_scale.stride() if a_scale is not None else (0, 0)),
         c.stride(0), c.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=max(2, triton.next_power_of_2(e)),
         GATED=gated, GATHER=src_rows is not None, INT4=int4, GROUP=group, SUB_K=sub_k,
         MAGIC_BITS=magic_bits, MAGIC_BIAS=magic_bias,
         EVEN_K=(k % bk == 0), IEEE=(a.dtype == torch.float32), FP8=fp8, FP8_BN=fp8_bn, FP8_BK=fp8_bk,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        GROUP_M=tiles.group_m, A_FP8=a_scale is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
 
@@ -503,10 +575,12 @@ def fp8_linear(
     block: tuple[int, int] = (128, 128),
     *,
     tiles: TileConfig | None = None,
+    fp8_activations: bool | None = None,
 ) -> torch.Tensor:
     """x (rows, K) @ W^T with W = e4m3 weight (N, K) x its (ceil(N/bo), ceil(K/bi)) block scales
-    -> (rows, N) in x's dtype: the W8A16 GEMM for DeepSeek-V3's dense FP8 layers (attention
-    projections, dense MLPs, shared experts), the MoE GEMM kernel with one expert."""
+    -> (rows, N) in x's dtype: the GEMM for DeepSeek-V3's dense FP8 layers (attention
+    projections, dense MLPs, shared experts), the MoE GEMM kernel with one expert. W8A16, or W8A8
+    (x quantized per (row, bi group)) when fp8_activations, None = `w8a8_default(rows)`."""
     if x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"fp8_linear: x must be (rows, K) bf16/fp16/fp32, got {_desc(x)}")
     n, k = weight.shape
@@ -516,9 +590,14 @@ def fp8_linear(
     if scale.dtype != torch.float32 or tuple(scale.shape) != (-(-n // bo), -(-k // bi)):
         raise ValueError(f"fp8_linear: scale must be float32 {(-(-n // bo), -(-k // bi))}, got {_desc(scale)}")
     rows = x.shape[0]
+    w8a8 = w8a8_default(rows, x.dtype, W8A8_LINEAR_MIN_ROWS) if fp8_activations is None else fp8_activations
     if rows == 0 or not uses_triton(x):
+        if w8a8:
+            return (fp8_round_trip(x, bi) @ dequantize_fp8(weight, scale, block, torch.float32).T).to(x.dtype)
         return x @ dequantize_fp8(weight, scale, block, x.dtype).T
-    if tiles is None:
+    if tiles is None and w8a8:
+        tiles = w8a8_tiles(rows)[1]
+    elif tiles is None:
         tiles = TileConfig(16, 64, 128, 4, 4) if rows <= 16 else TileConfig(64, 128, 64, 8, 3)
         if x.dtype == torch.float32:
             tiles = _fp32_tiles(tiles, False)
@@ -528,17 +607,20 @@ def fp8_linear(
         raise ValueError(f"fp8_linear: block_k must be a power of two >= {_MIN_DOT} dividing {bi}, got {bk}")
     counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    _moe_gemm_kernel[(triton.cdiv(rows, bm), triton.cdiv(n, bn))](
-        x, counts, counts, weight, scale, weight, scale, out,
-        rows, 1, n, k,
-        x.stride(0), x.stride(1),
+    n_mblocks = triton.cdiv(rows, bm)
+    a, a_scale = quantize_fp8_groups(x, bi) if w8a8 else (x, None)  # (rows, K) e4m3, (rows, K / bi)
+    _moe_gemm_kernel[(n_mblocks * triton.cdiv(n, bn),)](
+        a, counts, counts, weight, scale, weight, scale, a_scale if w8a8 else counts, out,
+        rows, n_mblocks, 1, n, k,
+        a.stride(0), a.stride(1),
         0, weight.stride(1), weight.stride(0),
         0, scale.stride(1), scale.stride(0),
+        *(a_scale.stride() if w8a8 else (0, 0)),
         out.stride(0), out.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=2,
         GATED=False, GATHER=False, INT4=False, GROUP=1, SUB_K=_MIN_DOT, MAGIC_BITS=0, MAGIC_BIAS=0.0,
         EVEN_K=(k % bk == 0), IEEE=(x.dtype == torch.float32), FP8=True, FP8_BN=bo, FP8_BK=bi,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        GROUP_M=tiles.group_m, A_FP8=w8a8, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return out
 
@@ -594,85 +676,6 @@ def fused_moe(
         y, slot_row, w, out, hidden.shape[1], y.stride(0), out.stride(0), TOPK=k, BLOCK_H=block_h, num_warps=4
     )
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Torch references (also the CPU path)
-# ---------------------------------------------------------------------------------------------
-
-
-def expert_weights_dense(weights: ExpertWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gate (E, I, H), up (E, I, H), down (E, H, I)) in dtype, dequantized if INT4."""
-    if isinstance(weights, DenseExperts):
-        return weights.gate.to(dtype), weights.up.to(dtype), weights.down.to(dtype)
-    if isinstance(weights, Fp8Experts):
-        return tuple(dequantize_fp8(w, sc, weights.block, dtype) for w, sc in  # type: ignore[return-value]
-                     ((weights.gate, weights.gate_scale), (weights.up, weights.up_scale), (weights.down, weights.down_scale)))
-    gate, up, down = (dequantize_int4(w, dtype) for w in (weights.gate, weights.up, weights.down))
-    return gate, up, down
-
-
-def _expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """x (rows, H) through one expert in fp32, rounding h and the result to x's dtype -> (rows, H)."""
-    xf = x.float()
-    g = xf @ gate.float().T  # (rows, I)
-    u = xf @ up.float().T  # (rows, I)
-    hid = (F.silu(g) * u).to(x.dtype)  # (rows, I)
-    return (hid.float() @ down.float().T).to(x.dtype)  # (rows, H)
-
-
-def grouped_mlp_reference(
-    x: torch.Tensor,
-    counts: torch.Tensor | Sequence[int],
-    weights: ExpertWeights,
-    *,
-    src_rows: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-expert loop with the weights in x's dtype (dequantized for INT4); same contract as grouped_mlp."""
-    rows_x = x if src_rows is None else x[src_rows.long()]  # (rows, H)
-    if out is None:
-        out = torch.empty_like(rows_x)
-    counts_list = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
-    start = 0
-    for e, c in enumerate(counts_list):
-        c = min(int(c), rows_x.shape[0] - start)
-        if c > 0:
-            gate, up, down = _one_expert(weights, e, x.dtype)
-            out[start : start + c] = _expert_mlp(rows_x[start : start + c], gate, up, down)
-            start += c
-    return out
-
-
-def _one_expert(weights: ExpertWeights, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if isinstance(weights, DenseExperts):
-        return weights.gate[e].to(dtype), weights.up[e].to(dtype), weights.down[e].to(dtype)
-    if isinstance(weights, Fp8Experts):
-        return tuple(dequantize_fp8(w[e], sc[e], weights.block, dtype) for w, sc in  # type: ignore[return-value]
-                     ((weights.gate, weights.gate_scale), (weights.up, weights.up_scale), (weights.down, weights.down_scale)))
-    picked = (_select(w, e) for w in (weights.gate, weights.up, weights.down))
-    return tuple(dequantize_int4(w, dtype)[0] for w in picked)  # type: ignore[return-value]
-
-
-def _select(w: Int4Weight, e: int) -> Int4Weight:
-    return Int4Weight(w.packed[e : e + 1], w.scale[e : e + 1], w.in_features, w.group_size, w.k_block)
-
-
-def fused_moe_reference(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    weights: ExpertWeights,
-) -> torch.Tensor:
-    """Per-expert loop over the tokens routed to it; expert outputs rounded to hidden's dtype,
-    weighted sum in fp32 -> (T, H) in hidden's dtype."""
-    acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (T, H)
-    ids = topk_ids.long()
-    for e in torch.unique(ids).tolist():
-        tok, slot = (ids == e).nonzero(as_tuple=True)  # (n,), (n,)
-        y = _expert_mlp(hidden[tok], *_one_expert(weights, e, hidden.dtype))  # (n, H)
-        acc.index_add_(0, tok, y.float() * topk_weights[tok, slot].float()[:, None])
-    return acc.to(hidden.dtype)
 
 
 __all__ = [

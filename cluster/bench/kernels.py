@@ -10,7 +10,11 @@
 3. Fused MoE (`kernels/fused_moe.py`) at DeepSeek-V3 shapes (hidden 7168, intermediate 2048, 32
    local experts) and m tokens per expert: our bf16 and INT4 (group 32) grouped MLP against
    `torch._grouped_mm` in bf16 (gate_up, SiLU-and-mul, down) and against the roofline
-   max(weight + activation bytes / copy bandwidth, flops / matmul throughput).
+   max(weight + activation bytes / copy bandwidth, flops / matmul throughput); FP8 (DeepSeek-V3's
+   e4m3 experts with 128 x 128 block scales) in both modes, W8A16 and W8A8, the default marked.
+4. FP8 linear (`fp8_linear`, DeepSeek-V3's dense MLP shape 7168 -> 18432) at rising rows, W8A16
+   and W8A8 against bf16 `torch.matmul` on the dequantized weight; the e4m3 matmul throughput
+   (`torch._scaled_mm`, 8192^3) measured beside the bf16 one is the W8A8 compute bound.
 
 Times are medians of `triton.testing.do_bench` (which clears the L2 between runs).
 """
@@ -38,8 +42,10 @@ class KernelBenchConfig:
     moe_experts: int = 32
     hidden: int = 7168
     intermediate: int = 2048
+    linear_rows: tuple[int, ...] = (16, 64, 256, 1024, 4096, 16384)
+    linear_out: int = 18432
     seed: int = 0
-    only: tuple[str, ...] = ("mla", "moe")
+    only: tuple[str, ...] = ("mla", "moe", "linear")
 
 
 def _time_ms(fn: Callable[[], Any]) -> float:
@@ -59,6 +65,19 @@ def matmul_tflops() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = _time_ms(lambda: a @ b)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def fp8_matmul_tflops() -> float | None:
+    """e4m3 x e4m3 -> bf16 throughput of `torch._scaled_mm` at 8192^3 (None where it is missing)."""
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).T  # column-major, as _scaled_mm wants
+    one = torch.ones((), device="cuda")
+    try:
+        ms = _time_ms(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16))
+    except (RuntimeError, AttributeError, TypeError) as e:
+        print(f"no e4m3 matmul bound: {e!r}", file=sys.stderr)
+        return None
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
@@ -176,7 +195,13 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
 
     (g8, gs8), (u8, us8), (d8, ds8) = fp8(I, H), fp8(I, H), fp8(H, I)
     fp8_w = fm.Fp8Experts(g8, gs8, u8, us8, d8, ds8)
+    row["fp8_default"] = "W8A8" if fm.w8a8_default(per_expert, x.dtype) else "W8A16"
     row["fp8_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w))
+    row["fp8_w8a16_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w, fp8_activations=False))
+    row["fp8_w8a8_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w, fp8_activations=True))
+    a16 = fm.grouped_mlp(x, counts, fp8_w, fp8_activations=False).float()
+    a8 = fm.grouped_mlp(x, counts, fp8_w, fp8_activations=True).float()
+    row["fp8_w8a8_rel_err_vs_w8a16"] = float((a8 - a16).norm() / a16.norm())
     w8_bytes = (g8.numel() * 3) + (gs8.numel() * 3) * 4
     row["fp8_roofline_ms"] = max((w8_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
     if "grouped_mm_ms" in row:
@@ -186,20 +211,48 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
     return row
 
 
+# ---- FP8 linear ------------------------------------------------------------------------------------
+def bench_linear(rows: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: float, fp8_tflops: float | None,
+                 gen: torch.Generator) -> dict[str, Any]:
+    from moecluster.kernels import fused_moe as fm
+
+    n, k = cfg.linear_out, cfg.hidden
+    w = (torch.randn(n, k, device="cuda", generator=gen) * 2).to(torch.float8_e4m3fn)
+    scale = torch.rand(n // 128, k // 128, device="cuda", generator=gen) * 0.01
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    dense = fm.dequantize_fp8(w, scale, (128, 128), torch.bfloat16)
+    flops = 2 * rows * n * k
+    row: dict[str, Any] = {"rows": rows, "n": n, "k": k,
+                           "default": "W8A8" if fm.w8a8_default(rows, x.dtype, fm.W8A8_LINEAR_MIN_ROWS) else "W8A16",
+                           "bf16_matmul_ms": _time_ms(lambda: x @ dense.T),
+                           "w8a16_ms": _time_ms(lambda: fm.fp8_linear(x, w, scale, fp8_activations=False)),
+                           "w8a8_ms": _time_ms(lambda: fm.fp8_linear(x, w, scale, fp8_activations=True))}
+    ref = (x @ dense.T).float()
+    got = fm.fp8_linear(x, w, scale, fp8_activations=True).float()
+    row["w8a8_rel_err_vs_bf16"] = float((got - ref).norm() / ref.norm())
+    w_bytes, act_bytes = n * k + scale.numel() * 4, rows * (k + n) * 2
+    row["w8a16_roofline_ms"] = max((w_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
+    if fp8_tflops:
+        row["w8a8_roofline_ms"] = max((w_bytes + act_bytes) / (copy_gbs * 1e9), flops / (fp8_tflops * 1e12)) * 1e3
+    return row
+
+
 @dataclass
 class KernelBenchResult:
     device: str
     copy_gbs: float
     matmul_tflops: float
+    fp8_matmul_tflops: float | None = None
     mla: list[dict[str, Any]] = field(default_factory=list)
     moe: list[dict[str, Any]] = field(default_factory=list)
+    linear: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run(cfg: KernelBenchConfig, checkpoint: Callable[[KernelBenchResult], None] | None = None) -> KernelBenchResult:
     if not torch.cuda.is_available():
         raise RuntimeError("bench kernels needs a CUDA GPU (the Triton kernels' CPU path is the torch reference)")
     gen = torch.Generator(device="cuda").manual_seed(cfg.seed)
-    result = KernelBenchResult(torch.cuda.get_device_name(), copy_bandwidth_gbs(), matmul_tflops())
+    result = KernelBenchResult(torch.cuda.get_device_name(), copy_bandwidth_gbs(), matmul_tflops(), fp8_matmul_tflops())
     if "mla" in cfg.only:
         for heads in cfg.mla_heads:
             for batch in cfg.mla_batches:
@@ -216,6 +269,14 @@ def run(cfg: KernelBenchConfig, checkpoint: Callable[[KernelBenchResult], None] 
             torch.cuda.empty_cache()
             if checkpoint is not None:
                 checkpoint(result)
+    if "linear" in cfg.only:
+        for rows in cfg.linear_rows:
+            print(f"FP8 linear: {rows} rows", file=sys.stderr, flush=True)
+            result.linear.append(bench_linear(rows, cfg, result.copy_gbs, result.matmul_tflops,
+                                              result.fp8_matmul_tflops, gen))
+            torch.cuda.empty_cache()
+            if checkpoint is not None:
+                checkpoint(result)
     return result
 
 
@@ -224,7 +285,8 @@ def print_tables(result: KernelBenchResult) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"{result.device}: copy {result.copy_gbs:.0f} GB/s, bf16 matmul {result.matmul_tflops:.0f} TFLOP/s")
+    console.print(f"{result.device}: copy {result.copy_gbs:.0f} GB/s, bf16 matmul {result.matmul_tflops:.0f} TFLOP/s, "
+                  f"e4m3 matmul {_f(result.fp8_matmul_tflops, '.0f')} TFLOP/s")
     if result.mla:
         t = Table(title="MLA decode (bf16 latent cache, 576 values per token)")
         for col in ("heads", "batch", "context", "ours ms", "ours GB/s", "of copy", "SGLang ms", "SGLang GB/s", "SGLang of copy"):
@@ -237,13 +299,25 @@ def print_tables(result: KernelBenchResult) -> None:
     if result.moe:
         t = Table(title="fused MoE, hidden 7168, intermediate 2048, 32 local experts")
         for col in ("tokens/expert", "_grouped_mm bf16 ms", "ours bf16 ms", "bf16 roofline ms", "bf16 speedup",
-                    "ours INT4 ms", "INT4 roofline ms", "INT4 speedup", "ours FP8 ms", "FP8 speedup"):
+                    "ours INT4 ms", "INT4 roofline ms", "INT4 speedup", "FP8 W8A16 ms", "FP8 W8A8 ms", "FP8 default",
+                    "FP8 speedup"):
             t.add_column(col, justify="right")
         for r in result.moe:
             t.add_row(str(r["tokens_per_expert"]), _f(r.get("grouped_mm_ms"), ".3f"), f"{r['bf16_ms']:.3f}",
                       f"{r['bf16_roofline_ms']:.3f}", _f(r.get("bf16_speedup_vs_grouped_mm"), ".2f"),
                       f"{r['int4_ms']:.3f}", f"{r['int4_roofline_ms']:.3f}", _f(r.get("int4_speedup_vs_grouped_mm"), ".2f"),
-                      f"{r['fp8_ms']:.3f}", _f(r.get("fp8_speedup_vs_grouped_mm"), ".2f"))
+                      f"{r['fp8_w8a16_ms']:.3f}", f"{r['fp8_w8a8_ms']:.3f}", r["fp8_default"],
+                      _f(r.get("fp8_speedup_vs_grouped_mm"), ".2f"))
+        console.print(t)
+    if result.linear:
+        t = Table(title="FP8 linear (e4m3, 128 x 128 block scales) against bf16 matmul")
+        for col in ("rows", "N x K", "bf16 matmul ms", "W8A16 ms", "W8A8 ms", "default", "W8A8 roofline ms",
+                    "W8A8 rel err"):
+            t.add_column(col, justify="right")
+        for r in result.linear:
+            t.add_row(str(r["rows"]), f"{r['n']} x {r['k']}", f"{r['bf16_matmul_ms']:.3f}", f"{r['w8a16_ms']:.3f}",
+                      f"{r['w8a8_ms']:.3f}", r["default"], _f(r.get("w8a8_roofline_ms"), ".3f"),
+                      f"{r['w8a8_rel_err_vs_bf16']:.4f}")
         console.print(t)
 
 

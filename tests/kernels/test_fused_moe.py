@@ -141,6 +141,23 @@ def test_grouped_mlp_dense_default_tiles_and_strided_weights(device: torch.devic
     torch.testing.assert_close(got, fm.grouped_mlp_reference(x, counts, weights), **_tol(torch.float32))
 
 
+@pytest.mark.parametrize("group_m", [1, 2, 3, 64])
+def test_grouped_mlp_grouped_launch_order(device: torch.device, group_m: int) -> None:
+    """Programs launched in groups of group_m m-blocks (the prefill order): every (m-block,
+    n-block) pair still runs once, including a last group smaller than group_m and a group_m
+    above the number of m-blocks."""
+    e, h, i, counts = 4, 64, 96, [40, 0, 3, 21]  # 3 + 1 + 2 m-blocks of 16 (7 in the bound), 3 n-blocks of 32
+    tiles = dict(gate_up_tiles=fm.TileConfig(16, 32, 32, group_m=group_m),
+                 down_tiles=fm.TileConfig(16, 32, 32, group_m=group_m))
+    for weights in (_dense(e, h, i, torch.float32, device), _int4(e, h, i, device)[0]):
+        x = torch.randn(sum(counts), h, device=device)
+        if isinstance(weights, fm.Int4Experts):
+            tiles = {k: fm.TileConfig(16, 32, None, group_m=group_m) for k in tiles}
+        _check_grouped(x, counts, weights, torch.float32, device, **tiles)
+    with pytest.raises(ValueError, match="group_m"):
+        fm.grouped_mlp(x, counts, _dense(e, h, i, torch.float32, device), gate_up_tiles=fm.TileConfig(16, 32, 32, group_m=-1))
+
+
 def test_grouped_mlp_gathers_rows_and_leaves_uncounted_rows(device: torch.device) -> None:
     """src_rows: grouped row r reads x[src_rows[r]]; rows past sum(counts) stay untouched."""
     e, h, i = 3, 64, 32

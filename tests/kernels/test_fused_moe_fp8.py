@@ -75,3 +75,78 @@ def test_fp8_linear_matches_dequantized_matmul(device, rows, n, k, block) -> Non
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="scale"):
         fp8_linear(x, w, s[:1, :1], block)
+
+
+# ---- W8A8: activations quantized to e4m3 per (row, block_in group) -----------------------------
+
+
+@pytest.mark.parametrize(("rows", "k", "group"), [(1, 128, 128), (37, 200, 64), (18, 96, 32)])
+def test_quantize_fp8_groups_kernel_equals_reference(device, rows, k, group) -> None:
+    from moecluster.kernels.fp8_quant import dequantize_fp8_groups, quantize_fp8_groups, quantize_fp8_groups_reference
+
+    gen = torch.Generator().manual_seed(rows * 7 + k)
+    x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10).to(device)
+    x[0, :group] = 0.0  # an all-zero group: scale 1, q 0
+    q, s = quantize_fp8_groups(x, group)
+    rq, rs = quantize_fp8_groups_reference(x.cpu(), group)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (rows, -(-k // group))
+    assert torch.equal(q.cpu().float(), rq.float()) and torch.equal(s.cpu(), rs)
+    assert s[0, 0] == 1.0 and not q[0, :group].float().any()
+    back = dequantize_fp8_groups(q, s, group, torch.float32)
+    assert ((back - x).abs() <= x.abs() * 0.07 + 1e-6).all()  # e4m3: 3 mantissa bits
+    with pytest.raises(ValueError, match="group"):
+        quantize_fp8_groups(x, 48)
+
+
+@pytest.mark.parametrize(("h", "i", "block", "counts"), [(64, 32, (32, 32), [3, 0, 17]), (96, 80, (32, 32), [1, 20, 5, 0])])
+def test_fp8_w8a8_grouped_mlp_matches_reference(device, h, i, block, counts) -> None:
+    """The W8A8 kernels = the reference that quantizes x and h the same way (exact e4m3 products
+    in fp32); and they stay near W8A16 (the quantization is real, not skipped)."""
+    gen = torch.Generator().manual_seed(hash(("w8a8", h, i, tuple(counts))) % 2**31)
+    w = fp8_experts(len(counts), h, i, block, device, gen)
+    tokens = (torch.randn(9, h, generator=gen) * 0.5).to(device)
+    src = torch.randint(0, 9, (sum(counts),), generator=gen).to(device)
+    c = torch.tensor(counts, dtype=torch.int32, device=device)
+    out = torch.full((sum(counts), h), float("nan"), device=device)
+    tiles = TileConfig(16, 32, 32, 4, 2, group_m=2)
+    got = grouped_mlp(tokens, c, w, src_rows=src, out=out, gate_up_tiles=tiles, down_tiles=tiles, fp8_activations=True)
+    want = grouped_mlp_reference(tokens, c, w, src_rows=src, fp8_activations=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    exact = grouped_mlp_reference(tokens, c, w, src_rows=src)
+    rel = (got - exact).norm() / exact.norm()
+    assert 1e-4 < rel < 0.1, rel
+
+
+def test_fp8_w8a8_linear_and_defaults(device) -> None:
+    from moecluster.kernels.fused_moe import W8A8_LINEAR_MIN_ROWS, W8A8_MIN_ROWS, DenseExperts, dequantize_fp8, fp8_linear, w8a8_default
+    from moecluster.kernels.fused_moe_ref import fp8_round_trip
+
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(80, 96, generator=gen) * 2).to(torch.float8_e4m3fn).to(device)
+    s = (torch.rand(3, 3, generator=gen) * 0.02 + 0.001).to(device)
+    x = torch.randn(21, 96, generator=gen).to(device)
+    got = fp8_linear(x, w, s, (32, 32), fp8_activations=True, tiles=TileConfig(16, 32, 32, 4, 2))
+    want = fp8_round_trip(x, 32) @ dequantize_fp8(w, s, (32, 32), torch.float32).T
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # by default: 16-bit activations at prefill-sized batches only, fp32 (the exact test mode) never
+    assert w8a8_default(W8A8_MIN_ROWS, torch.bfloat16) and not w8a8_default(W8A8_MIN_ROWS - 1, torch.bfloat16)
+    assert not w8a8_default(10**6, torch.float32)
+    assert w8a8_default(W8A8_LINEAR_MIN_ROWS, torch.float16, W8A8_LINEAR_MIN_ROWS)
+    dense = DenseExperts(*(torch.randn(1, a, b, device=device) for a, b in ((32, 64), (32, 64), (64, 32))))
+    with pytest.raises(ValueError, match="Fp8Experts"):
+        grouped_mlp(torch.randn(4, 64, device=device), [4], dense, fp8_activations=True)
+
+
+@pytest.mark.gpu
+def test_fp8_w8a8_deepseek_shape_bf16() -> None:
+    """DeepSeek-V3 shapes in bf16 at prefill-sized counts: the default (W8A8) near its reference."""
+    gen = torch.Generator().manual_seed(2)
+    dev = torch.device("cuda")
+    w = fp8_experts(4, 7168, 2048, (128, 128), dev, gen)
+    counts = [300, 64, 1, 200]
+    x = (torch.randn(sum(counts), 7168, generator=gen) * 0.1).to(device=dev, dtype=torch.bfloat16)
+    c = torch.tensor(counts, dtype=torch.int32, device=dev)
+    got = grouped_mlp(x, c, w)  # mean 141 rows per expert: W8A8 by default
+    want = grouped_mlp_reference(x, c, w, fp8_activations=True)
+    rel = (got.float() - want.float()).norm() / want.float().norm()
+    assert rel < 1e-2, rel

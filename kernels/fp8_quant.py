@@ -1,0 +1,96 @@
+"""Activations to FP8 e4m3 in row groups, for the W8A8 mode of the FP8 GEMMs (DeepSeek-V3's own
+prefill recipe: activations in 1 x 128 groups, weights in 128 x 128 blocks, both e4m3 with fp32
+scales, products accumulated in fp32 and scaled per K block).
+
+`quantize_fp8_groups(x, group)`: x (rows, K) float -> q (rows, K) e4m3 and scale (rows,
+ceil(K / group)) float32 with x ~= q * scale: each group of `group` consecutive values of a row
+gets scale = max|x| / 448 (e4m3's largest finite value), an all-zero group the scale 1. One
+Triton program per (row block, group); on CPU tensors without the interpreter, the torch
+reference (the same arithmetic: x / scale rounded to e4m3 by the cast).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecluster.kernels.jit import jit
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference is the whole implementation
+    triton = None
+    tl = None
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@jit(do_not_specialize=("rows",))
+def _quant_kernel(
+    x_ptr,  # (rows, K)
+    q_ptr,  # (rows, K) e4m3 out
+    s_ptr,  # (rows, G) float32 out
+    rows,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    g = tl.program_id(1)
+    offs_k = g * GROUP + tl.arange(0, GROUP)  # (GROUP,)
+    mask = (offs_r < rows)[:, None] & (offs_k < K)[None, :]
+    r64 = offs_r.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)  # (BLOCK_R,)
+    scale = tl.where(amax > 0, amax / 448.0, 1.0)
+    v = tl.clamp(x / scale[:, None], -448.0, 448.0)  # (BLOCK_R, GROUP)
+    # Round to the e4m3 grid in fp32 (to nearest even) so the cast below is exact: adding and
+    # removing 2^(e + 20) keeps 3 mantissa bits of a value of exponent e (e >= -6: e4m3's
+    # subnormal step 2^-9 below). Triton's interpreter truncates in the cast instead of rounding.
+    e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)  # biased fp32 exponent
+    c = ((e + 20) << 23).to(tl.float32, bitcast=True)  # 2^(exponent + 20)
+    r = (tl.abs(v) + c) - c
+    q = tl.where(v < 0, -r, r)
+    tl.store(q_ptr + r64 * stride_qm + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + offs_r.to(tl.int64) * stride_sm + g, scale, mask=offs_r < rows)
+
+
+def quantize_fp8_groups_reference(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, k = x.shape
+    n_groups = -(-k // group)
+    padded = torch.nn.functional.pad(x.float(), (0, n_groups * group - k)).view(rows, n_groups, group)
+    amax = padded.abs().amax(dim=-1)  # (rows, G)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(rows, n_groups * group)[:, :k].contiguous(), scale
+
+
+def dequantize_fp8_groups(q: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """q * scale per row group -> (rows, K) in dtype (the W8A8 references' activations)."""
+    k = q.shape[1]
+    return (q.float() * scale.repeat_interleave(group, dim=1)[:, :k]).to(dtype)
+
+
+def quantize_fp8_groups(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, K) -> (q e4m3 (rows, K), scale float32 (rows, ceil(K / group))), x ~= q * scale."""
+    if x.ndim != 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_fp8_groups: x must be a 2-D float tensor, got {x.dtype} {tuple(x.shape)}")
+    if group < 16 or group & (group - 1):
+        raise ValueError(f"quantize_fp8_groups: group must be a power of two >= 16, got {group}")
+    interpreted = triton is not None and type(_quant_kernel).__name__ == "InterpretedFunction"
+    if triton is None or not (x.is_cuda or (x.device.type == "cpu" and interpreted)):
+        return quantize_fp8_groups_reference(x, group)
+    rows, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((rows, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((rows, -(-k // group)), dtype=torch.float32, device=x.device)
+    if rows:
+        block_r = 16 if group <= 128 else 4
+        _quant_kernel[(triton.cdiv(rows, block_r), scale.shape[1])](
+            x, q, scale, rows, k, x.stride(0), q.stride(0), scale.stride(0), GROUP=group, BLOCK_R=block_r,
+        )
+    return q, scale
