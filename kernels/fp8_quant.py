@@ -45,8 +45,10 @@ def _quant_kernel(
     r64 = offs_r.to(tl.int64)[:, None]
     x = tl.load(x_ptr + r64 * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)  # (BLOCK_R,)
-    scale = tl.where(amax > 0, amax / 448.0, 1.0)
-    v = tl.clamp(x / scale[:, None], -448.0, 448.0)  # (BLOCK_R, GROUP)
+    # IEEE divisions (div_rn): Triton's `/` is an approximate division on the GPU, which would
+    # move values across rounding boundaries of e4m3 against the torch reference.
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    v = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)  # (BLOCK_R, GROUP)
     # Round to the e4m3 grid in fp32 (to nearest even) so the cast below is exact: adding and
     # removing 2^(e + 20) keeps 3 mantissa bits of a value of exponent e (e >= -6: e4m3's
     # subnormal step 2^-9 below). Triton's interpreter truncates in the cast instead of rounding.
