@@ -155,8 +155,10 @@ def default_tiles(
         gu, dn = TileConfig(32, 64, 128, 4, 4), TileConfig(32, 64, 128, 4, 4)
     elif mean <= 128:
         gu, dn = TileConfig(64, 128, 64, 8, 3), TileConfig(64, 256, 64, 8, 3)
+    elif mean <= 1024:  # group_m: H100 sweep (scripts/tune_fused_moe.py), 4 to 16 within noise
+        gu, dn = TileConfig(64, 256, 64, 8, 3, 4), TileConfig(128, 256, 64, 8, 3, 4)
     else:
-        gu, dn = TileConfig(64, 256, 64, 8, 3, 8), TileConfig(128, 256, 64, 8, 3, 8)
+        gu, dn = TileConfig(128, 128, 64, 8, 4, 4), TileConfig(128, 256, 64, 8, 3, 4)
     if dtype == torch.float32:
         gu, dn = (_fp32_tiles(t, isinstance(weights, Int4Experts)) for t in (gu, dn))
     return gu, dn

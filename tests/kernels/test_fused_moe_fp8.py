@@ -146,7 +146,16 @@ def test_fp8_w8a8_deepseek_shape_bf16() -> None:
     counts = [300, 64, 1, 200]
     x = (torch.randn(sum(counts), 7168, generator=gen) * 0.1).to(device=dev, dtype=torch.bfloat16)
     c = torch.tensor(counts, dtype=torch.int32, device=dev)
-    got = grouped_mlp(x, c, w)  # mean 141 rows per expert: W8A8 by default
-    want = grouped_mlp_reference(x, c, w, fp8_activations=True)
-    rel = (got.float() - want.float()).norm() / want.float().norm()
-    assert rel < 1e-2, rel
+    got = grouped_mlp(x, c, w).float()  # mean 141 rows per expert: W8A8 by default
+    want = grouped_mlp_reference(x, c, w, fp8_activations=True).float()
+    exact = grouped_mlp_reference(x, c, w, fp8_activations=False).float()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    # h differs from the reference's by accumulation order and bf16 rounding (~0.3%); quantizing it
+    # to e4m3 turns that into whole e4m3 steps for the values near a rounding boundary (1.7% on
+    # the interpreter at a small shape), so the kernel is held to the reference's own error against
+    # the unquantized MLP instead of to the reference itself.
+    assert rel(got, want) < 0.03
+    assert 0.01 < rel(got, exact) < 1.1 * rel(want, exact) + 1e-3, (rel(got, exact), rel(want, exact))
