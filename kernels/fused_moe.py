@@ -54,10 +54,19 @@ Weights, the "logical" shapes follow the checkpoint (nn.Linear: (out, in) per ex
 gate_up kernel gathering its rows straight from `hidden` (no permuted copy), then a combine kernel
 sums each token's k rows times its routing weights in fp32, deterministically (no atomics).
 
+FP8 weights (DeepSeek-V3's e4m3 with 128 x 128 block scales) run in one of two modes. W8A16:
+each e4m3 tile is converted to the activation dtype and the block's scale applied to the tile's
+fp32 partial product (decode-sized batches: weight-bandwidth bound, activations exact). W8A8
+(`fp8_activations`, the default from W8A8_MIN_ROWS rows per expert with 16-bit activations):
+x and h are quantized to e4m3 per (row, 128-value group) by `kernels/fp8_quant.py` and each
+K block is one e4m3 x e4m3 dot scaled by (activation scale x weight scale), DeepSeek-V3's own
+recipe; about 4% relative difference from W8A16 on random data, 1.8-3.1x faster from 64 rows
+per expert on an H100.
+
 Dispatch: the launchers run Triton on CUDA tensors, and on CPU tensors when the kernels were
 defined under TRITON_INTERPRET=1 (tests); otherwise (CPU, or Triton not installed) they run the
-torch references below, which loop over experts with dequantized weights in fp32 and round where
-the kernels round (h and the expert outputs in the activation dtype).
+torch references (kernels/fused_moe_ref.py), which loop over experts with dequantized weights in
+fp32 and round where the kernels round (h and the expert outputs in the activation dtype).
 """
 
 from __future__ import annotations
@@ -480,10 +489,12 @@ def grouped_mlp(
 
 # Mean rows per expert (W8A8_MIN_ROWS) and rows of an FP8 linear (W8A8_LINEAR_MIN_ROWS) from
 # which FP8 weights run W8A8 with 16-bit activations: below, the GEMMs are weight-bandwidth bound
-# and W8A16 (exact activations, no quantization pass) costs nothing; above, converting every e4m3
-# tile to bf16 made them 3-4x slower than bf16 weights (docs/performance.md).
+# and W8A16 (exact activations, no quantization pass) costs nothing or less (H100: experts equal
+# at 8 rows each, linear 7168 -> 18432 W8A16 0.08 ms vs W8A8 0.20 at 16 rows); above, converting
+# every e4m3 tile to bf16 made W8A16 1.8-3.1x slower than W8A8 (experts at 64-4096 rows each, the
+# linear at 256-16384 rows; docs/performance.md, "W8A8").
 W8A8_MIN_ROWS = 64
-W8A8_LINEAR_MIN_ROWS = 512
+W8A8_LINEAR_MIN_ROWS = 128
 
 
 def w8a8_default(rows: float, dtype: torch.dtype, min_rows: float = W8A8_MIN_ROWS) -> bool:

@@ -168,10 +168,12 @@ class Int4Experts:
 
 @dataclass(frozen=True)
 class Fp8Experts(_StackedGate):
-    """DeepSeek-V3's FP8 experts as loaded (W8A16): e4m3 weights in checkpoint orientation and one
-    float32 scale per (block_out x block_in) block (`weight_scale_inv`, the dequantization factor).
-    The kernel converts each e4m3 tile to the activation dtype (exact: e4m3 fits bf16 / fp16) and
-    applies the block's scale to the tile's fp32 partial product, so BLOCK_K must divide block_in."""
+    """DeepSeek-V3's FP8 experts as loaded: e4m3 weights in checkpoint orientation and one float32
+    scale per (block_out x block_in) block (`weight_scale_inv`, the dequantization factor). W8A16:
+    the kernel converts each e4m3 tile to the activation dtype (exact: e4m3 fits bf16 / fp16);
+    W8A8: it multiplies e4m3 activations (quantized per (row, block_in) group) by the e4m3 tile.
+    Either way the block's scale goes on the tile's fp32 partial product, so BLOCK_K must divide
+    block_in."""
 
     gate: torch.Tensor  # float8_e4m3fn (E, I, H)
     gate_scale: torch.Tensor  # float32 (E, ceil(I / bo), ceil(H / bi))

@@ -134,7 +134,7 @@ class Linear(QuantWeight):
         super().__init__(out_features, in_features, scheme, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and isinstance(self.scheme, Fp8BlockScheme):  # W8A16 on GPUs: the weight stays e4m3
+        if x.is_cuda and isinstance(self.scheme, Fp8BlockScheme):  # the weight stays e4m3 (W8A16 / W8A8 by rows)
             y = fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv, tuple(self.scheme.block))
             return y.reshape(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.dequantize(x.dtype))
