@@ -469,7 +469,7 @@ def grouped_mlp(
             f"got {_desc(out)} on {out.device}"
         )
     fp8 = isinstance(weights, Fp8Experts)
-    w8a8 = fp8 and w8a8_default(rows / e, x.dtype) if fp8_activations is None else fp8_activations
+    w8a8 = fp8 and w8a8_default(rows / e, x.dtype, block_in=weights.block[1]) if fp8_activations is None else fp8_activations
     if w8a8 and not isinstance(weights, Fp8Experts):
         raise ValueError(f"grouped_mlp: fp8_activations needs Fp8Experts, got {type(weights).__name__}")
     if rows == 0:
@@ -497,10 +497,12 @@ W8A8_MIN_ROWS = 64
 W8A8_LINEAR_MIN_ROWS = 128
 
 
-def w8a8_default(rows: float, dtype: torch.dtype, min_rows: float = W8A8_MIN_ROWS) -> bool:
+def w8a8_default(rows: float, dtype: torch.dtype, min_rows: float = W8A8_MIN_ROWS, *, block_in: int = 128) -> bool:
     """Whether FP8 weights run W8A8 by default: 16-bit activations and at least min_rows rows
-    (per expert for the MoE); fp32 activations (the tests' exact mode) never."""
-    return dtype in (torch.bfloat16, torch.float16) and rows >= min_rows
+    (per expert for the MoE); fp32 activations (the tests' exact mode) never, nor scale blocks
+    along K that are not a power of two >= 32 (one e4m3 dot per block; the quantization groups)."""
+    block_ok = block_in >= 32 and block_in & (block_in - 1) == 0
+    return block_ok and dtype in (torch.bfloat16, torch.float16) and rows >= min_rows
 
 
 def _launch_gemm(
@@ -604,7 +606,7 @@ def fp8_linear(
     if scale.dtype != torch.float32 or tuple(scale.shape) != (-(-n // bo), -(-k // bi)):
         raise ValueError(f"fp8_linear: scale must be float32 {(-(-n // bo), -(-k // bi))}, got {_desc(scale)}")
     rows = x.shape[0]
-    w8a8 = w8a8_default(rows, x.dtype, W8A8_LINEAR_MIN_ROWS) if fp8_activations is None else fp8_activations
+    w8a8 = w8a8_default(rows, x.dtype, W8A8_LINEAR_MIN_ROWS, block_in=bi) if fp8_activations is None else fp8_activations
     if rows == 0 or not uses_triton(x):
         if w8a8:
             return (fp8_round_trip(x, bi) @ dequantize_fp8(weight, scale, block, torch.float32).T).to(x.dtype)

@@ -132,6 +132,7 @@ def test_fp8_w8a8_linear_and_defaults(device) -> None:
     assert w8a8_default(W8A8_MIN_ROWS, torch.bfloat16) and not w8a8_default(W8A8_MIN_ROWS - 1, torch.bfloat16)
     assert not w8a8_default(10**6, torch.float32)
     assert w8a8_default(W8A8_LINEAR_MIN_ROWS, torch.float16, W8A8_LINEAR_MIN_ROWS)
+    assert not w8a8_default(10**6, torch.bfloat16, block_in=96) and not w8a8_default(10**6, torch.bfloat16, block_in=16)
     dense = DenseExperts(*(torch.randn(1, a, b, device=device) for a, b in ((32, 64), (32, 64), (64, 32))))
     with pytest.raises(ValueError, match="Fp8Experts"):
         grouped_mlp(torch.randn(4, 64, device=device), [4], dense, fp8_activations=True)
