@@ -1,0 +1,157 @@
+"""Where an expert-parallel decode step's time goes: `--world` processes, one rank each of one EP
+group (NCCL on GPUs, gloo on CPUs), stepping through the real lockstep loop (`ep_rank.py`: the
+agreement all-reduce, decode CUDA graphs with the gather dispatch). Each rank takes
+concurrency / world requests of `--context` random prompt tokens; once all decode, each rank
+profiles `--steps` decode steps and prints its step phases (the engine's step timer) and busiest
+kernels (CUDA) or ops (CPU). Collective kernels include the time spent waiting for the slower rank.
+
+    python scripts/profile_ep_decode.py --world 2 --preset deepseek-v3 --layers 4 --concurrency 64 --context 2000
+    python scripts/profile_ep_decode.py --world 2 --device cpu --model CKPT --concurrency 4 --context 16 --steps 3
+
+(The rank body lives in this module so spawned processes can import it.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import random
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _rank(rank: int, world: int, port: int, args: argparse.Namespace, model: str, results: Any, barrier: Any) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from moecluster.workers.engine.engine_config import EngineConfig
+    from moecluster.workers.engine.ep_rank import join_group, lockstep_loop
+    from moecluster.workers.engine.sampling_params import SamplingParams
+
+    per_rank = max(1, args.concurrency // world)
+    extra = dict(gpu_memory_utilization=0.8) if args.device == "cuda" else dict(num_kv_blocks=per_rank * (args.context // 16 + 8))
+    cfg = EngineConfig(model=Path(model), load_format="safetensors" if args.model else "random", dtype=args.dtype,
+                       device=args.device, block_size=16 if args.device == "cpu" else 64,
+                       max_model_len=args.context + args.steps + 64, max_num_seqs=per_rank, **extra)
+    core, device = join_group(rank, world, "127.0.0.1", port, cfg)
+    inbox: queue.Queue = queue.Queue()
+    outbox: queue.Queue = queue.Queue()
+    rng = random.Random(rank)
+    vocab = core.runner.model.cfg.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=args.warm + args.steps + 32, ignore_eos=True)
+    for i in range(per_rank):
+        inbox.put(("add", f"r{rank}-{i}", [rng.randrange(2, vocab) for _ in range(args.context)], params, None))
+    # The profiler runs on the loop's thread (it records the CPU ops of the thread that starts it):
+    # the engine's execute is wrapped to count decode-only steps, start after `warm` and stop after
+    # `steps` more.
+    cuda = device.type == "cuda"
+    state: dict[str, Any] = {"decode": 0, "prof": None, "t0": 0.0, "wall": 0.0}
+    done = threading.Event()
+    execute = core.execute
+
+    def counted(sched, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        decode = len(sched.scheduled) == per_rank and sched.num_tokens == per_rank
+        if decode and state["decode"] == args.warm and state["prof"] is None:
+            core.timer.clear()
+            state["prof"] = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+        out = execute(sched, *a, **kw)
+        state["decode"] += decode
+        if state["prof"] is not None and not done.is_set() and state["decode"] == args.warm + args.steps:
+            if cuda:
+                torch.cuda.synchronize(device)
+            state["wall"] = (time.perf_counter() - state["t0"]) / args.steps
+            state["prof"].__exit__(None, None, None)
+            done.set()
+        return out
+
+    core.execute = counted  # type: ignore[method-assign]
+    loop = threading.Thread(target=lockstep_loop, args=(core, rank, device, cfg, inbox, outbox), daemon=True)
+    loop.start()
+    if not done.wait(timeout=1800):
+        raise TimeoutError(f"rank {rank}: {state['decode']} decode steps in 30 minutes")
+    prof, wall = state["prof"], state["wall"]
+    phases = {k: round(v["p50_ms"], 3) for k, v in core.timer.snapshot().items()}  # (steps after the window too)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[: args.top]
+    report = {
+        "rank": rank, "wall_ms_per_step": wall * 1e3, "phases_p50_ms": phases,
+        "busy_ms_per_step": sum(getattr(e, attr) for e in events) / 1e3 / args.steps,
+        "top": [{"ms_per_step": getattr(e, attr) / 1e3 / args.steps, "calls_per_step": e.count / args.steps,
+                 "name": e.key[:90]} for e in top],
+    }
+    barrier.wait(timeout=1800)  # every rank's window is over: the group may stop
+    if rank == 0:
+        inbox.put(("stop",))
+    loop.join(timeout=120)
+    results.put(report)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser()
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--model", default="", help="checkpoint (default on cuda: a random slice of --preset)")
+    p.add_argument("--preset", default="deepseek-v3")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dtype", default="")
+    p.add_argument("--concurrency", type=int, default=64, help="requests over the whole group")
+    p.add_argument("--context", type=int, default=2000)
+    p.add_argument("--warm", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--out", default="", help="JSON file for every rank's report")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.device == "cuda" and torch.cuda.device_count() < args.world:
+        raise SystemExit(f"--world {args.world} needs as many GPUs, found {torch.cuda.device_count()}")
+    model = args.model
+    if not model:
+        if args.device != "cuda":
+            raise SystemExit("--device cpu needs --model (a small checkpoint): the slices are full width")
+        from moecluster.cluster.bench.slice_model import make_slice
+
+        model = str(make_slice(Path(tempfile.mkdtemp()) / args.preset, args.preset, args.layers))
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    barrier = ctx.Barrier(args.world)
+    procs = [ctx.Process(target=_rank, args=(r, args.world, port, args, model, results, barrier))
+             for r in range(args.world)]
+    for proc in procs:
+        proc.start()
+    try:
+        reports = sorted((results.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    for r in reports:
+        print(f"rank {r['rank']}: {r['wall_ms_per_step']:.2f} ms per decode step (wall), busy "
+              f"{r['busy_ms_per_step']:.2f} ms, phases p50 {r['phases_p50_ms']}")
+        for e in r["top"]:
+            print(f"  {e['ms_per_step']:8.3f} ms/step  x{e['calls_per_step']:<6.1f} {e['name']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(reports, indent=2))
+    return reports
+
+
+if __name__ == "__main__":
+    main()

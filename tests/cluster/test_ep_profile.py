@@ -1,0 +1,25 @@
+"""The EP decode profiler (scripts/profile_ep_decode.py -> cluster/bench/ep_profile.py) at toy size over gloo: two rank processes step through the real
+lockstep loop, and each reports its decode step phases and busiest ops (the GPU run reads the
+same report with CUDA kernels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moecluster.cluster.bench import ep_profile as mod
+
+
+def test_profile_ep_decode_two_gloo_ranks(tiny_checkpoint, tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(num_layers=2)
+    out = tmp_path / "ep.json"
+    reports = mod.main(["--world", "2", "--device", "cpu", "--model", str(ckpt), "--concurrency", "4",
+                        "--context", "12", "--warm", "2", "--steps", "3", "--out", str(out)])
+    assert [r["rank"] for r in reports] == [0, 1] and out.exists()
+    for r in reports:
+        assert r["wall_ms_per_step"] > 0 and r["busy_ms_per_step"] > 0
+        assert {"step", "schedule", "sync"} <= set(r["phases_p50_ms"]), r["phases_p50_ms"]
+        assert r["top"] and all(e["ms_per_step"] >= 0 for e in r["top"])
+    with pytest.raises(SystemExit, match="--model"):
+        mod.main(["--device", "cpu"])
