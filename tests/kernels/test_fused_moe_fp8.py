@@ -160,3 +160,31 @@ def test_fp8_w8a8_deepseek_shape_bf16() -> None:
     # the unquantized MLP instead of to the reference itself.
     assert rel(got, want) < 0.03
     assert 0.01 < rel(got, exact) < 1.1 * rel(want, exact) + 1e-3, (rel(got, exact), rel(want, exact))
+
+
+@pytest.mark.gpu
+def test_fp8_w8a8_captures_in_a_cuda_graph() -> None:
+    """Decode graphs of 128+ sequences run the FP8 linears in W8A8 (and EP graphs may run the
+    experts so): the quantization pass and both GEMMs capture and replay, equal to eager."""
+    gen = torch.Generator().manual_seed(5)
+    dev = torch.device("cuda")
+    from moecluster.kernels.fused_moe import W8A8_LINEAR_MIN_ROWS, fp8_linear
+
+    w = (torch.randn(512, 384, generator=gen) * 2).to(torch.float8_e4m3fn).to(dev)
+    s = (torch.rand(4, 3, generator=gen) * 0.02 + 0.001).to(dev)
+    experts = fp8_experts(4, 256, 256, (128, 128), dev, gen)
+    counts = torch.tensor([100, 0, 300, 60], dtype=torch.int32, device=dev)  # mean 115: W8A8
+    x = torch.randn(max(W8A8_LINEAR_MIN_ROWS, 460), 384, generator=gen).to(dev, torch.bfloat16)
+    xe = torch.randn(460, 256, generator=gen).to(dev, torch.bfloat16)
+    want = (fp8_linear(x, w, s), grouped_mlp(xe, counts, experts))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm (compiles) off the capture
+        fp8_linear(x, w, s), grouped_mlp(xe, counts, experts)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = (fp8_linear(x, w, s), grouped_mlp(xe, counts, experts))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
