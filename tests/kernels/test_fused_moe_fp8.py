@@ -48,14 +48,18 @@ def test_fp8_scale_shapes_are_checked(device) -> None:
         Fp8Experts(w.gate, w.gate_scale[:, :, :1], w.up, w.up_scale, w.down, w.down_scale, w.block)
 
 
+def deepseek_case(counts: list[int], seed: int) -> tuple[Fp8Experts, torch.Tensor, torch.Tensor]:
+    """Four experts at DeepSeek-V3's shapes on the GPU, bf16 rows for them, the counts there."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = torch.device("cuda")
+    w = fp8_experts(len(counts), 7168, 2048, (128, 128), dev, gen)
+    x = (torch.randn(sum(counts), 7168, generator=gen) * 0.1).to(device=dev, dtype=torch.bfloat16)
+    return w, x, torch.tensor(counts, dtype=torch.int32, device=dev)
+
+
 @pytest.mark.gpu
 def test_fp8_deepseek_shape_bf16() -> None:
-    gen = torch.Generator().manual_seed(1)
-    dev = torch.device("cuda")
-    w = fp8_experts(4, 7168, 2048, (128, 128), dev, gen)
-    counts = [8, 64, 1, 30]
-    x = (torch.randn(sum(counts), 7168, generator=gen) * 0.1).to(device=dev, dtype=torch.bfloat16)
-    c = torch.tensor(counts, dtype=torch.int32, device=dev)
+    w, x, c = deepseek_case([8, 64, 1, 30], seed=1)
     got = grouped_mlp(x, c, w)
     want = grouped_mlp_reference(x, c, w)
     rel = (got.float() - want.float()).norm() / want.float().norm()
@@ -141,12 +145,7 @@ def test_fp8_w8a8_linear_and_defaults(device) -> None:
 @pytest.mark.gpu
 def test_fp8_w8a8_deepseek_shape_bf16() -> None:
     """DeepSeek-V3 shapes in bf16 at prefill-sized counts: the default (W8A8) near its reference."""
-    gen = torch.Generator().manual_seed(2)
-    dev = torch.device("cuda")
-    w = fp8_experts(4, 7168, 2048, (128, 128), dev, gen)
-    counts = [300, 64, 1, 200]
-    x = (torch.randn(sum(counts), 7168, generator=gen) * 0.1).to(device=dev, dtype=torch.bfloat16)
-    c = torch.tensor(counts, dtype=torch.int32, device=dev)
+    w, x, c = deepseek_case([300, 64, 1, 200], seed=2)
     got = grouped_mlp(x, c, w).float()  # mean 141 rows per expert: W8A8 by default
     want = grouped_mlp_reference(x, c, w, fp8_activations=True).float()
     exact = grouped_mlp_reference(x, c, w, fp8_activations=False).float()
