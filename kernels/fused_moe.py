@@ -57,7 +57,8 @@ sums each token's k rows times its routing weights in fp32, deterministically (n
 FP8 weights (DeepSeek-V3's e4m3 with 128 x 128 block scales) run in one of two modes. W8A16:
 each e4m3 tile is converted to the activation dtype and the block's scale applied to the tile's
 fp32 partial product (decode-sized batches: weight-bandwidth bound, activations exact). W8A8
-(`fp8_activations`, the default from W8A8_MIN_ROWS rows per expert with 16-bit activations):
+(`fp8_activations`, the default from W8A8_MIN_ROWS rows per expert with 16-bit activations,
+outside CUDA-graph capture: decode graphs keep W8A16 until W8A8 capture has run on a GPU):
 x and h are quantized to e4m3 per (row, 128-value group) by `kernels/fp8_quant.py` and each
 K block is one e4m3 x e4m3 dot scaled by (activation scale x weight scale), DeepSeek-V3's own
 recipe; about 4% relative difference from W8A16 on random data, 1.8-3.1x faster from 64 rows
@@ -468,7 +469,7 @@ def grouped_mlp(
             f"grouped_mlp: out must be {x.dtype} {(rows, h)} on {x.device}, "
             f"got {_desc(out)} on {out.device}"
         )
-    fp8 = isinstance(weights, Fp8Experts)
+    fp8 = isinstance(weights, Fp8Experts) and not _capturing(x)
     w8a8 = fp8 and w8a8_default(rows / e, x.dtype, block_in=weights.block[1]) if fp8_activations is None else fp8_activations
     if w8a8 and not isinstance(weights, Fp8Experts):
         raise ValueError(f"grouped_mlp: fp8_activations needs Fp8Experts, got {type(weights).__name__}")
@@ -495,6 +496,13 @@ def grouped_mlp(
 # linear at 256-16384 rows; docs/performance.md, "W8A8").
 W8A8_MIN_ROWS = 64
 W8A8_LINEAR_MIN_ROWS = 128
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's stream is being captured into a CUDA graph. The decode graphs keep W8A16 by
+    default: W8A8 inside a captured graph has not run on a GPU yet (its test exists:
+    tests/kernels/test_fused_moe_fp8.py::test_fp8_w8a8_captures_in_a_cuda_graph)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def w8a8_default(rows: float, dtype: torch.dtype, min_rows: float = W8A8_MIN_ROWS, *, block_in: int = 128) -> bool:
@@ -606,7 +614,8 @@ def fp8_linear(
     if scale.dtype != torch.float32 or tuple(scale.shape) != (-(-n // bo), -(-k // bi)):
         raise ValueError(f"fp8_linear: scale must be float32 {(-(-n // bo), -(-k // bi))}, got {_desc(scale)}")
     rows = x.shape[0]
-    w8a8 = w8a8_default(rows, x.dtype, W8A8_LINEAR_MIN_ROWS, block_in=bi) if fp8_activations is None else fp8_activations
+    default = not _capturing(x) and w8a8_default(rows, x.dtype, W8A8_LINEAR_MIN_ROWS, block_in=bi)
+    w8a8 = default if fp8_activations is None else fp8_activations
     if rows == 0 or not uses_triton(x):
         if w8a8:
             return (fp8_round_trip(x, bi) @ dequantize_fp8(weight, scale, block, torch.float32).T).to(x.dtype)

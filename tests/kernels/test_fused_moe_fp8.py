@@ -163,8 +163,8 @@ def test_fp8_w8a8_deepseek_shape_bf16() -> None:
 
 @pytest.mark.gpu
 def test_fp8_w8a8_captures_in_a_cuda_graph() -> None:
-    """Decode graphs of 128+ sequences run the FP8 linears in W8A8 (and EP graphs may run the
-    experts so): the quantization pass and both GEMMs capture and replay, equal to eager."""
+    """W8A8 (asked for: by default a capture keeps W8A16) in a CUDA graph: the quantization pass
+    and both GEMMs capture and replay, equal to eager; the default inside a capture is W8A16."""
     gen = torch.Generator().manual_seed(5)
     dev = torch.device("cuda")
     from moecluster.kernels.fused_moe import W8A8_LINEAR_MIN_ROWS, fp8_linear
@@ -175,15 +175,22 @@ def test_fp8_w8a8_captures_in_a_cuda_graph() -> None:
     counts = torch.tensor([100, 0, 300, 60], dtype=torch.int32, device=dev)  # mean 115: W8A8
     x = torch.randn(max(W8A8_LINEAR_MIN_ROWS, 460), 384, generator=gen).to(dev, torch.bfloat16)
     xe = torch.randn(460, 256, generator=gen).to(dev, torch.bfloat16)
-    want = (fp8_linear(x, w, s), grouped_mlp(xe, counts, experts))
+
+    def run_all() -> tuple[torch.Tensor, ...]:
+        return (fp8_linear(x, w, s, fp8_activations=True), grouped_mlp(xe, counts, experts, fp8_activations=True),
+                fp8_linear(x, w, s), fp8_linear(x, w, s, fp8_activations=False))
+
+    want = run_all()
+    assert not torch.equal(want[2], want[3])  # eager default at these rows: W8A8
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm (compiles) off the capture
-        fp8_linear(x, w, s), grouped_mlp(xe, counts, experts)
+        run_all()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got = (fp8_linear(x, w, s), grouped_mlp(xe, counts, experts))
+        got = run_all()
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[2], want[3])  # captured default: W8A16
