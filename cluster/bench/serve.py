@@ -4,7 +4,7 @@
    front end), a checkpoint directory or a full-width slice written by `make_slice` and served
    with random weights. Optional prefill pool (disaggregated serving).
 2. Load: for each request mix (input / output tokens) and each concurrency, closed-loop gRPC
-   streams from a separate client process (`serve_load.py`); per level: input and output tok/s
+   streams from separate client processes (`serve_load.py`, about 32 streams each); per level: input and output tok/s
    per GPU over the level's wall time, TTFT and ITL p50 / p99, and the decode rate concurrency /
    ITL p50 per GPU (tokens per second while every stream decodes). A prefill level per mix
    (max_tokens 1) gives prefill tok/s per GPU. A short warm-up level runs first (Triton compiles).
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moecluster.cluster.bench import write_json
-from moecluster.cluster.bench.serve_load import LoadLevel, RequestRecord, run_level
+from moecluster.cluster.bench.serve_load import LoadLevel, RequestRecord, client_processes, run_level
 from moecluster.cluster.stats import percentile
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class ServeBenchConfig:
     baseline_steps: int = 8
     roofline: bool = True
     cuda_graph_max_batch: int = 256  # 0: eager decode steps
+    client_procs: int = 0  # load-generator processes per level; 0: one per 32 streams (serve_load.py)
     seed: int = 0
 
     @property
@@ -151,15 +152,17 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
         if cfg.warmup:  # compiles every kernel shape the levels use: prefill chunks, decode batches
             i, _ = cfg.mixes[0]
             for c, out_len in [(max_seqs, 1)] + [(c, 4) for c in sorted({1, max_seqs})]:
-                run_level(target, LoadLevel(i, out_len, c, c, mcfg.vocab_size, seed=10_000 + c + out_len))
+                run_level(target, LoadLevel(i, out_len, c, c, mcfg.vocab_size, seed=10_000 + c + out_len,
+                                            clients=cfg.client_procs))
         for i, o in cfg.mixes:
             levels = [("prefill", max_seqs, 1)] + [("serve", c, o) for c in cfg.concurrency]
             for kind, c, out_len in levels:
                 level = LoadLevel(i, out_len, c, c * (1 if kind == "prefill" else cfg.waves), mcfg.vocab_size,
-                                  seed=cfg.seed + len(result.levels) + 1)
+                                  seed=cfg.seed + len(result.levels) + 1, clients=cfg.client_procs)
                 serving.deployment.step_profiles(clear=True)
                 records, t0, t1 = run_level(target, level)
                 row = {"kind": kind, "input_len": i, "output_len": out_len, "concurrency": c,
+                       "client_processes": client_processes(level),
                        **summarize_level(records, t0, t1, cfg.gpus, c),
                        "rank_step_ms": _decode_step_profile(serving.deployment.step_profiles())}
                 rank_step = row["rank_step_ms"].get("step")

@@ -1,15 +1,19 @@
 """The client side of `moecluster bench serve`: closed-loop gRPC streams against a served router.
 
 One level = `requests` requests of `input_len` random prompt token ids and exactly `output_len`
-new tokens (ignore_eos), `concurrency` of them open at a time. The clients run in their own
-process (grpc.aio), so they share no interpreter with the router they measure, and record for
-each request when it was sent, when each token arrived and what the server reported.
+new tokens (ignore_eos), `concurrency` of them open at a time. The clients run in processes of
+their own (grpc.aio), so they share no interpreter with the router they measure, and record for
+each request when it was sent, when each token arrived and what the server reported. The streams
+are spread over several client processes (about STREAMS_PER_CLIENT each): one Python process
+reading every stream of a high-concurrency level becomes the bottleneck itself (tokens of a
+stream read together, as if the server had sent them together).
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,6 +28,17 @@ class LoadLevel:
     vocab_size: int
     seed: int = 0
     timeout_s: float = 1800.0
+    clients: int = 0  # client processes; 0: one per STREAMS_PER_CLIENT streams, at most the CPUs less one
+
+
+STREAMS_PER_CLIENT = 32
+
+
+def client_processes(level: LoadLevel) -> int:
+    if level.clients:
+        return max(1, min(level.clients, level.concurrency))
+    cpus = max(1, (os.cpu_count() or 1) - 1)
+    return max(1, min(-(-level.concurrency // STREAMS_PER_CLIENT), cpus, level.concurrency))
 
 
 @dataclass
@@ -41,7 +56,8 @@ def prompt_ids(level: LoadLevel, index: int) -> list[int]:
     return [rng.randrange(level.vocab_size) for _ in range(level.input_len)]
 
 
-def _client(target: str, level: LoadLevel, out: mp.Queue) -> None:
+def _client(target: str, level: LoadLevel, part: int, parts: int, out: mp.Queue) -> None:
+    """Requests part, part + parts, ... of the level, with this part's share of the concurrency."""
     import grpc
 
     from moecluster.proto.v1 import generation_pb2 as pb
@@ -52,7 +68,8 @@ def _client(target: str, level: LoadLevel, out: mp.Queue) -> None:
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         async with grpc.aio.insecure_channel(target, options=options) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            next_index = iter(range(level.requests))
+            next_index = iter(range(part, level.requests, parts))
+            streams = level.concurrency // parts + (part < level.concurrency % parts)
             sampling = pb.SamplingParams(max_tokens=level.output_len, ignore_eos=True, temperature=0.0)
 
             async def worker() -> None:
@@ -72,21 +89,27 @@ def _client(target: str, level: LoadLevel, out: mp.Queue) -> None:
                         record.error = f"{e.code().name}: {e.details()}"
 
             start = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(level.concurrency)))
+            await asyncio.gather(*(worker() for _ in range(streams)))
             return records, start, time.perf_counter()
 
     out.put(asyncio.run(run()))
 
 
 def run_level(target: str, level: LoadLevel) -> tuple[list[RequestRecord], float, float]:
-    """Run one level from a fresh client process; returns (records, start, end)."""
+    """Run one level from fresh client processes; returns (records, start, end): the records of
+    all of them, from the first start to the last end (perf_counter is shared across processes)."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_client, args=(target, level, out), daemon=True)
-    proc.start()
+    parts = client_processes(level)
+    procs = [ctx.Process(target=_client, args=(target, level, p, parts, out), daemon=True) for p in range(parts)]
+    for proc in procs:
+        proc.start()
     try:
-        return out.get(timeout=level.timeout_s + 60)
+        results = [out.get(timeout=level.timeout_s + 60) for _ in procs]
     finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+    records = [r for rs, _, _ in results for r in rs]
+    return records, min(r[1] for r in results), max(r[2] for r in results)

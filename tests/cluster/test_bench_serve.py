@@ -23,7 +23,7 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
     cfg = ServeBenchConfig(model=ckpt, load_format="safetensors", device="cpu", dtype="float32",
                            mixes=((24, 6), (40, 3)), concurrency=(1, 3), waves=2, baseline_concurrency=3,
-                           baseline_steps=3)
+                           baseline_steps=3, client_procs=2)
     result = main(cfg, out, png)
     saved = json.loads(out.read_text())
     assert png.stat().st_size > 10_000
@@ -36,6 +36,7 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
         assert row["output_tokens"] == requests * row["output_len"]  # ignore_eos: exactly the asked length
         assert row["input_tokens"] == requests * row["input_len"]
         assert row["ttft_ms_p50"] > 0 and row["input_tok_s_per_gpu"] > 0
+        assert row["client_processes"] == min(2, row["concurrency"])  # the streams split over two clients
         phases = row["rank_step_ms"]  # where the decode ranks' steps spent their time, this level only
         assert {"schedule", "sync", "launch", "gpu_wait", "outputs", "step"} <= set(phases), phases
         assert phases["step"] >= phases["launch"] > 0
@@ -56,6 +57,19 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
     assert base["concurrency"] == 3 and base["context"] == 24 and base["decode_tok_s"] > 0
     assert result.summary["speedup_vs_transformers"] == pytest.approx(
         result.summary["decode_tok_s_per_gpu"] / base["decode_tok_s"])
+
+
+def test_client_processes_split_the_streams() -> None:
+    from moecluster.cluster.bench.serve_load import STREAMS_PER_CLIENT, LoadLevel, client_processes
+
+    def level(c: int, clients: int = 0) -> LoadLevel:
+        return LoadLevel(8, 4, c, c, 100, clients=clients)
+
+    assert client_processes(level(1)) == 1 and client_processes(level(5, clients=8)) == 5
+    assert client_processes(level(64, clients=3)) == 3
+    import os
+
+    assert client_processes(level(4 * STREAMS_PER_CLIENT)) == min(4, max(1, (os.cpu_count() or 1) - 1))
 
 
 def test_summarize_level_counts_and_percentiles() -> None:
