@@ -122,3 +122,37 @@ def test_graphable_and_scratch_checks(ckpt: Path) -> None:
     assert graphable(core.runner.model)
     with pytest.raises(ValueError, match="scratch block"):
         DecodeGraphs(core.runner.model, core.runner.kv_caches, BLOCK, 4, 512, scratch_block=NUM_BLOCKS + 1, capture=False)
+
+
+def test_fill_rewrites_a_table_row_exactly_when_its_blocks_differ(ckpt: Path) -> None:
+    """The host block-table rows the graphs read always hold each row's sequence's blocks: after a
+    sequence gains a block, after rows change hands, and after a table is cleared and refilled to
+    the same length with other blocks (the row cache compares contents, not identities)."""
+    from types import SimpleNamespace
+
+    core = _core(ckpt, graphs=True)
+    dg = core.runner.graphs
+    assert dg is not None
+
+    def seq(blocks: list[int], pos: int) -> SimpleNamespace:
+        table = SimpleNamespace(block_ids=blocks)
+        return SimpleNamespace(seq=SimpleNamespace(table=table, num_computed=pos, token_ids=list(range(100))))
+
+    def check(scheduled: list[SimpleNamespace], size: int) -> None:
+        dg._fill(scheduled, size)
+        tables, host = dg._host_tables.numpy(), dg._host.numpy()
+        for i, s in enumerate(scheduled):
+            blocks, pos = s.seq.table.block_ids, s.seq.num_computed
+            assert tables[i, : len(blocks)].tolist() == blocks
+            assert host[:, i].tolist() == [pos, pos, blocks[pos // BLOCK] * BLOCK + pos % BLOCK, pos + 1, 1]
+        assert (tables[len(scheduled):size, 0] == NUM_BLOCKS).all() and (host[4, len(scheduled):size] == 0).all()
+
+    a, b, c = seq([3, 4], 20), seq([7], 5), seq([9, 10, 11], 40)
+    check([a, b, c], 4)
+    a.seq.table.block_ids.append(12)  # a grows in place
+    a.seq.num_computed = 32
+    check([a, b, c], 4)
+    check([c, a], 2)  # rows change hands (b finished)
+    c.seq.table.block_ids[:] = [20, 21, 22]  # cleared and refilled, same list and length
+    check([c, a], 2)
+    check([b, c, a], 4)  # a row that was padding takes a sequence again

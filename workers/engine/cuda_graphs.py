@@ -46,7 +46,7 @@ from moecluster.router.experts.all_to_all import AllToAllDispatch
 from moecluster.router.experts.dispatch import LocalDispatch
 from moecluster.router.experts.gather_dispatch import GatherDispatch
 from moecluster.workers.engine.scheduler import ScheduledSeq
-from moecluster.workers.model.attention_metadata import AttentionMetadata, cache_slots
+from moecluster.workers.model.attention_metadata import AttentionMetadata
 from moecluster.workers.model.deepseek import DeepseekV3Model
 from moecluster.workers.model.moe import MoE
 
@@ -93,6 +93,7 @@ class DecodeGraphs:
         self._host_tables = torch.full((n, width), scratch_block, dtype=torch.int32, pin_memory=pin)
         self._inputs = torch.zeros((5, n), dtype=torch.int64, device=device)
         self._tables = torch.full((n, width), scratch_block, dtype=torch.int32, device=device)
+        self._held: list[list[int] | None] = [None] * n  # the block ids each host table row holds
         self._rows = torch.arange(n, device=device)
         # the last host -> device copy: the host buffers are in use until it is done
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -186,19 +187,32 @@ class DecodeGraphs:
                 moe.dispatcher = dispatcher
 
     def _fill(self, scheduled: list[ScheduledSeq], size: int) -> None:
-        """Write the batch (padded to `size`) into the host buffers and copy them to the device."""
+        """Write the batch (padded to `size`) into the host buffers and copy them to the device.
+
+        Host time here is GPU idle time (the step waits for it), so the per-row work is list
+        comprehensions into whole buffer rows, and a block-table row is rewritten only when it
+        differs from what the row holds (a sequence gains a block once per block_size steps;
+        the comparison of two int lists is far cheaper than converting one to numpy)."""
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy has read the host buffers (no-op before the first)
-        host, tables = self._host.numpy(), self._host_tables.numpy()
+        host, tables, held = self._host.numpy(), self._host_tables.numpy(), self._held
         bs, n = self.block_size, len(scheduled)
-        for i, s in enumerate(scheduled):
-            seq = s.seq
-            pos = seq.num_computed
-            blocks = seq.table.block_ids
-            host[:, i] = (seq.token_ids[pos], pos, cache_slots(blocks, pos, pos + 1, bs)[0], pos + 1, 1)
-            tables[i, : len(blocks)] = blocks
+        seqs = [s.seq for s in scheduled]
+        pos = [q.num_computed for q in seqs]
+        host[_IDS, :n] = [q.token_ids[p] for q, p in zip(seqs, pos)]
+        host[_POS, :n] = pos
+        host[_SLOT, :n] = [q.table.block_ids[p // bs] * bs + p % bs for q, p in zip(seqs, pos)]
+        host[_LEN, :n] = host[_POS, :n] + 1
+        host[_MASK, :n] = 1
+        for i, q in enumerate(seqs):
+            blocks = q.table.block_ids
+            if held[i] != blocks:
+                tables[i, : len(blocks)] = blocks
+                held[i] = list(blocks)
         host[:, n:size] = np.array([0, 0, self._scratch * bs, 1, 0])[:, None]
         tables[n:size, 0] = self._scratch
+        for i in range(n, size):
+            held[i] = None  # a padding row: its next sequence writes its whole table
         self._inputs.copy_(self._host, non_blocking=True)
         self._tables[:size].copy_(self._host_tables[:size], non_blocking=True)
         if self._copied is not None:
