@@ -9,6 +9,8 @@ is replaced, by `ReplayRunner`.
    stop checks, finishing, output deltas) and `prepare` (the real `ModelRunner.prepare`: flat
    batch and AttentionMetadata tensors, here on the CPU, so without the host-to-device copy).
    `scheduler` = schedule + update + tokens, the part with the 2 ms target; `total` adds prepare.
+   `graph fill` is what a decode step replayed from a CUDA graph does on the host instead of
+   prepare (`DecodeGraphs.fill`: the padded static inputs and block tables; 0 on mixed steps).
    The prefill-heavy row keeps the decodes running while prompts of U[long_min, long_max] tokens
    (one output token each) queue behind them, so every step also carries a prefill chunk that
    fills the 8192-token budget, and finished prompts' cached blocks get evicted.
@@ -54,15 +56,17 @@ from moecluster.cluster.bench import machine_info, summarize_ns, write_json
 from moecluster.workers.checkpoint.tiny import TinySpec, make_tiny
 from moecluster.text.detokenizer import Decoder
 from moecluster.workers.engine.block_manager import BlockManager
+from moecluster.workers.engine.cuda_graphs import DecodeGraphs
 from moecluster.workers.engine.engine_config import EngineConfig, build_engine
 from moecluster.workers.engine.engine_core import EngineCore
+from moecluster.workers.engine.kv_cache import allocate_kv_cache
 from moecluster.workers.engine.model_runner import ModelRunner
 from moecluster.workers.engine.sampler import SamplerOutput
 from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence, SeqStatus
 
-PARTS = ("schedule", "update", "tokens", "scheduler", "prepare", "total")
+PARTS = ("schedule", "update", "tokens", "scheduler", "prepare", "total", "graph fill")
 TARGET_MS = 2.0  # scheduler (schedule + update + tokens) per step at 256 running requests
 
 
@@ -116,10 +120,11 @@ class ReplayRunner:
     """Stands in for ModelRunner (same `execute` contract, no forward): builds the batch with the
     real `ModelRunner.prepare` when given one, timing it, and samples seeded random tokens."""
 
-    def __init__(self, vocab_size: int, prepare: ModelRunner | None = None, seed: int = 0) -> None:
-        self.vocab_size, self.runner = vocab_size, prepare
+    def __init__(self, vocab_size: int, prepare: ModelRunner | None = None, seed: int = 0,
+                 graphs: DecodeGraphs | None = None) -> None:
+        self.vocab_size, self.runner, self.graphs = vocab_size, prepare, graphs
         self.gen = torch.Generator().manual_seed(seed)
-        self.prepare_ns = self.execute_ns = 0
+        self.prepare_ns = self.execute_ns = self.fill_ns = 0
 
     def execute(self, sched: SchedulerOutput, graph_size: int | None = None) -> SamplerOutput:
         del graph_size  # no model, no graphs: the host's share of a step only
@@ -127,6 +132,11 @@ class ReplayRunner:
         if self.runner is not None:
             self.runner.prepare(sched.scheduled)
         self.prepare_ns = perf_counter_ns() - start
+        self.fill_ns = 0
+        if self.graphs is not None and self.graphs.can_run(sched.scheduled):  # what a GPU replay does instead
+            t = perf_counter_ns()
+            self.graphs.fill(sched.scheduled, self.graphs.size_for(len(sched.scheduled)))
+            self.fill_ns = perf_counter_ns() - t
         n = len(sched.samplers)
         tokens = torch.randint(2, self.vocab_size, (n,), generator=self.gen)
         out = SamplerOutput(tokens, torch.zeros(n), torch.ones(n, dtype=torch.int64), None, None)
@@ -152,8 +162,8 @@ class TimedScheduler(Scheduler):
 
 
 def replay_engine(sched_cfg: SchedulerConfig, blocks: BlockManager, decoder: Decoder, vocab_size: int,
-                  prepare: ModelRunner | None = None, seed: int = 0) -> EngineCore:
-    runner = ReplayRunner(vocab_size, prepare, seed)
+                  prepare: ModelRunner | None = None, seed: int = 0, graphs: DecodeGraphs | None = None) -> EngineCore:
+    runner = ReplayRunner(vocab_size, prepare, seed, graphs)
     return EngineCore(runner, TimedScheduler(sched_cfg, blocks), decoder, eos_token_ids=())  # type: ignore[arg-type]
 
 
@@ -169,7 +179,10 @@ def bench_steps(cfg: EngineBenchConfig, decodes: int, prefill_heavy: bool, decod
     max_len = max(cfg.prompt_max + prefill_steps + cfg.warmup + cfg.steps + 8, cfg.long_max + 2)
     num_blocks = decodes * -(-max_len // bs) + 4 * -(-cfg.long_max // bs)
     sched_cfg = SchedulerConfig(max_len + 1, decodes + 4, cfg.max_num_batched_tokens)
-    engine = replay_engine(sched_cfg, BlockManager(num_blocks, bs), decoder, vocab, prepare, cfg.seed)
+    model = prepare.model
+    graphs = DecodeGraphs(model, allocate_kv_cache(model.cfg, 1, bs, model.dtype, "cpu"), bs, decodes + 4, max_len + 1,
+                          scratch_block=0, capture=False)  # only its host fill is timed: the cache is never read
+    engine = replay_engine(sched_cfg, BlockManager(num_blocks, bs), decoder, vocab, prepare, cfg.seed, graphs)
     scheduler, runner = engine.scheduler, engine.runner
     assert isinstance(scheduler, TimedScheduler) and isinstance(runner, ReplayRunner)
     decode = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
@@ -195,6 +208,7 @@ def bench_steps(cfg: EngineBenchConfig, decodes: int, prefill_heavy: bool, decod
         part["tokens"] = step - scheduler.schedule_ns - scheduler.update_ns - runner.execute_ns
         part["scheduler"] = part["schedule"] + part["update"] + part["tokens"]
         part["total"] = part["scheduler"] + part["prepare"]
+        part["graph fill"] = runner.fill_ns  # decode-only steps on a GPU: instead of prepare (0 when mixed)
         for name, ns in part.items():
             samples[name].append(ns)
         tokens += scheduler.num_tokens

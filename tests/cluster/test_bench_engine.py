@@ -38,6 +38,9 @@ def test_step_times_are_measured_for_every_case_and_part(result: dict) -> None:
     for c in cases:
         assert c["steps"] == 20 and set(c["parts_ms"]) == set(PARTS)
         for part, s in c["parts_ms"].items():
+            if part == "graph fill" and c["case"] == "prefill-heavy":  # every step mixed: no replay
+                assert s["max"] == 0, s
+                continue
             assert 0 < s["p50"] <= s["p99"] <= s["max"], (c["case"], part, s)
             assert 0 < s["mean"] <= s["max"], (c["case"], part, s)
         parts = c["parts_ms"]

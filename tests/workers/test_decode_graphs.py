@@ -139,7 +139,7 @@ def test_fill_rewrites_a_table_row_exactly_when_its_blocks_differ(ckpt: Path) ->
         return SimpleNamespace(seq=SimpleNamespace(table=table, num_computed=pos, token_ids=list(range(100))))
 
     def check(scheduled: list[SimpleNamespace], size: int) -> None:
-        dg._fill(scheduled, size)
+        dg.fill(scheduled, size)
         tables, host = dg._host_tables.numpy(), dg._host.numpy()
         for i, s in enumerate(scheduled):
             blocks, pos = s.seq.table.block_ids, s.seq.num_computed

@@ -104,7 +104,7 @@ class DecodeGraphs:
             m: GatherDispatch(m.dispatcher.placement, m.dispatcher.rank, m.dispatcher.group, device)
             for m in model.modules() if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatch)
         }
-        self._fill([], n)
+        self.fill([], n)
 
     @property
     def max_batch(self) -> int:
@@ -165,7 +165,7 @@ class DecodeGraphs:
         size = self.size_for(n) if size is None else size
         if size not in self.sizes or n > size:
             raise ValueError(f"a batch of {n} cannot run at size {size} (captured sizes {self.sizes})")
-        self._fill(scheduled, size)
+        self.fill(scheduled, size)
         graph = self._graphs.get(size)
         if graph is None:  # capture disabled (or CPU): the same padded batch, eagerly
             ids, meta = self._batch(size)
@@ -186,8 +186,9 @@ class DecodeGraphs:
             for moe, dispatcher in eager.items():
                 moe.dispatcher = dispatcher
 
-    def _fill(self, scheduled: list[ScheduledSeq], size: int) -> None:
-        """Write the batch (padded to `size`) into the host buffers and copy them to the device.
+    def fill(self, scheduled: list[ScheduledSeq], size: int) -> None:
+        """Write the batch (padded to `size`) into the host buffers and copy them to the device
+        (the host's share of a replay; `run` calls it, `bench engine` times it).
 
         Host time here is GPU idle time (the step waits for it), so the per-row work is list
         comprehensions into whole buffer rows, and a block-table row is rewritten only when it
