@@ -20,7 +20,7 @@ from moecluster.workers.engine.cuda_graphs import DecodeGraphs
 from moecluster.workers.engine.sampler import SamplerOutput, SamplingBatch, sample
 from moecluster.workers.engine.scheduler import ScheduledSeq, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence
-from moecluster.workers.model.attention_metadata import AttentionMetadata, cache_slots
+from moecluster.workers.model.attention_metadata import AttentionMetadata, cache_slots, int_tensor
 from moecluster.workers.model.deepseek import DeepseekV3Model
 
 
@@ -52,7 +52,7 @@ class ModelRunner:
             query_lens=[s.num_tokens for s in scheduled],
             device=self.device,
         )
-        return torch.tensor(input_ids, dtype=torch.int64, device=self.device), meta
+        return int_tensor(input_ids, torch.int64, self.device), meta
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         for seq in seqs:
