@@ -58,7 +58,7 @@ FP8 weights (DeepSeek-V3's e4m3 with 128 x 128 block scales) run in one of two m
 each e4m3 tile is converted to the activation dtype and the block's scale applied to the tile's
 fp32 partial product (decode-sized batches: weight-bandwidth bound, activations exact). W8A8
 (`fp8_activations`, the default from W8A8_MIN_ROWS rows per expert with 16-bit activations,
-outside CUDA-graph capture: decode graphs keep W8A16 until W8A8 capture has run on a GPU):
+on Hopper, outside `w8a16_only`, which the decode CUDA graphs' warm-up and capture run in):
 x and h are quantized to e4m3 per (row, 128-value group) by `kernels/fp8_quant.py` and each
 K block is one e4m3 x e4m3 dot scaled by (activation scale x weight scale), DeepSeek-V3's own
 recipe; about 4% relative difference from W8A16 on random data, 1.8-3.1x faster from 64 rows
@@ -72,8 +72,10 @@ fp32 and round where the kernels round (h and the expert outputs in the activati
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -469,10 +471,12 @@ def grouped_mlp(
             f"grouped_mlp: out must be {x.dtype} {(rows, h)} on {x.device}, "
             f"got {_desc(out)} on {out.device}"
         )
-    fp8 = isinstance(weights, Fp8Experts) and not _capturing(x)
-    w8a8 = fp8 and w8a8_default(rows / e, x.dtype, block_in=weights.block[1]) if fp8_activations is None else fp8_activations
+    fp8 = isinstance(weights, Fp8Experts)
+    w8a8 = fp8 and w8a8_default(rows / e, x, block_in=weights.block[1]) if fp8_activations is None else fp8_activations
     if w8a8 and not isinstance(weights, Fp8Experts):
         raise ValueError(f"grouped_mlp: fp8_activations needs Fp8Experts, got {type(weights).__name__}")
+    if w8a8:
+        _check_w8a8_block("grouped_mlp", weights.block[1])
     if rows == 0:
         return out
     if not uses_triton(x):
@@ -498,19 +502,51 @@ W8A8_MIN_ROWS = 64
 W8A8_LINEAR_MIN_ROWS = 128
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    """Whether x's stream is being captured into a CUDA graph. The decode graphs keep W8A16 by
-    default: W8A8 inside a captured graph has not run on a GPU yet (its test exists:
-    tests/kernels/test_fused_moe_fp8.py::test_fp8_w8a8_captures_in_a_cuda_graph)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+_W8A8_BY_DEFAULT: ContextVar[bool] = ContextVar("moecluster_w8a8_by_default", default=True)
 
 
-def w8a8_default(rows: float, dtype: torch.dtype, min_rows: float = W8A8_MIN_ROWS, *, block_in: int = 128) -> bool:
-    """Whether FP8 weights run W8A8 by default: 16-bit activations and at least min_rows rows
-    (per expert for the MoE); fp32 activations (the tests' exact mode) never, nor scale blocks
-    along K that are not a power of two >= 32 (one e4m3 dot per block; the quantization groups)."""
+@contextmanager
+def w8a16_only() -> Iterator[None]:
+    """Inside, FP8 weights run W8A16 unless a call asks for W8A8. The decode CUDA graphs run both
+    their warm-up pass and their capture inside it, so the two compile and launch the same kernels
+    (a kernel first compiled during a capture would load a module there, which CUDA refuses);
+    W8A8 inside a captured graph has a GPU test that has not run yet
+    (tests/kernels/test_fused_moe_fp8.py::test_fp8_w8a8_captures_in_a_cuda_graph)."""
+    token = _W8A8_BY_DEFAULT.set(False)
+    try:
+        yield
+    finally:
+        _W8A8_BY_DEFAULT.reset(token)
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _fp8_dot_device(x: torch.Tensor) -> bool:
+    """e4m3 tensor-core dots with the W8A8 tiles' shared memory: Hopper (sm_90) or newer; the
+    interpreter (CPU tensors) too."""
+    if not x.is_cuda:
+        return True
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index] >= (9, 0)
+
+
+def _check_w8a8_block(where: str, block_in: int) -> None:
+    if block_in < 32 or block_in & (block_in - 1):
+        raise ValueError(f"{where}: W8A8 needs the weights' scale block along K to be a power of two >= 32 "
+                         f"(one e4m3 dot per block), got {block_in}")
+
+
+def w8a8_default(rows: float, x: torch.Tensor, min_rows: float = W8A8_MIN_ROWS, *, block_in: int = 128) -> bool:
+    """Whether FP8 weights run W8A8 by default for activations like x: 16-bit, at least min_rows
+    rows (per expert for the MoE), outside `w8a16_only`, on a Hopper-class GPU (or the
+    interpreter); fp32 activations (the tests' exact mode) never, nor scale blocks along K that
+    are not a power of two >= 32 (one e4m3 dot per block; the quantization groups)."""
     block_ok = block_in >= 32 and block_in & (block_in - 1) == 0
-    return block_ok and dtype in (torch.bfloat16, torch.float16) and rows >= min_rows
+    return (block_ok and x.dtype in (torch.bfloat16, torch.float16) and rows >= min_rows
+            and _W8A8_BY_DEFAULT.get() and _fp8_dot_device(x))
 
 
 def _launch_gemm(
@@ -614,8 +650,9 @@ def fp8_linear(
     if scale.dtype != torch.float32 or tuple(scale.shape) != (-(-n // bo), -(-k // bi)):
         raise ValueError(f"fp8_linear: scale must be float32 {(-(-n // bo), -(-k // bi))}, got {_desc(scale)}")
     rows = x.shape[0]
-    default = not _capturing(x) and w8a8_default(rows, x.dtype, W8A8_LINEAR_MIN_ROWS, block_in=bi)
-    w8a8 = default if fp8_activations is None else fp8_activations
+    w8a8 = w8a8_default(rows, x, W8A8_LINEAR_MIN_ROWS, block_in=bi) if fp8_activations is None else fp8_activations
+    if w8a8:
+        _check_w8a8_block("fp8_linear", bi)
     if rows == 0 or not uses_triton(x):
         if w8a8:
             return (fp8_round_trip(x, bi) @ dequantize_fp8(weight, scale, block, torch.float32).T).to(x.dtype)
@@ -659,6 +696,7 @@ def fused_moe(
     out: torch.Tensor | None = None,
     gate_up_tiles: TileConfig | None = None,
     down_tiles: TileConfig | None = None,
+    fp8_activations: bool | None = None,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])  -> (T, H) in hidden's dtype.
 
@@ -680,8 +718,11 @@ def fused_moe(
         raise ValueError(f"fused_moe: out must be {hidden.dtype} {tuple(hidden.shape)}, got {_desc(out)}")
     if t == 0:
         return out
+    if fp8_activations is None:  # decided here so the CPU path and the kernels agree
+        fp8_activations = isinstance(weights, Fp8Experts) and w8a8_default(
+            t * k / weights.num_experts, hidden, block_in=weights.block[1])
     if not uses_triton(hidden):
-        out.copy_(fused_moe_reference(hidden, topk_ids, topk_weights, weights))
+        out.copy_(fused_moe_reference(hidden, topk_ids, topk_weights, weights, fp8_activations=fp8_activations))
         return out
 
     e = weights.num_experts
@@ -691,7 +732,7 @@ def fused_moe(
     counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))  # (E,), no sync unlike bincount
     y = grouped_mlp(
         hidden, counts, weights, src_rows=order // k,
-        gate_up_tiles=gate_up_tiles, down_tiles=down_tiles,
+        gate_up_tiles=gate_up_tiles, down_tiles=down_tiles, fp8_activations=fp8_activations,
     )  # (T*k, H) grouped  # fmt: skip
     slot_row = torch.empty_like(order)
     slot_row.scatter_(0, order, torch.arange(order.numel(), device=order.device))  # (T*k,) slot -> grouped row

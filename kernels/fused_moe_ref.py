@@ -97,14 +97,18 @@ def fused_moe_reference(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     weights: ExpertWeights,
+    fp8_activations: bool = False,
 ) -> torch.Tensor:
     """Per-expert loop over the tokens routed to it; expert outputs rounded to hidden's dtype,
-    weighted sum in fp32 -> (T, H) in hidden's dtype."""
+    weighted sum in fp32 -> (T, H) in hidden's dtype (fp8_activations: FP8 weights, W8A8)."""
+    if fp8_activations and not isinstance(weights, Fp8Experts):
+        raise ValueError(f"fused_moe: fp8_activations needs Fp8Experts, got {type(weights).__name__}")
+    act_group = weights.block[1] if fp8_activations else None
     acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (T, H)
     ids = topk_ids.long()
     for e in torch.unique(ids).tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)  # (n,), (n,)
-        y = _expert_mlp(hidden[tok], *_one_expert(weights, e, hidden.dtype))  # (n, H)
+        y = _expert_mlp(hidden[tok], *_one_expert(weights, e, hidden.dtype), act_group)  # (n, H)
         acc.index_add_(0, tok, y.float() * topk_weights[tok, slot].float()[:, None])
     return acc.to(hidden.dtype)
 

@@ -28,6 +28,14 @@ import torch
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, model: str, results: Any, barrier: Any) -> None:
+    try:
+        results.put(_profile_rank(rank, world, port, args, model, barrier))
+    except BaseException as e:  # noqa: BLE001 - the driver must hear why, not wait for a report
+        results.put({"rank": rank, "error": repr(e)})
+        raise
+
+
+def _profile_rank(rank: int, world: int, port: int, args: argparse.Namespace, model: str, barrier: Any) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     from moecluster.workers.engine.engine_config import EngineConfig
@@ -35,16 +43,19 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, model: str
     from moecluster.workers.engine.sampling_params import SamplingParams
 
     per_rank = max(1, args.concurrency // world)
-    extra = dict(gpu_memory_utilization=0.8) if args.device == "cuda" else dict(num_kv_blocks=per_rank * (args.context // 16 + 8))
+    new_tokens = args.warm + args.steps + 32  # every request decodes through the whole window
+    max_len = args.context + new_tokens + 16
+    extra = (dict(gpu_memory_utilization=0.8) if args.device == "cuda"
+             else dict(num_kv_blocks=per_rank * (max_len // 16 + 2)))
     cfg = EngineConfig(model=Path(model), load_format="safetensors" if args.model else "random", dtype=args.dtype,
                        device=args.device, block_size=16 if args.device == "cpu" else 64,
-                       max_model_len=args.context + args.steps + 64, max_num_seqs=per_rank, **extra)
+                       max_model_len=max_len, max_num_seqs=per_rank, **extra)
     core, device = join_group(rank, world, "127.0.0.1", port, cfg)
     inbox: queue.Queue = queue.Queue()
     outbox: queue.Queue = queue.Queue()
     rng = random.Random(rank)
     vocab = core.runner.model.cfg.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=args.warm + args.steps + 32, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     for i in range(per_rank):
         inbox.put(("add", f"r{rank}-{i}", [rng.randrange(2, vocab) for _ in range(args.context)], params, None))
     # The profiler runs on the loop's thread (it records the CPU ops of the thread that starts it):
@@ -92,7 +103,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, model: str
     if rank == 0:
         inbox.put(("stop",))
     loop.join(timeout=120)
-    results.put(report)
+    return report
 
 
 def _free_port() -> int:
@@ -116,6 +127,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--out", default="", help="JSON file for every rank's report")
     args = p.parse_args(argv)
+    if args.world < 1 or args.steps < 1 or args.warm < 0 or args.concurrency < args.world:
+        raise SystemExit("need --world >= 1, --steps >= 1, --warm >= 0 and --concurrency >= --world")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.device == "cuda" and torch.cuda.device_count() < args.world:
         raise SystemExit(f"--world {args.world} needs as many GPUs, found {torch.cuda.device_count()}")
@@ -137,7 +150,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for proc in procs:
         proc.start()
     try:
-        reports = sorted((results.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
+        reports = []
+        for _ in procs:
+            report = results.get(timeout=1800)
+            if "error" in report:
+                raise RuntimeError(f"rank {report['rank']} failed: {report['error']}")
+            reports.append(report)
+        reports.sort(key=lambda r: r["rank"])
     finally:
         for proc in procs:
             proc.join(timeout=60)

@@ -195,7 +195,7 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
 
     (g8, gs8), (u8, us8), (d8, ds8) = fp8(I, H), fp8(I, H), fp8(H, I)
     fp8_w = fm.Fp8Experts(g8, gs8, u8, us8, d8, ds8)
-    row["fp8_default"] = "W8A8" if fm.w8a8_default(per_expert, x.dtype) else "W8A16"
+    row["fp8_default"] = "W8A8" if fm.w8a8_default(per_expert, x) else "W8A16"
     row["fp8_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w))
     row["fp8_w8a16_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w, fp8_activations=False))
     row["fp8_w8a8_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w, fp8_activations=True))
@@ -223,7 +223,7 @@ def bench_linear(rows: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: flo
     dense = fm.dequantize_fp8(w, scale, (128, 128), torch.bfloat16)
     flops = 2 * rows * n * k
     row: dict[str, Any] = {"rows": rows, "n": n, "k": k,
-                           "default": "W8A8" if fm.w8a8_default(rows, x.dtype, fm.W8A8_LINEAR_MIN_ROWS) else "W8A16",
+                           "default": "W8A8" if fm.w8a8_default(rows, x, fm.W8A8_LINEAR_MIN_ROWS) else "W8A16",
                            "bf16_matmul_ms": _time_ms(lambda: x @ dense.T),
                            "w8a16_ms": _time_ms(lambda: fm.fp8_linear(x, w, scale, fp8_activations=False)),
                            "w8a8_ms": _time_ms(lambda: fm.fp8_linear(x, w, scale, fp8_activations=True))}
@@ -252,7 +252,8 @@ def run(cfg: KernelBenchConfig, checkpoint: Callable[[KernelBenchResult], None] 
     if not torch.cuda.is_available():
         raise RuntimeError("bench kernels needs a CUDA GPU (the Triton kernels' CPU path is the torch reference)")
     gen = torch.Generator(device="cuda").manual_seed(cfg.seed)
-    result = KernelBenchResult(torch.cuda.get_device_name(), copy_bandwidth_gbs(), matmul_tflops(), fp8_matmul_tflops())
+    fp8 = fp8_matmul_tflops() if {"moe", "linear"} & set(cfg.only) else None
+    result = KernelBenchResult(torch.cuda.get_device_name(), copy_bandwidth_gbs(), matmul_tflops(), fp8)
     if "mla" in cfg.only:
         for heads in cfg.mla_heads:
             for batch in cfg.mla_batches:

@@ -17,6 +17,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,14 @@ def prompt_ids(level: LoadLevel, index: int) -> list[int]:
     return [rng.randrange(level.vocab_size) for _ in range(level.input_len)]
 
 
-def _client(target: str, level: LoadLevel, part: int, parts: int, out: mp.Queue) -> None:
-    """Requests part, part + parts, ... of the level, with this part's share of the concurrency."""
+def stream_slots(level: LoadLevel, part: int, parts: int) -> range:
+    """The level's stream slots (0 .. concurrency-1) that client `part` of `parts` runs; slot s
+    sends requests s, s + concurrency, s + 2 * concurrency, ... one after another."""
+    return range(part * level.concurrency // parts, (part + 1) * level.concurrency // parts)
+
+
+def _client(target: str, level: LoadLevel, part: int, parts: int, out: mp.Queue, ready: Any) -> None:
+    """This part's stream slots of the level; every client starts its clock after all are connected."""
     import grpc
 
     from moecluster.proto.v1 import generation_pb2 as pb
@@ -68,12 +75,10 @@ def _client(target: str, level: LoadLevel, part: int, parts: int, out: mp.Queue)
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         async with grpc.aio.insecure_channel(target, options=options) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            next_index = iter(range(part, level.requests, parts))
-            streams = level.concurrency // parts + (part < level.concurrency % parts)
             sampling = pb.SamplingParams(max_tokens=level.output_len, ignore_eos=True, temperature=0.0)
 
-            async def worker() -> None:
-                for i in next_index:
+            async def worker(slot: int) -> None:
+                for i in range(slot, level.requests, level.concurrency):
                     request = pb.GenerateRequest(request_id=f"bench-{level.seed}-{i}", sampling=sampling)
                     request.token_ids.ids.extend(prompt_ids(level, i))
                     record = RequestRecord(sent=time.perf_counter())
@@ -88,11 +93,17 @@ def _client(target: str, level: LoadLevel, part: int, parts: int, out: mp.Queue)
                     except grpc.aio.AioRpcError as e:
                         record.error = f"{e.code().name}: {e.details()}"
 
+            await channel.channel_ready()
+            await asyncio.get_running_loop().run_in_executor(None, ready.wait, 300)  # all clients connected
             start = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(streams)))
+            await asyncio.gather(*(worker(slot) for slot in stream_slots(level, part, parts)))
             return records, start, time.perf_counter()
 
-    out.put(asyncio.run(run()))
+    try:
+        out.put(asyncio.run(run()))
+    except BaseException as e:  # noqa: BLE001 - the driver must hear it, not wait for a result
+        out.put(RuntimeError(f"load client {part} of {parts} failed: {e!r}"))
+        raise
 
 
 def run_level(target: str, level: LoadLevel) -> tuple[list[RequestRecord], float, float]:
@@ -101,11 +112,15 @@ def run_level(target: str, level: LoadLevel) -> tuple[list[RequestRecord], float
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     parts = client_processes(level)
-    procs = [ctx.Process(target=_client, args=(target, level, p, parts, out), daemon=True) for p in range(parts)]
+    ready = ctx.Barrier(parts)
+    procs = [ctx.Process(target=_client, args=(target, level, p, parts, out, ready), daemon=True) for p in range(parts)]
     for proc in procs:
         proc.start()
     try:
         results = [out.get(timeout=level.timeout_s + 60) for _ in procs]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
     finally:
         for proc in procs:
             proc.join(30)

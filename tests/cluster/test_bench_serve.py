@@ -60,7 +60,15 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
 
 
 def test_client_processes_split_the_streams() -> None:
-    from moecluster.cluster.bench.serve_load import STREAMS_PER_CLIENT, LoadLevel, client_processes
+    from moecluster.cluster.bench.serve_load import STREAMS_PER_CLIENT, LoadLevel, client_processes, stream_slots
+
+    # every stream slot runs in exactly one client, and every request in exactly one slot
+    for c, parts, waves in ((3, 2, 2), (64, 3, 1), (7, 7, 3), (5, 1, 2)):
+        lvl = LoadLevel(8, 4, c, c * waves, 100)
+        slots = [s for p in range(parts) for s in stream_slots(lvl, p, parts)]
+        assert slots == list(range(c)) and all(len(stream_slots(lvl, p, parts)) >= c // parts for p in range(parts))
+        sent = sorted(i for s in slots for i in range(s, lvl.requests, c))
+        assert sent == list(range(lvl.requests))
 
     def level(c: int, clients: int = 0) -> LoadLevel:
         return LoadLevel(8, 4, c, c, 100, clients=clients)

@@ -20,6 +20,9 @@ def test_profile_ep_decode_two_gloo_ranks(tiny_checkpoint, tmp_path: Path) -> No
     for r in reports:
         assert r["wall_ms_per_step"] > 0 and r["busy_ms_per_step"] > 0
         assert {"step", "schedule", "sync"} <= set(r["phases_p50_ms"]), r["phases_p50_ms"]
-        assert r["top"] and all(e["ms_per_step"] >= 0 for e in r["top"])
+        times = [e["ms_per_step"] for e in r["top"]]
+        assert times and times == sorted(times, reverse=True) and times[0] > 0 and sum(times) <= r["busy_ms_per_step"] + 1e-6
     with pytest.raises(SystemExit, match="--model"):
         mod.main(["--device", "cpu"])
+    with pytest.raises(SystemExit, match="--steps"):
+        mod.main(["--device", "cpu", "--steps", "0"])

@@ -52,3 +52,29 @@ def test_graph_decode_equals_eager(tiny_checkpoint, quant: str) -> None:
     for a, b in zip(eager.runner.model.modules(), graphed.runner.model.modules()):
         if isinstance(a, MoE):
             assert torch.equal(a.expert_counts, b.expert_counts)
+
+
+@pytest.mark.gpu
+def test_bf16_fp8_graphs_capture_past_the_w8a8_sizes(tiny_checkpoint) -> None:
+    """bf16 activations with FP8 weights, graphs up to 160 sequences: batches of 128+ rows run the
+    FP8 linears in W8A8 when eager, and the graphs' warm-up and capture both in W8A16 (one set of
+    kernels: none is first compiled inside a capture). Capture succeeds and 130 concurrent decodes
+    replay the graphs to the end."""
+    ckpt = tiny_checkpoint(arch="deepseek-v3", quant="fp8")
+    cfg = EngineConfig(model=ckpt, dtype="bfloat16", device="cuda", block_size=16, num_kv_blocks=1024,
+                       max_model_len=128, max_num_seqs=160, cuda_graph_max_batch=160)
+    core = build_core(cfg, load_tokenizer(ckpt))
+    graphs = core.runner.graphs
+    assert graphs is not None and graphs.max_batch == 160 and 160 in graphs._graphs
+    sizes: list[int] = []
+    run = graphs.run
+    graphs.run = lambda scheduled, size=None: (sizes.append(len(scheduled)), run(scheduled, size))[1]  # type: ignore[method-assign]
+    rng = random.Random(7)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    for i in range(130):
+        core.add_request(f"r{i}", [rng.randrange(1000) for _ in range(rng.randrange(2, 40))], params)
+    got: dict[str, int] = {}
+    while core.has_unfinished():
+        for o in core.step():
+            got[o.request_id] = got.get(o.request_id, 0) + len(o.outputs[0].token_ids)
+    assert got == {f"r{i}": 5 for i in range(130)} and 130 in sizes

@@ -149,6 +149,9 @@ def test_grouped_mlp_grouped_launch_order(device: torch.device, group_m: int) ->
     e, h, i, counts = 4, 64, 96, [40, 0, 3, 21]  # 3 + 1 + 2 m-blocks of 16 (7 in the bound), 3 n-blocks of 32
     tiles = dict(gate_up_tiles=fm.TileConfig(16, 32, 32, group_m=group_m),
                  down_tiles=fm.TileConfig(16, 32, 32, group_m=group_m))
+    # one expert of 80 rows: no slack in the m-block bound, so the last (partial) group holds real rows
+    one = _dense(1, h, i, torch.float32, device)
+    _check_grouped(torch.randn(80, h, device=device), [80], one, torch.float32, device, **tiles)
     for weights in (_dense(e, h, i, torch.float32, device), _int4(e, h, i, device)[0]):
         x = torch.randn(sum(counts), h, device=device)
         if isinstance(weights, fm.Int4Experts):

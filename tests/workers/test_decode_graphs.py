@@ -155,4 +155,7 @@ def test_fill_rewrites_a_table_row_exactly_when_its_blocks_differ(ckpt: Path) ->
     check([c, a], 2)  # rows change hands (b finished)
     c.seq.table.block_ids[:] = [20, 21, 22]  # cleared and refilled, same list and length
     check([c, a], 2)
-    check([b, c, a], 4)  # a row that was padding takes a sequence again
+    check([b, c, a], 4)
+    check([a, b], 2)
+    check([a], 2)  # row 1 becomes padding (its first table entry now the scratch block)
+    check([a, b], 2)  # and takes the same sequence again: its table is written back

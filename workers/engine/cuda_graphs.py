@@ -42,6 +42,7 @@ import torch
 from contextlib import contextmanager
 from typing import Iterator
 
+from moecluster.kernels.fused_moe import w8a16_only
 from moecluster.router.experts.all_to_all import AllToAllDispatch
 from moecluster.router.experts.dispatch import LocalDispatch
 from moecluster.router.experts.gather_dispatch import GatherDispatch
@@ -176,12 +177,15 @@ class DecodeGraphs:
 
     @contextmanager
     def _sync_free_dispatch(self) -> Iterator[None]:
-        """Expert-parallel layers dispatch through their GatherDispatch inside."""
+        """The graphs' forward (warm-up, capture, and the eager stand-in without capture):
+        expert-parallel layers dispatch through their GatherDispatch inside, and FP8 weights run
+        W8A16 (`w8a16_only`: warm-up and capture must launch the same kernels)."""
         eager = {moe: moe.dispatcher for moe in self._gather}
         for moe, gather in self._gather.items():
             moe.dispatcher = gather
         try:
-            yield
+            with w8a16_only():
+                yield
         finally:
             for moe, dispatcher in eager.items():
                 moe.dispatcher = dispatcher
