@@ -48,6 +48,10 @@ Weights, the "logical" shapes follow the checkpoint (nn.Linear: (out, in) per ex
     nibble is OR-ed into the mantissa of a magic constant (fp16 1024.0, bf16 128.0) and the bias
     subtracted, which gives q exactly with no int->float conversion (on an H100 the conversion
     units, not HBM, bounded INT4 decode: this cut it by ~20%); fp32 converts.
+    `TileConfig.int4_wide` instead stacks the 8 unpacked sub-tiles of a packed block along a
+    leading axis and merges it with the rows, which is input order, for one (k_block, BLOCK_N)
+    tile and one dot of depth k_block (a whole activation tile per block, fewer and deeper MMAs);
+    off by default until timed on a GPU (`bench kernels` has its column).
 
 `fused_moe(hidden, topk_ids, topk_weights, weights)` sorts the T*k (token, slot) pairs by expert
 (stable argsort), counts rows per expert (scatter_add, no sync), runs the grouped MLP with the
@@ -133,6 +137,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 0  # launch order (module docstring): 0 = m-blocks fastest, else groups of group_m
+    int4_wide: bool = False  # INT4: one dot per packed block of k_block inputs (not 8 of k_block / 8)
 
 
 def default_tiles(
@@ -221,6 +226,25 @@ def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.
     return w
 
 
+@jit
+def _dequant_block(words, s_ptrs, kb, stride_sk, n_mask, GROUP: tl.constexpr, SUB_K: tl.constexpr,
+                   dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr):
+    """A packed block of words (SUB_K, BLOCK_N) -> its (8 * SUB_K, BLOCK_N) weights in dtype, rows
+    in input order: nibble s of word row j is input kb + s * SUB_K + j (the repack's layout), so
+    stacking the 8 unpacked sub-tiles along a leading axis and merging it with the rows gives
+    input order. s_ptrs (BLOCK_N,): the scale row of group 0 of this expert's columns."""
+    s_idx = tl.arange(0, 8)  # (8,)
+    nib = (words[None, :, :] >> (4 * s_idx[:, None, None])) & 0xF  # (8, SUB_K, BLOCK_N)
+    group = (kb + s_idx * SUB_K) // GROUP  # (8,) every sub-tile lies inside one group
+    scale = tl.load(s_ptrs[None, None, :] + group[:, None, None] * stride_sk, mask=n_mask[None, None, :], other=0.0)
+    if MAGIC_BITS != 0:
+        q = (nib | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True) - tl.full((1, 1, 1), MAGIC_BIAS, dtype)
+        w = q * scale.to(dtype)  # (8, SUB_K, BLOCK_N)
+    else:
+        w = ((nib - 8).to(tl.float32) * scale.to(tl.float32)).to(dtype)
+    return tl.reshape(w, (8 * SUB_K, w.shape[2]))
+
+
 @jit(do_not_specialize=("n_rows", "n_mblocks"))
 def _moe_gemm_kernel(
     a_ptr,  # (a_rows, K) activations; row r of the grouped batch is a[src[r]] when GATHER
@@ -256,6 +280,7 @@ def _moe_gemm_kernel(
     GATED: tl.constexpr,  # two weights, epilogue silu(acc0) * acc1
     GATHER: tl.constexpr,
     INT4: tl.constexpr,
+    INT4_WIDE: tl.constexpr,  # int4: one dot per packed block (8 sub-tiles stacked) instead of 8
     GROUP: tl.constexpr,  # int4 group size
     SUB_K: tl.constexpr,  # int4: k_block // 8, inputs per unpacked sub-tile
     MAGIC_BITS: tl.constexpr,  # int4, 16-bit activations: the bits of MAGIC_BIAS - 8 (else 0)
@@ -319,7 +344,21 @@ def _moe_gemm_kernel(
                 words0 = tl.load(w0_ptr + w_off + (kb // 8) * stride_wk, mask=n_mask[None, :], other=0)
                 if GATED:
                     words1 = tl.load(w1_ptr + w_off + (kb // 8) * stride_wk, mask=n_mask[None, :], other=0)
-                for s in tl.static_range(8):
+                if INT4_WIDE:  # the whole packed block as one (8 * SUB_K, BLOCK_N) tile and one dot
+                    offs_k = kb + tl.arange(0, 8 * SUB_K)  # (8 * SUB_K,)
+                    a_ptrs = a_row_ptrs + offs_k[None, :] * stride_ak  # (BLOCK_M, 8 * SUB_K)
+                    if EVEN_K:
+                        a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                    else:
+                        a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+                    b0 = _dequant_block(words0, s0_ptr + s_off, kb, stride_sk, n_mask, GROUP, SUB_K, dtype,
+                                        MAGIC_BITS, MAGIC_BIAS)
+                    acc0 = _mma(a, b0, acc0, IEEE)
+                    if GATED:
+                        b1 = _dequant_block(words1, s1_ptr + s_off, kb, stride_sk, n_mask, GROUP, SUB_K, dtype,
+                                            MAGIC_BITS, MAGIC_BIAS)
+                        acc1 = _mma(a, b1, acc1, IEEE)
+                for s in tl.static_range(0 if INT4_WIDE else 8):
                     ks = kb + s * SUB_K  # inputs [ks, ks + SUB_K): one sub-tile, inside one group
                     offs_k = ks + offs_j
                     a_ptrs = a_row_ptrs + offs_k[None, :] * stride_ak  # (BLOCK_M, SUB_K)
@@ -621,7 +660,7 @@ def _launch_gemm(
         *(a_scale.stride() if a_scale is not None else (0, 0)),
         c.stride(0), c.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=max(2, triton.next_power_of_2(e)),
-        GATED=gated, GATHER=src_rows is not None, INT4=int4, GROUP=group, SUB_K=sub_k,
+        GATED=gated, GATHER=src_rows is not None, INT4=int4, INT4_WIDE=int4 and tiles.int4_wide, GROUP=group, SUB_K=sub_k,
         MAGIC_BITS=magic_bits, MAGIC_BIAS=magic_bias,
         EVEN_K=(k % bk == 0), IEEE=(a.dtype == torch.float32), FP8=fp8, FP8_BN=fp8_bn, FP8_BK=fp8_bk,
         GROUP_M=tiles.group_m, A_FP8=a_scale is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -680,7 +719,7 @@ def fp8_linear(
         *(a_scale.stride() if w8a8 else (0, 0)),
         out.stride(0), out.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=2,
-        GATED=False, GATHER=False, INT4=False, GROUP=1, SUB_K=_MIN_DOT, MAGIC_BITS=0, MAGIC_BIAS=0.0,
+        GATED=False, GATHER=False, INT4=False, INT4_WIDE=False, GROUP=1, SUB_K=_MIN_DOT, MAGIC_BITS=0, MAGIC_BIAS=0.0,
         EVEN_K=(k % bk == 0), IEEE=(x.dtype == torch.float32), FP8=True, FP8_BN=bo, FP8_BK=bi,
         GROUP_M=tiles.group_m, A_FP8=w8a8, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

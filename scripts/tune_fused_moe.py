@@ -47,10 +47,11 @@ def sweep(x, counts, weights, candidates, group_only: bool = False, **kw) -> dic
     else:
         best_gu = min(candidates, key=lambda c: run(c, tuple(vars(d_dn).values())[:5]))
         best_dn = min(candidates, key=lambda c: run(best_gu, c))
-    by_group = {g: run((*best_gu[:5], g), (*best_dn[:5], g)) for g in GROUP_M}
+    by_group = {g: run((*best_gu[:5], g, *best_gu[6:]), (*best_dn[:5], g, *best_dn[6:])) for g in GROUP_M}
     best_g = min(by_group, key=by_group.get)
     return {"default_gate_up": list(vars(d_gu).values()), "default_down": list(vars(d_dn).values()),
-            "default_ms": base, "best_gate_up": (*best_gu[:5], best_g), "best_down": (*best_dn[:5], best_g),
+            "default_ms": base, "best_gate_up": (*best_gu[:5], best_g, *best_gu[6:]),
+            "best_down": (*best_dn[:5], best_g, *best_dn[6:]),
             "best_ms": by_group[best_g], "ms_by_group_m": by_group}
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="8,64,512,4096")
     p.add_argument("--out", default=None)
-    p.add_argument("--formats", default="bf16,int4", help="which weight formats to sweep: bf16,int4,fp8,fp8a8")
+    p.add_argument("--formats", default="bf16,int4", help="which weight formats to sweep: bf16,int4,int4w,fp8,fp8a8")
     p.add_argument("--int4-extra", default="", help="more INT4 candidates, e.g. 16x32x256x4x3;16x64x512x4x2")
     p.add_argument("--group-only", default="", help="formats whose default tiles are kept: sweep only group_m")
     args = p.parse_args()
@@ -79,7 +80,8 @@ def main() -> None:
         return w, torch.rand(E, o // 128, i // 128, device="cuda", generator=g) * 0.01
 
     fp8_w = fm.Fp8Experts(*fp8(I, H), *fp8(I, H), *fp8(H, I))
-    formats = {"bf16": (dense, DENSE, {}), "int4": (quant, INT4 + extra, {}),
+    wide = [(*c[:5], 0, True) for c in INT4 + extra]  # each packed block as one tile and one dot
+    formats = {"bf16": (dense, DENSE, {}), "int4": (quant, INT4 + extra, {}), "int4w": (quant, wide, {}),
                "fp8": (fp8_w, DENSE, {"fp8_activations": False}), "fp8a8": (fp8_w, W8A8, {"fp8_activations": True})}
     results = {}
     for m in (int(s) for s in args.sizes.split(",")):

@@ -7,6 +7,8 @@ output buffer is poisoned with NaN before the launch, so an unwritten element fa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -194,23 +196,28 @@ def test_grouped_mlp_empty_and_errors(device: torch.device) -> None:
 # ---- grouped MLP, INT4 -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("e", "h", "i", "counts"), [(3, 64, 96, [5, 0, 37]), (8, 128, 32, [0, 3, 17, 0, 1, 9, 0, 40])])
-def test_grouped_mlp_int4(device: torch.device, dtype: torch.dtype, e: int, h: int, i: int, counts: list[int]) -> None:
+def test_grouped_mlp_int4(device: torch.device, dtype: torch.dtype, e: int, h: int, i: int, counts: list[int],
+                          wide: bool) -> None:
+    """wide: each packed block of 128 inputs unpacked into one (128, BLOCK_N) tile and one dot."""
     weights, ckpt = _int4(e, h, i, device)
     x = torch.randn(sum(counts), h, device=device).to(dtype)
-    _check_grouped(x, counts, weights, dtype, device, **SMALL_INT4)
+    tiles = {k: dataclasses.replace(t, int4_wide=wide) for k, t in SMALL_INT4.items()}
+    _check_grouped(x, counts, weights, dtype, device, **tiles)
     # the reference's weights are the checkpoint's, dequantized independently
     ref_gate = dequantize_int4_group(*ckpt["gate"], 32, h, dtype)
     assert torch.equal(fm.expert_weights_dense(weights, dtype)[0], ref_gate)
 
 
-def test_grouped_mlp_int4_k_block_256_and_block_k_512(device: torch.device) -> None:
+@pytest.mark.parametrize("wide", [False, True])
+def test_grouped_mlp_int4_k_block_256_and_block_k_512(device: torch.device, wide: bool) -> None:
     """k_block 256 (sub-tiles of 32 inputs = one group) and BLOCK_K spanning two packed blocks."""
     e, h, i, counts = 2, 288, 64, [3, 21]
     weights, _ = _int4(e, h, i, device, k_block=256)
     x = torch.randn(sum(counts), h, device=device, dtype=torch.float16)
-    tiles = dict(gate_up_tiles=fm.TileConfig(16, 64, 512), down_tiles=fm.TileConfig(32, 32, 256))
+    tiles = dict(gate_up_tiles=fm.TileConfig(16, 64, 512, int4_wide=wide), down_tiles=fm.TileConfig(32, 32, 256, int4_wide=wide))
     _check_grouped(x, counts, weights, torch.float16, device, **tiles)
     with pytest.raises(ValueError, match="k_block"):
         fm.grouped_mlp(x, counts, weights, gate_up_tiles=fm.TileConfig(16, 32, 128))
