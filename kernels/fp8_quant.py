@@ -1,6 +1,7 @@
 """Activations to FP8 e4m3 in row groups, for the W8A8 mode of the FP8 GEMMs (DeepSeek-V3's own
 prefill recipe: activations in 1 x 128 groups, weights in 128 x 128 blocks, both e4m3 with fp32
-scales, products accumulated in fp32 and scaled per K block).
+scales, products accumulated in fp32 and scaled per K block), and when the GEMMs use that mode
+(`w8a8_default`, `w8a16_only`).
 
 `quantize_fp8_groups(x, group)`: x (rows, K) float -> q (rows, K) e4m3 and scale (rows,
 ceil(K / group)) float32 with x ~= q * scale: each group of `group` consecutive values of a row
@@ -11,8 +12,13 @@ reference (the same arithmetic: x / scale rounded to e4m3 by the cast).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
+
 import torch
 
+from moecluster.kernels.device import cuda_capability
 from moecluster.kernels.jit import jit
 
 try:
@@ -96,3 +102,56 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
             x, q, scale, rows, k, x.stride(0), q.stride(0), scale.stride(0), GROUP=group, BLOCK_R=block_r,
         )
     return q, scale
+
+
+# ---- when the FP8 GEMMs run W8A8 ---------------------------------------------------------------
+# Mean rows per expert (W8A8_MIN_ROWS) and rows of an FP8 linear (W8A8_LINEAR_MIN_ROWS) from
+# which FP8 weights run W8A8 with 16-bit activations: below, the GEMMs are weight-bandwidth bound
+# and W8A16 (exact activations, no quantization pass) costs nothing or less (H100: experts equal
+# at 8 rows each, linear 7168 -> 18432 W8A16 0.08 ms vs W8A8 0.20 at 16 rows); above, converting
+# every e4m3 tile to bf16 made W8A16 1.8-3.1x slower than W8A8 (experts at 64-4096 rows each, the
+# linear at 256-16384 rows; docs/performance.md, "W8A8").
+W8A8_MIN_ROWS = 64
+W8A8_LINEAR_MIN_ROWS = 128
+
+
+_W8A8_BY_DEFAULT: ContextVar[bool] = ContextVar("moecluster_w8a8_by_default", default=True)
+
+
+@contextmanager
+def w8a16_only() -> Iterator[None]:
+    """Inside, FP8 weights run W8A16 unless a call asks for W8A8. The decode CUDA graphs run both
+    their warm-up pass and their capture inside it, so the two compile and launch the same kernels
+    (a kernel first compiled during a capture would load a module there, which CUDA refuses);
+    W8A8 inside a captured graph has a GPU test that has not run yet
+    (tests/kernels/test_fused_moe_fp8.py::test_fp8_w8a8_captures_in_a_cuda_graph)."""
+    token = _W8A8_BY_DEFAULT.set(False)
+    try:
+        yield
+    finally:
+        _W8A8_BY_DEFAULT.reset(token)
+
+
+def _fp8_dot_device(x: torch.Tensor) -> bool:
+    """e4m3 tensor-core dots with the W8A8 tiles' shared memory: Hopper (sm_90) or newer; the
+    interpreter (CPU tensors) too."""
+    return not x.is_cuda or cuda_capability(x.device) >= (9, 0)
+
+
+def _w8a8_block(block_in: int) -> bool:
+    return block_in >= 32 and block_in & (block_in - 1) == 0
+
+
+def check_w8a8_block(where: str, block_in: int) -> None:
+    if not _w8a8_block(block_in):
+        raise ValueError(f"{where}: W8A8 needs the weights' scale block along K to be a power of two >= 32 "
+                         f"(one e4m3 dot per block), got {block_in}")
+
+
+def w8a8_default(rows: float, x: torch.Tensor, min_rows: float = W8A8_MIN_ROWS, *, block_in: int = 128) -> bool:
+    """Whether FP8 weights run W8A8 by default for activations like x: 16-bit, at least min_rows
+    rows (per expert for the MoE), outside `w8a16_only`, on a Hopper-class GPU (or the
+    interpreter); fp32 activations (the tests' exact mode) never, nor scale blocks along K that
+    are not a power of two >= 32 (one e4m3 dot per block; the quantization groups)."""
+    return (_w8a8_block(block_in) and x.dtype in (torch.bfloat16, torch.float16) and rows >= min_rows
+            and _W8A8_BY_DEFAULT.get() and _fp8_dot_device(x))

@@ -76,14 +76,18 @@ fp32 and round where the kernels round (h and the expert outputs in the activati
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from moecluster.kernels.fp8_quant import quantize_fp8_groups
+from moecluster.kernels.fp8_quant import (
+    W8A8_LINEAR_MIN_ROWS,
+    W8A8_MIN_ROWS,
+    check_w8a8_block,
+    quantize_fp8_groups,
+    w8a8_default,
+    w8a16_only,
+)
 from moecluster.kernels.fused_moe_ref import (
     expert_weights_dense,
     fp8_round_trip,
@@ -91,6 +95,7 @@ from moecluster.kernels.fused_moe_ref import (
     grouped_mlp_reference,
 )
 from moecluster.kernels.jit import jit
+from moecluster.kernels.moe_tiles import TileConfig, default_tiles, fp32_tiles, w8a8_tiles
 from moecluster.kernels.moe_weights import (
     _FLOAT_DTYPES,
     _MIN_DOT,
@@ -116,82 +121,6 @@ except ImportError:  # CPU-only installs: the torch references are the whole imp
 
 # INT4 with 16-bit activations: (bits OR-ed into the nibble, bias subtracted), see `_dequant`.
 _MAGIC = {torch.float16: (0x6400, 1032.0), torch.bfloat16: (0x4300, 136.0)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiles
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tiles and launch options of one kernel (gate_up or down); each kernel maps its own row blocks.
-
-    block_m / block_n: powers of two >= 16. block_k: dense, a power of two >= 16; INT4, a multiple
-    of the repack's k_block that divides the padded K (the kernel steps over whole packed blocks),
-    None meaning k_block."""
-
-    block_m: int
-    block_n: int
-    block_k: int | None
-    num_warps: int = 4
-    num_stages: int = 3
-    group_m: int = 0  # launch order (module docstring): 0 = m-blocks fastest, else groups of group_m
-    int4_wide: bool = False  # INT4: one dot per packed block of k_block inputs (not 8 of k_block / 8)
-
-
-def default_tiles(
-    rows: int, weights: ExpertWeights, dtype: torch.dtype = torch.bfloat16, *, fp8_activations: bool = False
-) -> tuple[TileConfig, TileConfig]:
-    """(gate_up tiles, down tiles) for `rows` grouped rows, from the mean rows per expert.
-
-    Picked from a small sweep on one H100 (Triton 3.6, H=7168, I=2048, 32 local experts, bf16,
-    equal counts): decode (<= 16 rows per expert) is weight-bandwidth bound, BLOCK_M 16 wastes no
-    MMA rows and BLOCK_N 64 gives enough programs for 132 SMs; prefill is MMA bound and takes
-    larger tiles. fp32 activations (tests, not a serving path) get a shallower K and fewer stages
-    to fit shared memory. Worth re-tuning per GPU, expert count and skew.
-    """
-    mean = rows / max(weights.num_experts, 1)
-    if fp8_activations:  # W8A8: one e4m3 dot per 128-deep scale block (half the bytes of a bf16 tile)
-        return w8a8_tiles(mean)
-    if isinstance(weights, Int4Experts):
-        kb = weights.gate.k_block
-        # two packed blocks per K step where both K's allow it (H = 7168 and I = 2048 do)
-        kk = 2 * kb if all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down)) else kb
-        if mean <= 16:
-            gu, dn = TileConfig(16, 64, kk, 4, 2), TileConfig(16, 64, kk, 4, 2)
-        elif mean <= 32:
-            gu, dn = TileConfig(32, 64, kb, 4, 2), TileConfig(32, 64, kb, 4, 2)
-        elif mean <= 128:
-            gu, dn = TileConfig(64, 64, kb, 4, 2), TileConfig(64, 64, kb, 4, 2)
-        else:
-            gu, dn = TileConfig(128, 128, kb, 8, 3, 8), TileConfig(128, 128, kb, 8, 2, 8)
-    elif mean <= 16:
-        gu, dn = TileConfig(16, 64, 128, 4, 4), TileConfig(16, 64, 128, 4, 4)
-    elif mean <= 32:
-        gu, dn = TileConfig(32, 64, 128, 4, 4), TileConfig(32, 64, 128, 4, 4)
-    elif mean <= 128:
-        gu, dn = TileConfig(64, 128, 64, 8, 3), TileConfig(64, 256, 64, 8, 3)
-    elif mean <= 1024:  # group_m: H100 sweep (scripts/tune_fused_moe.py), 4 to 16 within noise
-        gu, dn = TileConfig(64, 256, 64, 8, 3, 4), TileConfig(128, 256, 64, 8, 3, 4)
-    else:
-        gu, dn = TileConfig(128, 128, 64, 8, 4, 4), TileConfig(128, 256, 64, 8, 3, 4)
-    if dtype == torch.float32:
-        gu, dn = (_fp32_tiles(t, isinstance(weights, Int4Experts)) for t in (gu, dn))
-    return gu, dn
-
-
-def w8a8_tiles(mean_rows: float) -> tuple[TileConfig, TileConfig]:
-    """(gate_up, down) tiles of the W8A8 mode by mean rows per expert (or rows of a linear)."""
-    if mean_rows <= 128:
-        return TileConfig(64, 128, 128, 8, 3), TileConfig(64, 256, 128, 8, 3)
-    # 128-row tiles were 2.4x slower (H100 sweep: the fp32 partial product beside the accumulator)
-    return TileConfig(64, 128, 128, 8, 3, 16), TileConfig(64, 256, 128, 8, 3, 16)
-
-
-def _fp32_tiles(t: TileConfig, int4: bool) -> TileConfig:
-    block_k = t.block_k if int4 or t.block_k is None else min(t.block_k, 32)
-    return TileConfig(t.block_m, min(t.block_n, 128), block_k, t.num_warps, min(t.num_stages, 2), t.group_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +444,7 @@ def grouped_mlp(
     if w8a8 and not isinstance(weights, Fp8Experts):
         raise ValueError(f"grouped_mlp: fp8_activations needs Fp8Experts, got {type(weights).__name__}")
     if w8a8:
-        _check_w8a8_block("grouped_mlp", weights.block[1])
+        check_w8a8_block("grouped_mlp", weights.block[1])
     if rows == 0:
         return out
     if not uses_triton(x):
@@ -529,63 +458,6 @@ def grouped_mlp(
     a, a_scale = quantize_fp8_groups(h_buf, group) if w8a8 else (h_buf, None)  # (rows, I), (rows, I / group)
     _launch_gemm(a, a_scale, None, counts, weights, "down", out, rows, h, i, down_tiles or dn_default)
     return out
-
-
-# Mean rows per expert (W8A8_MIN_ROWS) and rows of an FP8 linear (W8A8_LINEAR_MIN_ROWS) from
-# which FP8 weights run W8A8 with 16-bit activations: below, the GEMMs are weight-bandwidth bound
-# and W8A16 (exact activations, no quantization pass) costs nothing or less (H100: experts equal
-# at 8 rows each, linear 7168 -> 18432 W8A16 0.08 ms vs W8A8 0.20 at 16 rows); above, converting
-# every e4m3 tile to bf16 made W8A16 1.8-3.1x slower than W8A8 (experts at 64-4096 rows each, the
-# linear at 256-16384 rows; docs/performance.md, "W8A8").
-W8A8_MIN_ROWS = 64
-W8A8_LINEAR_MIN_ROWS = 128
-
-
-_W8A8_BY_DEFAULT: ContextVar[bool] = ContextVar("moecluster_w8a8_by_default", default=True)
-
-
-@contextmanager
-def w8a16_only() -> Iterator[None]:
-    """Inside, FP8 weights run W8A16 unless a call asks for W8A8. The decode CUDA graphs run both
-    their warm-up pass and their capture inside it, so the two compile and launch the same kernels
-    (a kernel first compiled during a capture would load a module there, which CUDA refuses);
-    W8A8 inside a captured graph has a GPU test that has not run yet
-    (tests/kernels/test_fused_moe_fp8.py::test_fp8_w8a8_captures_in_a_cuda_graph)."""
-    token = _W8A8_BY_DEFAULT.set(False)
-    try:
-        yield
-    finally:
-        _W8A8_BY_DEFAULT.reset(token)
-
-
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-
-
-def _fp8_dot_device(x: torch.Tensor) -> bool:
-    """e4m3 tensor-core dots with the W8A8 tiles' shared memory: Hopper (sm_90) or newer; the
-    interpreter (CPU tensors) too."""
-    if not x.is_cuda:
-        return True
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index] >= (9, 0)
-
-
-def _check_w8a8_block(where: str, block_in: int) -> None:
-    if block_in < 32 or block_in & (block_in - 1):
-        raise ValueError(f"{where}: W8A8 needs the weights' scale block along K to be a power of two >= 32 "
-                         f"(one e4m3 dot per block), got {block_in}")
-
-
-def w8a8_default(rows: float, x: torch.Tensor, min_rows: float = W8A8_MIN_ROWS, *, block_in: int = 128) -> bool:
-    """Whether FP8 weights run W8A8 by default for activations like x: 16-bit, at least min_rows
-    rows (per expert for the MoE), outside `w8a16_only`, on a Hopper-class GPU (or the
-    interpreter); fp32 activations (the tests' exact mode) never, nor scale blocks along K that
-    are not a power of two >= 32 (one e4m3 dot per block; the quantization groups)."""
-    block_ok = block_in >= 32 and block_in & (block_in - 1) == 0
-    return (block_ok and x.dtype in (torch.bfloat16, torch.float16) and rows >= min_rows
-            and _W8A8_BY_DEFAULT.get() and _fp8_dot_device(x))
 
 
 def _launch_gemm(
@@ -691,7 +563,7 @@ def fp8_linear(
     rows = x.shape[0]
     w8a8 = w8a8_default(rows, x, W8A8_LINEAR_MIN_ROWS, block_in=bi) if fp8_activations is None else fp8_activations
     if w8a8:
-        _check_w8a8_block("fp8_linear", bi)
+        check_w8a8_block("fp8_linear", bi)
     if rows == 0 or not uses_triton(x):
         if w8a8:
             return (fp8_round_trip(x, bi) @ dequantize_fp8(weight, scale, block, torch.float32).T).to(x.dtype)
@@ -701,7 +573,7 @@ def fp8_linear(
     elif tiles is None:
         tiles = TileConfig(16, 64, 128, 4, 4) if rows <= 16 else TileConfig(64, 128, 64, 8, 3)
         if x.dtype == torch.float32:
-            tiles = _fp32_tiles(tiles, False)
+            tiles = fp32_tiles(tiles, False)
     bm, bn = tiles.block_m, tiles.block_n
     bk = min(tiles.block_k or 64, bi)
     if bk < _MIN_DOT or bk & (bk - 1) or bi % bk:
@@ -792,6 +664,8 @@ __all__ = [
     "Int4Experts",
     "Int4Weight",
     "TileConfig",
+    "W8A8_LINEAR_MIN_ROWS",
+    "W8A8_MIN_ROWS",
     "default_tiles",
     "dequantize_int4",
     "expert_weights_dense",
@@ -802,4 +676,7 @@ __all__ = [
     "repack_int4",
     "unrepack_int4",
     "uses_triton",
+    "w8a8_default",
+    "w8a8_tiles",
+    "w8a16_only",
 ]

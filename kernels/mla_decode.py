@@ -120,6 +120,8 @@ from collections.abc import Sequence
 
 import torch
 
+from moecluster.kernels.device import cuda_capability, cuda_sm_count
+
 try:  # the CPU path needs only torch
     import triton
     import triton.language as tl
@@ -400,18 +402,9 @@ def _interpreting() -> bool:
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return cuda_sm_count(device)
     return _INTERPRETER_SMS
 
-
-@functools.cache
-def _cuda_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _next_pow2(n: int) -> int:
@@ -587,8 +580,7 @@ def _can_prefetch_l2(kv_cache: torch.Tensor) -> bool:
         return False
     if kv_cache.stride(2) != 1 or kv_cache.stride(1) != kv_cache.shape[2]:
         return False
-    index = kv_cache.device.index if kv_cache.device.index is not None else torch.cuda.current_device()
-    if _cuda_major(index) < 9:
+    if cuda_capability(kv_cache.device) < (9, 0):
         return False
     elt = kv_cache.element_size()
     return kv_cache.data_ptr() % 16 == 0 and all((st * elt) % 16 == 0 for st in kv_cache.stride()[:2])

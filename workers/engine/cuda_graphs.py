@@ -42,7 +42,7 @@ import torch
 from contextlib import contextmanager
 from typing import Iterator
 
-from moecluster.kernels.fused_moe import w8a16_only
+from moecluster.kernels.fp8_quant import w8a16_only
 from moecluster.router.experts.all_to_all import AllToAllDispatch
 from moecluster.router.experts.dispatch import LocalDispatch
 from moecluster.router.experts.gather_dispatch import GatherDispatch

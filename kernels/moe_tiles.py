@@ -1,0 +1,82 @@
+"""Tile sizes and launch options of the fused MoE GEMM kernel (kernels/fused_moe.py): the
+`TileConfig` a launch takes and the defaults per weight format and batch size, from sweeps on an
+H100 (`scripts/tune_fused_moe.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from moecluster.kernels.moe_weights import ExpertWeights, Int4Experts
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiles and launch options of one kernel (gate_up or down); each kernel maps its own row blocks.
+
+    block_m / block_n: powers of two >= 16. block_k: dense, a power of two >= 16; INT4, a multiple
+    of the repack's k_block that divides the padded K (the kernel steps over whole packed blocks),
+    None meaning k_block."""
+
+    block_m: int
+    block_n: int
+    block_k: int | None
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 0  # launch order (module docstring): 0 = m-blocks fastest, else groups of group_m
+    int4_wide: bool = False  # INT4: one dot per packed block of k_block inputs (not 8 of k_block / 8)
+
+
+def default_tiles(
+    rows: int, weights: ExpertWeights, dtype: torch.dtype = torch.bfloat16, *, fp8_activations: bool = False
+) -> tuple[TileConfig, TileConfig]:
+    """(gate_up tiles, down tiles) for `rows` grouped rows, from the mean rows per expert.
+
+    Picked from a small sweep on one H100 (Triton 3.6, H=7168, I=2048, 32 local experts, bf16,
+    equal counts): decode (<= 16 rows per expert) is weight-bandwidth bound, BLOCK_M 16 wastes no
+    MMA rows and BLOCK_N 64 gives enough programs for 132 SMs; prefill is MMA bound and takes
+    larger tiles. fp32 activations (tests, not a serving path) get a shallower K and fewer stages
+    to fit shared memory. Worth re-tuning per GPU, expert count and skew.
+    """
+    mean = rows / max(weights.num_experts, 1)
+    if fp8_activations:  # W8A8: one e4m3 dot per 128-deep scale block (half the bytes of a bf16 tile)
+        return w8a8_tiles(mean)
+    if isinstance(weights, Int4Experts):
+        kb = weights.gate.k_block
+        # two packed blocks per K step where both K's allow it (H = 7168 and I = 2048 do)
+        kk = 2 * kb if all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down)) else kb
+        if mean <= 16:
+            gu, dn = TileConfig(16, 64, kk, 4, 2), TileConfig(16, 64, kk, 4, 2)
+        elif mean <= 32:
+            gu, dn = TileConfig(32, 64, kb, 4, 2), TileConfig(32, 64, kb, 4, 2)
+        elif mean <= 128:
+            gu, dn = TileConfig(64, 64, kb, 4, 2), TileConfig(64, 64, kb, 4, 2)
+        else:
+            gu, dn = TileConfig(128, 128, kb, 8, 3, 8), TileConfig(128, 128, kb, 8, 2, 8)
+    elif mean <= 16:
+        gu, dn = TileConfig(16, 64, 128, 4, 4), TileConfig(16, 64, 128, 4, 4)
+    elif mean <= 32:
+        gu, dn = TileConfig(32, 64, 128, 4, 4), TileConfig(32, 64, 128, 4, 4)
+    elif mean <= 128:
+        gu, dn = TileConfig(64, 128, 64, 8, 3), TileConfig(64, 256, 64, 8, 3)
+    elif mean <= 1024:  # group_m: H100 sweep (scripts/tune_fused_moe.py), 4 to 16 within noise
+        gu, dn = TileConfig(64, 256, 64, 8, 3, 4), TileConfig(128, 256, 64, 8, 3, 4)
+    else:
+        gu, dn = TileConfig(128, 128, 64, 8, 4, 4), TileConfig(128, 256, 64, 8, 3, 4)
+    if dtype == torch.float32:
+        gu, dn = (fp32_tiles(t, isinstance(weights, Int4Experts)) for t in (gu, dn))
+    return gu, dn
+
+
+def w8a8_tiles(mean_rows: float) -> tuple[TileConfig, TileConfig]:
+    """(gate_up, down) tiles of the W8A8 mode by mean rows per expert (or rows of a linear)."""
+    if mean_rows <= 128:
+        return TileConfig(64, 128, 128, 8, 3), TileConfig(64, 256, 128, 8, 3)
+    # 128-row tiles were 2.4x slower (H100 sweep: the fp32 partial product beside the accumulator)
+    return TileConfig(64, 128, 128, 8, 3, 16), TileConfig(64, 256, 128, 8, 3, 16)
+
+
+def fp32_tiles(t: TileConfig, int4: bool) -> TileConfig:
+    block_k = t.block_k if int4 or t.block_k is None else min(t.block_k, 32)
+    return replace(t, block_n=min(t.block_n, 128), block_k=block_k, num_stages=min(t.num_stages, 2))
