@@ -24,9 +24,9 @@ def test_padded_table_and_int_tensor() -> None:
     table = padded_table(rows)
     assert table.dtype == torch.int32 and table.tolist() == [[5, 9, 2, 0], [7, 0, 0, 0], [0, 0, 0, 0], [1, 2, 3, 4]]
     assert padded_table([]).shape == (0, 1) and padded_table([[]]).tolist() == [[0]]
-    t = int_tensor([3, 1 << 40, -2], torch.int64, "cpu")
+    t = int_tensor([3, 1 << 40, -2], "cpu")
     assert t.dtype == torch.int64 and t.tolist() == [3, 1 << 40, -2]
-    assert int_tensor([], torch.int64, "cpu").shape == (0,)
+    assert int_tensor([], "cpu").shape == (0,)
     meta = AttentionMetadata.build([0, 1, 2, 7], [16, 17, 18, 39], [[1], [2, 4]], [3, 8], [3, 1])
     assert meta.block_tables.tolist() == [[1, 0], [2, 4]] and meta.query_starts == (0, 3)
     assert meta.decode_seqs.tolist() == [1] and meta.decode_rows.tolist() == [3] and meta.prefill_seqs == (0,)

@@ -36,11 +36,11 @@ import bisect
 import logging
 import time
 
-import numpy as np
-import torch
-
 from contextlib import contextmanager
 from typing import Iterator
+
+import numpy as np
+import torch
 
 from moecluster.kernels.fp8_quant import w8a16_only
 from moecluster.router.experts.all_to_all import AllToAllDispatch
@@ -95,6 +95,8 @@ class DecodeGraphs:
         self._inputs = torch.zeros((5, n), dtype=torch.int64, device=device)
         self._tables = torch.full((n, width), scratch_block, dtype=torch.int32, device=device)
         self._held: list[list[int] | None] = [None] * n  # the block ids each host table row holds
+        # a padding row: token 0 at position 0, slot 0 of the scratch block, context 1, mask 0
+        self._padding_column = np.array([0, 0, scratch_block * block_size, 1, 0])[:, None]
         self._rows = torch.arange(n, device=device)
         # the last host -> device copy: the host buffers are in use until it is done
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -140,7 +142,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         warm = torch.cuda.Stream()  # the inputs are all padding since __init__
         try:
-            with self._sync_free_dispatch():
+            with self._graph_forward():
                 for size in reversed(self.sizes):
                     ids, meta = self._batch(size)
                     warm.wait_stream(torch.cuda.current_stream())
@@ -170,13 +172,13 @@ class DecodeGraphs:
         graph = self._graphs.get(size)
         if graph is None:  # capture disabled (or CPU): the same padded batch, eagerly
             ids, meta = self._batch(size)
-            with self._sync_free_dispatch():
+            with self._graph_forward():
                 return self.model(ids, meta, self.kv_caches)[:n]
         graph.replay()
         return self._outputs[size][:n]
 
     @contextmanager
-    def _sync_free_dispatch(self) -> Iterator[None]:
+    def _graph_forward(self) -> Iterator[None]:
         """The graphs' forward (warm-up, capture, and the eager stand-in without capture):
         expert-parallel layers dispatch through their GatherDispatch inside, and FP8 weights run
         W8A16 (`w8a16_only`: warm-up and capture must launch the same kernels)."""
@@ -214,7 +216,7 @@ class DecodeGraphs:
             if held[i] != blocks:
                 tables[i, : len(blocks)] = blocks
                 held[i] = list(blocks)
-        host[:, n:size] = np.array([0, 0, self._scratch * bs, 1, 0])[:, None]
+        host[:, n:size] = self._padding_column
         tables[n:size, 0] = self._scratch
         for i in range(n, size):
             held[i] = None  # a padding row: its next sequence writes its whole table

@@ -52,7 +52,7 @@ class ModelRunner:
             query_lens=[s.num_tokens for s in scheduled],
             device=self.device,
         )
-        return int_tensor(input_ids, torch.int64, self.device), meta
+        return int_tensor(input_ids, self.device), meta
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         for seq in seqs:

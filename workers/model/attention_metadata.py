@@ -29,10 +29,9 @@ def cache_slots(block_ids: list[int], start: int, end: int, block_size: int) -> 
     return out
 
 
-def int_tensor(values: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A 1-D tensor from a list of Python ints through numpy (about 3x faster than torch.tensor)."""
-    array = np.fromiter(values, dtype=np.int64 if dtype == torch.int64 else np.int32, count=len(values))
-    return torch.from_numpy(array).to(device)
+def int_tensor(values: list[int], device: torch.device | str) -> torch.Tensor:
+    """An int64 1-D tensor from a list of Python ints through numpy (about 3x faster than torch.tensor)."""
+    return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values))).to(device)
 
 
 def padded_table(rows: list[list[int]]) -> torch.Tensor:
@@ -75,14 +74,14 @@ class AttentionMetadata:
             row += n
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         return cls(
-            positions=int_tensor(positions, torch.int64, device),
-            slot_mapping=int_tensor(slot_mapping, torch.int64, device),
+            positions=int_tensor(positions, device),
+            slot_mapping=int_tensor(slot_mapping, device),
             block_tables=padded_table(block_tables).to(device),
-            seq_lens=int_tensor(seq_lens, torch.int64, device),
+            seq_lens=int_tensor(seq_lens, device),
             query_lens=tuple(query_lens),
             query_starts=tuple(starts),
-            decode_seqs=torch.tensor(decodes, dtype=torch.int64, device=device),
-            decode_rows=torch.tensor([starts[i] for i in decodes], dtype=torch.int64, device=device),
+            decode_seqs=int_tensor(decodes, device),
+            decode_rows=int_tensor([starts[i] for i in decodes], device),
             prefill_seqs=tuple(i for i, n in enumerate(query_lens) if n > 1),
         )
 
