@@ -34,8 +34,9 @@ Weights, the "logical" shapes follow the checkpoint (nn.Linear: (out, in) per ex
 
       packed int32 (E, K_pad / 8, N), N (= out) contiguous
       scale        (E, K_pad / group, N), N contiguous, the checkpoint's dtype
-      K_pad = in rounded up to k_block (default 128); padding is q = 0 with scale 0.
-      Within each k_block of inputs, with P = k_block / 8 (16 by default), word row b*P + j
+      K_pad = in rounded up to k_block (256 where the group size is a multiple of 32, else 128);
+      padding is q = 0 with scale 0.
+      Within each k_block of inputs, with P = k_block / 8 (32 by default), word row b*P + j
       holds input k = b*k_block + s*P + j in nibble s (bits 4s..4s+3), for s = 0..7.
 
     So one (P, BLOCK_N) tile of words, loaded once and fully coalesced along N, unpacks with a
@@ -44,14 +45,17 @@ Weights, the "logical" shapes follow the checkpoint (nn.Linear: (out, in) per ex
     size), so the activation sub-tile is a plain contiguous (BLOCK_M, P) load and each sub-tile
     needs one (BLOCK_N,) scale row; the K loop makes 8 tl.dot calls of depth P per k_block. No
     weight byte is loaded twice and no reshape/join/interleave is needed (the layout does the
-    un-interleaving). W4A16: q * scale in the activation dtype feeds tl.dot. For fp16 / bf16 the
-    nibble is OR-ed into the mantissa of a magic constant (fp16 1024.0, bf16 128.0) and the bias
-    subtracted, which gives q exactly with no int->float conversion (on an H100 the conversion
-    units, not HBM, bounded INT4 decode: this cut it by ~20%); fp32 converts.
-    `TileConfig.int4_wide` instead stacks the 8 unpacked sub-tiles of a packed block along a
-    leading axis and merges it with the rows, which is input order, for one (k_block, BLOCK_N)
-    tile and one dot of depth k_block (a whole activation tile per block, fewer and deeper MMAs);
-    off by default until timed on a GPU (`bench kernels` has its column).
+    un-interleaving). P = 32 (one group per sub-tile) halves the loads, scale rows and dots per
+    input of P = 16: on an H100, 8% faster at 8 rows per expert and 19% at 32.
+    `TileConfig.int4_stack` = S > 1 instead stacks S unpacked sub-tiles along a leading axis and
+    merges it with the rows (input order) for one (S * P, BLOCK_N) tile per dot: fewer, deeper
+    MMAs, the better trade from about 64 rows per expert. W4A16: q * scale in the activation
+    dtype feeds tl.dot. For fp16 / bf16 the nibble is OR-ed into the mantissa of a magic constant
+    (fp16 1024.0, bf16 128.0) and the bias subtracted, which gives q exactly with no int->float
+    conversion; on sm_90 `_dequant_pairs` does the same in inline PTX on pairs of weights
+    (`TileConfig.int4_ptx`; ptxas already pairs the scalar form's arithmetic, so this mostly
+    saves the masks: 11% at 64 rows per expert with one sub-tile per dot, level elsewhere);
+    fp32 converts.
 
 `fused_moe(hidden, topk_ids, topk_weights, weights)` sorts the T*k (token, slot) pairs by expert
 (stable argsort), counts rows per expert (scatter_add, no sync), runs the grouped MLP with the
@@ -80,6 +84,7 @@ from typing import Sequence
 
 import torch
 
+from moecluster.kernels.device import cuda_capability
 from moecluster.kernels.fp8_quant import (
     W8A8_LINEAR_MIN_ROWS,
     W8A8_MIN_ROWS,
@@ -138,7 +143,8 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 
 @jit
-def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr):
+def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr,
+             DEQ_PTX: tl.constexpr):
     """Nibble s of each word (SUB_K, BLOCK_N) times the (BLOCK_N,) scale row -> dtype.
 
     q * scale is exact in fp32 and rounded once to dtype, like the reference. With MAGIC_BITS
@@ -146,32 +152,69 @@ def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.
     to give the exact value MAGIC + n, minus MAGIC + 8 gives q: no int->float conversion (the
     conversion units bounded decode), and q * scale rounded once in dtype is the same value
     (for fp16 activations as long as the scale is a normal fp16 number)."""
-    nib = (words >> (4 * s)) & 0xF
-    if MAGIC_BITS != 0:
+    if DEQ_PTX:  # two weights per instruction (PTX, sm_90): the same values as the magic path
+        w = _dequant_pairs(words, tl.full((1, 1), 4 * s, tl.int32), scale.to(dtype)[None, :], dtype)
+    elif MAGIC_BITS != 0:
+        nib = (words >> (4 * s)) & 0xF
         q = (nib | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True) - tl.full((1, 1), MAGIC_BIAS, dtype)
         w = q * scale.to(dtype)[None, :]
     else:
+        nib = (words >> (4 * s)) & 0xF
         w = ((nib - 8).to(tl.float32) * scale.to(tl.float32)[None, :]).to(dtype)
     return w
 
 
 @jit
-def _dequant_block(words, s_ptrs, kb, stride_sk, n_mask, GROUP: tl.constexpr, SUB_K: tl.constexpr,
-                   dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr):
-    """A packed block of words (SUB_K, BLOCK_N) -> its (8 * SUB_K, BLOCK_N) weights in dtype, rows
-    in input order: nibble s of word row j is input kb + s * SUB_K + j (the repack's layout), so
-    stacking the 8 unpacked sub-tiles along a leading axis and merging it with the rows gives
-    input order. s_ptrs (BLOCK_N,): the scale row of group 0 of this expert's columns."""
-    s_idx = tl.arange(0, 8)  # (8,)
-    nib = (words[None, :, :] >> (4 * s_idx[:, None, None])) & 0xF  # (8, SUB_K, BLOCK_N)
-    group = (kb + s_idx * SUB_K) // GROUP  # (8,) every sub-tile lies inside one group
-    scale = tl.load(s_ptrs[None, None, :] + group[:, None, None] * stride_sk, mask=n_mask[None, None, :], other=0.0)
-    if MAGIC_BITS != 0:
-        q = (nib | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True) - tl.full((1, 1, 1), MAGIC_BIAS, dtype)
-        w = q * scale.to(dtype)  # (8, SUB_K, BLOCK_N)
+def _dequant_pairs(words, shift, scale, dtype: tl.constexpr):
+    """((words >> shift) & 0xF) - 8) * scale in dtype (bf16 / fp16), two weights per instruction.
+
+    Inline PTX over pairs of elements (sm_90 for the bf16x2 arithmetic): the two words' shifted
+    low halves are permuted into one register (`prmt`), masked to their nibbles and OR-ed into
+    the magic constant's mantissa (ptxas fuses the two into one `lop3`), and one packed subtract
+    and one packed multiply give both weights, already paired as the dot's shared-memory tile
+    wants them. The scalar path spends a shift, a mask, an OR, a conversion, a subtract and a
+    multiply per weight. Values are identical: (MAGIC + n) - (MAGIC + 8) = q exactly, and q * s
+    is rounded once. Element order within a pair does not matter (every lane of the pair uses
+    its own word, shift and scale), so any layout Triton picks is correct."""
+    if dtype == tl.bfloat16:
+        w = tl.inline_asm_elementwise(
+            "{ .reg .b32 %wa, %wb, %wt, %wm; shr.u32 %wa, $1, $3; shr.u32 %wb, $2, $4; "
+            "prmt.b32 %wt, %wa, %wb, 0x5410; and.b32 %wt, %wt, 0x000F000F; or.b32 %wt, %wt, 0x43004300; "
+            "mov.b32 %wm, 0x43084308; sub.rn.bf16x2 %wt, %wt, %wm; mul.rn.bf16x2 $0, %wt, $5; }",
+            "=r,r,r,r,r,r", [words, shift, scale], dtype=tl.bfloat16, is_pure=True, pack=2,
+        )  # fmt: skip
     else:
+        w = tl.inline_asm_elementwise(
+            "{ .reg .b32 %wa, %wb, %wt, %wm; shr.u32 %wa, $1, $3; shr.u32 %wb, $2, $4; "
+            "prmt.b32 %wt, %wa, %wb, 0x5410; and.b32 %wt, %wt, 0x000F000F; or.b32 %wt, %wt, 0x64006400; "
+            "mov.b32 %wm, 0x64086408; sub.rn.f16x2 %wt, %wt, %wm; mul.rn.f16x2 $0, %wt, $5; }",
+            "=r,r,r,r,r,r", [words, shift, scale], dtype=tl.float16, is_pure=True, pack=2,
+        )  # fmt: skip
+    return w
+
+
+@jit
+def _dequant_block(words, s_ptrs, kb, stride_sk, n_mask, S0: tl.constexpr, STACK: tl.constexpr, GROUP: tl.constexpr,
+                   SUB_K: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr,
+                   DEQ_PTX: tl.constexpr):
+    """Sub-tiles S0 .. S0 + STACK - 1 of a packed block of words (SUB_K, BLOCK_N) -> their
+    (STACK * SUB_K, BLOCK_N) weights in dtype, rows in input order: nibble s of word row j is
+    input kb + s * SUB_K + j (the repack's layout), so stacking the unpacked sub-tiles along a
+    leading axis and merging it with the rows gives inputs kb + S0 * SUB_K onwards, in order.
+    s_ptrs (BLOCK_N,): the scale row of group 0 of this expert's columns."""
+    s_idx = S0 + tl.arange(0, STACK)  # (STACK,)
+    group = (kb + s_idx * SUB_K) // GROUP  # (STACK,) every sub-tile lies inside one group
+    scale = tl.load(s_ptrs[None, None, :] + group[:, None, None] * stride_sk, mask=n_mask[None, None, :], other=0.0)
+    if DEQ_PTX:
+        w = _dequant_pairs(words[None, :, :], 4 * s_idx[:, None, None], scale.to(dtype), dtype)
+    elif MAGIC_BITS != 0:
+        nib = (words[None, :, :] >> (4 * s_idx[:, None, None])) & 0xF  # (STACK, SUB_K, BLOCK_N)
+        q = (nib | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True) - tl.full((1, 1, 1), MAGIC_BIAS, dtype)
+        w = q * scale.to(dtype)  # (STACK, SUB_K, BLOCK_N)
+    else:
+        nib = (words[None, :, :] >> (4 * s_idx[:, None, None])) & 0xF
         w = ((nib - 8).to(tl.float32) * scale.to(tl.float32)).to(dtype)
-    return tl.reshape(w, (8 * SUB_K, w.shape[2]))
+    return tl.reshape(w, (STACK * SUB_K, w.shape[2]))
 
 
 @jit(do_not_specialize=("n_rows", "n_mblocks"))
@@ -209,11 +252,12 @@ def _moe_gemm_kernel(
     GATED: tl.constexpr,  # two weights, epilogue silu(acc0) * acc1
     GATHER: tl.constexpr,
     INT4: tl.constexpr,
-    INT4_WIDE: tl.constexpr,  # int4: one dot per packed block (8 sub-tiles stacked) instead of 8
+    INT4_STACK: tl.constexpr,  # int4: sub-tiles stacked per dot (1, 2, 4 or 8 of a packed block's 8)
     GROUP: tl.constexpr,  # int4 group size
     SUB_K: tl.constexpr,  # int4: k_block // 8, inputs per unpacked sub-tile
     MAGIC_BITS: tl.constexpr,  # int4, 16-bit activations: the bits of MAGIC_BIAS - 8 (else 0)
     MAGIC_BIAS: tl.constexpr,
+    DEQ_PTX: tl.constexpr,  # int4, 16-bit activations on sm_90+: dequantize in pairs with PTX
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K on the activations
     IEEE: tl.constexpr,
     FP8: tl.constexpr = False,  # e4m3 weights, s0/s1 = block scales (E, N blocks, K blocks)
@@ -273,21 +317,22 @@ def _moe_gemm_kernel(
                 words0 = tl.load(w0_ptr + w_off + (kb // 8) * stride_wk, mask=n_mask[None, :], other=0)
                 if GATED:
                     words1 = tl.load(w1_ptr + w_off + (kb // 8) * stride_wk, mask=n_mask[None, :], other=0)
-                if INT4_WIDE:  # the whole packed block as one (8 * SUB_K, BLOCK_N) tile and one dot
-                    offs_k = kb + tl.arange(0, 8 * SUB_K)  # (8 * SUB_K,)
-                    a_ptrs = a_row_ptrs + offs_k[None, :] * stride_ak  # (BLOCK_M, 8 * SUB_K)
+                # INT4_STACK sub-tiles unpacked into one (INT4_STACK * SUB_K, BLOCK_N) tile per dot
+                for c2 in tl.static_range(0 if INT4_STACK == 1 else 8 // INT4_STACK):
+                    offs_k = kb + c2 * INT4_STACK * SUB_K + tl.arange(0, INT4_STACK * SUB_K)  # (STACK * SUB_K,)
+                    a_ptrs = a_row_ptrs + offs_k[None, :] * stride_ak  # (BLOCK_M, STACK * SUB_K)
                     if EVEN_K:
                         a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
                     else:
                         a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-                    b0 = _dequant_block(words0, s0_ptr + s_off, kb, stride_sk, n_mask, GROUP, SUB_K, dtype,
-                                        MAGIC_BITS, MAGIC_BIAS)
+                    b0 = _dequant_block(words0, s0_ptr + s_off, kb, stride_sk, n_mask, c2 * INT4_STACK, INT4_STACK,
+                                        GROUP, SUB_K, dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)
                     acc0 = _mma(a, b0, acc0, IEEE)
                     if GATED:
-                        b1 = _dequant_block(words1, s1_ptr + s_off, kb, stride_sk, n_mask, GROUP, SUB_K, dtype,
-                                            MAGIC_BITS, MAGIC_BIAS)
+                        b1 = _dequant_block(words1, s1_ptr + s_off, kb, stride_sk, n_mask, c2 * INT4_STACK, INT4_STACK,
+                                            GROUP, SUB_K, dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)
                         acc1 = _mma(a, b1, acc1, IEEE)
-                for s in tl.static_range(0 if INT4_WIDE else 8):
+                for s in tl.static_range(8 if INT4_STACK == 1 else 0):  # one sub-tile per dot
                     ks = kb + s * SUB_K  # inputs [ks, ks + SUB_K): one sub-tile, inside one group
                     offs_k = ks + offs_j
                     a_ptrs = a_row_ptrs + offs_k[None, :] * stride_ak  # (BLOCK_M, SUB_K)
@@ -296,11 +341,11 @@ def _moe_gemm_kernel(
                     else:
                         a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
                     sc0 = tl.load(s0_ptr + s_off + (ks // GROUP) * stride_sk, mask=n_mask, other=0.0)
-                    b0 = _dequant(words0, sc0, s, dtype, MAGIC_BITS, MAGIC_BIAS)  # (SUB_K, BLOCK_N)
+                    b0 = _dequant(words0, sc0, s, dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)  # (SUB_K, BLOCK_N)
                     acc0 = _mma(a, b0, acc0, IEEE)
                     if GATED:
                         sc1 = tl.load(s1_ptr + s_off + (ks // GROUP) * stride_sk, mask=n_mask, other=0.0)
-                        b1 = _dequant(words1, sc1, s, dtype, MAGIC_BITS, MAGIC_BIAS)
+                        b1 = _dequant(words1, sc1, s, dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)
                         acc1 = _mma(a, b1, acc1, IEEE)
     else:
         offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
@@ -383,6 +428,12 @@ def _combine_kernel(
 def _interpreted() -> bool:
     """Whether the kernels were defined under TRITON_INTERPRET=1 (then they run on CPU tensors)."""
     return triton is not None and type(_moe_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+def _ptx_dequant_ok(a: torch.Tensor) -> bool:
+    """INT4 pairs dequantized with inline PTX (`_dequant_pairs`): compiled for a GPU (not the
+    interpreter) of sm_90 or later (packed bf16 arithmetic)."""
+    return a.is_cuda and not _interpreted() and cuda_capability(a.device) >= (9, 0)
 
 
 def uses_triton(t: torch.Tensor) -> bool:
@@ -519,6 +570,9 @@ def _launch_gemm(
         # representable, so dequantizing needs no int->float conversion (module docstring).
         magic_bits, magic_bias = _MAGIC.get(a.dtype, (0, 0.0))
         fp8, fp8_bn, fp8_bk = False, 128, 128
+    if int4 and tiles.int4_stack not in (1, 2, 4, 8):
+        raise ValueError(f"grouped_mlp {which}: int4_stack must be 1, 2, 4 or 8 sub-tiles per dot, got {tiles.int4_stack}")
+    deq_ptx = int4 and magic_bits != 0 and tiles.int4_ptx and _ptx_dequant_ok(a)
     if tiles.group_m < 0:
         raise ValueError(f"grouped_mlp {which}: group_m must be >= 0, got {tiles.group_m}")
     if a_scale is not None and not fp8:
@@ -532,8 +586,8 @@ def _launch_gemm(
         *(a_scale.stride() if a_scale is not None else (0, 0)),
         c.stride(0), c.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=max(2, triton.next_power_of_2(e)),
-        GATED=gated, GATHER=src_rows is not None, INT4=int4, INT4_WIDE=int4 and tiles.int4_wide, GROUP=group, SUB_K=sub_k,
-        MAGIC_BITS=magic_bits, MAGIC_BIAS=magic_bias,
+        GATED=gated, GATHER=src_rows is not None, INT4=int4, INT4_STACK=tiles.int4_stack if int4 else 1, GROUP=group, SUB_K=sub_k,
+        MAGIC_BITS=magic_bits, MAGIC_BIAS=magic_bias, DEQ_PTX=deq_ptx,
         EVEN_K=(k % bk == 0), IEEE=(a.dtype == torch.float32), FP8=fp8, FP8_BN=fp8_bn, FP8_BK=fp8_bk,
         GROUP_M=tiles.group_m, A_FP8=a_scale is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -591,7 +645,7 @@ def fp8_linear(
         *(a_scale.stride() if w8a8 else (0, 0)),
         out.stride(0), out.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=2,
-        GATED=False, GATHER=False, INT4=False, INT4_WIDE=False, GROUP=1, SUB_K=_MIN_DOT, MAGIC_BITS=0, MAGIC_BIAS=0.0,
+        GATED=False, GATHER=False, INT4=False, INT4_STACK=1, GROUP=1, SUB_K=_MIN_DOT, MAGIC_BITS=0, MAGIC_BIAS=0.0, DEQ_PTX=False,
         EVEN_K=(k % bk == 0), IEEE=(x.dtype == torch.float32), FP8=True, FP8_BN=bo, FP8_BK=bi,
         GROUP_M=tiles.group_m, A_FP8=w8a8, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

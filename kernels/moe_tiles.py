@@ -25,7 +25,8 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 0  # launch order (module docstring): 0 = m-blocks fastest, else groups of group_m
-    int4_wide: bool = False  # INT4: one dot per packed block of k_block inputs (not 8 of k_block / 8)
+    int4_stack: int = 1  # INT4: unpacked sub-tiles (k_block / 8 inputs each) per dot: 1, 2, 4 or 8
+    int4_ptx: bool = True  # INT4, 16-bit activations on sm_90+: dequantize weight pairs with inline PTX
 
 
 def default_tiles(
@@ -43,17 +44,7 @@ def default_tiles(
     if fp8_activations:  # W8A8: one e4m3 dot per 128-deep scale block (half the bytes of a bf16 tile)
         return w8a8_tiles(mean)
     if isinstance(weights, Int4Experts):
-        kb = weights.gate.k_block
-        # two packed blocks per K step where both K's allow it (H = 7168 and I = 2048 do)
-        kk = 2 * kb if all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down)) else kb
-        if mean <= 16:
-            gu, dn = TileConfig(16, 64, kk, 4, 2), TileConfig(16, 64, kk, 4, 2)
-        elif mean <= 32:
-            gu, dn = TileConfig(32, 64, kb, 4, 2), TileConfig(32, 64, kb, 4, 2)
-        elif mean <= 128:
-            gu, dn = TileConfig(64, 64, kb, 4, 2), TileConfig(64, 64, kb, 4, 2)
-        else:
-            gu, dn = TileConfig(128, 128, kb, 8, 3, 8), TileConfig(128, 128, kb, 8, 2, 8)
+        gu, dn = _int4_tiles(mean, weights)
     elif mean <= 16:
         gu, dn = TileConfig(16, 64, 128, 4, 4), TileConfig(16, 64, 128, 4, 4)
     elif mean <= 32:
@@ -67,6 +58,33 @@ def default_tiles(
     if dtype == torch.float32:
         gu, dn = (fp32_tiles(t, isinstance(weights, Int4Experts)) for t in (gu, dn))
     return gu, dn
+
+
+def _int4_tiles(mean: float, weights: Int4Experts) -> tuple[TileConfig, TileConfig]:
+    """INT4 tiles by mean rows per expert. H100 sweep (scripts/tune_fused_moe.py and per-kernel
+    timings, docs/performance.md): the repack's sub-tiles of 32 inputs (k_block 256, one scale
+    group each) halve the loads and dots per input of k_block 128's 16 and were 8% faster at 8
+    rows per expert, 19% at 32; from 64 rows, 4 sub-tiles stacked into one 128-deep dot."""
+    kb = weights.gate.k_block
+    if kb >= 256:
+        if mean <= 16:
+            t = TileConfig(16, 64, kb, 4, 2)
+        elif mean <= 32:
+            t = TileConfig(32, 64, kb, 4, 2)
+        elif mean <= 128:
+            t = TileConfig(64, 64, kb, 4, 2, int4_stack=4)
+        else:
+            t = TileConfig(128, 128, kb, 8, 2, 8, int4_stack=4)
+        return t, t
+    # k_block 128 (sub-tiles of 16): two packed blocks per K step where both K's allow it (H = 7168 and I = 2048 do)
+    kk = 2 * kb if all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down)) else kb
+    if mean <= 16:
+        return TileConfig(16, 64, kk, 4, 2), TileConfig(16, 64, kk, 4, 2)
+    if mean <= 32:
+        return TileConfig(32, 64, kb, 4, 2), TileConfig(32, 64, kb, 4, 2)
+    if mean <= 128:
+        return TileConfig(64, 64, kb, 4, 3, int4_stack=4), TileConfig(64, 64, kb, 4, 3, int4_stack=4)
+    return TileConfig(128, 128, kb, 8, 3, 8, int4_stack=8), TileConfig(128, 128, kb, 8, 3, 8, int4_stack=8)
 
 
 def w8a8_tiles(mean_rows: float) -> tuple[TileConfig, TileConfig]:

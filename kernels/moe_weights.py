@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_GROUP_SIZE = 32
-DEFAULT_K_BLOCK = 128
+DEFAULT_K_BLOCK = 256  # sub-tiles of 32 inputs, one scale group each (group sizes that are multiples of 32)
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
 
 
@@ -140,7 +140,7 @@ class Int4Experts:
         hidden: int,
         intermediate: int,
         group_size: int = DEFAULT_GROUP_SIZE,
-        k_block: int = DEFAULT_K_BLOCK,
+        k_block: int | None = None,
     ) -> "Int4Experts":
         """Each projection as the checkpoint's (weight_packed (E, out, in/8), weight_scale (E, out, in/g))."""
         return cls(
@@ -223,14 +223,16 @@ def repack_int4(
     in_features: int,
     *,
     group_size: int = DEFAULT_GROUP_SIZE,
-    k_block: int = DEFAULT_K_BLOCK,
+    k_block: int | None = None,
 ) -> Int4Weight:
     """compressed-tensors pack-quantized -> the kernel layout (module docstring).
 
     weight_packed int32 (E, out, in/8) or (out, in/8), 8 consecutive inputs per word (value k as
     q + 8 at bits 4k..4k+3); weight_scale (E, out, in/group) or (out, in/group). A 2-D weight
     becomes E = 1. Returns new contiguous tensors on the same device; the scale keeps its dtype.
+    k_block None: `default_k_block(group_size)`.
     """
+    k_block = default_k_block(group_size) if k_block is None else k_block
     _check_int4_params(in_features, group_size, k_block)
     if weight_packed.ndim == 2:
         weight_packed, weight_scale = weight_packed.unsqueeze(0), weight_scale.unsqueeze(0)
@@ -306,6 +308,12 @@ def _desc(t: torch.Tensor) -> str:
 
 def _round_up(a: int, b: int) -> int:
     return -(-a // b) * b
+
+
+def default_k_block(group_size: int) -> int:
+    """The repack's inputs per packed block: 256 (sub-tiles of 32 inputs) where the group size is a
+    multiple of 32 (Kimi K2: 32), else 128 (sub-tiles of 16, which must divide the group)."""
+    return DEFAULT_K_BLOCK if group_size % (DEFAULT_K_BLOCK // 8) == 0 else 128
 
 
 def _check_int4_params(in_features: int, group_size: int, k_block: int) -> None:

@@ -24,7 +24,8 @@ W8A8 = [(64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3), (128,
         (128, 64, 128, 4, 3), (64, 128, 128, 4, 4), (128, 128, 128, 8, 4), (32, 128, 128, 4, 4)]
 GROUP_M = (0, 4, 8, 16, 32)
 INT4 = [(16, 64, 256, 4, 2), (16, 128, 256, 4, 3), (32, 64, 128, 4, 2), (32, 128, 128, 4, 3), (64, 64, 128, 4, 2),
-        (64, 128, 128, 8, 3), (64, 64, 256, 4, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 64, 128, 4, 3)]
+        (64, 128, 128, 8, 3), (64, 64, 256, 4, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 64, 128, 4, 3),
+        (32, 64, 256, 4, 2), (64, 64, 256, 4, 2), (128, 128, 256, 8, 2), (128, 64, 256, 4, 2)]  # block_k 128: k_block 128 only
 
 
 def ms(fn) -> float:  # noqa: ANN001
@@ -59,8 +60,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="8,64,512,4096")
     p.add_argument("--out", default=None)
-    p.add_argument("--formats", default="bf16,int4", help="which weight formats to sweep: bf16,int4,int4w,fp8,fp8a8")
+    p.add_argument("--formats", default="bf16,int4", help="which weight formats to sweep: bf16,int4,int4x2,int4x4,int4x8 (sub-tiles per dot),int4s (scalar dequantization),fp8,fp8a8")
     p.add_argument("--int4-extra", default="", help="more INT4 candidates, e.g. 16x32x256x4x3;16x64x512x4x2")
+    p.add_argument("--k-block", type=int, default=None, help="the INT4 repack's k_block (default: the library's)")
     p.add_argument("--group-only", default="", help="formats whose default tiles are kept: sweep only group_m")
     args = p.parse_args()
     extra = [tuple(int(v) for v in c.split("x")) for c in args.int4_extra.split(";") if c]
@@ -73,15 +75,18 @@ def main() -> None:
         q = torch.randint(-8, 8, (E, o, i), device="cuda", dtype=torch.int8, generator=g)
         return pack_int4(q), torch.rand(E, o, i // 32, device="cuda", generator=g).to(torch.bfloat16) * 0.01
 
-    quant = fm.Int4Experts.from_compressed_tensors(int4(I, H), int4(I, H), int4(H, I), H, I)
+    kb = {} if args.k_block is None else {"k_block": args.k_block}
+    quant = fm.Int4Experts.from_compressed_tensors(int4(I, H), int4(I, H), int4(H, I), H, I, **kb)
 
     def fp8(o: int, i: int):  # noqa: ANN202
         w = (torch.randn(E, o, i, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
         return w, torch.rand(E, o // 128, i // 128, device="cuda", generator=g) * 0.01
 
     fp8_w = fm.Fp8Experts(*fp8(I, H), *fp8(I, H), *fp8(H, I))
-    wide = [(*c[:5], 0, True) for c in INT4 + extra]  # each packed block as one tile and one dot
-    formats = {"bf16": (dense, DENSE, {}), "int4": (quant, INT4 + extra, {}), "int4w": (quant, wide, {}),
+    # int4xS: S sub-tiles stacked per dot (TileConfig.int4_stack); int4s: no inline-PTX pair dequantization
+    formats = {"bf16": (dense, DENSE, {}), "int4": (quant, INT4 + extra, {}),
+               **{f"int4x{st}": (quant, [(*c[:5], 0, st) for c in INT4 + extra], {}) for st in (2, 4, 8)},
+               "int4s": (quant, [(*c[:5], 0, 1, False) for c in INT4 + extra], {}),
                "fp8": (fp8_w, DENSE, {"fp8_activations": False}), "fp8a8": (fp8_w, W8A8, {"fp8_activations": True})}
     results = {}
     for m in (int(s) for s in args.sizes.split(",")):

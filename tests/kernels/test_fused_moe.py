@@ -107,8 +107,9 @@ def test_repack_rejects_bad_input(device: torch.device) -> None:
         fm.repack_int4(packed, scale[..., :1], 16, 64)
     with pytest.raises(ValueError, match="k_block"):
         fm.repack_int4(packed, scale, 16, 64, k_block=512)  # sub-tile of 64 inputs spans two groups
-    # 2-D (a single matrix) becomes E = 1
-    assert fm.repack_int4(packed[0], scale[0], 16, 64).packed.shape == (1, 16, 16)
+    # 2-D (a single matrix) becomes E = 1; K = 64 padded to the default k_block (256 for group 32)
+    assert fm.repack_int4(packed[0], scale[0], 16, 64).packed.shape == (1, 256 // 8, 16)
+    assert fm.repack_int4(packed[0], scale[0], 16, 64, k_block=128).packed.shape == (1, 16, 16)
 
 
 # ---- grouped MLP, dense ------------------------------------------------------------------------
@@ -196,31 +197,34 @@ def test_grouped_mlp_empty_and_errors(device: torch.device) -> None:
 # ---- grouped MLP, INT4 -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("stack", [1, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("e", "h", "i", "counts"), [(3, 64, 96, [5, 0, 37]), (8, 128, 32, [0, 3, 17, 0, 1, 9, 0, 40])])
 def test_grouped_mlp_int4(device: torch.device, dtype: torch.dtype, e: int, h: int, i: int, counts: list[int],
-                          wide: bool) -> None:
-    """wide: each packed block of 128 inputs unpacked into one (128, BLOCK_N) tile and one dot."""
+                          stack: int) -> None:
+    """stack: sub-tiles of 16 inputs unpacked into one tile per dot (8: a whole packed block of 128)."""
     weights, ckpt = _int4(e, h, i, device)
     x = torch.randn(sum(counts), h, device=device).to(dtype)
-    tiles = {k: dataclasses.replace(t, int4_wide=wide) for k, t in SMALL_INT4.items()}
+    tiles = {k: dataclasses.replace(t, int4_stack=stack) for k, t in SMALL_INT4.items()}
     _check_grouped(x, counts, weights, dtype, device, **tiles)
     # the reference's weights are the checkpoint's, dequantized independently
     ref_gate = dequantize_int4_group(*ckpt["gate"], 32, h, dtype)
     assert torch.equal(fm.expert_weights_dense(weights, dtype)[0], ref_gate)
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_grouped_mlp_int4_k_block_256_and_block_k_512(device: torch.device, wide: bool) -> None:
+@pytest.mark.parametrize("stack", [1, 4, 8])
+def test_grouped_mlp_int4_k_block_256_and_block_k_512(device: torch.device, stack: int) -> None:
     """k_block 256 (sub-tiles of 32 inputs = one group) and BLOCK_K spanning two packed blocks."""
     e, h, i, counts = 2, 288, 64, [3, 21]
     weights, _ = _int4(e, h, i, device, k_block=256)
     x = torch.randn(sum(counts), h, device=device, dtype=torch.float16)
-    tiles = dict(gate_up_tiles=fm.TileConfig(16, 64, 512, int4_wide=wide), down_tiles=fm.TileConfig(32, 32, 256, int4_wide=wide))
+    tiles = dict(gate_up_tiles=fm.TileConfig(16, 64, 512, int4_stack=stack),
+                 down_tiles=fm.TileConfig(32, 32, 256, int4_stack=stack))
     _check_grouped(x, counts, weights, torch.float16, device, **tiles)
     with pytest.raises(ValueError, match="k_block"):
         fm.grouped_mlp(x, counts, weights, gate_up_tiles=fm.TileConfig(16, 32, 128))
+    with pytest.raises(ValueError, match="int4_stack"):
+        fm.grouped_mlp(x, counts, weights, gate_up_tiles=fm.TileConfig(16, 32, 256, int4_stack=3))
 
 
 def test_grouped_mlp_int4_default_tiles(device: torch.device) -> None:
@@ -228,6 +232,20 @@ def test_grouped_mlp_int4_default_tiles(device: torch.device) -> None:
     e, h, i, counts = 2, 256, 256, [3, 9]
     weights, _ = _int4(e, h, i, device)
     assert fm.default_tiles(sum(counts), weights)[0].block_k == 256
+    x = torch.randn(sum(counts), h, device=device, dtype=torch.float16)
+    _check_grouped(x, counts, weights, torch.float16, device)
+
+
+@pytest.mark.parametrize("counts", [[3, 9], [40, 70]])
+def test_grouped_mlp_int4_library_default_repack_and_tiles(device: torch.device, counts: list[int]) -> None:
+    """The default repack (k_block 256 for group 32: sub-tiles of 32 inputs) with the default tiles:
+    one sub-tile per dot at decode sizes, four stacked per dot from 64 rows per expert."""
+    e, h, i = 2, 256, 96
+    ckpt = {n: _int4_ckpt(e, *shape, device) for n, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i)))}
+    weights = fm.Int4Experts.from_compressed_tensors(ckpt["gate"], ckpt["up"], ckpt["down"], h, i)
+    assert weights.gate.k_block == 256 and weights.down.packed.shape[1] == 256 // 8  # I = 96 padded to 256
+    gu, _ = fm.default_tiles(sum(counts), weights, torch.float16)
+    assert gu.block_k == 256 and gu.int4_stack == (1 if max(counts) < 64 else 4)
     x = torch.randn(sum(counts), h, device=device, dtype=torch.float16)
     _check_grouped(x, counts, weights, torch.float16, device)
 
@@ -330,3 +348,29 @@ def test_grouped_mlp_deepseek_shape_bf16(fmt: str) -> None:
     got = fm.fused_moe(hidden, ids, wts, weights)
     ref = fm.fused_moe_reference(hidden, ids, wts, weights)
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stack", [1, 4, 8])
+@pytest.mark.parametrize("rows_each", [5, 64])
+def test_int4_ptx_dequant_equals_the_scalar_path(dtype: torch.dtype, stack: int, rows_each: int) -> None:
+    """The inline-PTX pair dequantization (sm_90) gives the same weights as the scalar magic path:
+    the same tiles with int4_ptx on and off give the same output, bit for bit; I = 320 leaves a
+    partial n-block (masked columns) at BLOCK_N 64 / 128."""
+    device = torch.device("cuda")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the PTX dequantization needs sm_90")
+    e, h, i = 4, 512, 320
+    weights, _ = _int4(e, h, i, device)
+    counts = torch.tensor([rows_each, rows_each + 3, 0, 2 * rows_each], device=device)
+    x = torch.randn(int(counts.sum()), h, device=device, dtype=dtype)
+    outs = []
+    for ptx in (True, False):
+        gu = fm.TileConfig(64 if rows_each > 16 else 16, 64, None, 4, 2, int4_stack=stack, int4_ptx=ptx)
+        outs.append(fm.grouped_mlp(x, counts, weights, gate_up_tiles=gu, down_tiles=gu,
+                                   out=_poisoned((x.shape[0], h), dtype, device)))
+    assert not torch.isnan(outs[0]).any()
+    assert torch.equal(outs[0], outs[1])
+    ref = fm.grouped_mlp_reference(x, counts.tolist(), weights)
+    torch.testing.assert_close(outs[0], ref, atol=3e-2, rtol=3e-2)
