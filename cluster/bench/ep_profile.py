@@ -31,7 +31,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, model: str
     try:
         results.put(_profile_rank(rank, world, port, args, model, barrier))
     except BaseException as e:  # noqa: BLE001 - the driver must hear why, not wait for a report
-        results.put({"rank": rank, "error": repr(e)})
+        results.put({"rank": rank, "error": repr(e) + (f" from {e.__cause__!r}" if e.__cause__ else "")})
         raise
 
 
@@ -84,10 +84,20 @@ def _profile_rank(rank: int, world: int, port: int, args: argparse.Namespace, mo
         return out
 
     core.execute = counted  # type: ignore[method-assign]
-    loop = threading.Thread(target=lockstep_loop, args=(core, rank, device, cfg, inbox, outbox), daemon=True)
+
+    def run_loop() -> None:
+        try:
+            lockstep_loop(core, rank, device, cfg, inbox, outbox)
+        except BaseException as e:  # noqa: BLE001 - reported by this rank, not lost on the thread
+            state["loop_error"] = e
+            done.set()
+
+    loop = threading.Thread(target=run_loop, daemon=True)
     loop.start()
     if not done.wait(timeout=1800):
         raise TimeoutError(f"rank {rank}: {state['decode']} decode steps in 30 minutes")
+    if "loop_error" in state:
+        raise RuntimeError(f"rank {rank}: the lockstep loop failed after {state['decode']} decode steps") from state["loop_error"]
     prof, wall = state["prof"], state["wall"]
     phases = {k: round(v["p50_ms"], 3) for k, v in core.timer.snapshot().items()}  # (steps after the window too)
     events = prof.key_averages()

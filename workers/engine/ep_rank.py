@@ -67,7 +67,14 @@ def join_group(
 
 
 def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: EngineConfig, inbox: Any, outbox: Any) -> None:
-    """Step with the rest of the group until one of the ranks is told to stop."""
+    """Step with the rest of the group until one of the ranks is told to stop.
+
+    Runs on its own thread (the rank actor's, the EP profiler's): the CUDA current device is per
+    thread, so it is set here too, or the streams of a rank that sees several GPUs (rank 1 of an
+    unisolated process group) would be device 0's: its graph replays and copy events would go to
+    the wrong device ("Event device 1 does not match recording stream's device")."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     control = _Control(handoffs=HandoffQueue(core) if core.role == "decode" else None)
     busy, steps = False, 0
     while True:
