@@ -49,13 +49,15 @@ Weights, the "logical" shapes follow the checkpoint (nn.Linear: (out, in) per ex
     input of P = 16: on an H100, 8% faster at 8 rows per expert and 19% at 32.
     `TileConfig.int4_stack` = S > 1 instead stacks S unpacked sub-tiles along a leading axis and
     merges it with the rows (input order) for one (S * P, BLOCK_N) tile per dot: fewer, deeper
-    MMAs, the better trade from about 64 rows per expert. W4A16: q * scale in the activation
+    MMAs, the default above 32 rows per expert (measured at 64; at 32 stacking was 1.9x slower,
+    33-63 rows not measured). W4A16: q * scale in the activation
     dtype feeds tl.dot. For fp16 / bf16 the nibble is OR-ed into the mantissa of a magic constant
     (fp16 1024.0, bf16 128.0) and the bias subtracted, which gives q exactly with no int->float
     conversion; on sm_90 `_dequant_pairs` does the same in inline PTX on pairs of weights
-    (`TileConfig.int4_ptx`; ptxas already pairs the scalar form's arithmetic, so this mostly
-    saves the masks: 11% at 64 rows per expert with one sub-tile per dot, level elsewhere);
-    fp32 converts.
+    (`TileConfig.int4_ptx`; ptxas already pairs the scalar form's arithmetic into HMUL2 / HADD2,
+    so this saves little: with the default tiles level at decode sizes and 2-3% at 512 / 4096
+    rows per expert, bit-identical outputs; 11% at 64 rows with k_block 128 and one sub-tile per
+    dot); fp32 converts.
 
 `fused_moe(hidden, topk_ids, topk_weights, weights)` sorts the T*k (token, slot) pairs by expert
 (stable argsort), counts rows per expert (scatter_add, no sync), runs the grouped MLP with the
@@ -433,7 +435,7 @@ def _interpreted() -> bool:
 def _ptx_dequant_ok(a: torch.Tensor) -> bool:
     """INT4 pairs dequantized with inline PTX (`_dequant_pairs`): compiled for a GPU (not the
     interpreter) of sm_90 or later (packed bf16 arithmetic)."""
-    return a.is_cuda and not _interpreted() and cuda_capability(a.device) >= (9, 0)
+    return a.is_cuda and torch.version.hip is None and not _interpreted() and cuda_capability(a.device) >= (9, 0)
 
 
 def uses_triton(t: torch.Tensor) -> bool:

@@ -64,7 +64,8 @@ def _int4_tiles(mean: float, weights: Int4Experts) -> tuple[TileConfig, TileConf
     """INT4 tiles by mean rows per expert. H100 sweep (scripts/tune_fused_moe.py and per-kernel
     timings, docs/performance.md): the repack's sub-tiles of 32 inputs (k_block 256, one scale
     group each) halve the loads and dots per input of k_block 128's 16 and were 8% faster at 8
-    rows per expert, 19% at 32; from 64 rows, 4 sub-tiles stacked into one 128-deep dot."""
+    rows per expert, 19% at 32; above 32 rows (measured at 64), 4 sub-tiles stacked into one
+    128-deep dot (at 32 rows stacking was 1.9x slower; 33-63 rows not measured)."""
     kb = weights.gate.k_block
     if kb >= 256:
         if mean <= 16:

@@ -8,6 +8,7 @@ dequantizing helpers are what the torch references and tests compare against.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,18 +80,21 @@ class Int4Weight:
     scale: torch.Tensor  # float (E, K_pad // group_size, N)
     in_features: int  # K, before padding to k_block
     group_size: int = DEFAULT_GROUP_SIZE
-    k_block: int = DEFAULT_K_BLOCK
+    k_block: int | None = None  # None: default_k_block(group_size)
 
     def __post_init__(self) -> None:
+        if self.k_block is None:
+            object.__setattr__(self, "k_block", default_k_block(self.group_size))
         _check_int4_params(self.in_features, self.group_size, self.k_block)
         if self.packed.dtype != torch.int32 or self.packed.ndim != 3:
             raise ValueError(f"Int4Weight.packed: expected int32 (E, K_pad/8, N), got {_desc(self.packed)}")
         e, words, n = self.packed.shape
-        k_pad = _round_up(self.in_features, self.k_block)
+        k_pad = padded_k(self.in_features, self.group_size, self.k_block)
         if words * 8 != k_pad:
             raise ValueError(
                 f"Int4Weight.packed: {words} word rows hold {words * 8} inputs, expected "
-                f"in_features={self.in_features} padded to k_block={self.k_block}: {k_pad}"
+                f"in_features={self.in_features} padded to a multiple of k_block={self.k_block} and "
+                f"group_size={self.group_size}: {k_pad}"
             )
         expect = (e, k_pad // self.group_size, n)
         if self.scale.dtype not in _FLOAT_DTYPES or tuple(self.scale.shape) != expect:
@@ -247,7 +251,7 @@ def repack_int4(
     scale_shape = (e, out_features, in_features // group_size)
     if weight_scale.dtype not in _FLOAT_DTYPES or tuple(weight_scale.shape) != scale_shape:
         raise ValueError(f"repack_int4: weight_scale {_desc(weight_scale)}: expected a float tensor {scale_shape}")
-    k_pad = _round_up(in_features, k_block)
+    k_pad = padded_k(in_features, group_size, k_block)
     packed = torch.empty((e, k_pad // 8, out_features), dtype=torch.int32, device=weight_packed.device)
     # A few experts at a time: the nibble temporaries (int32 and int64 copies of every input,
     # about 20 bytes each at the peak) would need tens of GiB for a Kimi K2 layer at once.
@@ -312,8 +316,17 @@ def _round_up(a: int, b: int) -> int:
 
 def default_k_block(group_size: int) -> int:
     """The repack's inputs per packed block: 256 (sub-tiles of 32 inputs) where the group size is a
-    multiple of 32 (Kimi K2: 32), else 128 (sub-tiles of 16, which must divide the group)."""
-    return DEFAULT_K_BLOCK if group_size % (DEFAULT_K_BLOCK // 8) == 0 else 128
+    multiple of 32 that nests with 256 (Kimi K2: 32), else 128 (sub-tiles of 16, which must
+    divide the group)."""
+    nests = DEFAULT_K_BLOCK % group_size == 0 or group_size % DEFAULT_K_BLOCK == 0
+    return DEFAULT_K_BLOCK if group_size % (DEFAULT_K_BLOCK // 8) == 0 and nests else 128
+
+
+def padded_k(in_features: int, group_size: int, k_block: int) -> int:
+    """K padded to whole packed blocks and whole scale groups (the kernel steps over k_blocks and
+    reads one scale row per group; the two nest for the usual sizes, where this is a multiple of
+    k_block)."""
+    return _round_up(in_features, math.lcm(k_block, group_size))
 
 
 def _check_int4_params(in_features: int, group_size: int, k_block: int) -> None:

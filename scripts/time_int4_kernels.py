@@ -1,6 +1,7 @@
 """Per-kernel times of the INT4 fused-MoE GEMMs (gate_up and down launched alone) on a GPU, for
 the configurations in C, at DeepSeek-V3 / Kimi-K2 expert shapes (32 local experts), with the
-repack's k_block 128 and 256: the data behind `kernels/moe_tiles.py::_int4_tiles`.
+repack's k_block 128 and 256: the data behind `kernels/moe_tiles.py::_int4_tiles`. Launch order
+group_m 4 (8 from 512 rows), where the defaults use 0 up to 128 rows per expert.
 
     OUT=. python scripts/time_int4_kernels.py 8,32,64,512      # writes $OUT/probe.json
     OUT=. python scripts/time_int4_kernels.py 8 "128-16-64-256-4-2-1;256-16-64-256-4-2-1"   # these configs only

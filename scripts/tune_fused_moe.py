@@ -10,6 +10,7 @@ each kernel, the launch order (TileConfig.group_m) is swept for that pair.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -44,13 +45,13 @@ def sweep(x, counts, weights, candidates, group_only: bool = False, **kw) -> dic
     d_gu, d_dn = fm.default_tiles(x.shape[0], weights, x.dtype, fp8_activations=kw.get("fp8_activations", False))
     base = ms(lambda: fm.grouped_mlp(x, counts, weights, **kw))
     if group_only:  # the default tiles, only the launch order swept
-        best_gu, best_dn = (tuple(vars(t).values())[:5] for t in (d_gu, d_dn))
+        best_gu, best_dn = (dataclasses.astuple(t) for t in (d_gu, d_dn))
     else:
-        best_gu = min(candidates, key=lambda c: run(c, tuple(vars(d_dn).values())[:5]))
+        best_gu = min(candidates, key=lambda c: run(c, dataclasses.astuple(d_dn)))
         best_dn = min(candidates, key=lambda c: run(best_gu, c))
     by_group = {g: run((*best_gu[:5], g, *best_gu[6:]), (*best_dn[:5], g, *best_dn[6:])) for g in GROUP_M}
     best_g = min(by_group, key=by_group.get)
-    return {"default_gate_up": list(vars(d_gu).values()), "default_down": list(vars(d_dn).values()),
+    return {"default_gate_up": list(dataclasses.astuple(d_gu)), "default_down": list(dataclasses.astuple(d_dn)),
             "default_ms": base, "best_gate_up": (*best_gu[:5], best_g, *best_gu[6:]),
             "best_down": (*best_dn[:5], best_g, *best_dn[6:]),
             "best_ms": by_group[best_g], "ms_by_group_m": by_group}

@@ -40,7 +40,7 @@ def _int4_ckpt(e: int, out_f: int, in_f: int, device: torch.device) -> tuple[tor
     return pack_int4(q), scale.to(torch.bfloat16)
 
 
-def _int4(e: int, h: int, i: int, device: torch.device, k_block: int = 128) -> tuple[fm.Int4Experts, dict]:
+def _int4(e: int, h: int, i: int, device: torch.device, k_block: int | None = 128) -> tuple[fm.Int4Experts, dict]:
     ckpt = {name: _int4_ckpt(e, *shape, device) for name, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i)))}
     w = fm.Int4Experts.from_compressed_tensors(ckpt["gate"], ckpt["up"], ckpt["down"], h, i, k_block=k_block)
     return w, ckpt
@@ -250,6 +250,26 @@ def test_grouped_mlp_int4_library_default_repack_and_tiles(device: torch.device,
     _check_grouped(x, counts, weights, torch.float16, device)
 
 
+@pytest.mark.parametrize("k_block", [None, 256])
+def test_grouped_mlp_int4_group_96_pads_k_to_whole_groups(device: torch.device, k_block: int | None) -> None:
+    """A group size that does not nest with the packed block (96 vs 128 / 256): K is padded to
+    whole blocks AND whole groups (a scale row per padded group), else the kernel would read
+    scale rows past the tensor. The default k_block for 96 is 128."""
+    e, h, i, g, counts = 2, 288, 96, 96, [3, 20]
+
+    def ckpt(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.randint(-8, 8, (e, out_f, in_f), dtype=torch.int8, device=device)
+        return pack_int4(q), ((torch.rand(e, out_f, in_f // g, device=device) + 0.5) / (4.0 * in_f**0.5)).to(torch.bfloat16)
+
+    weights = fm.Int4Experts.from_compressed_tensors(ckpt(i, h), ckpt(i, h), ckpt(h, i), h, i, group_size=g, k_block=k_block)
+    kb = weights.gate.k_block
+    assert kb == (128 if k_block is None else 256)
+    k_pad = weights.gate.packed.shape[1] * 8
+    assert k_pad % kb == 0 and k_pad % g == 0 and weights.gate.scale.shape[1] == k_pad // g
+    x = torch.randn(sum(counts), h, device=device, dtype=torch.float16)
+    _check_grouped(x, counts, weights, torch.float16, device)
+
+
 # ---- full fused MoE ----------------------------------------------------------------------------
 
 
@@ -324,15 +344,16 @@ def test_cpu_path_without_triton_is_the_reference(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["dense", "int4"])
+@pytest.mark.parametrize("fmt", ["dense", "int4", "int4-k128"])
 def test_grouped_mlp_deepseek_shape_bf16(fmt: str) -> None:
+    """int4: the library's default repack (k_block 256) and tiles; int4-k128: sub-tiles of 16."""
     device = torch.device("cuda")
     e, h, i, rows_each = 8, 7168, 2048, 64
     torch.manual_seed(0)
     if fmt == "dense":
         weights = _dense(e, h, i, torch.bfloat16, device)
     else:
-        weights, _ = _int4(e, h, i, device)
+        weights, _ = _int4(e, h, i, device, k_block=128 if fmt == "int4-k128" else None)
     counts = [rows_each] * e
     x = torch.randn(e * rows_each, h, device=device, dtype=torch.bfloat16)
     out = _poisoned((x.shape[0], h), torch.bfloat16, device)
@@ -352,17 +373,17 @@ def test_grouped_mlp_deepseek_shape_bf16(fmt: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("stack", [1, 4, 8])
+@pytest.mark.parametrize(("k_block", "stack"), [(128, 1), (128, 4), (128, 8), (256, 1), (256, 4)])
 @pytest.mark.parametrize("rows_each", [5, 64])
-def test_int4_ptx_dequant_equals_the_scalar_path(dtype: torch.dtype, stack: int, rows_each: int) -> None:
+def test_int4_ptx_dequant_equals_the_scalar_path(dtype: torch.dtype, k_block: int, stack: int, rows_each: int) -> None:
     """The inline-PTX pair dequantization (sm_90) gives the same weights as the scalar magic path:
-    the same tiles with int4_ptx on and off give the same output, bit for bit; I = 320 leaves a
-    partial n-block (masked columns) at BLOCK_N 64 / 128."""
+    the same tiles with int4_ptx on and off give the same output, bit for bit; I = 352 leaves a
+    partial n-block (masked columns) at BLOCK_N 64."""
     device = torch.device("cuda")
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the PTX dequantization needs sm_90")
-    e, h, i = 4, 512, 320
-    weights, _ = _int4(e, h, i, device)
+    e, h, i = 4, 512, 352
+    weights, _ = _int4(e, h, i, device, k_block=k_block)
     counts = torch.tensor([rows_each, rows_each + 3, 0, 2 * rows_each], device=device)
     x = torch.randn(int(counts.sum()), h, device=device, dtype=dtype)
     outs = []
