@@ -4,7 +4,9 @@ Colocated (no `prefill` pool): a request goes to the decode replica with the few
 requests, which prefills and decodes it. Disaggregated: it goes to a prefill replica; each sample
 the prefill rank hands over (first token streamed, latent blocks in Ray's object store) is routed
 here to a decode replica as its own inner request `"{inner}@{sample}"`; when the decode rank has
-the blocks ("taken") the prefill rank is told to free its copy.
+the blocks ("taken") the prefill rank is told to free its copy. Replicas know a request by an
+inner id unique in the deployment (`"{request_id}#{serial}"`), so a client may reuse an id as soon
+as it aborted it: the old inner request's last outputs, still on their way, reach no new stream.
 
 A monitor checks every replica's ranks; when a rank dies the whole replica is torn down and
 rebuilt (a collective group cannot lose one member). Its in-flight requests do not fail: each
@@ -17,6 +19,7 @@ A handoff whose prefill replica died before the decode side read it is prefilled
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -92,6 +95,10 @@ class _Stream:
     sink: Sink
     prompt: str | None
     timer: RequestTimer
+    # The replicas know it as "{request_id}#{serial}" (serial unique in this deployment): a client
+    # may reuse an id as soon as it was aborted, while the old inner request's last outputs are
+    # still on their way from a rank; they must not reach the new stream.
+    inner: str = ""
     delivered: dict[int, list[int]] = field(default_factory=dict)  # sample index -> tokens sent
     finished: set[int] = field(default_factory=set)
     routes: dict[str, _Route] = field(default_factory=dict)  # inner request id -> where it runs
@@ -113,6 +120,7 @@ class Deployment:
                                     "decode" if split else "both", self._on_event)
         self.entry = self.pools["prefill" if split else "decode"]
         self._lock = threading.Lock()
+        self._serial = itertools.count()  # inner request ids (`_Stream.inner`)
         self._streams: dict[str, _Stream] = {}
         self._owner: dict[str, tuple[_Stream, int | None]] = {}  # inner id -> (stream, client sample)
         self._held: dict[str, _Held] = {}  # decode inner id -> the prefill rank holding its blocks
@@ -154,7 +162,7 @@ class Deployment:
         if "#" in request_id or "@" in request_id:
             raise ValueError(f"request id {request_id!r} must not contain '#' or '@' (they mark internal sample ids)")
         timer = RequestTimer(self.metrics, self.tags, observer=self._observe)
-        stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, timer)
+        stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, timer, inner=f"{request_id}#{next(self._serial)}")
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -194,13 +202,13 @@ class Deployment:
         """Submit the whole request (sample None) to the entry pool, or resume one sample of it after
         a failure as its own request: prompt + the tokens that sample delivered, with the budget left."""
         if sample is None:
-            inner_id, prompt_ids, params = stream.request_id, stream.prompt_ids, stream.params
+            inner_id, prompt_ids, params = stream.inner, stream.prompt_ids, stream.params
         else:
             done = stream.delivered.get(sample, [])
             p = stream.params
             update = {"n": 1, "max_tokens": None if p.max_tokens is None else p.max_tokens - len(done),
                       "seed": None if p.seed is None else p.seed + sample}
-            inner_id, prompt_ids, params = f"{stream.request_id}#{sample}.{stream.attempts}", stream.prompt_ids + done, p.model_copy(update=update)
+            inner_id, prompt_ids, params = f"{stream.inner}.{sample}.{stream.attempts}", stream.prompt_ids + done, p.model_copy(update=update)
         while not stream.closed:
             pick = self.entry.named(target[0]) if target is not None else None
             rank = target[1] if pick is not None and target is not None else None

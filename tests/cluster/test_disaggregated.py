@@ -138,3 +138,48 @@ def test_abort_and_n2_across_pools(deployment, workload) -> None:
     assert again["long0"] == {0: want[0]}
     assert deployment.num_open() == 0
     assert_all_blocks_free(deployment)
+
+
+def _tokens_until(deltas: "queue.SimpleQueue", n: int, got: list[int]) -> None:
+    while len(got) < n:
+        d = deltas.get(timeout=60)
+        assert not isinstance(d, BaseException), d
+        assert not d.finished, d
+        got.extend(d.outputs[0].token_ids)
+
+
+def test_an_id_reused_after_abort_gets_none_of_the_old_requests_outputs(deployment, workload) -> None:
+    """A client may reuse an id as soon as it aborted it, while the old inner request's last
+    outputs are still on their way from a rank. Replayed into every decode replica once the new
+    request decodes there, the old decode request's final ("abort") output must not reach the new
+    stream, which continues as one process would."""
+    import queue
+
+    from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
+
+    _, requests, want = workload
+    assert wait_healthy(deployment)
+    prompt = requests["r1"][0]
+    long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    first: queue.SimpleQueue = queue.SimpleQueue()
+    deployment.submit("reuse", prompt, long, first.put)
+    _tokens_until(first, 3, [])  # decoding on the decode pool
+    old_ids = [i for i in deployment._streams["reuse"].routes if "@" in i]
+    assert old_ids
+    deployment.abort("reuse")
+    second: queue.SimpleQueue = queue.SimpleQueue()
+    deployment.submit("reuse", prompt, long, second.put)
+    got: list[int] = []
+    _tokens_until(second, 3, got)  # the new request decodes on the decode pool too
+    stale = [RequestOutput(i, None, [], [CompletionOutput(0, "", [7], finish_reason="abort")], finished=True)
+             for i in old_ids]
+    for _, replica in deployment.pools["decode"].healthy():
+        replica.streams.handle(("out", 0, stale))
+    _tokens_until(second, NEW_TOKENS, got)
+    assert got[:NEW_TOKENS] == want[1]
+    deployment.abort("reuse")
+    assert wait_healthy(deployment)
+    deadline = time.time() + 30
+    while deployment.num_open() and time.time() < deadline:
+        time.sleep(0.1)
+    assert deployment.num_open() == 0
