@@ -130,6 +130,20 @@ except ImportError:  # CPU-only installs: the torch references are the whole imp
 _MAGIC = {torch.float16: (0x6400, 1032.0), torch.bfloat16: (0x4300, 136.0)}
 
 
+def _pairs_asm(magic_bits: int, packed_type: str) -> str:
+    """`_dequant_pairs`'s PTX for one 16-bit type: both halves OR-ed with the magic bits, minus the
+    bias's bits (magic + 8), times the scale pair."""
+    ones, bias = magic_bits * 0x10001, (magic_bits | 8) * 0x10001
+    return ("{ .reg .b32 %wa, %wb, %wt, %wm; shr.u32 %wa, $1, $3; shr.u32 %wb, $2, $4; "
+            f"prmt.b32 %wt, %wa, %wb, 0x5410; and.b32 %wt, %wt, 0x000F000F; or.b32 %wt, %wt, {ones:#010x}; "
+            f"mov.b32 %wm, {bias:#010x}; sub.rn.{packed_type} %wt, %wt, %wm; mul.rn.{packed_type} $0, %wt, $5; }}")
+
+
+if tl is not None:  # module-level strings a kernel reads must be constexpr
+    _PAIRS_BF16 = tl.constexpr(_pairs_asm(_MAGIC[torch.bfloat16][0], "bf16x2"))
+    _PAIRS_F16 = tl.constexpr(_pairs_asm(_MAGIC[torch.float16][0], "f16x2"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -145,24 +159,27 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 
 @jit
-def _dequant(words, scale, s: tl.constexpr, dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr,
+def _dequant(words, shift, scale, dtype: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BIAS: tl.constexpr,
              DEQ_PTX: tl.constexpr):
-    """Nibble s of each word (SUB_K, BLOCK_N) times the (BLOCK_N,) scale row -> dtype.
+    """(((words >> shift) & 0xF) - 8) * scale -> dtype, elementwise over broadcast shapes: one
+    sub-tile (words (SUB_K, BLOCK_N), shift (1, 1), scale (1, BLOCK_N)) or stacked ones (words
+    (1, SUB_K, BLOCK_N), shifts (STACK, 1, 1), scales (STACK, 1, BLOCK_N)).
 
     q * scale is exact in fp32 and rounded once to dtype, like the reference. With MAGIC_BITS
     (fp16: 0x6400 = 1024.0, bf16: 0x4300 = 128.0) the nibble n = q + 8 is OR-ed into the mantissa
     to give the exact value MAGIC + n, minus MAGIC + 8 gives q: no int->float conversion (the
     conversion units bounded decode), and q * scale rounded once in dtype is the same value
-    (for fp16 activations as long as the scale is a normal fp16 number)."""
-    if DEQ_PTX:  # two weights per instruction (PTX, sm_90): the same values as the magic path
-        w = _dequant_pairs(words, tl.full((1, 1), 4 * s, tl.int32), scale.to(dtype)[None, :], dtype)
-    elif MAGIC_BITS != 0:
-        nib = (words >> (4 * s)) & 0xF
-        q = (nib | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True) - tl.full((1, 1), MAGIC_BIAS, dtype)
-        w = q * scale.to(dtype)[None, :]
+    (for fp16 activations as long as the scale is a normal fp16 number). DEQ_PTX (sm_90): the
+    same values two weights at a time (`_dequant_pairs`)."""
+    if DEQ_PTX:
+        w = _dequant_pairs(words, shift, scale.to(dtype), dtype)
     else:
-        nib = (words >> (4 * s)) & 0xF
-        w = ((nib - 8).to(tl.float32) * scale.to(tl.float32)[None, :]).to(dtype)
+        nib = (words >> shift) & 0xF
+        if MAGIC_BITS != 0:
+            q = (nib | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True) - tl.full([], MAGIC_BIAS, dtype)
+            w = q * scale.to(dtype)
+        else:
+            w = ((nib - 8).to(tl.float32) * scale.to(tl.float32)).to(dtype)
     return w
 
 
@@ -174,24 +191,15 @@ def _dequant_pairs(words, shift, scale, dtype: tl.constexpr):
     low halves are permuted into one register (`prmt`), masked to their nibbles and OR-ed into
     the magic constant's mantissa (ptxas fuses the two into one `lop3`), and one packed subtract
     and one packed multiply give both weights, already paired as the dot's shared-memory tile
-    wants them. The scalar path spends a shift, a mask, an OR, a conversion, a subtract and a
-    multiply per weight. Values are identical: (MAGIC + n) - (MAGIC + 8) = q exactly, and q * s
-    is rounded once. Element order within a pair does not matter (every lane of the pair uses
-    its own word, shift and scale), so any layout Triton picks is correct."""
-    if dtype == tl.bfloat16:
-        w = tl.inline_asm_elementwise(
-            "{ .reg .b32 %wa, %wb, %wt, %wm; shr.u32 %wa, $1, $3; shr.u32 %wb, $2, $4; "
-            "prmt.b32 %wt, %wa, %wb, 0x5410; and.b32 %wt, %wt, 0x000F000F; or.b32 %wt, %wt, 0x43004300; "
-            "mov.b32 %wm, 0x43084308; sub.rn.bf16x2 %wt, %wt, %wm; mul.rn.bf16x2 $0, %wt, $5; }",
-            "=r,r,r,r,r,r", [words, shift, scale], dtype=tl.bfloat16, is_pure=True, pack=2,
-        )  # fmt: skip
+    wants them. Values are identical: (MAGIC + n) - (MAGIC + 8) = q exactly, and q * s is rounded
+    once. Element order within a pair does not matter (every lane of the pair uses its own word,
+    shift and scale), so any layout Triton picks is correct."""
+    if dtype == tl.bfloat16:  # (a constexpr string cannot be bound to a name inside a kernel)
+        w = tl.inline_asm_elementwise(_PAIRS_BF16, "=r,r,r,r,r,r", [words, shift, scale], dtype=tl.bfloat16, is_pure=True,
+                                      pack=2)
     else:
-        w = tl.inline_asm_elementwise(
-            "{ .reg .b32 %wa, %wb, %wt, %wm; shr.u32 %wa, $1, $3; shr.u32 %wb, $2, $4; "
-            "prmt.b32 %wt, %wa, %wb, 0x5410; and.b32 %wt, %wt, 0x000F000F; or.b32 %wt, %wt, 0x64006400; "
-            "mov.b32 %wm, 0x64086408; sub.rn.f16x2 %wt, %wt, %wm; mul.rn.f16x2 $0, %wt, $5; }",
-            "=r,r,r,r,r,r", [words, shift, scale], dtype=tl.float16, is_pure=True, pack=2,
-        )  # fmt: skip
+        w = tl.inline_asm_elementwise(_PAIRS_F16, "=r,r,r,r,r,r", [words, shift, scale], dtype=tl.float16, is_pure=True,
+                                      pack=2)
     return w
 
 
@@ -207,16 +215,8 @@ def _dequant_block(words, s_ptrs, kb, stride_sk, n_mask, S0: tl.constexpr, STACK
     s_idx = S0 + tl.arange(0, STACK)  # (STACK,)
     group = (kb + s_idx * SUB_K) // GROUP  # (STACK,) every sub-tile lies inside one group
     scale = tl.load(s_ptrs[None, None, :] + group[:, None, None] * stride_sk, mask=n_mask[None, None, :], other=0.0)
-    if DEQ_PTX:
-        w = _dequant_pairs(words[None, :, :], 4 * s_idx[:, None, None], scale.to(dtype), dtype)
-    elif MAGIC_BITS != 0:
-        nib = (words[None, :, :] >> (4 * s_idx[:, None, None])) & 0xF  # (STACK, SUB_K, BLOCK_N)
-        q = (nib | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True) - tl.full((1, 1, 1), MAGIC_BIAS, dtype)
-        w = q * scale.to(dtype)  # (STACK, SUB_K, BLOCK_N)
-    else:
-        nib = (words[None, :, :] >> (4 * s_idx[:, None, None])) & 0xF
-        w = ((nib - 8).to(tl.float32) * scale.to(tl.float32)).to(dtype)
-    return tl.reshape(w, (STACK * SUB_K, w.shape[2]))
+    w = _dequant(words[None, :, :], 4 * s_idx[:, None, None], scale, dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)
+    return tl.reshape(w, (STACK * SUB_K, w.shape[2]))  # (STACK * SUB_K, BLOCK_N)
 
 
 @jit(do_not_specialize=("n_rows", "n_mblocks"))
@@ -343,11 +343,12 @@ def _moe_gemm_kernel(
                     else:
                         a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
                     sc0 = tl.load(s0_ptr + s_off + (ks // GROUP) * stride_sk, mask=n_mask, other=0.0)
-                    b0 = _dequant(words0, sc0, s, dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)  # (SUB_K, BLOCK_N)
+                    shift = tl.full((1, 1), 4 * s, tl.int32)  # nibble s
+                    b0 = _dequant(words0, shift, sc0[None, :], dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)  # (SUB_K, BLOCK_N)
                     acc0 = _mma(a, b0, acc0, IEEE)
                     if GATED:
                         sc1 = tl.load(s1_ptr + s_off + (ks // GROUP) * stride_sk, mask=n_mask, other=0.0)
-                        b1 = _dequant(words1, sc1, s, dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)
+                        b1 = _dequant(words1, shift, sc1[None, :], dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)
                         acc1 = _mma(a, b1, acc1, IEEE)
     else:
         offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
@@ -494,7 +495,7 @@ def grouped_mlp(
         )
     fp8 = isinstance(weights, Fp8Experts)
     w8a8 = fp8 and w8a8_default(rows / e, x, block_in=weights.block[1]) if fp8_activations is None else fp8_activations
-    if w8a8 and not isinstance(weights, Fp8Experts):
+    if w8a8 and not fp8:
         raise ValueError(f"grouped_mlp: fp8_activations needs Fp8Experts, got {type(weights).__name__}")
     if w8a8:
         check_w8a8_block("grouped_mlp", weights.block[1])
