@@ -98,7 +98,7 @@ class _Stream:
     # The replicas know it as "{request_id}#{serial}" (serial unique in this deployment): a client
     # may reuse an id as soon as it was aborted, while the old inner request's last outputs are
     # still on their way from a rank; they must not reach the new stream.
-    inner: str = ""
+    inner: str
     delivered: dict[int, list[int]] = field(default_factory=dict)  # sample index -> tokens sent
     finished: set[int] = field(default_factory=set)
     routes: dict[str, _Route] = field(default_factory=dict)  # inner request id -> where it runs
@@ -162,7 +162,8 @@ class Deployment:
         if "#" in request_id or "@" in request_id:
             raise ValueError(f"request id {request_id!r} must not contain '#' or '@' (they mark internal sample ids)")
         timer = RequestTimer(self.metrics, self.tags, observer=self._observe)
-        stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, timer, inner=f"{request_id}#{next(self._serial)}")
+        inner = f"{request_id}#{next(self._serial)}"
+        stream = _Stream(request_id, list(prompt_ids), params, sink, prompt, timer, inner)
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")

@@ -76,16 +76,16 @@ def _int4_tiles(mean: float, weights: Int4Experts) -> tuple[TileConfig, TileConf
             t = TileConfig(64, 64, kb, 4, 2, int4_stack=4)
         else:
             t = TileConfig(128, 128, kb, 8, 2, 8, int4_stack=4)
-        return t, t
-    # k_block 128 (sub-tiles of 16): two packed blocks per K step where both K's allow it (H = 7168 and I = 2048 do)
-    kk = 2 * kb if all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down)) else kb
-    if mean <= 16:
-        return TileConfig(16, 64, kk, 4, 2), TileConfig(16, 64, kk, 4, 2)
-    if mean <= 32:
-        return TileConfig(32, 64, kb, 4, 2), TileConfig(32, 64, kb, 4, 2)
-    if mean <= 128:
-        return TileConfig(64, 64, kb, 4, 3, int4_stack=4), TileConfig(64, 64, kb, 4, 3, int4_stack=4)
-    return TileConfig(128, 128, kb, 8, 3, 8, int4_stack=8), TileConfig(128, 128, kb, 8, 3, 8, int4_stack=8)
+    elif mean <= 16:  # k_block 128 (sub-tiles of 16): two packed blocks per K step where both K's allow it
+        kk = 2 * kb if all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down)) else kb
+        t = TileConfig(16, 64, kk, 4, 2)
+    elif mean <= 32:
+        t = TileConfig(32, 64, kb, 4, 2)
+    elif mean <= 128:
+        t = TileConfig(64, 64, kb, 4, 3, int4_stack=4)
+    else:
+        t = TileConfig(128, 128, kb, 8, 3, 8, int4_stack=8)
+    return t, t  # the same tiles for gate_up and down
 
 
 def w8a8_tiles(mean_rows: float) -> tuple[TileConfig, TileConfig]:

@@ -16,8 +16,8 @@ import json
 import torch
 from triton.testing import do_bench
 
+from moecluster.cluster.bench.kernels import random_fp8, random_int4
 from moecluster.kernels import fused_moe as fm
-from moecluster.workers.quant.int4 import pack_int4
 
 DENSE = [(64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
          (128, 64, 64, 4, 4), (128, 256, 64, 8, 3), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (32, 128, 64, 4, 4)]
@@ -72,18 +72,9 @@ def main() -> None:
     dense = fm.DenseExperts(*(torch.randn(E, a, b, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
                               for a, b in ((I, H), (I, H), (H, I))))
 
-    def int4(o: int, i: int):  # noqa: ANN202
-        q = torch.randint(-8, 8, (E, o, i), device="cuda", dtype=torch.int8, generator=g)
-        return pack_int4(q), torch.rand(E, o, i // 32, device="cuda", generator=g).to(torch.bfloat16) * 0.01
-
-    kb = {} if args.k_block is None else {"k_block": args.k_block}
-    quant = fm.Int4Experts.from_compressed_tensors(int4(I, H), int4(I, H), int4(H, I), H, I, **kb)
-
-    def fp8(o: int, i: int):  # noqa: ANN202
-        w = (torch.randn(E, o, i, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
-        return w, torch.rand(E, o // 128, i // 128, device="cuda", generator=g) * 0.01
-
-    fp8_w = fm.Fp8Experts(*fp8(I, H), *fp8(I, H), *fp8(H, I))
+    shapes = ((I, H), (I, H), (H, I))  # gate, up, down
+    quant = fm.Int4Experts.from_compressed_tensors(*(random_int4(E, o, i, g) for o, i in shapes), H, I, k_block=args.k_block)
+    fp8_w = fm.Fp8Experts(*(t for o, i in shapes for t in random_fp8(E, o, i, g)))
     # int4xS: S sub-tiles stacked per dot (TileConfig.int4_stack); int4s: no inline-PTX pair dequantization
     formats = {"bf16": (dense, DENSE, {}), "int4": (quant, INT4 + extra, {}),
                **{f"int4x{st}": (quant, [(*c[:5], 0, st) for c in INT4 + extra], {}) for st in (2, 4, 8)},

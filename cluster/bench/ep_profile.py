@@ -17,7 +17,6 @@ import argparse
 import json
 import queue
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from moecluster.cluster.p2p_transfer import free_port
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, model: str, results: Any, barrier: Any) -> None:
@@ -116,12 +117,6 @@ def _profile_rank(rank: int, world: int, port: int, args: argparse.Namespace, mo
     return report
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser()
     p.add_argument("--world", type=int, default=2)
@@ -153,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     barrier = ctx.Barrier(args.world)
     procs = [ctx.Process(target=_rank, args=(r, args.world, port, args, model, results, barrier))
              for r in range(args.world)]

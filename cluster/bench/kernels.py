@@ -143,7 +143,6 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
 # ---- fused MoE -------------------------------------------------------------------------------------
 def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: float, gen: torch.Generator) -> dict[str, Any]:
     from moecluster.kernels import fused_moe as fm
-    from moecluster.workers.quant.int4 import pack_int4
 
     E, H, I = cfg.moe_experts, cfg.hidden, cfg.intermediate  # noqa: N806
     rows = E * per_expert
@@ -177,12 +176,7 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
     row["bf16_roofline_ms"] = max((w_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
     del bf16, w13, w2, ref, out
 
-    def int4(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:  # compressed-tensors layout
-        q = torch.randint(-8, 8, (E, out_f, in_f), device="cuda", dtype=torch.int8, generator=gen)
-        scale = torch.rand(E, out_f, in_f // 32, device="cuda", generator=gen).to(torch.bfloat16) * 0.01
-        return pack_int4(q), scale
-
-    int4_w = fm.Int4Experts.from_compressed_tensors(int4(I, H), int4(I, H), int4(H, I), H, I)
+    int4_w = fm.Int4Experts.from_compressed_tensors(*(random_int4(E, o, i, gen) for o, i in ((I, H), (I, H), (H, I))), H, I)
     row["int4_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, int4_w))
     gu, dn = fm.default_tiles(rows, int4_w, x.dtype)
     # the default tiles with the scalar dequantization (no inline-PTX pairs: TileConfig.int4_ptx)
@@ -195,16 +189,12 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
     row["int4_roofline_ms"] = max((w4_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
     del int4_w
 
-    def fp8(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:  # DeepSeek-V3 layout, 128 x 128 blocks
-        w = (torch.randn(E, out_f, in_f, device="cuda", generator=gen) * 2).to(torch.float8_e4m3fn)
-        return w, torch.rand(E, out_f // 128, in_f // 128, device="cuda", generator=gen) * 0.01
-
-    (g8, gs8), (u8, us8), (d8, ds8) = fp8(I, H), fp8(I, H), fp8(H, I)
+    (g8, gs8), (u8, us8), (d8, ds8) = (random_fp8(E, o, i, gen) for o, i in ((I, H), (I, H), (H, I)))
     fp8_w = fm.Fp8Experts(g8, gs8, u8, us8, d8, ds8)
-    row["fp8_default"] = "W8A8" if fm.w8a8_default(per_expert, x) else "W8A16"
-    row["fp8_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w))
+    row["fp8_default"] = "W8A8" if fm.w8a8_default(per_expert, x) else "W8A16"  # what grouped_mlp picks
     row["fp8_w8a16_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w, fp8_activations=False))
     row["fp8_w8a8_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, fp8_w, fp8_activations=True))
+    row["fp8_ms"] = row["fp8_w8a8_ms" if row["fp8_default"] == "W8A8" else "fp8_w8a16_ms"]
     a16 = fm.grouped_mlp(x, counts, fp8_w, fp8_activations=False).float()
     a8 = fm.grouped_mlp(x, counts, fp8_w, fp8_activations=True).float()
     row["fp8_w8a8_rel_err_vs_w8a16"] = float((a8 - a16).norm() / a16.norm())
@@ -215,6 +205,22 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
         row["int4_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["int4_ms"]
         row["fp8_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["fp8_ms"]
     return row
+
+
+def random_int4(experts: int, out_f: int, in_f: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random INT4 expert weights in the compressed-tensors layout (packed int32 (E, out, in/8),
+    bf16 scales (E, out, in/32)), on the GPU (also the tile sweeps' weights)."""
+    from moecluster.workers.quant.int4 import pack_int4
+
+    q = torch.randint(-8, 8, (experts, out_f, in_f), device="cuda", dtype=torch.int8, generator=gen)
+    scale = torch.rand(experts, out_f, in_f // 32, device="cuda", generator=gen).to(torch.bfloat16) * 0.01
+    return pack_int4(q), scale
+
+
+def random_fp8(experts: int, out_f: int, in_f: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random DeepSeek-V3-layout FP8 expert weights: e4m3 (E, out, in) and float32 128 x 128 block scales."""
+    w = (torch.randn(experts, out_f, in_f, device="cuda", generator=gen) * 2).to(torch.float8_e4m3fn)
+    return w, torch.rand(experts, out_f // 128, in_f // 128, device="cuda", generator=gen) * 0.01
 
 
 # ---- FP8 linear ------------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ def _dense(e: int, h: int, i: int, dtype: torch.dtype, device: torch.device) -> 
     return fm.DenseExperts(gate.to(dtype), up.to(dtype), down.to(dtype))
 
 
-def _int4_ckpt(e: int, out_f: int, in_f: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_ckpt(e: int, out_f: int, in_f: int, device: torch.device, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Random checkpoint-format (weight_packed, weight_scale): q uniform in [-8, 7], scales > 0."""
     q = torch.randint(-8, 8, (e, out_f, in_f), dtype=torch.int8, device=device)
-    scale = (torch.rand(e, out_f, in_f // 32, device=device) + 0.5) / (4.0 * in_f**0.5)
+    scale = (torch.rand(e, out_f, in_f // group, device=device) + 0.5) / (4.0 * in_f**0.5)
     return pack_int4(q), scale.to(torch.bfloat16)
 
 
@@ -239,7 +239,7 @@ def test_grouped_mlp_int4_default_tiles(device: torch.device) -> None:
 @pytest.mark.parametrize("counts", [[3, 9], [40, 70]])
 def test_grouped_mlp_int4_library_default_repack_and_tiles(device: torch.device, counts: list[int]) -> None:
     """The default repack (k_block 256 for group 32: sub-tiles of 32 inputs) with the default tiles:
-    one sub-tile per dot at decode sizes, four stacked per dot from 64 rows per expert."""
+    one sub-tile per dot at decode sizes, four stacked per dot above 32 rows per expert (here 55)."""
     e, h, i = 2, 256, 96
     ckpt = {n: _int4_ckpt(e, *shape, device) for n, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i)))}
     weights = fm.Int4Experts.from_compressed_tensors(ckpt["gate"], ckpt["up"], ckpt["down"], h, i)
@@ -256,12 +256,8 @@ def test_grouped_mlp_int4_group_96_pads_k_to_whole_groups(device: torch.device, 
     whole blocks AND whole groups (a scale row per padded group), else the kernel would read
     scale rows past the tensor. The default k_block for 96 is 128."""
     e, h, i, g, counts = 2, 288, 96, 96, [3, 20]
-
-    def ckpt(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
-        q = torch.randint(-8, 8, (e, out_f, in_f), dtype=torch.int8, device=device)
-        return pack_int4(q), ((torch.rand(e, out_f, in_f // g, device=device) + 0.5) / (4.0 * in_f**0.5)).to(torch.bfloat16)
-
-    weights = fm.Int4Experts.from_compressed_tensors(ckpt(i, h), ckpt(i, h), ckpt(h, i), h, i, group_size=g, k_block=k_block)
+    gate, up, down = (_int4_ckpt(e, o, k, device, group=g) for o, k in ((i, h), (i, h), (h, i)))
+    weights = fm.Int4Experts.from_compressed_tensors(gate, up, down, h, i, group_size=g, k_block=k_block)
     kb = weights.gate.k_block
     assert kb == (128 if k_block is None else 256)
     k_pad = weights.gate.packed.shape[1] * 8
