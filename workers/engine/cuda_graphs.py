@@ -208,7 +208,7 @@ class DecodeGraphs:
         pos = [q.num_computed for q in seqs]
         host[_IDS, :n] = [q.token_ids[p] for q, p in zip(seqs, pos)]
         host[_POS, :n] = pos
-        host[_SLOT, :n] = [q.table.block_ids[p // bs] * bs + p % bs for q, p in zip(seqs, pos)]
+        host[_SLOT, :n] = [q.table.block_ids[p // bs] * bs + p % bs for q, p in zip(seqs, pos)]  # cache_slots, inline
         host[_LEN, :n] = host[_POS, :n] + 1
         host[_MASK, :n] = 1
         for i, q in enumerate(seqs):
@@ -218,8 +218,7 @@ class DecodeGraphs:
                 held[i] = list(blocks)
         host[:, n:size] = self._padding_column
         tables[n:size, 0] = self._scratch
-        for i in range(n, size):
-            held[i] = None  # a padding row: its next sequence writes its whole table
+        held[n:size] = [None] * (size - n)  # padding rows: their next sequences write whole tables
         self._inputs.copy_(self._host, non_blocking=True)
         self._tables[:size].copy_(self._host_tables[:size], non_blocking=True)
         if self._copied is not None:
