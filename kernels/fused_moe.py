@@ -86,7 +86,7 @@ from typing import Sequence
 
 import torch
 
-from moecluster.kernels.device import cuda_capability
+from moecluster.kernels.device import cuda_capability, cuda_sm_count
 from moecluster.kernels.fp8_quant import (
     W8A8_LINEAR_MIN_ROWS,
     W8A8_MIN_ROWS,
@@ -102,7 +102,7 @@ from moecluster.kernels.fused_moe_ref import (
     grouped_mlp_reference,
 )
 from moecluster.kernels.jit import jit
-from moecluster.kernels.moe_tiles import TileConfig, default_tiles, fp32_tiles, w8a8_tiles
+from moecluster.kernels.moe_tiles import TileConfig, default_tiles, fp32_tiles, linear_split_k, linear_tiles, w8a8_tiles
 from moecluster.kernels.moe_weights import (
     _FLOAT_DTYPES,
     _MIN_DOT,
@@ -267,6 +267,9 @@ def _moe_gemm_kernel(
     FP8_BK: tl.constexpr = 128,  # scale block along K (a multiple of BLOCK_K)
     GROUP_M: tl.constexpr = 0,  # launch order: 0 = m fastest over all m-blocks, else groups of GROUP_M
     A_FP8: tl.constexpr = False,  # FP8 only: e4m3 activations with (row, K block) scales (W8A8)
+    SPLIT_K: tl.constexpr = 1,  # dense / FP8, not gated: grid axis 1 splits K, fp32 partials to c[split]
+    k_split=0,  # SPLIT_K > 1: inputs per split, a multiple of BLOCK_K
+    stride_cs=0,  # SPLIT_K > 1: c's stride between splits
 ):
     pid = tl.program_id(0)
     if GROUP_M == 0:
@@ -351,12 +354,18 @@ def _moe_gemm_kernel(
                         b1 = _dequant(words1, shift, sc1[None, :], dtype, MAGIC_BITS, MAGIC_BIAS, DEQ_PTX)
                         acc1 = _mma(a, b1, acc1, IEEE)
     else:
+        k_lo = 0
+        k_hi = K
+        if SPLIT_K > 1:  # this program's share of K: [k_lo, k_hi), whole BLOCK_K steps but the last of K
+            k_lo = tl.program_id(1) * k_split
+            k_hi = tl.minimum(K, k_lo + k_split)
+            c_ptr += tl.program_id(1).to(tl.int64) * stride_cs
         offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-        a_ptrs = a_row_ptrs + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-        w_off = expert64 * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BLOCK_K, BLOCK_N)
+        a_ptrs = a_row_ptrs + (k_lo + offs_k)[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+        w_off = expert64 * stride_we + (k_lo + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BLOCK_K, BLOCK_N)
         w0_ptrs = w0_ptr + w_off
         w1_ptrs = w1_ptr + w_off
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
                 b0 = tl.load(w0_ptrs, mask=n_mask[None, :], other=0.0)
@@ -578,6 +587,8 @@ def _launch_gemm(
     deq_ptx = int4 and magic_bits != 0 and tiles.int4_ptx and _ptx_dequant_ok(a)
     if tiles.group_m < 0:
         raise ValueError(f"grouped_mlp {which}: group_m must be >= 0, got {tiles.group_m}")
+    if tiles.split_k > 1:
+        raise ValueError(f"grouped_mlp {which}: split_k is fp8_linear's (the expert GEMMs do not split K), got {tiles.split_k}")
     if a_scale is not None and not fp8:
         raise ValueError(f"grouped_mlp {which}: FP8 activations need FP8 weights")
     _moe_gemm_kernel[(n_mblocks * triton.cdiv(n, bn),)](
@@ -625,10 +636,11 @@ def fp8_linear(
         if w8a8:
             return (fp8_round_trip(x, bi) @ dequantize_fp8(weight, scale, block, torch.float32).T).to(x.dtype)
         return x @ dequantize_fp8(weight, scale, block, x.dtype).T
+    waves = 0.0  # split K only where the W8A16 tiles say (decode sizes; W8A8 is for prefill)
     if tiles is None and w8a8:
         tiles = w8a8_tiles(rows)[1]
     elif tiles is None:
-        tiles = TileConfig(16, 64, 128, 4, 4) if rows <= 16 else TileConfig(64, 128, 64, 8, 3)
+        tiles, waves = linear_tiles(rows)
         if x.dtype == torch.float32:
             tiles = fp32_tiles(tiles, False)
     bm, bn = tiles.block_m, tiles.block_n
@@ -636,23 +648,33 @@ def fp8_linear(
     if bk < _MIN_DOT or bk & (bk - 1) or bi % bk:
         raise ValueError(f"fp8_linear: block_k must be a power of two >= {_MIN_DOT} dividing {bi}, got {bk}")
     counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
-    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     n_mblocks = triton.cdiv(rows, bm)
+    programs = n_mblocks * triton.cdiv(n, bn)
+    k_steps = triton.cdiv(k, bk)
+    if tiles.split_k < 0:
+        raise ValueError(f"fp8_linear: split_k must be >= 0 (0 = chosen by the grid), got {tiles.split_k}")
+    split = tiles.split_k or (linear_split_k(programs, k_steps, cuda_sm_count(x.device), waves) if x.is_cuda and waves else 1)
+    k_split = triton.cdiv(k_steps, min(split, k_steps)) * bk  # whole K steps per split
+    split = triton.cdiv(k, k_split)  # none empty
+    # One split writes the output; several write fp32 partials (split, rows, N), added after.
+    out = (torch.empty((rows, n), dtype=x.dtype, device=x.device) if split == 1
+           else torch.empty((split, rows, n), dtype=torch.float32, device=x.device))
     a, a_scale = quantize_fp8_groups(x, bi) if w8a8 else (x, None)  # (rows, K) e4m3, (rows, K / bi)
-    _moe_gemm_kernel[(n_mblocks * triton.cdiv(n, bn),)](
+    _moe_gemm_kernel[(programs, split)](
         a, counts, counts, weight, scale, weight, scale, a_scale if w8a8 else counts, out,
         rows, n_mblocks, 1, n, k,
         a.stride(0), a.stride(1),
         0, weight.stride(1), weight.stride(0),
         0, scale.stride(1), scale.stride(0),
         *(a_scale.stride() if w8a8 else (0, 0)),
-        out.stride(0), out.stride(1),
+        out.stride(-2), out.stride(-1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=2,
         GATED=False, GATHER=False, INT4=False, INT4_STACK=1, GROUP=1, SUB_K=_MIN_DOT, MAGIC_BITS=0, MAGIC_BIAS=0.0, DEQ_PTX=False,
         EVEN_K=(k % bk == 0), IEEE=(x.dtype == torch.float32), FP8=True, FP8_BN=bo, FP8_BK=bi,
         GROUP_M=tiles.group_m, A_FP8=w8a8, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        SPLIT_K=split, k_split=k_split, stride_cs=out.stride(0) if split > 1 else 0,
     )  # fmt: skip
-    return out
+    return out if split == 1 else out.sum(0).to(x.dtype)
 
 
 def fused_moe(

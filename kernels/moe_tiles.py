@@ -4,6 +4,7 @@ H100 (`scripts/tune_fused_moe.py`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,6 +28,7 @@ class TileConfig:
     group_m: int = 0  # launch order (module docstring): 0 = m-blocks fastest, else groups of group_m
     int4_stack: int = 1  # INT4: unpacked sub-tiles (k_block / 8 inputs each) per dot: 1, 2, 4 or 8
     int4_ptx: bool = True  # INT4, 16-bit activations on sm_90+: dequantize weight pairs with inline PTX
+    split_k: int = 0  # fp8_linear only: programs along K (fp32 partials, added after); 0 = `linear_split_k`
 
 
 def default_tiles(
@@ -99,3 +101,31 @@ def w8a8_tiles(mean_rows: float) -> tuple[TileConfig, TileConfig]:
 def fp32_tiles(t: TileConfig, int4: bool) -> TileConfig:
     block_k = t.block_k if int4 or t.block_k is None else min(t.block_k, 32)
     return replace(t, block_n=min(t.block_n, 128), block_k=block_k, num_stages=min(t.num_stages, 2))
+
+
+# fp8_linear, W8A16 (decode sizes): (most rows, tiles, split-K waves), first that fits. Sweep on an
+# H100 (scripts/time_decode_gemms.py: DeepSeek-V3's eight FP8 linear shapes at 16 / 32 / 64 rows,
+# replayed from CUDA graphs, weighted by launches per decode step): against the previous
+# defaults (16 x 64 tiles to 16 rows, 64 x 128 x 64 above, no split), the step's sum of these
+# GEMMs fell from 0.725 / 1.316 / 1.378 ms to 0.710 / 0.799 / 1.219 ms.
+_LINEAR = ((16, TileConfig(16, 32, 128, 4, 4), 4.0), (32, TileConfig(32, 64, 128, 4, 4), 8.0))
+_LINEAR_LARGE = (TileConfig(64, 128, 64, 8, 3), 2.0)
+
+
+def linear_tiles(rows: int) -> tuple[TileConfig, float]:
+    """(tiles, split-K waves for `linear_split_k`) of a W8A16 fp8_linear over `rows` rows."""
+    return next(((t, w) for most, t, w in _LINEAR if rows <= most), _LINEAR_LARGE)
+
+
+def linear_split_k(programs: int, k_steps: int, sms: int, waves: float = 2.0, min_steps: int = 4) -> int:
+    """How many pieces fp8_linear cuts K into when its (row block x column block) grid has
+    `programs` programs: at decode sizes a linear with few output columns (DeepSeek-V3's q_a
+    7168 -> 1536: 12 programs of 128 columns; kv_a 7168 -> 576: 5) would stream its weight
+    through a few SMs. About `waves` programs per SM, rounded to a power of two (on the H100,
+    o_proj 16384 -> 7168 at 64 rows in 56 programs: 5 splits 0.120 ms, 4 splits 0.093), each
+    split at least `min_steps` K steps long (fp8_linear then cuts K into whole steps, so the
+    count it launches may be lower); 1 when the grid already fills the GPU."""
+    if programs >= sms:
+        return 1
+    want = max(1, min(-(-int(waves * sms) // programs), k_steps // min_steps))
+    return 1 << round(math.log2(want))

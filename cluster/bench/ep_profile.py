@@ -109,6 +109,8 @@ def _profile_rank(rank: int, world: int, port: int, args: argparse.Namespace, mo
         "busy_ms_per_step": sum(getattr(e, attr) for e in events) / 1e3 / args.steps,
         "top": [{"ms_per_step": getattr(e, attr) / 1e3 / args.steps, "calls_per_step": e.count / args.steps,
                  "name": e.key[:90]} for e in top],
+        "top_host": [{"ms_per_step": e.self_cpu_time_total / 1e3 / args.steps, "calls_per_step": e.count / args.steps,
+                      "name": e.key[:90]} for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]],
     }
     barrier.wait(timeout=1800)  # every rank's window is over: the group may stop
     if rank == 0:
@@ -170,8 +172,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for r in reports:
         print(f"rank {r['rank']}: {r['wall_ms_per_step']:.2f} ms per decode step (wall), busy "
               f"{r['busy_ms_per_step']:.2f} ms, phases p50 {r['phases_p50_ms']}")
-        for e in r["top"]:
-            print(f"  {e['ms_per_step']:8.3f} ms/step  x{e['calls_per_step']:<6.1f} {e['name']}")
+        for title, key in (("device", "top"), ("host (self CPU time)", "top_host")):
+            print(f"  busiest by {title}:")
+            for e in r[key]:
+                print(f"  {e['ms_per_step']:8.3f} ms/step  x{e['calls_per_step']:<6.1f} {e['name']}")
     if args.out:
         Path(args.out).write_text(json.dumps(reports, indent=2))
     return reports

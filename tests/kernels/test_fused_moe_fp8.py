@@ -81,6 +81,40 @@ def test_fp8_linear_matches_dequantized_matmul(device, rows, n, k, block) -> Non
         fp8_linear(x, w, s[:1, :1], block)
 
 
+@pytest.mark.parametrize(("split", "k", "w8a8"), [(2, 256, False), (3, 200, False), (5, 96, False), (2, 256, True)])
+def test_fp8_linear_split_k_matches_whole_k(device, split, k, w8a8) -> None:
+    """K cut over `split` programs (fp32 partials added after) equals the whole-K product: uneven
+    splits, a ragged last K step (k = 200, block_k 32, scale blocks 64 wide), W8A8."""
+    from moecluster.kernels.fused_moe import TileConfig, dequantize_fp8, fp8_linear
+    from moecluster.kernels.fused_moe_ref import fp8_round_trip
+
+    gen = torch.Generator().manual_seed(split * 100 + k)
+    rows, n, block = 5, 48, (32, 64) if not w8a8 else (32, 32)
+    w = (torch.randn(n, k, generator=gen) * 2).to(torch.float8_e4m3fn).to(device)
+    s = (torch.rand(-(-n // block[0]), -(-k // block[1]), generator=gen) * 0.02 + 0.001).to(device)
+    x = torch.randn(rows, k, generator=gen).to(device)
+    tiles = TileConfig(16, 16, 32, 4, 2, split_k=split)
+    got = fp8_linear(x, w, s, block, tiles=tiles, fp8_activations=w8a8)
+    a = fp8_round_trip(x, block[1]) if w8a8 else x
+    want = a.float() @ dequantize_fp8(w, s, block, torch.float32).T
+    assert got.shape == (rows, n) and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    whole = fp8_linear(x, w, s, block, tiles=TileConfig(16, 16, 32, 4, 2, split_k=1), fp8_activations=w8a8)
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="split_k"):
+        fp8_linear(x, w, s, block, tiles=TileConfig(16, 16, 32, 4, 2, split_k=-1))
+
+
+def test_linear_split_k_fills_the_gpu_only_when_the_grid_does_not() -> None:
+    from moecluster.kernels.moe_tiles import linear_split_k
+
+    assert linear_split_k(programs=264, k_steps=56, sms=132) == 1  # the grid fills the GPU
+    assert linear_split_k(programs=12, k_steps=56, sms=132) == 16  # q_a at decode: 2 waves (22) -> 16
+    assert linear_split_k(programs=5, k_steps=56, sms=132) == 16  # capped at 14 (4 K steps a split) -> 16
+    assert linear_split_k(programs=56, k_steps=256, sms=132, waves=2) == 4  # o at 64 rows: 5 -> 4
+    assert linear_split_k(programs=100, k_steps=3, sms=132) == 1  # too short to split
+
+
 # ---- W8A8: activations quantized to e4m3 per (row, block_in group) -----------------------------
 
 

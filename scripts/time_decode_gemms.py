@@ -1,0 +1,135 @@
+"""Time the FP8 GEMMs of one rank's decode step on a GPU, each against its bytes over the copy
+bandwidth: the dense projections (`fp8_linear`, W8A16 as in the decode graphs: DeepSeek-V3's
+q_a, kv_a, q_b, o, the dense MLP and the shared expert) at the rank's rows, and the routed
+experts (`grouped_mlp`) at an expert-parallel rank's share of a batch (world x tokens tokens,
+uniform top-k routing, this rank's E / world experts; rows = world * tokens * top_k as the
+gather dispatch hands them over). Each is timed at the library's defaults and over candidate
+tiles (with split-K for the linears), replayed from CUDA graphs as the decode step runs them;
+prints tables and writes JSON.
+
+    python scripts/time_decode_gemms.py [--rows 16,32,64] [--world 2,1] [--batch 64] [--out gemms.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+from moecluster.cluster.bench.kernels import copy_bandwidth_gbs, random_fp8
+from moecluster.cluster.plan.presets import PRESETS
+from moecluster.kernels import fused_moe as fm
+from moecluster.kernels.moe_tiles import TileConfig
+
+LINEAR_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 128, 4, 4),
+                (64, 128, 64, 8, 3), (16, 64, 128, 4, 6), (16, 32, 128, 4, 4)]
+SPLITS = (1, 2, 4, 8, 16, 32)
+EXPERT_TILES = [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 6), (16, 64, 64, 4, 6),
+                (16, 128, 128, 8, 4), (16, 64, 128, 2, 4), (16, 128, 64, 4, 6)]
+
+
+def ms(fn) -> float:  # noqa: ANN001
+    """Median ms of fn replayed from a CUDA graph, as the decode step runs it (no launch cost)."""
+    try:
+        return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
+    except Exception as e:  # noqa: BLE001 - a configuration that does not fit is reported and skipped
+        print(f"  skip: {type(e).__name__}: {str(e)[:90]}", flush=True)
+        return float("inf")
+
+
+def linear_shapes(cfg: dict) -> list[tuple[str, int, int, int]]:
+    """(name, N, K, launches per step per layer kind) of DeepSeek-V3's FP8 dense linears."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    shared = cfg["moe_intermediate_size"] * cfg.get("n_shared_experts", 1)
+    return [("q_a", cfg["q_lora_rank"], h, 1), ("kv_a", cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], h, 1),
+            ("q_b", heads * qk, cfg["q_lora_rank"], 1), ("o", h, heads * cfg["v_head_dim"], 1),
+            ("dense_gate_up", cfg["intermediate_size"], h, 2), ("dense_down", h, cfg["intermediate_size"], 1),
+            ("shared_gate_up", shared, h, 2), ("shared_down", h, shared, 1)]
+
+
+def time_linears(cfg: dict, rows_list: list[int], bw: float, g: torch.Generator) -> list[dict]:
+    out = []
+    for name, n, k, _ in linear_shapes(cfg):
+        w = (torch.randn(n, k, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
+        s = torch.rand(-(-n // 128), -(-k // 128), device="cuda", generator=g) * 0.01
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            nbytes = n * k + s.numel() * 4 + rows * (k + n) * 2
+            whole = fm.fp8_linear(x, w, s, fp8_activations=False, tiles=TileConfig(16, 64, 128, 4, 4, split_k=1)).float()
+            default = ms(lambda: fm.fp8_linear(x, w, s, fp8_activations=False))
+            err = float((fm.fp8_linear(x, w, s, fp8_activations=False).float() - whole).abs().max())
+            cands = {}
+            for t, sp in itertools.product(LINEAR_TILES, SPLITS):
+                if t[0] > max(16, 2 * rows):
+                    continue
+                tiles = TileConfig(*t, split_k=sp)
+                cands[f"{'x'.join(map(str, t))}/s{sp}"] = ms(lambda: fm.fp8_linear(x, w, s, fp8_activations=False, tiles=tiles))
+            best = min(cands, key=cands.get)
+            no_split = min(v for c, v in cands.items() if c.endswith("/s1"))
+            r = {"name": name, "n": n, "k": k, "rows": rows, "default_ms": default, "best_ms": cands[best], "best": best,
+                 "best_unsplit_ms": no_split, "roofline_ms": nbytes / bw / 1e6, "default_max_diff_vs_unsplit": err,
+                 "all_ms": cands}
+            out.append(r)
+            print(f"{name:>15} {n:6d}x{k:<6d} rows {rows:3d}  default {default:.4f}  unsplit best {no_split:.4f}  "
+                  f"best {cands[best]:.4f} ({best})  roofline {r['roofline_ms']:.4f} ms  |diff| {err:.2e}", flush=True)
+    return out
+
+
+def time_experts(cfg: dict, world: int, tokens: int, bw: float, g: torch.Generator) -> dict:
+    e_all, top_k, h, i = cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"], cfg["moe_intermediate_size"]
+    local = e_all // world
+    ids = torch.rand(world * tokens, e_all, device="cuda", generator=g).topk(top_k, dim=1).indices.reshape(-1)
+    counts = torch.bincount(ids[ids < local], minlength=local).to(torch.int32)  # rank 0's experts
+    rows = world * tokens * top_k
+    weights = fm.Fp8Experts(*(t for o, k in ((i, h), (i, h), (h, i)) for t in random_fp8(local, o, k, g)))
+    x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+    hit = int((counts > 0).sum())
+    nbytes = hit * 3 * h * i + int(counts.sum()) * h * 4
+    kw = {"fp8_activations": False}
+    d_gu, d_dn = fm.default_tiles(rows, weights, x.dtype)
+    default = ms(lambda: fm.grouped_mlp(x, counts, weights, **kw))
+    gu = {c: ms(lambda c=c: fm.grouped_mlp(x, counts, weights, gate_up_tiles=TileConfig(*c), down_tiles=d_dn, **kw))
+          for c in EXPERT_TILES}
+    best_gu = min(gu, key=gu.get)
+    dn = {c: ms(lambda c=c: fm.grouped_mlp(x, counts, weights, gate_up_tiles=TileConfig(*best_gu), down_tiles=TileConfig(*c),
+                                           **kw)) for c in EXPERT_TILES}
+    best_dn = min(dn, key=dn.get)
+    r = {"world": world, "tokens": tokens, "rows": rows, "pairs_here": int(counts.sum()), "experts_hit": hit,
+         "default_tiles": [dataclasses.astuple(d_gu), dataclasses.astuple(d_dn)], "default_ms": default,
+         "best_gate_up": best_gu, "best_down": best_dn, "best_ms": dn[best_dn], "roofline_ms": nbytes / bw / 1e6,
+         "gate_up_ms": {"x".join(map(str, c)): v for c, v in gu.items()}, "down_ms": {"x".join(map(str, c)): v for c, v in dn.items()}}
+    print(f"experts world {world} x {tokens} tokens: {r['pairs_here']} pairs on {hit} of {local} experts; default "
+          f"{default:.3f} ms, best {r['best_ms']:.3f} ({best_gu} / {best_dn}), roofline {r['roofline_ms']:.3f} ms", flush=True)
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="deepseek-v3")
+    p.add_argument("--rows", default="16,32,64", help="rows of the dense linears (the rank's sequences)")
+    p.add_argument("--world", default="2,1", help="expert-parallel sizes for the routed experts")
+    p.add_argument("--batch", type=int, default=64, help="decode tokens over the expert-parallel group")
+    p.add_argument("--skip", default="", help="linears,experts")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    cfg = PRESETS[args.preset]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bw = copy_bandwidth_gbs()
+    print(f"copy {bw:.0f} GB/s", flush=True)
+    result: dict = {"preset": args.preset, "copy_gbs": bw}
+    if "linears" not in args.skip:
+        result["linears"] = time_linears(cfg, [int(r) for r in args.rows.split(",")], bw, g)
+    if "experts" not in args.skip:
+        result["experts"] = [time_experts(cfg, int(w), args.batch // int(w), bw, g) for w in args.world.split(",")]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
