@@ -83,7 +83,6 @@ class ModelRunner:
         """Compute the scheduled tokens; sample one token for every entry of sched.samplers.
         graph_size: replay the decode graph of that size (an expert-parallel group's choice for
         this step); without it a rank of its own replays whenever its batch allows."""
-        batch = self.sampling_batch([seq for seq, _ in sched.samplers])
         graphs = self.graphs
         if graph_size is not None or (graphs is not None and not graphs.grouped and graphs.can_run(sched.scheduled)):
             assert graphs is not None
@@ -96,4 +95,6 @@ class ModelRunner:
         if rows != list(range(hidden.shape[0])):  # not every row samples: gather those that do
             hidden = hidden[torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)]
         self.copy_blocks(sched.block_copies)
+        # Built while the GPU runs the forward (its one host-to-device copy does not block).
+        batch = self.sampling_batch([seq for seq, _ in sched.samplers])
         return sample(self.model.logits(hidden), batch)

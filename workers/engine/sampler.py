@@ -37,11 +37,17 @@ class SamplingBatch:
         device: torch.device | str,
     ) -> SamplingBatch:
         k = [vocab_size if v <= 0 else min(v, vocab_size) for v in top_k]
+        # One (4, rows) float32 block, one copy: on a GPU from pinned memory without blocking, so
+        # building the batch after the forward was launched does not wait for it (top-k values are
+        # exact in float32 up to 2^24, far above any vocabulary).
+        host = torch.tensor([temperature, k, top_p, min_p], dtype=torch.float32).view(4, len(temperature))
+        on_gpu = torch.device(device).type == "cuda"
+        block = host.pin_memory().to(device, non_blocking=True) if on_gpu else host.to(device)
         return cls(
-            temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
-            top_k=torch.tensor(k, dtype=torch.int64, device=device),
-            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
-            min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
+            temperature=block[0],
+            top_k=block[1].long(),
+            top_p=block[2],
+            min_p=block[3],
             generators=tuple(generators),
             num_logprobs=num_logprobs,
             all_greedy=all(t == 0.0 for t in temperature),
