@@ -352,7 +352,7 @@ class Deployment:
             if o.finish_reason is not None:
                 stream.finished.add(o.index)
         stream.timer.on_tokens(sum(len(o.token_ids) for o in item.outputs))
-        item.request_id, item.prompt_token_ids = stream.request_id, stream.prompt_ids
+        item.request_id, item.prompt, item.prompt_token_ids = stream.request_id, stream.prompt, stream.prompt_ids
         item.finished = len(stream.finished) == stream.params.n
         if item.finished:
             reason = next((o.finish_reason for o in item.outputs if o.finish_reason), "stop")

@@ -23,6 +23,7 @@ def collect(replica: Replica, prompts: list[list[int]], params: SamplingParams) 
     while done < len(prompts):
         d = deltas.get(timeout=120)
         assert not isinstance(d, BaseException), d
+        assert d.prompt is None and d.prompt_token_ids == []  # not sent back over Ray (the deployment has it)
         tokens[d.request_id] += [t for o in d.outputs for t in o.token_ids]
         done += d.finished
     return [tokens[f"r{i}"] for i in range(len(prompts))]

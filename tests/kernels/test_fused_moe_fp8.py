@@ -237,3 +237,26 @@ def test_fp8_w8a8_captures_in_a_cuda_graph() -> None:
     torch.cuda.synchronize()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(got[2], want[3])  # the default under w8a16_only: W8A16
+
+
+@pytest.mark.gpu
+def test_fp8_linear_split_k_captures_in_a_cuda_graph() -> None:
+    """The decode graphs' W8A16 linears at decode rows split K by default (few column blocks):
+    the partial buffer and the sum after capture and replay equal to eager, and to one split."""
+    from moecluster.kernels.fused_moe import TileConfig, fp8_linear, w8a16_only
+
+    gen = torch.Generator().manual_seed(6)
+    dev = torch.device("cuda")
+    w = (torch.randn(576, 7168, generator=gen) * 2).to(torch.float8_e4m3fn).to(dev)  # DeepSeek-V3's kv_a
+    s = (torch.rand(5, 56, generator=gen) * 0.02 + 0.001).to(dev)
+    x = torch.randn(32, 7168, generator=gen).to(dev, torch.bfloat16)
+    want = fp8_linear(x, w, s, fp8_activations=False)
+    whole = fp8_linear(x, w, s, fp8_activations=False, tiles=TileConfig(32, 64, 128, 4, 4, split_k=1))
+    torch.testing.assert_close(want, whole, rtol=1e-2, atol=1e-2)  # fp32 partials vs one accumulator, bf16 out
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), w8a16_only():
+        got = fp8_linear(x, w, s)
+    x.copy_(torch.randn(32, 7168, generator=gen).to(dev, torch.bfloat16))  # new inputs, same buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, fp8_linear(x, w, s, fp8_activations=False))
