@@ -267,9 +267,9 @@ def _moe_gemm_kernel(
     FP8_BK: tl.constexpr = 128,  # scale block along K (a multiple of BLOCK_K)
     GROUP_M: tl.constexpr = 0,  # launch order: 0 = m fastest over all m-blocks, else groups of GROUP_M
     A_FP8: tl.constexpr = False,  # FP8 only: e4m3 activations with (row, K block) scales (W8A8)
-    SPLIT_K: tl.constexpr = 1,  # dense / FP8, not gated: grid axis 1 splits K, fp32 partials to c[split]
-    k_split=0,  # SPLIT_K > 1: inputs per split, a multiple of BLOCK_K
-    stride_cs=0,  # SPLIT_K > 1: c's stride between splits
+    SPLIT_K: tl.constexpr = False,  # dense / FP8, not gated: grid axis 1 splits K, fp32 partials to c[split]
+    k_split=0,  # SPLIT_K: inputs per split, a multiple of BLOCK_K (the count is the grid's, not compiled in)
+    stride_cs=0,  # SPLIT_K: c's stride between splits
 ):
     pid = tl.program_id(0)
     if GROUP_M == 0:
@@ -356,7 +356,7 @@ def _moe_gemm_kernel(
     else:
         k_lo = 0
         k_hi = K
-        if SPLIT_K > 1:  # this program's share of K: [k_lo, k_hi), whole BLOCK_K steps but the last of K
+        if SPLIT_K:  # this program's share of K: [k_lo, k_hi), whole BLOCK_K steps but the last of K
             k_lo = tl.program_id(1) * k_split
             k_hi = tl.minimum(K, k_lo + k_split)
             c_ptr += tl.program_id(1).to(tl.int64) * stride_cs
@@ -632,11 +632,13 @@ def fp8_linear(
     w8a8 = w8a8_default(rows, x, W8A8_LINEAR_MIN_ROWS, block_in=bi) if fp8_activations is None else fp8_activations
     if w8a8:
         check_w8a8_block("fp8_linear", bi)
+    if tiles is not None and tiles.split_k < 0:
+        raise ValueError(f"fp8_linear: split_k must be >= 0 (0 = chosen by the grid), got {tiles.split_k}")
     if rows == 0 or not uses_triton(x):
         if w8a8:
             return (fp8_round_trip(x, bi) @ dequantize_fp8(weight, scale, block, torch.float32).T).to(x.dtype)
         return x @ dequantize_fp8(weight, scale, block, x.dtype).T
-    waves = 0.0  # split K only where the W8A16 tiles say (decode sizes; W8A8 is for prefill)
+    waves = 0.0  # split K only where the W8A16 tiles say (up to 64 rows, where it was measured)
     if tiles is None and w8a8:
         tiles = w8a8_tiles(rows)[1]
     elif tiles is None:
@@ -651,8 +653,6 @@ def fp8_linear(
     n_mblocks = triton.cdiv(rows, bm)
     programs = n_mblocks * triton.cdiv(n, bn)
     k_steps = triton.cdiv(k, bk)
-    if tiles.split_k < 0:
-        raise ValueError(f"fp8_linear: split_k must be >= 0 (0 = chosen by the grid), got {tiles.split_k}")
     split = tiles.split_k or (linear_split_k(programs, k_steps, cuda_sm_count(x.device), waves) if x.is_cuda and waves else 1)
     k_split = triton.cdiv(k_steps, min(split, k_steps)) * bk  # whole K steps per split
     split = triton.cdiv(k, k_split)  # none empty
@@ -672,7 +672,7 @@ def fp8_linear(
         GATED=False, GATHER=False, INT4=False, INT4_STACK=1, GROUP=1, SUB_K=_MIN_DOT, MAGIC_BITS=0, MAGIC_BIAS=0.0, DEQ_PTX=False,
         EVEN_K=(k % bk == 0), IEEE=(x.dtype == torch.float32), FP8=True, FP8_BN=bo, FP8_BK=bi,
         GROUP_M=tiles.group_m, A_FP8=w8a8, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        SPLIT_K=split, k_split=k_split, stride_cs=out.stride(0) if split > 1 else 0,
+        SPLIT_K=split > 1, k_split=k_split, stride_cs=out.stride(0) if split > 1 else 0,
     )  # fmt: skip
     return out if split == 1 else out.sum(0).to(x.dtype)
 

@@ -108,12 +108,14 @@ def fp32_tiles(t: TileConfig, int4: bool) -> TileConfig:
 # replayed from CUDA graphs, weighted by launches per decode step): against the previous
 # defaults (16 x 64 tiles to 16 rows, 64 x 128 x 64 above, no split), the step's sum of these
 # GEMMs fell from 0.725 / 1.316 / 1.378 ms to 0.710 / 0.799 / 1.219 ms.
-_LINEAR = ((16, TileConfig(16, 32, 128, 4, 4), 4.0), (32, TileConfig(32, 64, 128, 4, 4), 8.0))
-_LINEAR_LARGE = (TileConfig(64, 128, 64, 8, 3), 2.0)
+# Above 64 rows (not swept) the tiles stay those of before and K is not split.
+_LINEAR = ((16, TileConfig(16, 32, 128, 4, 4), 4.0), (32, TileConfig(32, 64, 128, 4, 4), 8.0),
+           (64, TileConfig(64, 128, 64, 8, 3), 2.0))
+_LINEAR_LARGE = (TileConfig(64, 128, 64, 8, 3), 0.0)
 
 
 def linear_tiles(rows: int) -> tuple[TileConfig, float]:
-    """(tiles, split-K waves for `linear_split_k`) of a W8A16 fp8_linear over `rows` rows."""
+    """(tiles, split-K waves for `linear_split_k`; 0 = no split) of a W8A16 fp8_linear over `rows` rows."""
     return next(((t, w) for most, t, w in _LINEAR if rows <= most), _LINEAR_LARGE)
 
 
@@ -122,10 +124,11 @@ def linear_split_k(programs: int, k_steps: int, sms: int, waves: float = 2.0, mi
     `programs` programs: at decode sizes a linear with few output columns (DeepSeek-V3's q_a
     7168 -> 1536: 12 programs of 128 columns; kv_a 7168 -> 576: 5) would stream its weight
     through a few SMs. About `waves` programs per SM, rounded to a power of two (on the H100,
-    o_proj 16384 -> 7168 at 64 rows in 56 programs: 5 splits 0.120 ms, 4 splits 0.093), each
-    split at least `min_steps` K steps long (fp8_linear then cuts K into whole steps, so the
-    count it launches may be lower); 1 when the grid already fills the GPU."""
+    o_proj 16384 -> 7168 at 64 rows in 56 programs: 5 splits 0.120 ms, 4 splits 0.093), then
+    capped so that each split is at least `min_steps` K steps long (fp8_linear cuts K into whole
+    steps, so the count it launches may be lower still); 1 when the grid already fills the GPU."""
     if programs >= sms:
         return 1
-    want = max(1, min(-(-int(waves * sms) // programs), k_steps // min_steps))
-    return 1 << round(math.log2(want))
+    cap = max(1, k_steps // min_steps)
+    want = min(-(-int(waves * sms) // programs), cap)
+    return min(1 << round(math.log2(want)), cap)

@@ -41,20 +41,22 @@ def ms(fn) -> float:  # noqa: ANN001
         return float("inf")
 
 
-def linear_shapes(cfg: dict) -> list[tuple[str, int, int, int]]:
-    """(name, N, K, launches per step per layer kind) of DeepSeek-V3's FP8 dense linears."""
+def linear_shapes(cfg: dict, layers: int, dense_layers: int) -> list[tuple[str, int, int, int]]:
+    """(name, N, K, launches per decode step) of DeepSeek-V3's FP8 dense linears in a slice of
+    `layers` layers, the first `dense_layers` dense (gate and up are separate launches)."""
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
     shared = cfg["moe_intermediate_size"] * cfg.get("n_shared_experts", 1)
-    return [("q_a", cfg["q_lora_rank"], h, 1), ("kv_a", cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], h, 1),
-            ("q_b", heads * qk, cfg["q_lora_rank"], 1), ("o", h, heads * cfg["v_head_dim"], 1),
-            ("dense_gate_up", cfg["intermediate_size"], h, 2), ("dense_down", h, cfg["intermediate_size"], 1),
-            ("shared_gate_up", shared, h, 2), ("shared_down", h, shared, 1)]
+    moe = layers - dense_layers
+    return [("q_a", cfg["q_lora_rank"], h, layers), ("kv_a", cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], h, layers),
+            ("q_b", heads * qk, cfg["q_lora_rank"], layers), ("o", h, heads * cfg["v_head_dim"], layers),
+            ("dense_gate_up", cfg["intermediate_size"], h, 2 * dense_layers), ("dense_down", h, cfg["intermediate_size"], dense_layers),
+            ("shared_gate_up", shared, h, 2 * moe), ("shared_down", h, shared, moe)]
 
 
-def time_linears(cfg: dict, rows_list: list[int], bw: float, g: torch.Generator) -> list[dict]:
+def time_linears(cfg: dict, rows_list: list[int], bw: float, g: torch.Generator, layers: int, dense_layers: int) -> list[dict]:
     out = []
-    for name, n, k, _ in linear_shapes(cfg):
+    for name, n, k, launches in linear_shapes(cfg, layers, dense_layers):
         w = (torch.randn(n, k, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
         s = torch.rand(-(-n // 128), -(-k // 128), device="cuda", generator=g) * 0.01
         for rows in rows_list:
@@ -71,7 +73,7 @@ def time_linears(cfg: dict, rows_list: list[int], bw: float, g: torch.Generator)
                 cands[f"{'x'.join(map(str, t))}/s{sp}"] = ms(lambda: fm.fp8_linear(x, w, s, fp8_activations=False, tiles=tiles))
             best = min(cands, key=cands.get)
             no_split = min(v for c, v in cands.items() if c.endswith("/s1"))
-            r = {"name": name, "n": n, "k": k, "rows": rows, "default_ms": default, "best_ms": cands[best], "best": best,
+            r = {"name": name, "n": n, "k": k, "rows": rows, "launches_per_step": launches, "default_ms": default, "best_ms": cands[best], "best": best,
                  "best_unsplit_ms": no_split, "roofline_ms": nbytes / bw / 1e6, "default_max_diff_vs_unsplit": err,
                  "all_ms": cands}
             out.append(r)
@@ -112,6 +114,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="deepseek-v3")
     p.add_argument("--rows", default="16,32,64", help="rows of the dense linears (the rank's sequences)")
+    p.add_argument("--layers", type=int, default=4, help="layers of the slice whose decode step is summed")
+    p.add_argument("--dense-layers", type=int, default=1)
     p.add_argument("--world", default="2,1", help="expert-parallel sizes for the routed experts")
     p.add_argument("--batch", type=int, default=64, help="decode tokens over the expert-parallel group")
     p.add_argument("--skip", default="", help="linears,experts")
@@ -123,7 +127,15 @@ def main() -> None:
     print(f"copy {bw:.0f} GB/s", flush=True)
     result: dict = {"preset": args.preset, "copy_gbs": bw}
     if "linears" not in args.skip:
-        result["linears"] = time_linears(cfg, [int(r) for r in args.rows.split(",")], bw, g)
+        rows_list = [int(r) for r in args.rows.split(",")]
+        result["linears"] = lin = time_linears(cfg, rows_list, bw, g, args.layers, args.dense_layers)
+        result["step_sums"] = {}
+        for rows in rows_list:  # one decode step's FP8 linears: each shape's time x its launches
+            sums = {key: sum(r[key] * r["launches_per_step"] for r in lin if r["rows"] == rows)
+                    for key in ("default_ms", "best_ms", "roofline_ms")}
+            result["step_sums"][rows] = sums
+            print(f"rows {rows}: a step's FP8 linears ({args.layers} layers) default {sums['default_ms']:.3f} ms, "
+                  f"best {sums['best_ms']:.3f}, roofline {sums['roofline_ms']:.3f}", flush=True)
     if "experts" not in args.skip:
         result["experts"] = [time_experts(cfg, int(w), args.batch // int(w), bw, g) for w in args.world.split(",")]
     if args.out:

@@ -140,13 +140,13 @@ def test_abort_and_n2_across_pools(deployment, workload) -> None:
     assert_all_blocks_free(deployment)
 
 
-def _tokens_until(deltas: "queue.SimpleQueue", n: int, got: list[int], prompt: list[int] | None = None) -> None:
+def _tokens_until(deltas: "queue.SimpleQueue", n: int, got: list[int], prompt: tuple | None = None) -> None:
     while len(got) < n:
         d = deltas.get(timeout=60)
         assert not isinstance(d, BaseException), d
         assert not d.finished, d
         if prompt is not None:  # the ranks send outputs without it (rank_actor.poll); the deployment puts it back
-            assert d.prompt_token_ids == prompt
+            assert (d.prompt, d.prompt_token_ids) == prompt
         got.extend(d.outputs[0].token_ids)
 
 
@@ -164,8 +164,8 @@ def test_an_id_reused_after_abort_gets_none_of_the_old_requests_outputs(deployme
     prompt = requests["r1"][0]
     long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
     first: queue.SimpleQueue = queue.SimpleQueue()
-    deployment.submit("reuse", prompt, long, first.put)
-    _tokens_until(first, 3, [], prompt)  # decoding on the decode pool
+    deployment.submit("reuse", prompt, long, first.put, "the prompt's text")
+    _tokens_until(first, 3, [], ("the prompt's text", prompt))  # decoding on the decode pool
     old_ids = [i for i in deployment._streams["reuse"].routes if "@" in i]
     assert old_ids
     deployment.abort("reuse")

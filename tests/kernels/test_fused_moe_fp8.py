@@ -85,7 +85,7 @@ def test_fp8_linear_matches_dequantized_matmul(device, rows, n, k, block) -> Non
 def test_fp8_linear_split_k_matches_whole_k(device, split, k, w8a8) -> None:
     """K cut over `split` programs (fp32 partials added after) equals the whole-K product: uneven
     splits, a ragged last K step (k = 200, block_k 32, scale blocks 64 wide), W8A8."""
-    from moecluster.kernels.fused_moe import TileConfig, dequantize_fp8, fp8_linear
+    from moecluster.kernels.fused_moe import TileConfig, dequantize_fp8, fp8_linear, uses_triton
     from moecluster.kernels.fused_moe_ref import fp8_round_trip
 
     gen = torch.Generator().manual_seed(split * 100 + k)
@@ -93,6 +93,7 @@ def test_fp8_linear_split_k_matches_whole_k(device, split, k, w8a8) -> None:
     w = (torch.randn(n, k, generator=gen) * 2).to(torch.float8_e4m3fn).to(device)
     s = (torch.rand(-(-n // block[0]), -(-k // block[1]), generator=gen) * 0.02 + 0.001).to(device)
     x = torch.randn(rows, k, generator=gen).to(device)
+    assert uses_triton(x)
     tiles = TileConfig(16, 16, 32, 4, 2, split_k=split)
     got = fp8_linear(x, w, s, block, tiles=tiles, fp8_activations=w8a8)
     a = fp8_round_trip(x, block[1]) if w8a8 else x
@@ -109,9 +110,10 @@ def test_linear_split_k_fills_the_gpu_only_when_the_grid_does_not() -> None:
     from moecluster.kernels.moe_tiles import linear_split_k
 
     assert linear_split_k(programs=264, k_steps=56, sms=132) == 1  # the grid fills the GPU
-    assert linear_split_k(programs=12, k_steps=56, sms=132) == 16  # q_a at decode: 2 waves (22) -> 16
-    assert linear_split_k(programs=5, k_steps=56, sms=132) == 16  # capped at 14 (4 K steps a split) -> 16
+    assert linear_split_k(programs=12, k_steps=256, sms=132) == 16  # 2 waves: 22 -> the nearest power of two
+    assert linear_split_k(programs=12, k_steps=56, sms=132) == 14  # capped: at least 4 K steps a split
     assert linear_split_k(programs=56, k_steps=256, sms=132, waves=2) == 4  # o at 64 rows: 5 -> 4
+    assert linear_split_k(programs=1, k_steps=12, sms=132) == 3  # rounding never passes the cap
     assert linear_split_k(programs=100, k_steps=3, sms=132) == 1  # too short to split
 
 
@@ -243,10 +245,14 @@ def test_fp8_w8a8_captures_in_a_cuda_graph() -> None:
 def test_fp8_linear_split_k_captures_in_a_cuda_graph() -> None:
     """The decode graphs' W8A16 linears at decode rows split K by default (few column blocks):
     the partial buffer and the sum after capture and replay equal to eager, and to one split."""
+    from moecluster.kernels.device import cuda_sm_count
     from moecluster.kernels.fused_moe import TileConfig, fp8_linear, w8a16_only
+    from moecluster.kernels.moe_tiles import linear_split_k, linear_tiles
 
     gen = torch.Generator().manual_seed(6)
     dev = torch.device("cuda")
+    tiles, waves = linear_tiles(32)
+    assert linear_split_k(-(-576 // tiles.block_n), -(-7168 // tiles.block_k), cuda_sm_count(dev), waves) > 1
     w = (torch.randn(576, 7168, generator=gen) * 2).to(torch.float8_e4m3fn).to(dev)  # DeepSeek-V3's kv_a
     s = (torch.rand(5, 56, generator=gen) * 0.02 + 0.001).to(dev)
     x = torch.randn(32, 7168, generator=gen).to(dev, torch.bfloat16)

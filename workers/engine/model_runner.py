@@ -95,6 +95,7 @@ class ModelRunner:
         if rows != list(range(hidden.shape[0])):  # not every row samples: gather those that do
             hidden = hidden[torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)]
         self.copy_blocks(sched.block_copies)
-        # Built while the GPU runs the forward (its one host-to-device copy does not block).
+        # Built while the GPU runs the forward: its one host-to-device copy is from pinned memory
+        # and does not block (on the decode-graph path nothing before it does either).
         batch = self.sampling_batch([seq for seq, _ in sched.samplers])
         return sample(self.model.logits(hidden), batch)
