@@ -267,8 +267,9 @@ def _baseline(cfg: ServeBenchConfig, model_dir: Path, device: Any, dtype: Any, r
 
 
 def summarize(result: ServeBenchResult, cfg: ServeBenchConfig) -> dict[str, Any]:
-    """The acceptance numbers: decode rate per GPU vs transformers at the baseline's concurrency,
-    and the MoE layer's decode step vs its roofline."""
+    """The acceptance numbers: decode rate per GPU vs transformers at the baseline's concurrency
+    (and the ratio a step at its roofline would reach: the most that layout's bytes allow), and the
+    MoE layer's decode step vs its roofline."""
     out: dict[str, Any] = {"gpus": cfg.gpus}
     best = max((r for r in result.levels if r["kind"] == "serve" and r.get("decode_tok_s_per_gpu")),
                key=lambda r: r["decode_tok_s_per_gpu"], default=None)
@@ -284,6 +285,9 @@ def summarize(result: ServeBenchResult, cfg: ServeBenchConfig) -> dict[str, Any]
         out["speedup_vs_transformers"] = ours / result.baseline["decode_tok_s"] if ours else None
         rank_side = serve[0].get("rank_decode_tok_s_per_gpu")
         out["rank_side_speedup_vs_transformers"] = rank_side / result.baseline["decode_tok_s"] if rank_side else None
+        roof = serve[0].get("roofline_step_ms")  # the ratio a decode step exactly at its roofline would give
+        out["speedup_at_roofline"] = (serve[0]["concurrency"] / (roof * 1e-3) / cfg.gpus / result.baseline["decode_tok_s"]
+                                      if roof else None)
     at = [m for m in result.moe_layer if m["tokens"] == cfg.baseline_concurrency] or result.moe_layer[-1:]
     if at:
         out["moe_layer_tokens"] = at[0]["tokens"]

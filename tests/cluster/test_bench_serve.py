@@ -57,6 +57,8 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
     assert base["concurrency"] == 3 and base["context"] == 24 and base["decode_tok_s"] > 0
     assert result.summary["speedup_vs_transformers"] == pytest.approx(
         result.summary["decode_tok_s_per_gpu"] / base["decode_tok_s"])
+    at3 = next(r for r in saved["levels"] if r["kind"] == "serve" and r["input_len"] == 24 and r["concurrency"] == 3)
+    assert result.summary["speedup_at_roofline"] == pytest.approx(3 / (at3["roofline_step_ms"] * 1e-3) / base["decode_tok_s"])
 
 
 def test_client_processes_split_the_streams() -> None:
