@@ -69,24 +69,17 @@ def _int4_tiles(mean: float, weights: Int4Experts) -> tuple[TileConfig, TileConf
     rows per expert, 19% at 32; above 32 rows (measured at 64), 4 sub-tiles stacked into one
     128-deep dot (at 32 rows stacking was 1.9x slower; 33-63 rows not measured)."""
     kb = weights.gate.k_block
-    if kb >= 256:
-        if mean <= 16:
-            t = TileConfig(16, 64, kb, 4, 2)
-        elif mean <= 32:
-            t = TileConfig(32, 64, kb, 4, 2)
-        elif mean <= 128:
-            t = TileConfig(64, 64, kb, 4, 2, int4_stack=4)
-        else:
-            t = TileConfig(128, 128, kb, 8, 2, 8, int4_stack=4)
-    elif mean <= 16:  # k_block 128 (sub-tiles of 16): two packed blocks per K step where both K's allow it
-        kk = 2 * kb if all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down)) else kb
-        t = TileConfig(16, 64, kk, 4, 2)
+    wide = kb >= 256  # sub-tiles of 32 inputs; k_block 128's are 16
+    stages = 2 if wide else 3
+    if mean <= 16:  # k_block 128: two packed blocks per K step where both K's allow it
+        two = not wide and all((w.packed.shape[1] * 8) % (2 * kb) == 0 for w in (weights.gate, weights.down))
+        t = TileConfig(16, 64, 2 * kb if two else kb, 4, 2)
     elif mean <= 32:
         t = TileConfig(32, 64, kb, 4, 2)
     elif mean <= 128:
-        t = TileConfig(64, 64, kb, 4, 3, int4_stack=4)
+        t = TileConfig(64, 64, kb, 4, stages, int4_stack=4)
     else:
-        t = TileConfig(128, 128, kb, 8, 3, 8, int4_stack=8)
+        t = TileConfig(128, 128, kb, 8, stages, 8, int4_stack=4 if wide else 8)
     return t, t  # the same tiles for gate_up and down
 
 

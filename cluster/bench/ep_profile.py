@@ -172,10 +172,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for r in reports:
         print(f"rank {r['rank']}: {r['wall_ms_per_step']:.2f} ms per decode step (wall), busy "
               f"{r['busy_ms_per_step']:.2f} ms, phases p50 {r['phases_p50_ms']}")
-        for title, key in (("device time" if args.device == "cuda" else "self CPU time", "top"),
-                           ("host (self CPU time)", "top_host")):
-            if key == "top_host" and args.device != "cuda":
-                continue  # the same table on CPU
+        tables = ([("device time", "top"), ("host (self CPU time)", "top_host")] if args.device == "cuda"
+                  else [("self CPU time", "top")])  # on the CPU the two are one table
+        for title, key in tables:
             print(f"  busiest by {title}:")
             for e in r[key]:
                 print(f"  {e['ms_per_step']:8.3f} ms/step  x{e['calls_per_step']:<6.1f} {e['name']}")

@@ -145,7 +145,7 @@ def _tokens_until(deltas: "queue.SimpleQueue", n: int, got: list[int], prompt: t
         d = deltas.get(timeout=60)
         assert not isinstance(d, BaseException), d
         assert not d.finished, d
-        if prompt is not None:  # the ranks send outputs without it (rank_actor.poll); the deployment puts it back
+        if prompt is not None:  # the ranks send outputs without it (ep_rank); the deployment puts it back
             assert (d.prompt, d.prompt_token_ids) == prompt
         got.extend(d.outputs[0].token_ids)
 

@@ -65,3 +65,25 @@ def test_a_script_using_ep_exits_cleanly(tiny_checkpoint) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("3")
+
+
+def test_ep_deltas_carry_the_prompt_back(tiny_checkpoint) -> None:
+    """Rank processes send outputs without their prompts (`ep_rank`); the group's deltas have them
+    again, as `AsyncEngine` delivers them."""
+    import queue
+
+    ep = LLM(tiny_checkpoint(num_layers=2), expert_parallel_size=2, dtype="float32", device="cpu", block_size=16,
+             num_kv_blocks=48)
+    try:
+        deltas: queue.SimpleQueue = queue.SimpleQueue()
+        ids = [5, 6, 7, 8, 9]
+        ep.engine.submit("p", ids, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), deltas.put, "text")
+        seen = []
+        while not seen or not seen[-1].finished:
+            d = deltas.get(timeout=120)
+            assert not isinstance(d, BaseException), d
+            seen.append(d)
+        assert all(d.prompt == "text" and d.prompt_token_ids == ids for d in seen)
+        assert sum(len(o.token_ids) for d in seen for o in d.outputs) == 3
+    finally:
+        ep.engine.shutdown()

@@ -20,6 +20,7 @@ from typing import Any
 from moecluster.workers.engine.async_engine import Sink
 from moecluster.workers.engine.engine_config import EngineConfig
 from moecluster.workers.engine.ep_rank import run_rank
+from moecluster.workers.engine.outputs import RequestOutput
 from moecluster.workers.engine.rank_streams import RankStreams
 from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
@@ -69,8 +70,9 @@ class EPGroup:
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, prompt: str | None = None
     ) -> None:
         self.check(prompt_ids, params)
-        rank = self.streams.open(request_id, sink)
-        self._inboxes[rank].put(("add", request_id, list(prompt_ids), params, prompt))
+        ids = list(prompt_ids)
+        rank = self.streams.open(request_id, lambda item: sink(_with_prompt(item, prompt, ids)))
+        self._inboxes[rank].put(("add", request_id, ids, params, prompt))
 
     def rebalance(self) -> None:
         """Ask every rank to rebalance its experts at the next step boundary (EPLB)."""
@@ -110,3 +112,10 @@ def _shutdown_at_exit(ref: weakref.ref) -> None:
     group = ref()
     if group is not None:
         group.shutdown(timeout=5.0)
+
+
+def _with_prompt(item: Any, prompt: str | None, prompt_ids: list[int]) -> Any:
+    """A rank's output with the prompt it travels without (`ep_rank`), as `AsyncEngine` delivers it."""
+    if isinstance(item, RequestOutput):
+        item.prompt, item.prompt_token_ids = prompt, prompt_ids
+    return item

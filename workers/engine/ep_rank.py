@@ -12,7 +12,10 @@ Events leave on `outbox`:
   outputs and handoffs in one event, so a driver sees both or neither);
   ("taken", rank, [(inner_id, outcome)]) when a decode rank took handoffs ("received", or
   "refilled" from the prompt after failed transfers): the prefill side may free its copy.
-Any queue with put / get(timeout) / get_nowait works.
+Any queue with put / get(timeout) / get_nowait works. Outputs travel without their prompt (text
+and ids; the driver that submitted the request has both): pickled with it, one decode step's
+outputs for 64 streams of 2000-token prompts were 1 MB (4.7 ms to pickle, 6.2 ms to unpickle on
+a 2-core CPU machine), 6 KB without.
 
 Lockstep: each rank schedules its step, then one all-reduce agrees on (largest batch, any work,
 stop, rebalance, some rank must run eagerly); when any rank has work all of them run the forward,
@@ -106,9 +109,9 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             core.timer.record("sync", t2 - t1)
             handoffs = core.take_handoffs()
             if handoffs:
-                outbox.put(("handoff", rank, (outs, handoffs)))
+                outbox.put(("handoff", rank, (_without_prompts(outs), handoffs)))
             elif outs:
-                outbox.put(("out", rank, outs))
+                outbox.put(("out", rank, _without_prompts(outs)))
             core.timer.record("step", time.perf_counter() - t0)
         due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
         if flags[3] or due:  # every rank reaches this at the same step boundary
@@ -117,6 +120,13 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             if graphs is not None:
                 graphs.sync_placement()  # the captured dispatchers follow the moved experts
             outbox.put(("eplb", rank, report))
+
+
+def _without_prompts(outs: list[RequestOutput]) -> list[RequestOutput]:
+    """The outbox's form of a step's outputs (module docstring): prompt and prompt ids dropped."""
+    for out in outs:
+        out.prompt, out.prompt_token_ids = None, []
+    return outs
 
 
 def _group_max(values: list[int], device: torch.device) -> list[int]:
@@ -166,7 +176,7 @@ def _drain(core: Any, inbox: Any, outbox: Any, control: _Control, wait: float) -
             if out is None and control.handoffs and control.handoffs.drop(lambda _, inner_id: inner_id == cmd[1]):
                 out = RequestOutput(cmd[1], None, [], [CompletionOutput(0, "", [], finish_reason="abort")], True)
             if out is not None:
-                outbox.put(("out", None, [out]))
+                outbox.put(("out", None, _without_prompts([out])))
         elif kind == "ack":
             core.ack(cmd[1], cmd[2])
         elif kind == "prefilled":
