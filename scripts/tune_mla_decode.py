@@ -18,17 +18,11 @@ import json
 import torch
 from triton.testing import do_bench
 
+from moecluster.cluster.bench.kernels import copy_bandwidth_gbs
 from moecluster.kernels.mla_decode import mla_decode
 
 CANDIDATES = [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 16, 1), (128, 16, 16, 2), (128, 32, 16, 2),
               (128, 16, 8, 2), (128, 64, 16, 1), (32, 64, 4, 2)]
-
-
-def copy_gbs() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
 def main() -> None:
@@ -51,7 +45,7 @@ def main() -> None:
     q = torch.randn(args.batch, args.heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
     scale = dim**-0.5
     nbytes = (cache.numel() + q.numel() + args.batch * args.heads * rank) * 2
-    bw = copy_gbs()
+    bw = copy_bandwidth_gbs()
     want = mla_decode(q, cache, tables, lens, scale, rank)
     rows = []
     for bh, bn, warps, stages in [(None, None, None, None), *configs]:

@@ -241,8 +241,7 @@ def test_grouped_mlp_int4_library_default_repack_and_tiles(device: torch.device,
     """The default repack (k_block 256 for group 32: sub-tiles of 32 inputs) with the default tiles:
     one sub-tile per dot at decode sizes, four stacked per dot above 32 rows per expert (here 55)."""
     e, h, i = 2, 256, 96
-    ckpt = {n: _int4_ckpt(e, *shape, device) for n, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i)))}
-    weights = fm.Int4Experts.from_compressed_tensors(ckpt["gate"], ckpt["up"], ckpt["down"], h, i)
+    weights, _ = _int4(e, h, i, device, k_block=None)
     assert weights.gate.k_block == 256 and weights.down.packed.shape[1] == 256 // 8  # I = 96 padded to 256
     gu, _ = fm.default_tiles(sum(counts), weights, torch.float16)
     assert gu.block_k == 256 and gu.int4_stack == (1 if max(counts) < 64 else 4)
