@@ -126,8 +126,11 @@ class ReplayRunner:
         self.gen = torch.Generator().manual_seed(seed)
         self.prepare_ns = self.execute_ns = self.fill_ns = 0
 
-    def execute(self, sched: SchedulerOutput, graph_size: int | None = None) -> SamplerOutput:
-        del graph_size  # no model, no graphs: the host's share of a step only
+    def replays(self, sched: SchedulerOutput, graph_size: int | None = None) -> bool:
+        return False  # the engine reads every step's samples before the next (no asynchronous scheduling)
+
+    def execute(self, sched: SchedulerOutput, graph_size: int | None = None, prev: object = None) -> SamplerOutput:
+        del graph_size, prev  # no model, no graphs: the host's share of a step only
         start = perf_counter_ns()
         if self.runner is not None:
             self.runner.prepare(sched.scheduled)
@@ -145,7 +148,8 @@ class ReplayRunner:
 
 
 class TimedScheduler(Scheduler):
-    """The real scheduler, recording the host time of its two per-step calls."""
+    """The real scheduler, recording the host time of its per-step calls (update_ns: advancing
+    the computed counts and committing the filled blocks)."""
 
     schedule_ns = update_ns = num_tokens = 0
 
@@ -155,10 +159,16 @@ class TimedScheduler(Scheduler):
         self.schedule_ns, self.num_tokens = perf_counter_ns() - start, out.num_tokens
         return out
 
-    def update(self, out: SchedulerOutput) -> None:
+    def advance(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
         start = perf_counter_ns()
-        super().update(out)
+        computed = super().advance(out)
         self.update_ns = perf_counter_ns() - start
+        return computed
+
+    def commit(self, computed: list[tuple[Sequence, int]]) -> None:
+        start = perf_counter_ns()
+        super().commit(computed)
+        self.update_ns += perf_counter_ns() - start
 
 
 def replay_engine(sched_cfg: SchedulerConfig, blocks: BlockManager, decoder: Decoder, vocab_size: int,

@@ -42,7 +42,7 @@ EVERYTHING = {
     "ray": {"upgradeStrategy": "Recreate", "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]},
     "head": {"readinessProbe": {"httpGet": {"path": "/health", "port": "http", "scheme": "HTTPS"}}},
     "engine": {"maxModelLen": None, "eplbIntervalSteps": 1000, "eplbRedundantSlots": 32, "kvTransfer": "object_store",
-               "cudaGraphMaxBatch": 0},
+               "cudaGraphMaxBatch": 0, "asyncScheduling": False},
 }
 EXISTING_CLAIM = {"model": {"volume": {"existingClaim": "weights", "subPath": "deepseek-v3",
                                        "create": {"enabled": False}}, "download": {"enabled": False}}}
@@ -263,6 +263,7 @@ def test_generated_spec_parses_and_matches_the_values(case):
         e["maxModelLen"], e["maxNumSeqs"], e["eplbIntervalSteps"])
     assert spec.engine.kv_transfer == e["kvTransfer"]
     assert spec.engine.cuda_graph_max_batch == e["cudaGraphMaxBatch"]
+    assert spec.engine.async_scheduling == e["asyncScheduling"]
     a = values["autoscaling"]
     assert (spec.autoscaling is not None) == a["enabled"]
     if a["enabled"]:

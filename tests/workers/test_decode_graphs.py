@@ -71,9 +71,9 @@ def test_padded_decode_batches_match_eager(ckpt: Path) -> None:
     calls = []
     run = padded.runner.graphs.run
 
-    def counting_run(scheduled, size=None):  # noqa: ANN001, ANN202
+    def counting_run(scheduled, size=None, prev=None):  # noqa: ANN001, ANN202
         calls.append(len(scheduled))
-        return run(scheduled, size)
+        return run(scheduled, size, prev)
 
     padded.runner.graphs.run = counting_run
     want, got = _run(eager, prompts, 12), _run(padded, prompts, 12)
@@ -144,7 +144,7 @@ def test_fill_rewrites_a_table_row_exactly_when_its_blocks_differ(ckpt: Path) ->
         for i, s in enumerate(scheduled):
             blocks, pos = s.seq.table.block_ids, s.seq.num_computed
             assert tables[i, : len(blocks)].tolist() == blocks
-            assert host[:, i].tolist() == [pos, pos, blocks[pos // BLOCK] * BLOCK + pos % BLOCK, pos + 1, 1]
+            assert host[:, i].tolist() == [pos, pos, blocks[pos // BLOCK] * BLOCK + pos % BLOCK, pos + 1, 1, -1]
         assert (tables[len(scheduled):size, 0] == NUM_BLOCKS).all() and (host[4, len(scheduled):size] == 0).all()
 
     a, b, c = seq([3, 4], 20), seq([7], 5), seq([9, 10, 11], 40)

@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, results: Any, ckpt: str, rebalance
     assert graphs.grouped
     sizes: list[int] = []
     run = graphs.run
-    graphs.run = lambda scheduled, size=None: (sizes.append(size), run(scheduled, size))[1]  # type: ignore[method-assign]
+    graphs.run = lambda scheduled, size=None, prev=None: (sizes.append(size), run(scheduled, size, prev))[1]  # type: ignore[method-assign]
     core.runner = ModelRunner(model, kv, BLOCK, graphs)
     inbox: queue.Queue = queue.Queue()
     outbox: queue.Queue = queue.Queue()

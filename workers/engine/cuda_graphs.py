@@ -14,6 +14,8 @@ catches up. A replay is one launch.
   (max_model_len), so the MLA launcher chooses its split count from that capacity, once per size
   (it cuts each sequence's own context into that many pieces, so short contexts stay cheap).
   A step writes its rows into pinned host buffers and copies them over without a host sync.
+  Under asynchronous scheduling a row's input token may not have reached the host yet: it is
+  then taken on the device from the previous step's samples (`PrevTokens`) before the replay.
 - Padding rows: token 0 at position 0 with context length 1, writing its latent into the scratch
   block (one cache block past those the block manager hands out) and reading only that block;
   their MoE choices run but EPLB does not count them (token mask 0). Their outputs are not read.
@@ -37,7 +39,7 @@ import logging
 import time
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -53,7 +55,14 @@ from moecluster.workers.model.moe import MoE
 
 log = logging.getLogger(__name__)
 
-_IDS, _POS, _SLOT, _LEN, _MASK = range(5)  # rows of the (5, max batch) int64 input buffer
+_IDS, _POS, _SLOT, _LEN, _MASK, _PREV = range(6)  # rows of the (6, max batch) int64 input buffer
+
+
+class PrevTokens(NamedTuple):
+    """Input tokens still on the device: the previous step's samples (asynchronous scheduling)."""
+
+    tokens: torch.Tensor  # (m,) int64 on the device: the previous step's sampled tokens
+    rows: list[int]  # per scheduled sequence: its input token's row in `tokens`, or -1 (on the host)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -90,13 +99,13 @@ class DecodeGraphs:
         n, width = self.sizes[-1], -(-max_model_len // block_size)
         self._scratch = scratch_block
         pin = device.type == "cuda"
-        self._host = torch.zeros((5, n), dtype=torch.int64, pin_memory=pin)  # ids, positions, slots, lengths, mask
+        self._host = torch.zeros((6, n), dtype=torch.int64, pin_memory=pin)  # ids, positions, slots, lengths, mask, prev
         self._host_tables = torch.full((n, width), scratch_block, dtype=torch.int32, pin_memory=pin)
-        self._inputs = torch.zeros((5, n), dtype=torch.int64, device=device)
+        self._inputs = torch.zeros((6, n), dtype=torch.int64, device=device)
         self._tables = torch.full((n, width), scratch_block, dtype=torch.int32, device=device)
         self._held: list[list[int] | None] = [None] * n  # the block ids each host table row holds
         # a padding row: token 0 at position 0, slot 0 of the scratch block, context 1, mask 0
-        self._padding_column = np.array([0, 0, scratch_block * block_size, 1, 0])[:, None]
+        self._padding_column = np.array([0, 0, scratch_block * block_size, 1, 0, -1])[:, None]
         self._rows = torch.arange(n, device=device)
         # the last host -> device copy: the host buffers are in use until it is done
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -161,14 +170,14 @@ class DecodeGraphs:
                  len(self.sizes), self.sizes, time.perf_counter() - t0)
 
     @torch.no_grad()
-    def run(self, scheduled: list[ScheduledSeq], size: int | None = None) -> torch.Tensor:
+    def run(self, scheduled: list[ScheduledSeq], size: int | None = None, prev: PrevTokens | None = None) -> torch.Tensor:
         """The final hidden states (n, hidden) of a decode-only batch, row i = scheduled[i], run at
-        `size` (a captured size >= n; default the smallest)."""
+        `size` (a captured size >= n; default the smallest); prev: input tokens on the device."""
         n = len(scheduled)
         size = self.size_for(n) if size is None else size
         if size not in self.sizes or n > size:
             raise ValueError(f"a batch of {n} cannot run at size {size} (captured sizes {self.sizes})")
-        self.fill(scheduled, size)
+        self.fill(scheduled, size, prev)
         graph = self._graphs.get(size)
         if graph is None:  # capture disabled (or CPU): the same padded batch, eagerly
             ids, meta = self._batch(size)
@@ -192,7 +201,7 @@ class DecodeGraphs:
             for moe, dispatcher in eager.items():
                 moe.dispatcher = dispatcher
 
-    def fill(self, scheduled: list[ScheduledSeq], size: int) -> None:
+    def fill(self, scheduled: list[ScheduledSeq], size: int, prev: PrevTokens | None = None) -> None:
         """Write the batch (padded to `size`) into the host buffers and copy them to the device
         (the host's share of a replay; `run` calls it, `bench engine` times it).
 
@@ -206,7 +215,8 @@ class DecodeGraphs:
         bs, n = self.block_size, len(scheduled)
         seqs = [s.seq for s in scheduled]
         pos = [q.num_computed for q in seqs]
-        host[_IDS, :n] = [q.token_ids[p] for q, p in zip(seqs, pos)]
+        host[_IDS, :n] = [q.token_ids[p] for q, p in zip(seqs, pos)]  # a token still on the device: -1 for now
+        host[_PREV, :n] = prev.rows if prev is not None else -1
         host[_POS, :n] = pos
         host[_SLOT, :n] = [q.table.block_ids[p // bs] * bs + p % bs for q, p in zip(seqs, pos)]  # cache_slots, inline
         host[_LEN, :n] = host[_POS, :n] + 1
@@ -223,6 +233,9 @@ class DecodeGraphs:
         self._tables[:size].copy_(self._host_tables[:size], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+        if prev is not None:  # those tokens, from the previous step's samples, on the device
+            ids, rows = self._inputs[_IDS, :size], self._inputs[_PREV, :size]
+            ids.copy_(torch.where(rows >= 0, prev.tokens[rows.clamp(min=0)], ids))
 
     def _batch(self, size: int) -> tuple[torch.Tensor, AttentionMetadata]:
         """The static inputs of a `size`-row decode batch (views of the device buffers)."""

@@ -62,6 +62,10 @@ class EngineConfig(BaseModel):
     # CUDA graphs of decode steps for batches up to this many sequences (capped at max_num_seqs;
     # 0: every step runs eagerly). GPU only; not on a prefill-only engine.
     cuda_graph_max_batch: int = Field(256, ge=0)
+    # Asynchronous scheduling: a decode step replayed from a graph is launched before the host
+    # reads the samples of the step before it, so the host's work for one step (outputs,
+    # scheduling, the next launch) runs while the GPU computes. Outputs reach callers one step later.
+    async_scheduling: bool = True
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,7 +126,7 @@ def build_core(
         decode_graphs.capture()
     runner = ModelRunner(model, kv_caches, cfg.block_size, decode_graphs)
     eos = mcfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    return EngineCore(runner, scheduler, tokenizer, eos, role, transfer)
+    return EngineCore(runner, scheduler, tokenizer, eos, role, transfer, async_scheduling=cfg.async_scheduling)
 
 
 def _default_kv_budget(device: torch.device, utilization: float) -> int:

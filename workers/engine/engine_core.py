@@ -25,7 +25,8 @@ from moecluster.workers.engine.model_runner import ModelRunner
 from moecluster.workers.engine.output_processor import SeqOutputState
 from moecluster.workers.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from moecluster.workers.engine.request_limits import RequestError, RequestLimits
-from moecluster.workers.engine.sampler import SamplerOutput
+from moecluster.workers.engine.cuda_graphs import PrevTokens
+from moecluster.workers.engine.sampler import HostSamples, SamplerOutput, to_host
 from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence
@@ -33,6 +34,7 @@ from moecluster.workers.transfer.handoff import KVHandoff
 from moecluster.workers.transfer.kv_transfer import KVTicket, KVTransfer
 
 Role = Literal["both", "prefill", "decode"]
+PLACEHOLDER = -1  # a sampled token id still on the device (asynchronous scheduling)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,17 @@ class _Request:
     finished: set[int]
 
 
+@dataclass
+class _Launched:
+    """A step queued on the device whose samples the host has not read yet."""
+
+    sched: SchedulerOutput
+    sampled: SamplerOutput  # on the device: the next step may take its input tokens from here
+    host: HostSamples  # the same, on their way to the host
+    computed: list[tuple[Sequence, int]]  # for the scheduler's commit once the inputs are known
+    slots: list[int]  # per sampling sequence: the index of its placeholder in token_ids
+
+
 class EngineCore:
     def __init__(
         self,
@@ -67,6 +80,7 @@ class EngineCore:
         eos_token_ids: Collection[int],
         role: Role = "both",
         transfer: KVTransfer | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         if role == "prefill" and transfer is None:
             raise ValueError("a prefill engine needs a KV transfer to hand its requests to a decode engine")
@@ -80,6 +94,9 @@ class EngineCore:
         self._arrivals = itertools.count()
         self.num_preemptions = self.num_steps = 0
         self.timer = StepTimer()
+        self.async_scheduling = async_scheduling
+        self._pending: _Launched | None = None  # launched, samples not read (asynchronous scheduling)
+        self._ready: list[RequestOutput] = []  # outputs of a step finished early, not returned yet
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
@@ -115,53 +132,114 @@ class EngineCore:
         return out
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._pending is not None
 
     def step(self, always_forward: bool = False) -> list[RequestOutput]:
         """One scheduled forward. With always_forward (an expert-parallel rank), a step with nothing
-        scheduled still runs the model on an empty batch so the group's collectives complete."""
+        scheduled still runs the model on an empty batch so the group's collectives complete.
+        Under asynchronous scheduling a decode step's outputs come with the next call's."""
         return self.execute(self.schedule(), always_forward)
 
     def schedule(self) -> SchedulerOutput:
         """The first half of a step: what this step computes (split out so an EP group can agree
-        on its token counts before the forward)."""
+        on its token counts before the forward). A step launched and not finished yet is finished
+        first unless this one can be scheduled without its tokens (`_can_schedule_ahead`)."""
+        if self._pending is not None and not self._can_schedule_ahead():
+            self._ready += self._finish(self._pending)
+            self._pending = None
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         return sched
+
+    def _can_schedule_ahead(self) -> bool:
+        """Only decodes of running sequences: admitting, prefilling or recomputing reads token ids
+        that may still be on the device."""
+        return not self.scheduler.waiting and all(seq.num_uncomputed == 1 for seq in self.scheduler.running)
 
     def execute(
         self, sched: SchedulerOutput, always_forward: bool = False, graph_size: int | None = None
     ) -> list[RequestOutput]:
         """The second half: the forward, sampling and outputs of a scheduled step (graph_size: the
-        decode graph an expert-parallel group agreed to replay)."""
+        decode graph an expert-parallel group agreed to replay).
+
+        With `async_scheduling`, a step replayed from a decode graph is only launched here, its
+        inputs taken on the device from the step before it; its samples are read and its outputs
+        returned by the next call (or `flush`), after that next step is launched: the host's work
+        for one step runs while the device computes the next."""
+        outs, self._ready = self._ready, []
+        pending, self._pending = self._pending, None
         if sched.empty and not always_forward:
-            return []
-        t0 = time.perf_counter()
-        sampled = self.runner.execute(sched, graph_size)
-        t1 = time.perf_counter()
-        tokens = sampled.token_ids.tolist()  # waits for the GPU: what is left of the step after the host issued it
-        t2 = time.perf_counter()
-        self.scheduler.update(sched)
-        self.num_steps += 1
-        outs = self._process(sched, sampled, tokens)
-        self.timer.record("launch", t1 - t0)
-        self.timer.record("gpu_wait", t2 - t1)
-        self.timer.record("outputs", time.perf_counter() - t2)
+            return outs + (self._finish(pending) if pending is not None else [])
+        replay = self.runner.replays(sched, graph_size)
+        if pending is not None and not replay:  # an eager step reads its token ids on the host
+            outs += self._finish(pending)
+            pending, sched = None, _without_finished(sched)
+        launched = self._launch(sched, graph_size, pending)
+        if pending is not None:
+            outs += self._finish(pending)
+        if self.async_scheduling and replay:
+            self._pending = launched
+        else:
+            outs += self._finish(launched)
         return outs
 
-    def _process(self, sched: SchedulerOutput, sampled: SamplerOutput, tokens: list[int]) -> list[RequestOutput]:
+    def flush(self) -> list[RequestOutput]:
+        """Finish the step launched last, if any: the outputs not returned yet."""
+        outs, self._ready = self._ready, []
+        pending, self._pending = self._pending, None
+        return outs + (self._finish(pending) if pending is not None else [])
+
+    def _launch(self, sched: SchedulerOutput, graph_size: int | None, pending: _Launched | None) -> _Launched:
+        """Queue the step's forward and sampling on the device and account it as computed; each
+        sampling sequence holds a PLACEHOLDER token until its sample is read (`_finish`)."""
+        t0 = time.perf_counter()
+        prev = None
+        if pending is not None:  # inputs sampled by the pending step are still on the device
+            row_of = {id(seq): row for row, (seq, _) in enumerate(pending.sched.samplers)}
+            rows = [row_of[id(s.seq)] if s.seq.token_ids[s.seq.num_computed] == PLACEHOLDER else -1
+                    for s in sched.scheduled]
+            if any(r >= 0 for r in rows):
+                prev = PrevTokens(pending.sampled.token_ids, rows)
+        sampled = self.runner.execute(sched, graph_size, prev)
+        host = to_host(sampled)
+        computed = self.scheduler.advance(sched)
+        slots = []
+        for seq, _ in sched.samplers:
+            slots.append(len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER)
+        self.timer.record("launch", time.perf_counter() - t0)
+        return _Launched(sched, sampled, host, computed, slots)
+
+    def _finish(self, step: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's samples, put them in place of their placeholders, register
+        the blocks the step filled and produce its outputs."""
+        t0 = time.perf_counter()
+        sampled = step.host.wait()
+        tokens = sampled.token_ids.tolist()
+        t1 = time.perf_counter()
+        for (seq, _), slot, token in zip(step.sched.samplers, step.slots, tokens):
+            seq.token_ids[slot] = token
+        self.scheduler.commit(step.computed)
+        self.num_steps += 1
+        outs = self._process(step, sampled, tokens)
+        self.timer.record("gpu_wait", t1 - t0)
+        self.timer.record("outputs", time.perf_counter() - t1)
+        return outs
+
+    def _process(self, step: _Launched, sampled: SamplerOutput, tokens: list[int]) -> list[RequestOutput]:
         chosen, ranks = sampled.logprobs.tolist(), sampled.ranks.tolist()
         top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
         top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         outputs: dict[str, RequestOutput] = {}
-        for row, (seq, _) in enumerate(sched.samplers):
+        for row, (seq, _) in enumerate(step.sched.samplers):
+            if seq.finished:  # stopped or aborted after this step was launched: its row is void
+                continue
             req = self.requests[seq.request_id]
             state = req.states.get(seq.sample_index)
             if state is None:  # a fork created this step
                 state = req.states[seq.sample_index] = SeqOutputState(seq, self.decoder, self.eos)
             token = tokens[row]
-            seq.token_ids.append(token)
-            text, reason, stop_reason = state.on_token(token)
+            text, reason, stop_reason = state.on_token(token, step.slots[row] + 1)
             delta = CompletionOutput(seq.sample_index, text, [token], cumulative_logprob=None)
             k = seq.params.logprobs
             if k is not None:
@@ -252,7 +330,7 @@ class EngineCore:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.set_state(torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8))
         state = SeqOutputState(seq, self.decoder, self.eos)
-        state.on_token(h.first_token)  # already streamed by the prefill side; primes text and stops
+        state.on_token(h.first_token, len(seq.token_ids))  # already streamed by the prefill side; primes text and stops
         self.requests[request_id] = _Request(request_id, h.prompt, h.prompt_ids, params, {0: state}, set())
         self.scheduler.add_running(seq)
         return True
@@ -270,3 +348,13 @@ class EngineCore:
             num_preemptions=self.num_preemptions,
             num_steps=self.num_steps,
         )
+
+
+def _without_finished(sched: SchedulerOutput) -> SchedulerOutput:
+    """A step scheduled ahead, less the sequences that stopped when the step before it finished
+    (their blocks are freed: an eager forward cannot address them). Only decode steps are
+    scheduled ahead, so every sampler samples its own row."""
+    if not any(s.seq.finished for s in sched.scheduled):
+        return sched
+    keep = [s for s in sched.scheduled if not s.seq.finished]
+    return SchedulerOutput(keep, [(s.seq, row) for row, s in enumerate(keep)], sched.block_copies, sched.preempted)

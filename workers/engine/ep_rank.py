@@ -21,6 +21,9 @@ Lockstep: each rank schedules its step, then one all-reduce agrees on (largest b
 stop, rebalance, some rank must run eagerly); when any rank has work all of them run the forward,
 a rank with nothing scheduled on an empty batch, so every MoE layer's collectives complete. When
 no rank must run eagerly, all replay the decode CUDA graph of the size that fits the largest batch.
+The agreement travels over a gloo group on the CPU: on the GPU it would queue behind the step in
+flight, and asynchronous scheduling (`EngineCore.execute`) agrees on the next step while the GPU
+still computes this one.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
     if device.type == "cuda":
         torch.cuda.set_device(device)
     control = _Control(handoffs=HandoffQueue(core) if core.role == "decode" else None)
+    group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None  # every rank, same order
     busy, steps = False, 0
     while True:
         _drain(core, inbox, outbox, control, wait=0.0 if busy or core.has_unfinished() else IDLE_WAIT_S)
@@ -93,7 +97,7 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
         eager = bool(sched and sched.scheduled) and not (graphs is not None and graphs.can_run(sched.scheduled))
         mine = [sched.num_tokens if sched else 0, int(sched is not None), int(control.stop), int(control.rebalance),
                 int(eager)]
-        flags = _group_max(mine, device)
+        flags = _group_max(mine, group)
         max_tokens, busy = flags[0], bool(flags[1])  # the group's largest batch this step
         # every rank decodes only (or idles): all replay the decode graph of one size
         size = (graphs.size_for(max_tokens) if graphs is not None and not flags[4] and 0 < max_tokens <= graphs.max_batch
@@ -107,19 +111,27 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             steps += 1
             core.timer.record("schedule", t1 - t0)
             core.timer.record("sync", t2 - t1)
-            handoffs = core.take_handoffs()
-            if handoffs:
-                outbox.put(("handoff", rank, (_without_prompts(outs), handoffs)))
-            elif outs:
-                outbox.put(("out", rank, _without_prompts(outs)))
+            _emit(core, rank, outbox, outs)
             core.timer.record("step", time.perf_counter() - t0)
+        else:  # the group idles: what the last step launched (or a scheduling finished) goes out now
+            _emit(core, rank, outbox, core.flush())
         due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
         if flags[3] or due:  # every rank reaches this at the same step boundary
             control.rebalance = False
+            _emit(core, rank, outbox, core.flush())  # the step in flight ran on the old placement
             report = rebalance_group(core.runner.model, rank)
             if graphs is not None:
                 graphs.sync_placement()  # the captured dispatchers follow the moved experts
             outbox.put(("eplb", rank, report))
+
+
+def _emit(core: EngineCore, rank: int, outbox: Any, outs: list[RequestOutput]) -> None:
+    """Put a step's outputs on the outbox (with the handoffs the step made, in one event)."""
+    handoffs = core.take_handoffs()
+    if handoffs:
+        outbox.put(("handoff", rank, (_without_prompts(outs), handoffs)))
+    elif outs:
+        outbox.put(("out", rank, _without_prompts(outs)))
 
 
 def _without_prompts(outs: list[RequestOutput]) -> list[RequestOutput]:
@@ -129,13 +141,13 @@ def _without_prompts(outs: list[RequestOutput]) -> list[RequestOutput]:
     return outs
 
 
-def _group_max(values: list[int], device: torch.device) -> list[int]:
-    """Element-wise max over the group's ranks (one small all_reduce, one copy back); a group of
-    one is its own answer."""
-    if dist.get_world_size() == 1:
+def _group_max(values: list[int], group: Any) -> list[int]:
+    """Element-wise max over the group's ranks (one small all_reduce over the gloo `group`); a
+    group of one (group None) is its own answer."""
+    if group is None:
         return values
-    flags = torch.tensor(values, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL wants it on the GPU; a few ints either way
+    flags = torch.tensor(values)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     return flags.tolist()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from moecluster.workers.engine.cuda_graphs import DecodeGraphs
+from moecluster.workers.engine.cuda_graphs import DecodeGraphs, PrevTokens
 from moecluster.workers.engine.sampler import SamplerOutput, SamplingBatch, sample
 from moecluster.workers.engine.scheduler import ScheduledSeq, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence
@@ -78,17 +78,26 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[dst] = cache[src]
 
+    def replays(self, sched: SchedulerOutput, graph_size: int | None = None) -> bool:
+        """Whether `execute` runs this step from a decode graph (else eagerly)."""
+        graphs = self.graphs
+        return graph_size is not None or (graphs is not None and not graphs.grouped and graphs.can_run(sched.scheduled))
+
     @torch.no_grad()
-    def execute(self, sched: SchedulerOutput, graph_size: int | None = None) -> SamplerOutput:
+    def execute(
+        self, sched: SchedulerOutput, graph_size: int | None = None, prev: PrevTokens | None = None
+    ) -> SamplerOutput:
         """Compute the scheduled tokens; sample one token for every entry of sched.samplers.
         graph_size: replay the decode graph of that size (an expert-parallel group's choice for
-        this step); without it a rank of its own replays whenever its batch allows."""
-        graphs = self.graphs
-        if graph_size is not None or (graphs is not None and not graphs.grouped and graphs.can_run(sched.scheduled)):
-            assert graphs is not None
-            hidden = graphs.run(sched.scheduled, graph_size)  # row i = scheduled[i]'s one token
+        this step); without it a rank of its own replays whenever its batch allows.
+        prev: input tokens still on the device (asynchronous scheduling), graph replays only."""
+        if self.replays(sched, graph_size):
+            assert self.graphs is not None
+            hidden = self.graphs.run(sched.scheduled, graph_size, prev)  # row i = scheduled[i]'s one token
             rows = [r for _, r in sched.samplers]
         else:
+            if prev is not None:
+                raise RuntimeError("an eager step reads its input tokens on the host; finish the previous step first")
             input_ids, meta = self.prepare(sched.scheduled)
             rows = [meta.query_starts[r] + meta.query_lens[r] - 1 for _, r in sched.samplers]
             hidden = self.model(input_ids, meta, self.kv_caches)

@@ -23,8 +23,10 @@ class SeqOutputState:
         self.hold = max((len(s) for s in p.stop), default=1) - 1
         self.pending = ""
 
-    def on_token(self, token: int) -> tuple[str, str | None, int | str | None]:
-        """Account one appended token: (text delta to emit, finish reason or None, stop reason)."""
+    def on_token(self, token: int, length: int) -> tuple[str, str | None, int | str | None]:
+        """Account one sampled token, the sequence's `length`-th (prompt included; under
+        asynchronous scheduling token_ids may already hold a placeholder past it): (text delta to
+        emit, finish reason or None, stop reason)."""
         seq, p = self.seq, self.seq.params
         self.pending += self.detok.add(token)
         reason: str | None = None
@@ -33,7 +35,7 @@ class SeqOutputState:
             reason = "stop"
         elif token in p.stop_token_ids:
             reason, stop_reason = "stop", token
-        elif len(seq.token_ids) >= seq.max_len:
+        elif length >= seq.max_len:
             reason = "length"
         if reason is not None:
             self.pending += self.detok.flush()

@@ -63,6 +63,35 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # (rows, num_logprobs) float32
 
 
+@dataclass(frozen=True)
+class HostSamples:
+    """A step's samples on their way to host memory: read them after `wait()`."""
+
+    out: SamplerOutput  # host tensors (pinned on a GPU), filled once the copies are done
+    done: torch.cuda.Event | None  # recorded after the copies; None when they were synchronous
+
+    def wait(self) -> SamplerOutput:
+        if self.done is not None:
+            self.done.synchronize()  # this step's samples only, not what was queued after them
+        return self.out
+
+
+def to_host(out: SamplerOutput) -> HostSamples:
+    """Start copying a step's samples to host memory without waiting for the device. Reading a
+    device tensor (`.tolist()`) would wait for everything queued on the stream, a step launched
+    after this one included, which is what asynchronous scheduling must not do."""
+    if out.token_ids.device.type != "cuda":
+        return HostSamples(out, None)
+
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+    host = SamplerOutput(*(copy(t) for t in (out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs)))
+    done = torch.cuda.Event()
+    done.record()
+    return HostSamples(host, done)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits (rows, vocab) float32 -> sampled tokens with their logprobs under the raw model."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)

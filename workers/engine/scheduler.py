@@ -154,7 +154,11 @@ class Scheduler:
         return n
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        """Tokens of seq to compute this step within budget (0: not this step)."""
+        """Tokens of seq to compute this step within budget (0: not this step). A sequence that
+        holds max_len tokens computes nothing more: it stops once its last token is read (an
+        asynchronous engine schedules before reading it)."""
+        if len(seq.token_ids) >= seq.max_len:
+            return 0
         todo = seq.num_uncomputed
         if self.cfg.enable_chunked_prefill:
             return min(todo, budget)
@@ -206,15 +210,30 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput) -> None:
         """After the forward: account computed tokens and register newly full blocks."""
-        bs, caching = self.blocks.block_size, self.blocks.enable_prefix_caching
+        self.commit(self.advance(out))
+
+    def advance(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
+        """Account the step's computed tokens (needs no sampled token, so an asynchronous engine
+        does it at launch). Returns (sequence, tokens computed) for `commit`."""
+        computed = []
         for seq, n, _ in out.scheduled:
             seq.num_computed += n
-            if caching and seq.num_computed // bs > seq.table.num_hashed:  # a block just filled up
-                self.blocks.commit(seq.table, seq.token_ids, seq.num_computed)
+            computed.append((seq, seq.num_computed))
         for seq, _ in out.samplers:
             if seq.num_computed < len(seq.token_ids):  # a fork: its prompt was computed by its parent's row
                 seq.num_computed = len(seq.token_ids)
-                self.blocks.commit(seq.table, seq.token_ids, seq.num_computed)
+                computed.append((seq, seq.num_computed))
+        return computed
+
+    def commit(self, computed: list[tuple[Sequence, int]]) -> None:
+        """Register the blocks filled up to each count in the prefix cache. Needs every token
+        below the count on the host: an asynchronous engine calls it once the step's inputs are
+        known, and skips sequences that stopped, were aborted or preempted meanwhile (their tables
+        are gone)."""
+        bs = self.blocks.block_size
+        for seq, upto in computed:
+            if seq.status is SeqStatus.RUNNING and upto // bs > seq.table.num_hashed:  # a block filled up
+                self.blocks.commit(seq.table, seq.token_ids, upto)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -38,7 +38,8 @@ are left out so the spec's own defaults apply.
       "eplb_redundant_slots" (int $e.eplbRedundantSlots)
       "eplb_interval_steps" (ternary nil (int $e.eplbIntervalSteps) (kindIs "invalid" $e.eplbIntervalSteps))
       "kv_transfer" $e.kvTransfer
-      "cuda_graph_max_batch" (int $e.cudaGraphMaxBatch)) | fromJson) }}
+      "cuda_graph_max_batch" (int $e.cudaGraphMaxBatch)
+      "async_scheduling" $e.asyncScheduling) | fromJson) }}
 {{- $r := $v.router }}
 {{- $router := dict "host" "0.0.0.0" "grpc_port" (int $r.grpcPort) "http_port" (int $r.httpPort)
       "metrics_port" (int $r.metricsPort) "policy" $r.policy "max_queue" (int $r.maxQueue) }}
