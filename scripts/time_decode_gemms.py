@@ -102,12 +102,14 @@ def time_experts(cfg: dict, world: int, tokens: int, bw: float, g: torch.Generat
     dn = {c: ms(lambda c=c: fm.grouped_mlp(x, counts, weights, gate_up_tiles=TileConfig(*best_gu), down_tiles=TileConfig(*c),
                                            **kw)) for c in EXPERT_TILES}
     best_dn = min(dn, key=dn.get)
-    r = {"world": world, "tokens": tokens, "rows": rows, "pairs_here": int(counts.sum()), "experts_hit": hit,
+    w8a8 = ms(lambda: fm.grouped_mlp(x, counts, weights, fp8_activations=True))  # x quantized inside, as served
+    r = {"w8a8_default_ms": w8a8, "world": world, "tokens": tokens, "rows": rows, "pairs_here": int(counts.sum()), "experts_hit": hit,
          "default_tiles": [dataclasses.astuple(d_gu), dataclasses.astuple(d_dn)], "default_ms": default,
          "best_gate_up": best_gu, "best_down": best_dn, "best_ms": dn[best_dn], "roofline_ms": nbytes / bw / 1e6,
          "gate_up_ms": {"x".join(map(str, c)): v for c, v in gu.items()}, "down_ms": {"x".join(map(str, c)): v for c, v in dn.items()}}
     print(f"experts world {world} x {tokens} tokens: {r['pairs_here']} pairs on {hit} of {local} experts; default "
-          f"{default:.3f} ms, best {r['best_ms']:.3f} ({best_gu} / {best_dn}), roofline {r['roofline_ms']:.3f} ms", flush=True)
+          f"{default:.3f} ms, best {r['best_ms']:.3f} ({best_gu} / {best_dn}), W8A8 {w8a8:.3f}, roofline {r['roofline_ms']:.3f} ms",
+          flush=True)
     return r
 
 
