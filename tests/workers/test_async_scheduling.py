@@ -5,6 +5,7 @@ learns a step late, aborts, preemption, seeded sampling with logprobs, n > 1, pr
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -93,12 +94,32 @@ def _workload(seed: int) -> tuple[dict, dict]:
     return arrivals, {6: "r1"}
 
 
+def _assert_equal_but_aborted(got: dict, want: dict, full: dict, aborted: set[str]) -> None:
+    """Streams equal the synchronous engine's (`want`), except aborted ones: the abort lands at
+    another point of their progress (outputs come a step later, and an eager step can return
+    two steps' outputs), so each is a prefix of its stream run without aborts (`full`), ending
+    with "abort" unless it completed first."""
+    assert got.keys() == want.keys()
+    for rid in want:
+        if rid not in aborted:
+            assert got[rid] == want[rid], rid
+            continue
+        for index, g in got[rid].items():
+            if index == "finished":
+                continue
+            whole = full[rid][index]
+            assert whole["ids"][: len(g["ids"])] == g["ids"]
+            allowed = {"abort"} if len(g["ids"]) < len(whole["ids"]) else {"abort", whole["reason"]}
+            assert g["reason"] in allowed, (rid, g["reason"])
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_async_streams_equal_sync(ckpt: Path, seed: int) -> None:
     arrivals, aborts = _workload(seed)
     want = _drive(_core(ckpt, async_scheduling=False), arrivals, aborts)
+    full = _drive(_core(ckpt, async_scheduling=False), arrivals)
     got = _drive(_core(ckpt, async_scheduling=True), arrivals, aborts)
-    assert got == want
+    _assert_equal_but_aborted(got, want, full, set(aborts.values()))
     assert all(r["finished"] for r in got.values())
     assert any(s["reason"] == "stop" for r in got.values() for k, s in r.items() if k != "finished")
 
@@ -177,3 +198,52 @@ def test_eager_steps_between_async_ones(ckpt: Path, monkeypatch: pytest.MonkeyPa
     core.runner.replays = alternate  # type: ignore[method-assign]
     assert _drive(core, arrivals) == want
     assert sum(dropped) > 0  # sequences that stopped in the step in flight were dropped from an eager one
+
+
+def test_abort_mid_decode(ckpt: Path) -> None:
+    """Aborted while a decode step is in flight: the stream ends with "abort" and holds what the
+    synchronous engine streamed, less at most the token of that step."""
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    arrivals = {0: [("a", list(range(2, 30)), params), ("b", list(range(40, 52)), params)]}
+    want = _drive(_core(ckpt, async_scheduling=False), arrivals, {5: "a"})
+    full = _drive(_core(ckpt, async_scheduling=False), arrivals)
+    got = _drive(_core(ckpt, async_scheduling=True), arrivals, {5: "a"})
+    _assert_equal_but_aborted(got, want, full, {"a"})
+    assert got["a"][0]["reason"] == "abort" and len(want["a"][0]["ids"]) - len(got["a"][0]["ids"]) in (0, 1)
+
+
+def test_overlap_continues_while_requests_wait(ckpt: Path) -> None:
+    """A full engine (max_num_seqs) with requests queued keeps launching decode steps ahead of
+    reading the previous ones; admissions, which run eagerly, read the step in flight first."""
+    cfg_core = _core(ckpt, async_scheduling=True)
+    cfg_core.scheduler.cfg = dataclasses.replace(cfg_core.scheduler.cfg, max_num_seqs=2)
+    sync = _core(ckpt, async_scheduling=False)
+    sync.scheduler.cfg = dataclasses.replace(sync.scheduler.cfg, max_num_seqs=2)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    arrivals = {0: [(f"r{i}", [3 + i, 50 + i, 700 - i, 9], params) for i in range(4)]}
+    held_while_waiting = []
+    step = cfg_core.step
+
+    def spy() -> list[RequestOutput]:
+        outs = step()
+        held_while_waiting.append(cfg_core._pending is not None and bool(cfg_core.scheduler.waiting))
+        return outs
+
+    cfg_core.step = spy  # type: ignore[method-assign]
+    assert _drive(cfg_core, arrivals) == _drive(sync, arrivals)
+    assert sum(held_while_waiting) >= 4  # the first pair's decode steps overlapped
+
+
+def test_without_finished_keeps_forks_on_renumbered_rows() -> None:
+    """The eager fallback drops stopped sequences' rows and renumbers the rest; siblings forked
+    from a surviving row follow it."""
+    from types import SimpleNamespace
+
+    from moecluster.workers.engine.scheduler import ScheduledSeq, SchedulerOutput
+
+    done, a, b, sib = (SimpleNamespace(finished=f) for f in (True, False, False, False))
+    sched = SchedulerOutput([ScheduledSeq(done, 1, True), ScheduledSeq(a, 1, True), ScheduledSeq(b, 3, True)],
+                            [(done, 0), (a, 1), (b, 2), (sib, 2)], [(4, 9)], [], [sib])
+    out = engine_core._without_finished(sched)  # type: ignore[arg-type]
+    assert [s.seq for s in out.scheduled] == [a, b]
+    assert out.samplers == [(a, 0), (b, 1), (sib, 1)] and out.block_copies == [(4, 9)] and out.forked == [sib]

@@ -10,7 +10,8 @@ catches up. A replay is one launch.
   the largest itself. A step of n sequences replays the smallest size >= n; rows past n are
   padding.
 - Static inputs: every graph reads the same device buffers (token ids, positions, cache slots,
-  context lengths, the token mask) and one block table as wide as the longest sequence allowed
+  context lengths, the token mask; a sixth row, the rows of `PrevTokens`, is read before the
+  replay, not by the graph) and one block table as wide as the longest sequence allowed
   (max_model_len), so the MLA launcher chooses its split count from that capacity, once per size
   (it cuts each sequence's own context into that many pieces, so short contexts stay cheap).
   A step writes its rows into pinned host buffers and copies them over without a host sync.
@@ -205,7 +206,8 @@ class DecodeGraphs:
         """Write the batch (padded to `size`) into the host buffers and copy them to the device
         (the host's share of a replay; `run` calls it, `bench engine` times it).
 
-        Host time here is GPU idle time (the step waits for it), so the per-row work is list
+        Without asynchronous scheduling host time here is GPU idle time (the step waits for it),
+        and with it, it is host time every step still spends; so the per-row work is list
         comprehensions into whole buffer rows, and a block-table row is rewritten only when it
         differs from what the row holds (a sequence gains a block once per block_size steps;
         the comparison of two int lists is far cheaper than converting one to numpy)."""

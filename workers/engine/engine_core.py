@@ -1,11 +1,19 @@
 """The per-replica engine: requests in, one scheduled forward per step, streamed deltas out.
 
 Batch flow of `step()`: the scheduler picks this step's token chunks (decodes, prompt chunks,
-new admissions) → the model runner computes them in one forward, performs fork block copies and
+new admissions) → the model runner launches them in one forward, performs fork block copies and
 samples every sequence whose tokens are now all computed → the scheduler accounts the computed
-tokens (registering full blocks in the prefix cache) → each sampled token is appended, its text
-produced incrementally and the stop conditions checked → finished sequences free their blocks.
-Every request that progressed gets one `RequestOutput` holding only what is new (a delta).
+tokens (`advance`) and each sampling sequence gets a placeholder token → once the step's inputs
+are known on the host, the blocks they filled enter the prefix cache (`commit`) → when the
+samples are read, they replace the placeholders, their text is produced incrementally and the
+stop conditions checked → finished sequences free their blocks. Every request that progressed
+gets one `RequestOutput` holding only what is new (a delta).
+
+Asynchronous scheduling (`execute`): a decode step replayed from a CUDA graph is read only after
+the next step was scheduled and launched, its sampled tokens becoming that step's inputs on the
+device. A sequence that stops in the step in flight costs one wasted row in the next; a request
+aborted meanwhile loses the token of the step in flight (the synchronous engine would have
+streamed it before the abort).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from moecluster.workers.engine.cuda_graphs import PrevTokens
 from moecluster.workers.engine.sampler import HostSamples, SamplerOutput, to_host
 from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerOutput
-from moecluster.workers.engine.sequence import Sequence
+from moecluster.workers.engine.sequence import Sequence, SeqStatus
 from moecluster.workers.transfer.handoff import KVHandoff
 from moecluster.workers.transfer.kv_transfer import KVTicket, KVTransfer
 
@@ -80,7 +88,7 @@ class EngineCore:
         eos_token_ids: Collection[int],
         role: Role = "both",
         transfer: KVTransfer | None = None,
-        async_scheduling: bool = False,
+        async_scheduling: bool = True,
     ) -> None:
         if role == "prefill" and transfer is None:
             raise ValueError("a prefill engine needs a KV transfer to hand its requests to a decode engine")
@@ -142,19 +150,15 @@ class EngineCore:
 
     def schedule(self) -> SchedulerOutput:
         """The first half of a step: what this step computes (split out so an EP group can agree
-        on its token counts before the forward). A step launched and not finished yet is finished
-        first unless this one can be scheduled without its tokens (`_can_schedule_ahead`)."""
-        if self._pending is not None and not self._can_schedule_ahead():
-            self._ready += self._finish(self._pending)
-            self._pending = None
+        on its token counts before the forward). Under asynchronous scheduling this runs while
+        the step launched last is in flight: a decode of one of its sequences reads a placeholder
+        (`execute` takes it on the device, or reads that step first when this one runs eagerly)."""
+        if self._pending is not None and any(seq.status is SeqStatus.WAITING for seq, _ in self._pending.sched.samplers):
+            # preempted after that launch, so its last token is a placeholder: admission would hash it
+            self._ready += self._read_pending()
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         return sched
-
-    def _can_schedule_ahead(self) -> bool:
-        """Only decodes of running sequences: admitting, prefilling or recomputing reads token ids
-        that may still be on the device."""
-        return not self.scheduler.waiting and all(seq.num_uncomputed == 1 for seq in self.scheduler.running)
 
     def execute(
         self, sched: SchedulerOutput, always_forward: bool = False, graph_size: int | None = None
@@ -165,18 +169,20 @@ class EngineCore:
         With `async_scheduling`, a step replayed from a decode graph is only launched here, its
         inputs taken on the device from the step before it; its samples are read and its outputs
         returned by the next call (or `flush`), after that next step is launched: the host's work
-        for one step runs while the device computes the next."""
+        for one step runs while the device computes the next. An eager step reads the step in
+        flight first (it builds its inputs on the host) and leaves out the sequences that stopped."""
         outs, self._ready = self._ready, []
-        pending, self._pending = self._pending, None
         if sched.empty and not always_forward:
-            return outs + (self._finish(pending) if pending is not None else [])
+            return outs + self._read_pending()
         replay = self.runner.replays(sched, graph_size)
-        if pending is not None and not replay:  # an eager step reads its token ids on the host
-            outs += self._finish(pending)
-            pending, sched = None, _without_finished(sched)
+        if self._pending is not None and not replay:
+            outs += self._read_pending()
+            sched = _without_finished(sched)
+        pending, self._pending = self._pending, None
         launched = self._launch(sched, graph_size, pending)
         if pending is not None:
             outs += self._finish(pending)
+        self.scheduler.commit(launched.computed)  # its inputs are all on the host now
         if self.async_scheduling and replay:
             self._pending = launched
         else:
@@ -184,10 +190,13 @@ class EngineCore:
         return outs
 
     def flush(self) -> list[RequestOutput]:
-        """Finish the step launched last, if any: the outputs not returned yet."""
+        """Read the step launched last, if any: the outputs not returned yet."""
         outs, self._ready = self._ready, []
+        return outs + self._read_pending()
+
+    def _read_pending(self) -> list[RequestOutput]:
         pending, self._pending = self._pending, None
-        return outs + (self._finish(pending) if pending is not None else [])
+        return self._finish(pending) if pending is not None else []
 
     def _launch(self, sched: SchedulerOutput, graph_size: int | None, pending: _Launched | None) -> _Launched:
         """Queue the step's forward and sampling on the device and account it as computed; each
@@ -211,15 +220,14 @@ class EngineCore:
         return _Launched(sched, sampled, host, computed, slots)
 
     def _finish(self, step: _Launched) -> list[RequestOutput]:
-        """Wait for a launched step's samples, put them in place of their placeholders, register
-        the blocks the step filled and produce its outputs."""
+        """Wait for a launched step's samples, put them in place of their placeholders and produce
+        its outputs."""
         t0 = time.perf_counter()
         sampled = step.host.wait()
         tokens = sampled.token_ids.tolist()
         t1 = time.perf_counter()
         for (seq, _), slot, token in zip(step.sched.samplers, step.slots, tokens):
             seq.token_ids[slot] = token
-        self.scheduler.commit(step.computed)
         self.num_steps += 1
         outs = self._process(step, sampled, tokens)
         self.timer.record("gpu_wait", t1 - t0)
@@ -351,10 +359,12 @@ class EngineCore:
 
 
 def _without_finished(sched: SchedulerOutput) -> SchedulerOutput:
-    """A step scheduled ahead, less the sequences that stopped when the step before it finished
-    (their blocks are freed: an eager forward cannot address them). Only decode steps are
-    scheduled ahead, so every sampler samples its own row."""
+    """A step scheduled while the one before it was in flight, less the sequences that stopped
+    when that one was read (their blocks are freed: an eager forward cannot address them); the
+    rows of the rest renumbered, forks sharing their parent's row kept."""
     if not any(s.seq.finished for s in sched.scheduled):
         return sched
-    keep = [s for s in sched.scheduled if not s.seq.finished]
-    return SchedulerOutput(keep, [(s.seq, row) for row, s in enumerate(keep)], sched.block_copies, sched.preempted)
+    keep = [(row, s) for row, s in enumerate(sched.scheduled) if not s.seq.finished]
+    new_row = {old: new for new, (old, _) in enumerate(keep)}
+    samplers = [(seq, new_row[row]) for seq, row in sched.samplers if row in new_row and not seq.finished]
+    return SchedulerOutput([s for _, s in keep], samplers, sched.block_copies, sched.preempted, sched.forked)

@@ -105,15 +105,16 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
         t2 = time.perf_counter()
         log.debug("rank %d step %d: %d tokens here, at most %d in the group", rank, steps, mine[0], max_tokens)
         if flags[2]:
+            _emit(core, rank, outbox, core.flush())
             return
-        if busy:
+        if busy and max_tokens > 0:
             outs = core.execute(sched if sched is not None else SchedulerOutput(), always_forward=True, graph_size=size)
             steps += 1
             core.timer.record("schedule", t1 - t0)
             core.timer.record("sync", t2 - t1)
             _emit(core, rank, outbox, outs)
             core.timer.record("step", time.perf_counter() - t0)
-        else:  # the group idles: what the last step launched (or a scheduling finished) goes out now
+        else:  # no rank computes a token this step: no forward; the step in flight, if any, is read
             _emit(core, rank, outbox, core.flush())
         due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
         if flags[3] or due:  # every rank reaches this at the same step boundary

@@ -7,9 +7,11 @@ latents into the paged cache and returns hidden states; fork copies of partial b
 after that write; only the rows of sequences that sample are projected to logits.
 
 Decode-only batches replay a captured CUDA graph of the forward when the runner has one
-(`cuda_graphs.DecodeGraphs`); the logits and sampling run eagerly after it either way. The
-sampling settings and the sampled rows are put on the device before the forward, while the
-device is idle, so nothing in the step waits on the device before its end.
+(`cuda_graphs.DecodeGraphs`); the logits and sampling run eagerly after it either way. Nothing
+here waits for the device: host-to-device copies come from pinned memory without blocking (the
+sampling settings are built after the forward is launched), and what the sampler decides per
+batch is decided from the host's copy of the settings, so the host can launch a step while the
+one before it is still in flight (asynchronous scheduling, `engine_core.py`).
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([c[0] for c in copies], device=self.device)
-        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        pin = self.device.type == "cuda"  # pinned and non-blocking: a step may be in flight
+        src, dst = torch.tensor(copies, pin_memory=pin).to(self.device, non_blocking=True).T
         for cache in self.kv_caches:
             cache[dst] = cache[src]
 

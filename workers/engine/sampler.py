@@ -23,6 +23,9 @@ class SamplingBatch:
     generators: tuple[torch.Generator | None, ...]  # per row: its own seeded generator, or None
     num_logprobs: int  # the largest `logprobs` any row asked for (0: none)
     all_greedy: bool
+    # decided on the host from the settings: a test of the device tensors would wait for the step
+    needs_sort: bool  # some row has top-k or top-p
+    any_min_p: bool
 
     @classmethod
     def build(
@@ -51,6 +54,8 @@ class SamplingBatch:
             generators=tuple(generators),
             num_logprobs=num_logprobs,
             all_greedy=all(t == 0.0 for t in temperature),
+            needs_sort=any(v < vocab_size for v in k) or any(p < 1.0 for p in top_p),
+            any_min_p=any(p > 0 for p in min_p),
         )
 
 
@@ -119,8 +124,7 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Mask (set to -inf) what top-k, top-p and min-p exclude; rows keep at least their best token."""
     vocab = scaled.shape[-1]
-    needs_sort = bool((batch.top_k < vocab).any() or (batch.top_p < 1.0).any())
-    if needs_sort:
+    if batch.needs_sort:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         position = torch.arange(vocab, device=scaled.device)[None, :]
         drop = position >= batch.top_k[:, None]
@@ -129,7 +133,7 @@ def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         drop |= mass_before >= batch.top_p[:, None]
         drop[:, 0] = False
         scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    if bool((batch.min_p > 0).any()):
+    if batch.any_min_p:
         probs = torch.softmax(scaled, dim=-1)
         floor = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         scaled = scaled.masked_fill(probs < floor, float("-inf"))
