@@ -93,6 +93,7 @@ from moecluster.kernels.fp8_quant import (
     check_w8a8_block,
     quantize_fp8_groups,
     w8a8_default,
+    w8a8_experts_default,
     w8a16_only,
 )
 from moecluster.kernels.fused_moe_ref import (
@@ -503,7 +504,7 @@ def grouped_mlp(
             f"got {_desc(out)} on {out.device}"
         )
     fp8 = isinstance(weights, Fp8Experts)
-    w8a8 = fp8 and w8a8_default(rows / e, x, block_in=weights.block[1]) if fp8_activations is None else fp8_activations
+    w8a8 = fp8 and w8a8_experts_default(rows / e, x, block_in=weights.block[1]) if fp8_activations is None else fp8_activations
     if w8a8 and not fp8:
         raise ValueError(f"grouped_mlp: fp8_activations needs Fp8Experts, got {type(weights).__name__}")
     if w8a8:
@@ -709,7 +710,7 @@ def fused_moe(
     if t == 0:
         return out
     if fp8_activations is None:  # decided here so the CPU path and the kernels agree
-        fp8_activations = isinstance(weights, Fp8Experts) and w8a8_default(
+        fp8_activations = isinstance(weights, Fp8Experts) and w8a8_experts_default(
             t * k / weights.num_experts, hidden, block_in=weights.block[1])
     if not uses_triton(hidden):
         out.copy_(fused_moe_reference(hidden, topk_ids, topk_weights, weights, fp8_activations=fp8_activations))
@@ -756,6 +757,7 @@ __all__ = [
     "unrepack_int4",
     "uses_triton",
     "w8a8_default",
+    "w8a8_experts_default",
     "w8a8_tiles",
     "w8a16_only",
 ]

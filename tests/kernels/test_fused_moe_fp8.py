@@ -159,7 +159,8 @@ def test_fp8_w8a8_grouped_mlp_matches_reference(device, h, i, block, counts) -> 
 
 def test_fp8_w8a8_linear_and_defaults(device) -> None:
     from moecluster.kernels.fused_moe import (
-        W8A8_LINEAR_MIN_ROWS, W8A8_MIN_ROWS, DenseExperts, dequantize_fp8, fp8_linear, w8a8_default, w8a16_only)
+        W8A8_LINEAR_MIN_ROWS, W8A8_MIN_ROWS, DenseExperts, dequantize_fp8, fp8_linear, w8a8_default, w8a8_experts_default,
+        w8a16_only)
     from moecluster.kernels.fused_moe_ref import fp8_round_trip
 
     gen = torch.Generator().manual_seed(3)
@@ -177,8 +178,12 @@ def test_fp8_w8a8_linear_and_defaults(device) -> None:
     assert w8a8_default(W8A8_LINEAR_MIN_ROWS, fp16, W8A8_LINEAR_MIN_ROWS) == hopper
     assert not w8a8_default(10**6, bf16, block_in=96) and not w8a8_default(10**6, bf16, block_in=16)
     with w8a16_only():  # the decode graphs' warm-up and capture
-        assert not w8a8_default(10**6, bf16)
-    assert w8a8_default(10**6, bf16) == hopper
+        assert not w8a8_default(10**6, bf16) and not w8a8_experts_default(10**6, bf16)
+    with w8a16_only(experts_w8a8=True):  # decode_experts_w8a8: routed experts at any rows, linears never
+        assert w8a8_experts_default(1, bf16) == hopper and not w8a8_default(10**6, bf16)
+        assert not w8a8_experts_default(1, fp32) and not w8a8_experts_default(1, bf16, block_in=96)
+    assert w8a8_default(10**6, bf16) == hopper and not w8a8_experts_default(1, bf16)
+    assert w8a8_experts_default(W8A8_MIN_ROWS, bf16) == hopper
     with pytest.raises(ValueError, match="power of two >= 32"):
         fp8_linear(x, w, torch.ones(3, 6, device=device), (32, 16), fp8_activations=True)
     dense = DenseExperts(*(torch.randn(1, a, b, device=device) for a, b in ((32, 64), (32, 64), (64, 32))))

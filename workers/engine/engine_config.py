@@ -66,6 +66,10 @@ class EngineConfig(BaseModel):
     # reads the samples of the step before it, so the host's work for one step (outputs,
     # scheduling, the next launch) runs while the GPU computes. Outputs reach callers one step later.
     async_scheduling: bool = True
+    # FP8 routed experts run W8A8 in the decode graphs (activations quantized to e4m3 per 128
+    # values, as prefill-sized batches do by default); else W8A16. Faster on an H200 (9-12% of
+    # the experts' time), not on an H100; changes bf16 numerics slightly. fp32 activations: no effect.
+    decode_experts_w8a8: bool = False
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,7 +126,7 @@ def build_core(
     decode_graphs = None
     if graphs:
         decode_graphs = DecodeGraphs(model, kv_caches, cfg.block_size, min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
-                                     max_model_len, scratch_block=num_blocks)
+                                     max_model_len, scratch_block=num_blocks, experts_w8a8=cfg.decode_experts_w8a8)
         decode_graphs.capture()
     runner = ModelRunner(model, kv_caches, cfg.block_size, decode_graphs)
     eos = mcfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())

@@ -39,7 +39,8 @@ are left out so the spec's own defaults apply.
       "eplb_interval_steps" (ternary nil (int $e.eplbIntervalSteps) (kindIs "invalid" $e.eplbIntervalSteps))
       "kv_transfer" $e.kvTransfer
       "cuda_graph_max_batch" (int $e.cudaGraphMaxBatch)
-      "async_scheduling" $e.asyncScheduling) | fromJson) }}
+      "async_scheduling" $e.asyncScheduling
+      "decode_experts_w8a8" $e.decodeExpertsW8a8) | fromJson) }}
 {{- $r := $v.router }}
 {{- $router := dict "host" "0.0.0.0" "grpc_port" (int $r.grpcPort) "http_port" (int $r.httpPort)
       "metrics_port" (int $r.metricsPort) "policy" $r.policy "max_queue" (int $r.maxQueue) }}
