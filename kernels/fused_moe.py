@@ -68,7 +68,8 @@ FP8 weights (DeepSeek-V3's e4m3 with 128 x 128 block scales) run in one of two m
 each e4m3 tile is converted to the activation dtype and the block's scale applied to the tile's
 fp32 partial product (decode-sized batches: weight-bandwidth bound, activations exact). W8A8
 (`fp8_activations`, the default from W8A8_MIN_ROWS rows per expert with 16-bit activations,
-on Hopper, outside `w8a16_only`, which the decode CUDA graphs' warm-up and capture run in):
+on Hopper, outside `w8a16_only`, which the decode CUDA graphs' warm-up and capture run in;
+routed experts also at any rows inside `w8a16_only(experts_w8a8=True)`, `w8a8_experts_default`):
 x and h are quantized to e4m3 per (row, 128-value group) by `kernels/fp8_quant.py` and each
 K block is one e4m3 x e4m3 dot scaled by (activation scale x weight scale), DeepSeek-V3's own
 recipe; about 4% relative difference from W8A16 on random data, 1.8-3.1x faster from 64 rows
@@ -473,7 +474,8 @@ def grouped_mlp(
     `out` (rows, H) in x's dtype is written in place and returned. Tiles default to
     `default_tiles(rows, weights, x.dtype)`; either kernel's can be given (autotuning).
     fp8_activations (FP8 weights only): W8A8, x and h quantized to e4m3 per (row, block_in group)
-    before each GEMM; None picks it by `w8a8_default` (prefill-sized batches).
+    before each GEMM; None picks it by `w8a8_experts_default` (prefill-sized batches, or any
+    inside `w8a16_only(experts_w8a8=True)`).
     """
     if not isinstance(weights, (DenseExperts, Int4Experts, Fp8Experts)):
         raise TypeError(f"grouped_mlp: weights must be DenseExperts, Int4Experts or Fp8Experts, got {type(weights).__name__}")

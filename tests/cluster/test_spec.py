@@ -39,10 +39,13 @@ def test_engine_settings_reach_the_engine_config(tiny_checkpoint) -> None:
     from moecluster.cluster.deployment import engine_config
 
     spec = DeploymentSpec.parse({"model": str(tiny_checkpoint()), "decode": {"device": "cuda"},
-                                 "engine": {"cuda_graph_max_batch": 0, "max_num_seqs": 32}})
+                                 "engine": {"cuda_graph_max_batch": 0, "max_num_seqs": 32, "async_scheduling": False,
+                                            "decode_experts_w8a8": True}})
     cfg = engine_config(spec, spec.decode)
     assert (cfg.cuda_graph_max_batch, cfg.max_num_seqs, cfg.kv_transfer) == (0, 32, "p2p")
-    assert engine_config(DeploymentSpec.parse({"model": "/m"}), spec.decode).cuda_graph_max_batch == 256
+    assert (cfg.async_scheduling, cfg.decode_experts_w8a8) == (False, True)
+    default = engine_config(DeploymentSpec.parse({"model": "/m"}), spec.decode)
+    assert (default.cuda_graph_max_batch, default.async_scheduling, default.decode_experts_w8a8) == (256, True, False)
 
 
 @pytest.mark.parametrize(

@@ -154,7 +154,10 @@ class EngineCore:
         the step launched last is in flight: a decode of one of its sequences reads a placeholder
         (`execute` takes it on the device, or reads that step first when this one runs eagerly)."""
         if self._pending is not None and any(seq.status is SeqStatus.WAITING for seq, _ in self._pending.sched.samplers):
-            # preempted after that launch, so its last token is a placeholder: admission would hash it
+            # A sequence of the step in flight was preempted, so its last token is a placeholder
+            # that an admission would hash. Does not happen while every schedule() is followed by
+            # execute() or flush() (a step that preempts admits nothing, and execute reads the step
+            # in flight); kept for drivers that schedule twice.
             self._ready += self._read_pending()
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)

@@ -18,8 +18,9 @@ outputs for 64 streams of 2000-token prompts were 1 MB (4.7 ms to pickle, 6.2 ms
 a 2-core CPU machine), 6 KB without.
 
 Lockstep: each rank schedules its step, then one all-reduce agrees on (largest batch, any work,
-stop, rebalance, some rank must run eagerly); when any rank has work all of them run the forward,
-a rank with nothing scheduled on an empty batch, so every MoE layer's collectives complete. When
+stop, rebalance, some rank must run eagerly); when any rank has tokens to compute all of them run
+the forward, a rank with nothing scheduled on an empty batch, so every MoE layer's collectives
+complete; when none has, none runs one (each reads its step in flight, if any). When
 no rank must run eagerly, all replay the decode CUDA graph of the size that fits the largest batch.
 The agreement travels over a gloo group on the CPU: on the GPU it would queue behind the step in
 flight, and asynchronous scheduling (`EngineCore.execute`) agrees on the next step while the GPU
@@ -107,7 +108,8 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
         if flags[2]:
             _emit(core, rank, outbox, core.flush())
             return
-        if busy and max_tokens > 0:
+        ran = busy and max_tokens > 0  # the same on every rank: both come from the group's max
+        if ran:
             outs = core.execute(sched if sched is not None else SchedulerOutput(), always_forward=True, graph_size=size)
             steps += 1
             core.timer.record("schedule", t1 - t0)
@@ -116,7 +118,7 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             core.timer.record("step", time.perf_counter() - t0)
         else:  # no rank computes a token this step: no forward; the step in flight, if any, is read
             _emit(core, rank, outbox, core.flush())
-        due = cfg.eplb_interval_steps and busy and steps % cfg.eplb_interval_steps == 0
+        due = cfg.eplb_interval_steps and ran and steps % cfg.eplb_interval_steps == 0
         if flags[3] or due:  # every rank reaches this at the same step boundary
             control.rebalance = False
             _emit(core, rank, outbox, core.flush())  # the step in flight ran on the old placement

@@ -104,7 +104,8 @@ class ModelRunner:
             rows = [meta.query_starts[r] + meta.query_lens[r] - 1 for _, r in sched.samplers]
             hidden = self.model(input_ids, meta, self.kv_caches)
         if rows != list(range(hidden.shape[0])):  # not every row samples: gather those that do
-            hidden = hidden[torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)]
+            pin = self.device.type == "cuda"
+            hidden = hidden[torch.tensor(rows, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)]
         self.copy_blocks(sched.block_copies)
         # Built while the GPU runs the forward: its one host-to-device copy is from pinned memory
         # and does not block (on the decode-graph path nothing before it does either).

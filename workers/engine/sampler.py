@@ -54,8 +54,9 @@ class SamplingBatch:
             generators=tuple(generators),
             num_logprobs=num_logprobs,
             all_greedy=all(t == 0.0 for t in temperature),
-            needs_sort=any(v < vocab_size for v in k) or any(p < 1.0 for p in top_p),
-            any_min_p=any(p > 0 for p in min_p),
+            # from the float32 host block, so they agree with what the device compares
+            needs_sort=bool((host[1] < vocab_size).any() or (host[2] < 1.0).any()),
+            any_min_p=bool((host[3] > 0).any()),
         )
 
 
