@@ -153,10 +153,15 @@ def check_w8a8_block(where: str, block_in: int) -> None:
                          f"(one e4m3 dot per block), got {block_in}")
 
 
+def _w8a8_capable(x: torch.Tensor, block_in: int) -> bool:
+    """16-bit activations, a power-of-two scale block along K, e4m3 dots on the device."""
+    return _w8a8_block(block_in) and x.dtype in (torch.bfloat16, torch.float16) and _fp8_dot_device(x)
+
+
 def w8a8_experts_default(rows_per_expert: float, x: torch.Tensor, *, block_in: int = 128) -> bool:
     """`w8a8_default` for routed experts: also at any rows inside `w8a16_only(experts_w8a8=True)`."""
     if _EXPERTS_W8A8.get():
-        return _w8a8_block(block_in) and x.dtype in (torch.bfloat16, torch.float16) and _fp8_dot_device(x)
+        return _w8a8_capable(x, block_in)
     return w8a8_default(rows_per_expert, x, block_in=block_in)
 
 
@@ -165,5 +170,4 @@ def w8a8_default(rows: float, x: torch.Tensor, min_rows: float = W8A8_MIN_ROWS, 
     rows (per expert for the MoE), outside `w8a16_only`, on a Hopper-class GPU (or the
     interpreter); fp32 activations (the tests' exact mode) never, nor scale blocks along K that
     are not a power of two >= 32 (one e4m3 dot per block; the quantization groups)."""
-    return (_w8a8_block(block_in) and x.dtype in (torch.bfloat16, torch.float16) and rows >= min_rows
-            and _W8A8_BY_DEFAULT.get() and _fp8_dot_device(x))
+    return rows >= min_rows and _W8A8_BY_DEFAULT.get() and _w8a8_capable(x, block_in)

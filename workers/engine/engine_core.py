@@ -37,7 +37,7 @@ from moecluster.workers.engine.cuda_graphs import PrevTokens
 from moecluster.workers.engine.sampler import HostSamples, SamplerOutput, to_host
 from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.engine.scheduler import Scheduler, SchedulerOutput
-from moecluster.workers.engine.sequence import Sequence, SeqStatus
+from moecluster.workers.engine.sequence import Sequence
 from moecluster.workers.transfer.handoff import KVHandoff
 from moecluster.workers.transfer.kv_transfer import KVTicket, KVTransfer
 
@@ -104,7 +104,6 @@ class EngineCore:
         self.timer = StepTimer()
         self.async_scheduling = async_scheduling
         self._pending: _Launched | None = None  # launched, samples not read (asynchronous scheduling)
-        self._ready: list[RequestOutput] = []  # outputs of a step finished early, not returned yet
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
@@ -152,13 +151,10 @@ class EngineCore:
         """The first half of a step: what this step computes (split out so an EP group can agree
         on its token counts before the forward). Under asynchronous scheduling this runs while
         the step launched last is in flight: a decode of one of its sequences reads a placeholder
-        (`execute` takes it on the device, or reads that step first when this one runs eagerly)."""
-        if self._pending is not None and any(seq.status is SeqStatus.WAITING for seq, _ in self._pending.sched.samplers):
-            # A sequence of the step in flight was preempted, so its last token is a placeholder
-            # that an admission would hash. Does not happen while every schedule() is followed by
-            # execute() or flush() (a step that preempts admits nothing, and execute reads the step
-            # in flight); kept for drivers that schedule twice.
-            self._ready += self._read_pending()
+        (`execute` takes it on the device, or reads that step first when this one runs eagerly).
+        Every schedule() must be followed by execute() or flush(): a sequence preempted here keeps
+        its placeholder until then, and a step that preempts admits nothing, so no admission
+        hashes a placeholder."""
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         return sched
@@ -174,12 +170,12 @@ class EngineCore:
         returned by the next call (or `flush`), after that next step is launched: the host's work
         for one step runs while the device computes the next. An eager step reads the step in
         flight first (it builds its inputs on the host) and leaves out the sequences that stopped."""
-        outs, self._ready = self._ready, []
+        outs: list[RequestOutput] = []
         if sched.empty and not always_forward:
-            return outs + self._read_pending()
+            return self.flush()
         replay = self.runner.replays(sched, graph_size)
         if self._pending is not None and not replay:
-            outs += self._read_pending()
+            outs += self.flush()
             sched = _without_finished(sched)
         pending, self._pending = self._pending, None
         launched = self._launch(sched, graph_size, pending)
@@ -194,10 +190,6 @@ class EngineCore:
 
     def flush(self) -> list[RequestOutput]:
         """Read the step launched last, if any: the outputs not returned yet."""
-        outs, self._ready = self._ready, []
-        return outs + self._read_pending()
-
-    def _read_pending(self) -> list[RequestOutput]:
         pending, self._pending = self._pending, None
         return self._finish(pending) if pending is not None else []
 

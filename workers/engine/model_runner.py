@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from moecluster.workers.engine.cuda_graphs import DecodeGraphs, PrevTokens
-from moecluster.workers.engine.sampler import SamplerOutput, SamplingBatch, sample
+from moecluster.workers.engine.sampler import SamplerOutput, SamplingBatch, sample, to_device
 from moecluster.workers.engine.scheduler import ScheduledSeq, SchedulerOutput
 from moecluster.workers.engine.sequence import Sequence
 from moecluster.workers.model.attention_metadata import AttentionMetadata, cache_slots, int_tensor
@@ -75,8 +75,7 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        pin = self.device.type == "cuda"  # pinned and non-blocking: a step may be in flight
-        src, dst = torch.tensor(copies, pin_memory=pin).to(self.device, non_blocking=True).T
+        src, dst = to_device(torch.tensor(copies), self.device).T
         for cache in self.kv_caches:
             cache[dst] = cache[src]
 
@@ -104,8 +103,7 @@ class ModelRunner:
             rows = [meta.query_starts[r] + meta.query_lens[r] - 1 for _, r in sched.samplers]
             hidden = self.model(input_ids, meta, self.kv_caches)
         if rows != list(range(hidden.shape[0])):  # not every row samples: gather those that do
-            pin = self.device.type == "cuda"
-            hidden = hidden[torch.tensor(rows, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)]
+            hidden = hidden[to_device(torch.tensor(rows, dtype=torch.int64), self.device)]
         self.copy_blocks(sched.block_copies)
         # Built while the GPU runs the forward: its one host-to-device copy is from pinned memory
         # and does not block (on the decode-graph path nothing before it does either).

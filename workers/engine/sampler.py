@@ -12,6 +12,12 @@ from dataclasses import dataclass
 import torch
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting for the device: on a GPU through pinned
+    memory and a non-blocking copy (a step may still be in flight), elsewhere a plain copy."""
+    return host.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else host.to(device)
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Per-row sampling settings for one step; tensors live on the logits' device."""
@@ -44,8 +50,7 @@ class SamplingBatch:
         # building the batch after the forward was launched does not wait for it (top-k values are
         # exact in float32 up to 2^24, far above any vocabulary).
         host = torch.tensor([temperature, k, top_p, min_p], dtype=torch.float32).view(4, len(temperature))
-        on_gpu = torch.device(device).type == "cuda"
-        block = host.pin_memory().to(device, non_blocking=True) if on_gpu else host.to(device)
+        block = to_device(host, device)
         return cls(
             temperature=block[0],
             top_k=block[1].long(),
