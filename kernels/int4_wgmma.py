@@ -1,0 +1,310 @@
+"""INT4 W4A16 expert GEMM for Hopper in Gluon: the weights are the wgmma's register operand.
+
+The Triton kernel (`fused_moe._moe_gemm_kernel`) dequantizes each INT4 tile in registers, writes
+it to shared memory and waits for every dot before the next dequantization: from about 32 rows
+per expert its tensor-core work and its dequantization add up instead of overlapping. Here the
+product is transposed, out^T (N, T) = W (N, K) x^T (K, T), so the dequantized weights are the
+first operand of `wgmma`, which Hopper reads straight from registers (the Marlin / Machete
+arrangement): the weights never touch shared memory after unpacking, and the dots run
+asynchronously while the next sub-tile is dequantized.
+
+One program: one expert's block of BLOCK_T rows (tokens) x BLOCK_N output columns, the expert
+and its rows found from the counts as in the Triton kernel (no host table). Per k_block of 256
+inputs (the repack's layout, `moe_weights.py`: word row j of a block holds input s * 32 + j in
+nibble s) a ring of STAGES shared-memory buffers, filled by cp.async a few blocks ahead, holds:
+  x    8 x (BLOCK_T, 32)   the rows' inputs, gathered by row index (no permuted copy)
+  w    (32, BLOCK_N) int32 per weight (gate and up when gated)
+  s    (8, BLOCK_N)        the scale row of each 32-input sub-tile
+Each word tile is read once into registers in the wgmma operand layout; nibble s of every word
+gives sub-tile s, (BLOCK_N, 32) weights in that same layout, dequantized two at a time with the
+same PTX as the Triton kernel (`fused_moe._pairs_asm`), so both kernels produce the same weights.
+
+Requirements (`supported` says whether a call qualifies; the launcher in `fused_moe` falls back
+to the Triton kernel otherwise): sm_90, bf16 / fp16 activations with scales of the same dtype,
+k_block 256, contiguous N (weights, scales, output) and contiguous K (activations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+except ImportError:  # no Triton, or a Triton without Gluon: the callers use the Triton kernel
+    gluon = None
+
+SUB_K = 32  # inputs per unpacked sub-tile (k_block 256 / 8 nibbles)
+K_BLOCK = 256
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _issue(a_ptr, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w_off, n_mask_w, s_off, n_mask_s, offs_s,
+               x_smem, w0_smem, s0_smem, w1_smem, s1_smem, j, st, K, stride_am, stride_wk, stride_sk,
+               GATED: gl.constexpr, GROUP: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_T: gl.constexpr,
+               XL: gl.constexpr):
+        """cp.async of k_block j into ring slot st: the 8 x sub-tiles stacked as (8 * BLOCK_T, 32) in one
+        copy (one copy per buffer: separate copies into one buffer make the compiler put a CTA barrier
+        between them), the words and the scale rows."""
+        kb = j * 256
+        sub = gl.arange(0, 8 * BLOCK_T, layout=gl.SliceLayout(1, XL)) // BLOCK_T  # (8 * BLOCK_T,) sub-tile
+        ks = kb + sub[:, None] * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, XL))[None, :]  # (8 * BLOCK_T, 32)
+        if EVEN_K:
+            mask = x_mask[:, None]
+        else:
+            mask = x_mask[:, None] & (ks < K)
+        async_copy.async_copy_global_to_shared(x_smem.index(st), a_ptr + x_rows[:, None] * stride_am + ks, mask=mask)
+        w_rows = (kb // 8) * stride_wk
+        s_rows = ((kb + offs_s * 32) // GROUP) * stride_sk  # (8,) the group of each sub-tile
+        async_copy.async_copy_global_to_shared(w0_smem.index(st), w0_ptr + w_off + w_rows, mask=n_mask_w)
+        async_copy.async_copy_global_to_shared(s0_smem.index(st), s0_ptr + s_off + s_rows[:, None], mask=n_mask_s)
+        if GATED:
+            async_copy.async_copy_global_to_shared(w1_smem.index(st), w1_ptr + w_off + w_rows, mask=n_mask_w)
+            async_copy.async_copy_global_to_shared(s1_smem.index(st), s1_ptr + s_off + s_rows[:, None], mask=n_mask_s)
+
+    @gluon.jit
+    def _dequant(words, s: gl.constexpr, scale, ASM: gl.constexpr):
+        """Nibble s of words (BLOCK_N, 32) int32 times scale (BLOCK_N, 1) -> (BLOCK_N, 32) in the scale's dtype."""
+        shift = gl.zeros_like(words) + 4 * s
+        return gl.inline_asm_elementwise(ASM, "=r,r,r,r,r,r", [words, shift, gl.broadcast(scale, words)[0]],
+                                         dtype=scale.dtype, is_pure=True, pack=2)
+
+    @gluon.jit(do_not_specialize=("n_rows", "n_tblocks"))
+    def int4_wgmma_kernel(
+        a_ptr,  # (a_rows, K) activations, K contiguous; grouped row r is a[src[r]] when GATHER
+        src_ptr,  # (n_rows,) int, read only when GATHER
+        counts_ptr,  # (E,) int rows per expert
+        w0_ptr,  # int32 (E, K_pad / 8, N), N contiguous: gate, or the only weight
+        s0_ptr,  # (E, K_pad / GROUP, N), N contiguous, the activations' dtype
+        w1_ptr,  # up (GATED only), same strides
+        s1_ptr,
+        c_ptr,  # (n_rows, N) output, grouped order, N contiguous
+        n_rows,
+        n_tblocks,  # row blocks in the grid (an upper bound of the real ones)
+        num_experts,
+        N,
+        K,
+        stride_am,
+        stride_we,
+        stride_wk,
+        stride_se,
+        stride_sk,
+        stride_cm,
+        ASM: gl.constexpr,  # the dequantization PTX for the activation dtype
+        BLOCK_T: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        BLOCK_E: gl.constexpr,
+        GATED: gl.constexpr,
+        GATHER: gl.constexpr,
+        GROUP: gl.constexpr,
+        STAGES: gl.constexpr,
+        EVEN_K: gl.constexpr,
+        N_FASTEST: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        dtype: gl.constexpr = a_ptr.dtype.element_ty
+        pid = gl.program_id(0)
+        if N_FASTEST:  # the programs of one row block run together: its rows are read from L2
+            n_nblocks = gl.cdiv(N, BLOCK_N)
+            pid_t = pid // n_nblocks
+            pid_n = pid % n_nblocks
+        else:  # the row blocks of one column block run together: its weights are read from L2
+            pid_t = pid % n_tblocks
+            pid_n = pid // n_tblocks
+
+        # ---- the expert and rows of this row block, from the counts
+        EL: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        e_idx = gl.arange(0, BLOCK_E, layout=EL)
+        cnt = gl.load(counts_ptr + e_idx, mask=e_idx < num_experts, other=0).to(gl.int32)  # (BLOCK_E,)
+        nblk = (cnt + BLOCK_T - 1) // BLOCK_T
+        blk_end = gl.associative_scan(nblk, 0, _add)
+        row_end = gl.associative_scan(cnt, 0, _add)
+        if pid_t < gl.sum(nblk, axis=0):
+            expert = gl.sum((blk_end <= pid_t).to(gl.int32), axis=0)
+            mine = e_idx == expert
+            first_row = gl.sum(gl.where(mine, row_end - cnt, 0), axis=0)
+            stop_row = gl.sum(gl.where(mine, row_end, 0), axis=0)
+            first_blk = gl.sum(gl.where(mine, blk_end - nblk, 0), axis=0)
+            row0 = first_row + (pid_t - first_blk) * BLOCK_T
+            n0 = pid_n * BLOCK_N
+            e64 = expert.to(gl.int64)
+
+            # ---- layouts: wgmma (BLOCK_N, BLOCK_T) accumulators, the weights as its register operand
+            MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                          instr_shape=[16, BLOCK_T, 16])
+            A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+            XL: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])  # (BLOCK_T, 32) 16-bit
+            TPN_W: gl.constexpr = BLOCK_N // 4 if BLOCK_N < 128 else 32
+            WL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPN_W, TPN_W], [num_warps, 1], [1, 0])  # (32, BLOCK_N)
+            SL: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])  # (8, BLOCK_N)
+            X_SH: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
+            W_SH: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+            S_SH: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+            S_ROWS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+
+            x_smem = gl.allocate_shared_memory(dtype, [STAGES, 8 * BLOCK_T, 32], X_SH)  # 8 sub-tiles stacked
+            w0_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 32, BLOCK_N], W_SH)
+            s0_smem = gl.allocate_shared_memory(dtype, [STAGES, 8, BLOCK_N], S_SH)
+            if GATED:
+                w1_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 32, BLOCK_N], W_SH)
+                s1_smem = gl.allocate_shared_memory(dtype, [STAGES, 8, BLOCK_N], S_SH)
+            else:
+                w1_smem = w0_smem
+                s1_smem = s0_smem
+
+            # ---- load addressing
+            # row r of a stacked x tile is sub-tile r // BLOCK_T, grouped row row0 + r % BLOCK_T
+            offs_t = row0 + gl.arange(0, 8 * BLOCK_T, layout=gl.SliceLayout(1, XL)) % BLOCK_T  # (8 * BLOCK_T,)
+            x_mask = (offs_t < stop_row) & (offs_t < n_rows)
+            if GATHER:
+                x_rows = gl.load(src_ptr + offs_t, mask=x_mask, other=0).to(gl.int64)
+            else:
+                x_rows = offs_t.to(gl.int64)
+            offs_j = gl.arange(0, 32, layout=gl.SliceLayout(1, WL))
+            offs_nw = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, WL))
+            w_off = e64 * stride_we + offs_j[:, None] * stride_wk + offs_nw[None, :]  # (32, BLOCK_N)
+            n_mask_w = gl.broadcast(offs_nw[None, :] < N, w_off)[0]
+            offs_s = gl.arange(0, 8, layout=gl.SliceLayout(1, SL))
+            offs_ns = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SL))
+            s_off = e64 * stride_se + offs_ns[None, :]  # (1, BLOCK_N)
+            n_mask_s = gl.broadcast(offs_ns[None, :] < N, offs_s[:, None] + s_off)[0]
+
+            # ready[st]: every thread's copies into slot st have landed (cp.async arrives per thread)
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for b in gl.static_range(STAGES):
+                mbarrier.init(ready.index(b), count=32 * num_warps)
+            gl.thread_barrier()
+            n_k = gl.cdiv(K, 256)
+            for j in gl.static_range(STAGES - 1):
+                if j < n_k:
+                    _issue(a_ptr, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w_off, n_mask_w, s_off, n_mask_s,
+                           offs_s, x_smem, w0_smem, s0_smem, w1_smem, s1_smem, j, j, K, stride_am, stride_wk,
+                           stride_sk, GATED, GROUP, EVEN_K, BLOCK_T, XL)
+                    async_copy.mbarrier_arrive(ready.index(j), increment_count=False)
+
+            # the scale rows, one per sub-tile (unswizzled, so a flat view of the same bytes)
+            s0_rows = s0_smem._reinterpret(dtype, [STAGES * 8, BLOCK_N], S_ROWS)
+            s1_rows = s1_smem._reinterpret(dtype, [STAGES * 8, BLOCK_N], S_ROWS)
+            x_subs = x_smem._reinterpret(dtype, [STAGES * 8, BLOCK_T, 32], X_SH)  # sub-tile views
+            acc0 = gl.zeros((BLOCK_N, BLOCK_T), gl.float32, layout=MMA)
+            acc1 = gl.zeros((BLOCK_N, BLOCK_T), gl.float32, layout=MMA)
+            SC: gl.constexpr = gl.SliceLayout(1, A_OP)
+            NPROJ: gl.constexpr = 2 if GATED else 1  # wgmma groups per sub-tile
+            p0 = gl.zeros((BLOCK_N, 32), dtype, layout=A_OP)  # the sub-tile whose dots are in flight
+            p1 = gl.zeros((BLOCK_N, 32), dtype, layout=A_OP)
+            for i in range(n_k):
+                mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)  # k_block i has landed
+                fence_async_shared()  # the copies visible to the wgmma's async proxy
+                st = i % STAGES
+                words0 = w0_smem.index(st).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
+                a0 = _dequant(words0, 0, s0_rows.index(st * 8).load(SC)[:, None], ASM)
+                if GATED:
+                    words1 = w1_smem.index(st).permute((1, 0)).load(A_OP)
+                    a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], ASM)
+                gl.thread_barrier()  # every warp group is done with the previous k_block's slot
+                nxt = i + STAGES - 1
+                if nxt < n_k:
+                    _issue(a_ptr, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w_off, n_mask_w, s_off, n_mask_s,
+                           offs_s, x_smem, w0_smem, s0_smem, w1_smem, s1_smem, nxt, nxt % STAGES, K, stride_am,
+                           stride_wk, stride_sk, GATED, GROUP, EVEN_K, BLOCK_T, XL)
+                    async_copy.mbarrier_arrive(ready.index(nxt % STAGES), increment_count=False)
+                for s in gl.static_range(8):
+                    xb = x_subs.index(st * 8 + s).permute((1, 0))  # (32, BLOCK_T)
+                    acc0 = warpgroup_mma(a0, xb, acc0, is_async=True)
+                    if GATED:
+                        acc1 = warpgroup_mma(a1, xb, acc1, is_async=True)
+                    if s < 7:  # the next sub-tile's weights while these dots run
+                        b0 = _dequant(words0, s + 1, s0_rows.index(st * 8 + s + 1).load(SC)[:, None], ASM)
+                        if GATED:
+                            b1 = _dequant(words1, s + 1, s1_rows.index(st * 8 + s + 1).load(SC)[:, None], ASM)
+                    if s > 0:  # the previous sub-tile's dots are done: its registers may be reused
+                        acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=NPROJ, deps=(acc0, acc1, p0, p1))
+                    p0 = a0
+                    if GATED:
+                        p1 = a1
+                    if s < 7:
+                        a0 = b0
+                        if GATED:
+                            a1 = b1
+                # no dot in flight across the loop's back edge: ptxas serializes every wgmma of a
+                # kernel where other instructions may write an accumulator while one is in flight
+                acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, p0, p1))
+
+            # ---- epilogue: silu(gate) * up, stored transposed back to (rows, N)
+            if GATED:
+                res = acc0 / (1.0 + gl.exp(-acc0)) * acc1
+            else:
+                res = acc0
+            OL: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])  # (BLOCK_N, BLOCK_T), N fastest
+            res = gl.convert_layout(res.to(c_ptr.dtype.element_ty), OL)
+            offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OL))
+            offs_c = row0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, OL))
+            c_mask = (offs_n[:, None] < N) & (offs_c[None, :] < stop_row) & (offs_c[None, :] < n_rows)
+            gl.store(c_ptr + offs_c.to(gl.int64)[None, :] * stride_cm + offs_n[:, None], res, mask=c_mask)
+
+
+@dataclass(frozen=True)
+class WgmmaTiles:
+    """Tiles of `int4_wgmma_kernel`: rows (tokens) per program, output columns per program (16 per
+    warp: each warp owns 16 of the wgmma's M), ring depth."""
+
+    block_t: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    stages: int = 2
+    n_fastest: bool = True  # launch order: column blocks of one row block together (else row blocks)
+
+
+def supported(a: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k_block: int, c: torch.Tensor) -> bool:
+    """Whether `launch` takes this GEMM (else the Triton kernel does)."""
+    return (
+        gluon is not None
+        and a.is_cuda
+        and torch.cuda.get_device_capability(a.device)[0] == 9
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and scale.dtype == a.dtype
+        and k_block == K_BLOCK
+        and a.stride(1) == 1
+        and packed.stride(2) == 1
+        and scale.stride(2) == 1
+        and c.stride(1) == 1
+    )
+
+
+def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor, w0: torch.Tensor, s0: torch.Tensor,
+           w1: torch.Tensor, s1: torch.Tensor, c: torch.Tensor, rows: int, n: int, k: int, gated: bool, group: int,
+           asm: str, tiles: WgmmaTiles) -> None:
+    """c (rows, n) = [silu(a @ w0^T) * (a @ w1^T) if gated else a @ w0^T] per expert's rows, w INT4 in
+    the repack's layout (E, K_pad / 8, n) with scales (E, K_pad / group, n); `supported` must hold."""
+    bt, bn, warps = tiles.block_t, tiles.block_n, tiles.num_warps
+    if bt not in (16, 32, 64, 128) or bn % (16 * warps) or bn not in (64, 128, 256) or warps not in (4, 8):
+        raise ValueError(f"int4_wgmma: unsupported tiles {tiles}")
+    if tiles.stages < 2:
+        raise ValueError(f"int4_wgmma: stages must be >= 2, got {tiles.stages}")
+    e = counts.shape[0]
+    n_tblocks = (rows + min(e, rows) * (bt - 1)) // bt  # >= sum over experts of cdiv(count, bt)
+    grid = (n_tblocks * triton.cdiv(n, bn),)
+    int4_wgmma_kernel[grid](
+        a, src_rows if src_rows is not None else counts, counts, w0, s0, w1, s1, c,
+        rows, n_tblocks, e, n, k,
+        a.stride(0), w0.stride(0), w0.stride(1), s0.stride(0), s0.stride(1), c.stride(0),
+        ASM=asm, BLOCK_T=bt, BLOCK_N=bn, BLOCK_E=max(32 * warps, triton.next_power_of_2(e)), GATED=gated,
+        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0), N_FASTEST=tiles.n_fastest,
+        num_warps=warps,
+    )  # fmt: skip
