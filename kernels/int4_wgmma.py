@@ -26,9 +26,12 @@ k_block 256, contiguous N (weights, scales, output) and contiguous K (activation
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from moecluster.kernels.device import cuda_capability
 
 try:
     import triton
@@ -78,12 +81,28 @@ if gluon is not None:
             async_copy.async_copy_global_to_shared(w1_smem.index(st), w1_ptr + w_off + w_rows, mask=n_mask_w)
             async_copy.async_copy_global_to_shared(s1_smem.index(st), s1_ptr + s_off + s_rows[:, None], mask=n_mask_s)
 
+    @gluon.constexpr_function
+    def _nibble_asm(s, magic_bits, packed_type):
+        """PTX for nibble s of two words -> two 16-bit weights times their scale pair: the byte holding
+        the nibble is taken from each word by one `prmt` into the pair's two halves (shifted down
+        when the nibble is the byte's high one), masked and OR-ed into the magic constant's mantissa
+        (one `lop3`), minus the bias (magic + 8), times the scales: the values of
+        `fused_moe._pairs_asm`, which shifts each word by 4 s first (two more instructions a pair)."""
+        b = s // 2
+        sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+        ones, bias = magic_bits * 0x10001, (magic_bits | 8) * 0x10001
+        shift = "shr.u32 %wt, %wt, 4; " if s % 2 else ""
+        return (f"{{ .reg .b32 %wt, %wm; prmt.b32 %wt, $1, $2, {sel:#06x}; {shift}and.b32 %wt, %wt, 0x000F000F; "
+                f"or.b32 %wt, %wt, {ones:#010x}; mov.b32 %wm, {bias:#010x}; sub.rn.{packed_type} %wt, %wt, %wm; "
+                f"mul.rn.{packed_type} $0, %wt, $3; }}")
+
     @gluon.jit
-    def _dequant(words, s: gl.constexpr, scale, ASM: gl.constexpr):
-        """Nibble s of words (BLOCK_N, 32) int32 times scale (BLOCK_N, 1) -> (BLOCK_N, 32) in the scale's dtype."""
-        shift = gl.zeros_like(words) + 4 * s
-        return gl.inline_asm_elementwise(ASM, "=r,r,r,r,r,r", [words, shift, gl.broadcast(scale, words)[0]],
-                                         dtype=scale.dtype, is_pure=True, pack=2)
+    def _dequant(words, s: gl.constexpr, scale, MAGIC_BITS: gl.constexpr, PACKED: gl.constexpr):
+        """Nibble s of words (BLOCK_N, 32) int32 times scale (BLOCK_N, 1) -> (BLOCK_N, 32) in the scale's
+        dtype, two weights per instruction sequence (consecutive inputs of one output column)."""
+        return gl.inline_asm_elementwise(_nibble_asm(s, MAGIC_BITS, PACKED), "=r,r,r,r",
+                                         [words, gl.broadcast(scale, words)[0]], dtype=scale.dtype, is_pure=True,
+                                         pack=2)
 
     @gluon.jit(do_not_specialize=("n_rows", "n_tblocks"))
     def int4_wgmma_kernel(
@@ -106,7 +125,8 @@ if gluon is not None:
         stride_se,
         stride_sk,
         stride_cm,
-        ASM: gl.constexpr,  # the dequantization PTX for the activation dtype
+        MAGIC_BITS: gl.constexpr,  # 16-bit pattern OR-ed with a nibble to give (magic + nibble) exactly
+        PACKED: gl.constexpr,  # "bf16x2" or "f16x2": the activations' packed PTX type
         BLOCK_T: gl.constexpr,
         BLOCK_N: gl.constexpr,
         BLOCK_E: gl.constexpr,
@@ -213,10 +233,10 @@ if gluon is not None:
                 fence_async_shared()  # the copies visible to the wgmma's async proxy
                 st = i % STAGES
                 words0 = w0_smem.index(st).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
-                a0 = _dequant(words0, 0, s0_rows.index(st * 8).load(SC)[:, None], ASM)
+                a0 = _dequant(words0, 0, s0_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                 if GATED:
                     words1 = w1_smem.index(st).permute((1, 0)).load(A_OP)
-                    a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], ASM)
+                    a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                 gl.thread_barrier()  # every warp group is done with the previous k_block's slot
                 nxt = i + STAGES - 1
                 if nxt < n_k:
@@ -230,9 +250,9 @@ if gluon is not None:
                     if GATED:
                         acc1 = warpgroup_mma(a1, xb, acc1, is_async=True)
                     if s < 7:  # the next sub-tile's weights while these dots run
-                        b0 = _dequant(words0, s + 1, s0_rows.index(st * 8 + s + 1).load(SC)[:, None], ASM)
+                        b0 = _dequant(words0, s + 1, s0_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
                         if GATED:
-                            b1 = _dequant(words1, s + 1, s1_rows.index(st * 8 + s + 1).load(SC)[:, None], ASM)
+                            b1 = _dequant(words1, s + 1, s1_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
                     if s > 0:  # the previous sub-tile's dots are done: its registers may be reused
                         acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=NPROJ, deps=(acc0, acc1, p0, p1))
                     p0 = a0
@@ -271,12 +291,18 @@ class WgmmaTiles:
     n_fastest: bool = True  # launch order: column blocks of one row block together (else row blocks)
 
 
+def enabled() -> bool:
+    """The Gluon kernel is used where it qualifies unless MOECLUSTER_INT4_GLUON=0 (then the Triton kernel
+    runs every INT4 GEMM: a way around a Triton / driver combination where Gluon misbehaves)."""
+    return gluon is not None and os.environ.get("MOECLUSTER_INT4_GLUON", "1") != "0"
+
+
 def supported(a: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k_block: int, c: torch.Tensor) -> bool:
     """Whether `launch` takes this GEMM (else the Triton kernel does)."""
     return (
-        gluon is not None
+        enabled()
         and a.is_cuda
-        and torch.cuda.get_device_capability(a.device)[0] == 9
+        and cuda_capability(a.device)[0] == 9
         and a.dtype in (torch.bfloat16, torch.float16)
         and scale.dtype == a.dtype
         and k_block == K_BLOCK
@@ -287,16 +313,36 @@ def supported(a: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k_bloc
     )
 
 
-def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor, w0: torch.Tensor, s0: torch.Tensor,
-           w1: torch.Tensor, s1: torch.Tensor, c: torch.Tensor, rows: int, n: int, k: int, gated: bool, group: int,
-           asm: str, tiles: WgmmaTiles) -> None:
-    """c (rows, n) = [silu(a @ w0^T) * (a @ w1^T) if gated else a @ w0^T] per expert's rows, w INT4 in
-    the repack's layout (E, K_pad / 8, n) with scales (E, K_pad / group, n); `supported` must hold."""
+def default_tiles(rows_per_expert: float, gated: bool) -> WgmmaTiles:
+    """Tiles by mean rows per expert, from the H100 sweep (`scripts/time_int4_wgmma.py`, 8 to 2048
+    rows per expert, DeepSeek-V3 / Kimi-K2 shapes): as many rows per program as the experts hold up
+    to 64 (the weights are read once per row block); above 32 rows the down GEMM (N 7168) takes 128
+    columns over 8 warps, gate_up 64 over 4 (two accumulators); 2 stages throughout (a third costs
+    occupancy and was slower everywhere)."""
+    if rows_per_expert <= 16:
+        return WgmmaTiles(16, 64, 4, 2)
+    if rows_per_expert <= 32:
+        return WgmmaTiles(32, 64, 4, 2)
+    return WgmmaTiles(64, 64, 4, 2) if gated else WgmmaTiles(64, 128, 8, 2)
+
+
+def check_tiles(tiles: WgmmaTiles) -> None:
+    """Raise ValueError for tiles the kernel cannot take: rows per program a wgmma N (16 to 128), 16
+    output columns per warp in whole warp groups (4 or 8 warps), a ring of at least 2 slots."""
     bt, bn, warps = tiles.block_t, tiles.block_n, tiles.num_warps
-    if bt not in (16, 32, 64, 128) or bn % (16 * warps) or bn not in (64, 128, 256) or warps not in (4, 8):
+    if bt not in (16, 32, 64, 128) or bn not in (64, 128, 256) or warps not in (4, 8) or bn % (16 * warps):
         raise ValueError(f"int4_wgmma: unsupported tiles {tiles}")
     if tiles.stages < 2:
         raise ValueError(f"int4_wgmma: stages must be >= 2, got {tiles.stages}")
+
+
+def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor, w0: torch.Tensor, s0: torch.Tensor,
+           w1: torch.Tensor, s1: torch.Tensor, c: torch.Tensor, rows: int, n: int, k: int, gated: bool, group: int,
+           magic_bits: int, tiles: WgmmaTiles) -> None:
+    """c (rows, n) = [silu(a @ w0^T) * (a @ w1^T) if gated else a @ w0^T] per expert's rows, w INT4 in
+    the repack's layout (E, K_pad / 8, n) with scales (E, K_pad / group, n); `supported` must hold."""
+    check_tiles(tiles)
+    bt, bn, warps = tiles.block_t, tiles.block_n, tiles.num_warps
     e = counts.shape[0]
     n_tblocks = (rows + min(e, rows) * (bt - 1)) // bt  # >= sum over experts of cdiv(count, bt)
     grid = (n_tblocks * triton.cdiv(n, bn),)
@@ -304,7 +350,7 @@ def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor,
         a, src_rows if src_rows is not None else counts, counts, w0, s0, w1, s1, c,
         rows, n_tblocks, e, n, k,
         a.stride(0), w0.stride(0), w0.stride(1), s0.stride(0), s0.stride(1), c.stride(0),
-        ASM=asm, BLOCK_T=bt, BLOCK_N=bn, BLOCK_E=max(32 * warps, triton.next_power_of_2(e)), GATED=gated,
+        MAGIC_BITS=magic_bits, PACKED="bf16x2" if a.dtype == torch.bfloat16 else "f16x2", BLOCK_T=bt, BLOCK_N=bn, BLOCK_E=max(32 * warps, triton.next_power_of_2(e)), GATED=gated,
         GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0), N_FASTEST=tiles.n_fastest,
         num_warps=warps,
     )  # fmt: skip

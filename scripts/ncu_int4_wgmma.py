@@ -23,5 +23,5 @@ for spec in sys.argv[1:] or ["64-128-8-2", "64-128-8-3"]:
     bt, bn, nw, st = (int(v) for v in spec.split("-"))
     for _ in range(2):
         iw.launch(x, None, counts, w.gate.packed, w.gate.scale, w.up.packed, w.up.scale, h, E * M, I, H, True, 32,
-                  fm._PAIRS_BF16.value, iw.WgmmaTiles(bt, bn, nw, st))
+                  fm._MAGIC[torch.bfloat16][0], iw.WgmmaTiles(bt, bn, nw, st))
 torch.cuda.synchronize()

@@ -21,8 +21,8 @@ from moecluster.kernels import int4_wgmma as iw
 from moecluster.kernels.fused_moe_ref import grouped_mlp_reference
 
 E, H, I = 32, 7168, 2048  # noqa: E741
-SWEEP = [iw.WgmmaTiles(bt, bn, nw, st, nf) for bt in (16, 32, 64) for (bn, nw, st) in
-         ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 2), (128, 8, 3)) for nf in (True,)]
+SWEEP = [iw.WgmmaTiles(*t) for t in ((16, 64, 4, 2), (16, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2),
+                                       (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3))]
 
 
 def gluon_gemm(a, src, counts, w: fm.Int4Experts, which: str, c, rows: int, tiles: iw.WgmmaTiles) -> None:
@@ -30,7 +30,7 @@ def gluon_gemm(a, src, counts, w: fm.Int4Experts, which: str, c, rows: int, tile
     q0, q1 = (w.gate, w.up) if gated else (w.down, w.down)
     n, k = (I, H) if gated else (H, I)
     iw.launch(a, src, counts, q0.packed, q0.scale, q1.packed, q1.scale, c, rows, n, k, gated, q0.group_size,
-              fm._PAIRS_BF16.value, tiles)
+              fm._MAGIC[torch.bfloat16][0], tiles)
 
 
 def check(w: fm.Int4Experts, g: torch.Generator) -> dict:

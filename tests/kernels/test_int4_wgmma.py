@@ -1,0 +1,156 @@
+"""The Gluon INT4 kernel (kernels/int4_wgmma.py): its PTX constants against the repack's layout (on the
+CPU, by emulating the integer half of the PTX), its dispatch rules, and on a Hopper GPU its outputs
+against the Triton kernel and the reference, and inside a CUDA graph.
+
+The two kernels dequantize to the same weights and add the same 16-deep tensor-core products in the
+same order into fp32, so their outputs are expected to be equal bit for bit (the H100 sweep of
+`scripts/time_int4_wgmma.py` found them equal at DeepSeek-V3 shapes); the GPU test asserts that."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from moecluster.kernels import fused_moe as fm
+from moecluster.kernels import int4_wgmma as iw
+from moecluster.workers.quant.int4 import pack_int4
+
+pytestmark = pytest.mark.skipif(iw.gluon is None, reason="this Triton has no Gluon")
+
+
+def _emulate_integer_part(asm: str, word_a: int, word_b: int) -> tuple[int, int]:
+    """Run the prmt / shr / and / or steps of `_nibble_asm`'s PTX on two words -> the two 16-bit halves
+    handed to the packed subtract, and return also the bias register's value."""
+    sel = int(re.search(r"prmt\.b32 %wt, \$1, \$2, (0x[0-9a-f]+);", asm).group(1), 16)
+    source = word_a.to_bytes(4, "little") + word_b.to_bytes(4, "little")  # prmt's bytes 0-3 from $1, 4-7 from $2
+    wt = int.from_bytes(bytes(source[(sel >> (4 * i)) & 0x7] for i in range(4)), "little")
+    if "shr.u32 %wt, %wt, 4;" in asm:
+        wt >>= 4
+    wt &= int(re.search(r"and\.b32 %wt, %wt, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
+    wt |= int(re.search(r"or\.b32 %wt, %wt, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
+    return wt, int(re.search(r"mov\.b32 %wm, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
+
+
+@pytest.mark.parametrize(("magic", "packed"), [(fm._MAGIC[torch.bfloat16][0], "bf16x2"), (fm._MAGIC[torch.float16][0], "f16x2")])
+def test_nibble_asm_takes_nibble_s_of_each_word(magic: int, packed: str) -> None:
+    """For every nibble position s the PTX puts (magic | nibble s of word A) in the low half and
+    (magic | nibble s of word B) in the high half, and subtracts magic + 8 from both."""
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2**32, (64, 2), generator=gen, dtype=torch.int64).tolist()
+    for s in range(8):
+        asm = iw._nibble_asm(s, magic, packed)
+        assert f"sub.rn.{packed}" in asm and f"mul.rn.{packed} $0, %wt, $3;" in asm
+        for a, b in words:
+            wt, bias = _emulate_integer_part(asm, a, b)
+            assert wt & 0xFFFF == magic | ((a >> (4 * s)) & 0xF), (s, hex(a))
+            assert wt >> 16 == magic | ((b >> (4 * s)) & 0xF), (s, hex(b))
+            assert bias == (magic | 8) * 0x10001
+
+
+def test_nibble_s_is_the_repack_sub_tile_s() -> None:
+    """The repack (moe_weights.py) puts input s * 32 + j of a k_block in nibble s of word row j, which
+    is what the kernel's sub-tile s reads: nibble s of word rows 0..31 holds inputs s * 32 .. + 31."""
+    out_f, in_f = 8, 512
+    q = torch.randint(-8, 8, (1, out_f, in_f), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    w = fm.repack_int4(pack_int4(q), torch.ones(1, out_f, in_f // 32, dtype=torch.bfloat16), out_f, in_f)
+    assert w.k_block == iw.K_BLOCK
+    packed = w.packed[0].to(torch.int64) & 0xFFFFFFFF  # (K_pad / 8, N)
+    for kb in range(in_f // iw.K_BLOCK):
+        rows = packed[kb * 32 : (kb + 1) * 32]  # (32, N) the words of one k_block
+        for s in range(8):
+            first = kb * iw.K_BLOCK + s * 32
+            assert torch.equal(((rows >> (4 * s)) & 0xF) - 8, q[0, :, first : first + 32].T.to(torch.int64))
+
+
+@pytest.mark.parametrize("rows_per_expert", [1, 8, 16, 17, 32, 33, 64, 512, 4096])
+@pytest.mark.parametrize("gated", [True, False])
+def test_default_tiles_are_valid(rows_per_expert: float, gated: bool) -> None:
+    iw.check_tiles(iw.default_tiles(rows_per_expert, gated))
+
+
+def test_not_used_on_cpu_or_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = torch.zeros(4, 256, dtype=torch.bfloat16)
+    packed, scale = torch.zeros(1, 32, 64, dtype=torch.int32), torch.zeros(1, 8, 64, dtype=torch.bfloat16)
+    assert not iw.supported(a, packed, scale, 256, torch.zeros(4, 64, dtype=torch.bfloat16))
+    monkeypatch.setenv("MOECLUSTER_INT4_GLUON", "0")
+    assert not iw.enabled()
+    monkeypatch.setenv("MOECLUSTER_INT4_GLUON", "1")
+    assert iw.enabled()
+
+
+def test_launch_rejects_bad_tiles() -> None:
+    a = torch.zeros(4, 256, dtype=torch.bfloat16)
+    w, s = torch.zeros(1, 32, 64, dtype=torch.int32), torch.zeros(1, 8, 64, dtype=torch.bfloat16)
+    counts = torch.tensor([4], dtype=torch.int32)
+    for bad in (iw.WgmmaTiles(block_t=48), iw.WgmmaTiles(block_n=96), iw.WgmmaTiles(num_warps=2), iw.WgmmaTiles(stages=1)):
+        with pytest.raises(ValueError, match="int4_wgmma"):
+            iw.launch(a, None, counts, w, s, w, s, torch.zeros(4, 64, dtype=torch.bfloat16), 4, 64, 256, True, 32,
+                      fm._MAGIC[torch.bfloat16][0], bad)
+
+
+# ---- on a Hopper GPU --------------------------------------------------------------------------
+
+
+def _hopper() -> torch.device:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel runs on sm_90 only")
+    return torch.device("cuda")
+
+
+def _int4_weights(e: int, h: int, i: int, dtype: torch.dtype, device: torch.device) -> fm.Int4Experts:
+    gen = torch.Generator(device=device).manual_seed(e * h + i)
+
+    def ckpt(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.randint(-8, 8, (e, out_f, in_f), dtype=torch.int8, device=device, generator=gen)
+        scale = (torch.rand(e, out_f, in_f // 32, device=device, generator=gen) + 0.5) / (4.0 * in_f**0.5)
+        return pack_int4(q), scale.to(dtype)
+
+    return fm.Int4Experts.from_compressed_tensors(ckpt(i, h), ckpt(i, h), ckpt(h, i), h, i)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("h", "i"), [(512, 352), (320, 256), (7168, 2048)])
+@pytest.mark.parametrize("rows_each", [5, 20, 64, 150])
+def test_gluon_equals_triton(dtype: torch.dtype, h: int, i: int, rows_each: int) -> None:
+    """Default tiles (the Gluon kernel) against explicit Triton tiles (the Triton kernel), contiguous and
+    gathered rows: equal bit for bit, and close to the reference; I = 352 and H = 320 leave partial
+    column blocks and a partial k_block; one expert has no rows."""
+    device = _hopper()
+    e = 6
+    weights = _int4_weights(e, h, i, dtype, device)
+    counts = torch.tensor([rows_each, rows_each + 3, 0, 2 * rows_each, 1, rows_each // 2], device=device)
+    x = torch.randn(int(counts.sum()) + 7, h, device=device, dtype=dtype)
+    src = torch.randperm(x.shape[0], device=device)[: int(counts.sum())]
+    gu, dn = fm.default_tiles(int(counts.sum()), weights, dtype)
+    for rows in (None, src):
+        xs = x[: int(counts.sum())] if rows is None else x
+        got = fm.grouped_mlp(xs, counts, weights, src_rows=rows,
+                             out=torch.full((int(counts.sum()), h), float("nan"), device=device, dtype=dtype))
+        tri = fm.grouped_mlp(xs, counts, weights, src_rows=rows, gate_up_tiles=gu, down_tiles=dn)
+        ref = fm.grouped_mlp_reference(xs, counts.tolist(), weights, src_rows=rows)
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+        assert torch.equal(got, tri)
+
+
+@pytest.mark.gpu
+def test_gluon_in_a_cuda_graph() -> None:
+    """Captured and replayed on new inputs, the kernel gives what it gives eagerly (decode graphs)."""
+    device = _hopper()
+    e, h, i = 8, 1024, 512
+    weights = _int4_weights(e, h, i, torch.bfloat16, device)
+    counts = torch.tensor([3, 0, 9, 1, 4, 4, 2, 7], device=device)
+    x = torch.randn(int(counts.sum()), h, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    fm.grouped_mlp(x, counts, weights, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fm.grouped_mlp(x, counts, weights, out=out)
+    x.copy_(torch.randn_like(x))
+    counts.copy_(torch.tensor([0, 5, 5, 5, 5, 5, 5, 0], device=device))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fm.grouped_mlp(x, counts, weights))
