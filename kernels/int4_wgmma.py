@@ -228,40 +228,51 @@ if gluon is not None:
             NPROJ: gl.constexpr = 2 if GATED else 1  # wgmma groups per sub-tile
             p0 = gl.zeros((BLOCK_N, 32), dtype, layout=A_OP)  # the sub-tile whose dots are in flight
             p1 = gl.zeros((BLOCK_N, 32), dtype, layout=A_OP)
+            # k_block 0's words and first sub-tile; each k_block loads the next one's during its last dots
+            mbarrier.wait(ready.index(0), 0)
+            fence_async_shared()  # the copies visible to the wgmma's async proxy
+            words0 = w0_smem.index(0).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
+            a0 = _dequant(words0, 0, s0_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
+            words1 = words0
+            a1 = a0
+            if GATED:
+                words1 = w1_smem.index(0).permute((1, 0)).load(A_OP)
+                a1 = _dequant(words1, 0, s1_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
             for i in range(n_k):
-                mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)  # k_block i has landed
-                fence_async_shared()  # the copies visible to the wgmma's async proxy
                 st = i % STAGES
-                words0 = w0_smem.index(st).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
-                a0 = _dequant(words0, 0, s0_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
-                if GATED:
-                    words1 = w1_smem.index(st).permute((1, 0)).load(A_OP)
-                    a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                 gl.thread_barrier()  # every warp group is done with the previous k_block's slot
-                nxt = i + STAGES - 1
-                if nxt < n_k:
-                    _issue(a_ptr, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w_off, n_mask_w, s_off, n_mask_s,
-                           offs_s, x_smem, w0_smem, s0_smem, w1_smem, s1_smem, nxt, nxt % STAGES, K, stride_am,
-                           stride_wk, stride_sk, GATED, GROUP, EVEN_K, BLOCK_T, XL)
-                    async_copy.mbarrier_arrive(ready.index(nxt % STAGES), increment_count=False)
                 for s in gl.static_range(8):
                     xb = x_subs.index(st * 8 + s).permute((1, 0))  # (32, BLOCK_T)
                     acc0 = warpgroup_mma(a0, xb, acc0, is_async=True)
                     if GATED:
                         acc1 = warpgroup_mma(a1, xb, acc1, is_async=True)
+                    if s == 0:  # refill the previous k_block's slot while the first dots run
+                        nxt = i + STAGES - 1
+                        if nxt < n_k:
+                            _issue(a_ptr, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w_off, n_mask_w, s_off,
+                                   n_mask_s, offs_s, x_smem, w0_smem, s0_smem, w1_smem, s1_smem, nxt, nxt % STAGES, K,
+                                   stride_am, stride_wk, stride_sk, GATED, GROUP, EVEN_K, BLOCK_T, XL)
+                            async_copy.mbarrier_arrive(ready.index(nxt % STAGES), increment_count=False)
                     if s < 7:  # the next sub-tile's weights while these dots run
                         b0 = _dequant(words0, s + 1, s0_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
                         if GATED:
                             b1 = _dequant(words1, s + 1, s1_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
+                    else:  # the next k_block's words and first sub-tile (after the last k_block: unused)
+                        sn = (i + 1) % STAGES
+                        mbarrier.wait(ready.index(sn), ((i + 1) // STAGES) & 1, pred=i + 1 < n_k)
+                        fence_async_shared()
+                        words0 = w0_smem.index(sn).permute((1, 0)).load(A_OP)
+                        b0 = _dequant(words0, 0, s0_rows.index(sn * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
+                        if GATED:
+                            words1 = w1_smem.index(sn).permute((1, 0)).load(A_OP)
+                            b1 = _dequant(words1, 0, s1_rows.index(sn * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                     if s > 0:  # the previous sub-tile's dots are done: its registers may be reused
                         acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=NPROJ, deps=(acc0, acc1, p0, p1))
                     p0 = a0
+                    a0 = b0
                     if GATED:
                         p1 = a1
-                    if s < 7:
-                        a0 = b0
-                        if GATED:
-                            a1 = b1
+                        a1 = b1
                 # no dot in flight across the loop's back edge: ptxas serializes every wgmma of a
                 # kernel where other instructions may write an accumulator while one is in flight
                 acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, p0, p1))
@@ -314,16 +325,19 @@ def supported(a: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k_bloc
 
 
 def default_tiles(rows_per_expert: float, gated: bool) -> WgmmaTiles:
-    """Tiles by mean rows per expert, from the H100 sweep (`scripts/time_int4_wgmma.py`, 8 to 2048
+    """Tiles by mean rows per expert, from the H100 sweeps (`scripts/time_int4_wgmma.py`, 8 to 2048
     rows per expert, DeepSeek-V3 / Kimi-K2 shapes): as many rows per program as the experts hold up
-    to 64 (the weights are read once per row block); above 32 rows the down GEMM (N 7168) takes 128
-    columns over 8 warps, gate_up 64 over 4 (two accumulators); 2 stages throughout (a third costs
+    to 64 (the weights are read once per row block); above 32 rows gate_up takes 64 columns over 4
+    warps (two accumulators) and the down GEMM (N 7168) 128 columns, over 4 warps up to 128 rows
+    (measured at 64) and 8 above (measured at 512 and 2048); 2 stages throughout (a third costs
     occupancy and was slower everywhere)."""
     if rows_per_expert <= 16:
         return WgmmaTiles(16, 64, 4, 2)
     if rows_per_expert <= 32:
         return WgmmaTiles(32, 64, 4, 2)
-    return WgmmaTiles(64, 64, 4, 2) if gated else WgmmaTiles(64, 128, 8, 2)
+    if gated:
+        return WgmmaTiles(64, 64, 4, 2)
+    return WgmmaTiles(64, 128, 4 if rows_per_expert <= 128 else 8, 2)
 
 
 def check_tiles(tiles: WgmmaTiles) -> None:

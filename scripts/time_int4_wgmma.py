@@ -22,7 +22,7 @@ from moecluster.kernels.fused_moe_ref import grouped_mlp_reference
 
 E, H, I = 32, 7168, 2048  # noqa: E741
 SWEEP = [iw.WgmmaTiles(*t) for t in ((16, 64, 4, 2), (16, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2),
-                                       (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3))]
+                                       (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 2))]
 
 
 def gluon_gemm(a, src, counts, w: fm.Int4Experts, which: str, c, rows: int, tiles: iw.WgmmaTiles) -> None:
