@@ -136,6 +136,7 @@ if gluon is not None:
         STAGES: gl.constexpr,
         EVEN_K: gl.constexpr,
         N_FASTEST: gl.constexpr,
+        EARLY: gl.constexpr,  # load the next k_block's words and first sub-tile during the last dots
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = a_ptr.dtype.element_ty
@@ -240,6 +241,14 @@ if gluon is not None:
                 a1 = _dequant(words1, 0, s1_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
             for i in range(n_k):
                 st = i % STAGES
+                if not EARLY:  # this k_block's words and first sub-tile now (EARLY: during the last one's dots)
+                    mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+                    fence_async_shared()
+                    words0 = w0_smem.index(st).permute((1, 0)).load(A_OP)
+                    a0 = _dequant(words0, 0, s0_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
+                    if GATED:
+                        words1 = w1_smem.index(st).permute((1, 0)).load(A_OP)
+                        a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                 gl.thread_barrier()  # every warp group is done with the previous k_block's slot
                 for s in gl.static_range(8):
                     xb = x_subs.index(st * 8 + s).permute((1, 0))  # (32, BLOCK_T)
@@ -257,7 +266,7 @@ if gluon is not None:
                         b0 = _dequant(words0, s + 1, s0_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
                         if GATED:
                             b1 = _dequant(words1, s + 1, s1_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
-                    else:  # the next k_block's words and first sub-tile (after the last k_block: unused)
+                    elif EARLY:  # the next k_block's words and first sub-tile (after the last k_block: unused)
                         sn = (i + 1) % STAGES
                         mbarrier.wait(ready.index(sn), ((i + 1) // STAGES) & 1, pred=i + 1 < n_k)
                         fence_async_shared()
@@ -269,10 +278,12 @@ if gluon is not None:
                     if s > 0:  # the previous sub-tile's dots are done: its registers may be reused
                         acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=NPROJ, deps=(acc0, acc1, p0, p1))
                     p0 = a0
-                    a0 = b0
                     if GATED:
                         p1 = a1
-                        a1 = b1
+                    if s < 7 or EARLY:
+                        a0 = b0
+                        if GATED:
+                            a1 = b1
                 # no dot in flight across the loop's back edge: ptxas serializes every wgmma of a
                 # kernel where other instructions may write an accumulator while one is in flight
                 acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, p0, p1))
@@ -300,6 +311,7 @@ class WgmmaTiles:
     num_warps: int = 4
     stages: int = 2
     n_fastest: bool = True  # launch order: column blocks of one row block together (else row blocks)
+    early: bool = True  # the next k_block's words and first sub-tile during the last dots (decode sizes)
 
 
 def enabled() -> bool:
@@ -325,19 +337,21 @@ def supported(a: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k_bloc
 
 
 def default_tiles(rows_per_expert: float, gated: bool) -> WgmmaTiles:
-    """Tiles by mean rows per expert, from the H100 sweeps (`scripts/time_int4_wgmma.py`, 8 to 2048
-    rows per expert, DeepSeek-V3 / Kimi-K2 shapes): as many rows per program as the experts hold up
-    to 64 (the weights are read once per row block); above 32 rows gate_up takes 64 columns over 4
-    warps (two accumulators) and the down GEMM (N 7168) 128 columns, over 4 warps up to 128 rows
-    (measured at 64) and 8 above (measured at 512 and 2048); 2 stages throughout (a third costs
-    occupancy and was slower everywhere)."""
+    """Tiles by mean rows per expert, from the H100 sweeps (`scripts/time_int4_wgmma.py`,
+    `docs/results/int4-wgmma-h100-early.json`; DeepSeek-V3 / Kimi-K2 shapes): as many rows per
+    program as the experts hold up to 64 (the weights are read once per row block); the next
+    k_block's words loaded during the last dots (`early`) up to 16 rows, where it was 4-7% faster
+    for gate_up, and not at 32 and 64, where it was 5-8% slower; above 32 rows gate_up takes 64
+    columns over 4 warps (two accumulators) up to 128 rows and 128 over 8 above (4.5% faster at
+    512), the down GEMM (N 7168) 128 columns over 4 warps (4% faster than 8 at 64 rows, 11% at
+    512); 2 stages throughout (a third costs occupancy and was slower everywhere)."""
     if rows_per_expert <= 16:
-        return WgmmaTiles(16, 64, 4, 2)
+        return WgmmaTiles(16, 64, 4, 2, early=True)
     if rows_per_expert <= 32:
-        return WgmmaTiles(32, 64, 4, 2)
+        return WgmmaTiles(32, 64, 4, 2, early=False)
     if gated:
-        return WgmmaTiles(64, 64, 4, 2)
-    return WgmmaTiles(64, 128, 4 if rows_per_expert <= 128 else 8, 2)
+        return WgmmaTiles(64, 64, 4, 2, early=False) if rows_per_expert <= 128 else WgmmaTiles(64, 128, 8, 2, early=False)
+    return WgmmaTiles(64, 128, 4, 2, early=rows_per_expert > 128)
 
 
 def check_tiles(tiles: WgmmaTiles) -> None:
@@ -365,6 +379,6 @@ def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor,
         rows, n_tblocks, e, n, k,
         a.stride(0), w0.stride(0), w0.stride(1), s0.stride(0), s0.stride(1), c.stride(0),
         MAGIC_BITS=magic_bits, PACKED="bf16x2" if a.dtype == torch.bfloat16 else "f16x2", BLOCK_T=bt, BLOCK_N=bn, BLOCK_E=max(32 * warps, triton.next_power_of_2(e)), GATED=gated,
-        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0), N_FASTEST=tiles.n_fastest,
+        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0), N_FASTEST=tiles.n_fastest, EARLY=tiles.early,
         num_warps=warps,
     )  # fmt: skip
