@@ -311,7 +311,7 @@ class WgmmaTiles:
     num_warps: int = 4
     stages: int = 2
     n_fastest: bool = True  # launch order: column blocks of one row block together (else row blocks)
-    early: bool = True  # the next k_block's words and first sub-tile during the last dots (decode sizes)
+    early: bool = False  # the next k_block's words and first sub-tile during the last dots
 
 
 def enabled() -> bool:
@@ -337,21 +337,22 @@ def supported(a: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k_bloc
 
 
 def default_tiles(rows_per_expert: float, gated: bool) -> WgmmaTiles:
-    """Tiles by mean rows per expert, from the H100 sweeps (`scripts/time_int4_wgmma.py`,
-    `docs/results/int4-wgmma-h100-early.json`; DeepSeek-V3 / Kimi-K2 shapes): as many rows per
-    program as the experts hold up to 64 (the weights are read once per row block); the next
-    k_block's words loaded during the last dots (`early`) up to 16 rows, where it was 4-7% faster
-    for gate_up, and not at 32 and 64, where it was 5-8% slower; above 32 rows gate_up takes 64
-    columns over 4 warps (two accumulators) up to 128 rows and 128 over 8 above (4.5% faster at
-    512), the down GEMM (N 7168) 128 columns over 4 warps (4% faster than 8 at 64 rows, 11% at
-    512); 2 stages throughout (a third costs occupancy and was slower everywhere)."""
+    """Tiles by mean rows per expert, from sweeps of `scripts/time_int4_wgmma.py` on an H100 and an
+    H200 (`docs/results/int4-wgmma-h{100,200}*.json`; DeepSeek-V3 / Kimi-K2 shapes, 32 and 384
+    experts): as many rows per program as the experts hold up to 64 (the weights are read once per
+    row block); above 32 rows gate_up takes 64 columns over 4 warps (two accumulators) up to 128
+    rows and 128 over 8 above (4.5% faster at 512), the down GEMM (N 7168) 128 columns over 4 warps
+    (4% faster than 8 at 64 rows, 11% at 512); 2 stages throughout (a third costs occupancy and
+    was slower everywhere). Loading the next k_block early (`WgmmaTiles.early`) is off: 4% faster
+    on the H100 at 8 rows, 5-8% slower at 32 and 64 rows there and 5-6% slower on the H200 at 1 to
+    8 rows."""
     if rows_per_expert <= 16:
-        return WgmmaTiles(16, 64, 4, 2, early=True)
+        return WgmmaTiles(16, 64, 4, 2, early=False)
     if rows_per_expert <= 32:
         return WgmmaTiles(32, 64, 4, 2, early=False)
     if gated:
         return WgmmaTiles(64, 64, 4, 2, early=False) if rows_per_expert <= 128 else WgmmaTiles(64, 128, 8, 2, early=False)
-    return WgmmaTiles(64, 128, 4, 2, early=rows_per_expert > 128)
+    return WgmmaTiles(64, 128, 4, 2, early=False)
 
 
 def check_tiles(tiles: WgmmaTiles) -> None:

@@ -4,6 +4,7 @@ rows, uneven counts) and per-kernel times over a tile sweep at DeepSeek-V3 / Kim
 (32 local experts, H 7168, I 2048), beside `torch._grouped_mm` bf16 on the same shapes.
 
     OUT=. python scripts/time_int4_wgmma.py 8,16,32,64,128     # writes $OUT/int4-wgmma.json
+    OUT=. python scripts/time_int4_wgmma.py 1,2,8 384          # 384 local experts (Kimi K2 on one GPU)
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from moecluster.kernels import fused_moe as fm
 from moecluster.kernels import int4_wgmma as iw
 from moecluster.kernels.fused_moe_ref import grouped_mlp_reference
 
-E, H, I = 32, 7168, 2048  # noqa: E741
+E, H, I = int(sys.argv[2]) if len(sys.argv) > 2 else 32, 7168, 2048  # noqa: E741
 SWEEP = [iw.WgmmaTiles(*t, early=early) for early in (True, False)
-         for t in ((16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2))]
+         for t in ((16, 64, 4, 2), (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 2),
+                   (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2))]
 
 
 def gluon_gemm(a, src, counts, w: fm.Int4Experts, which: str, c, rows: int, tiles: iw.WgmmaTiles) -> None:
@@ -111,7 +113,7 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     ckpt = [random_int4(E, o, i, g) for o, i in ((I, H), (I, H), (H, I))]
     w = fm.Int4Experts.from_compressed_tensors(*ckpt, H, I, k_block=256)
-    result = {"check": check(w, g)}
+    result = {"check": check(w, g) if E <= 32 else {}}  # (the fp32 reference over 384 experts is slow)
     result["times"] = time_sizes(sizes, w, g)
     with open(os.path.join(os.environ.get("OUT", "."), "int4-wgmma.json"), "w") as f:
         json.dump(result, f, indent=1)
