@@ -76,9 +76,10 @@ recipe; about 4% relative difference from W8A16 on random data, 1.8-3.1x faster 
 per expert on an H100.
 
 INT4 on Hopper (sm_90, 16-bit activations, k_block 256) runs the Gluon kernel of
-`kernels/int4_wgmma.py` instead, the weights as the wgmma's register operand: 1.2-1.5x faster
-than the Triton kernel here from 8 to 2048 rows per expert on an H100 and bit-identical to it;
-explicit tiles (tuning) and MOECLUSTER_INT4_GLUON=0 keep the Triton kernel.
+`kernels/int4_wgmma.py` instead, the weights as the wgmma's register operand: 1.2-1.7x faster
+than the Triton kernel from 8 to 4096 rows per expert on an H100 and bit-identical to it;
+explicit tiles (tuning) and MOECLUSTER_INT4_GLUON=0 keep the Triton kernel, and so does a Gluon
+compile failure (warned once, `int4_wgmma.grouped_gemm`).
 
 Dispatch: the launchers run Triton on CUDA tensors, and on CPU tensors when the kernels were
 defined under TRITON_INTERPRET=1 (tests); otherwise (CPU, or Triton not installed) they run the
@@ -527,29 +528,14 @@ def grouped_mlp(
     group = weights.block[1] if w8a8 else 0
     a, a_scale = quantize_fp8_groups(x, group) if w8a8 else (x, None)  # (tokens, H) e4m3, (tokens, H / group)
     # INT4 on Hopper with default tiles: the Gluon kernel (kernels/int4_wgmma.py); else Triton
-    if gate_up_tiles is not None or not _int4_wgmma(a, src_rows, counts, weights, "gate_up", h_buf, rows):
+    gluon = isinstance(weights, Int4Experts) and _ptx_dequant_ok(a)
+    magic = _MAGIC.get(a.dtype, (0, 0.0))[0]
+    if not (gluon and gate_up_tiles is None and int4_wgmma.grouped_gemm(a, src_rows, counts, weights, True, h_buf, magic)):
         _launch_gemm(a, a_scale, src_rows, counts, weights, "gate_up", h_buf, rows, i, h, gate_up_tiles or gu_default)
     a, a_scale = quantize_fp8_groups(h_buf, group) if w8a8 else (h_buf, None)  # (rows, I), (rows, I / group)
-    if down_tiles is not None or not _int4_wgmma(a, None, counts, weights, "down", out, rows):
+    if not (gluon and down_tiles is None and int4_wgmma.grouped_gemm(a, None, counts, weights, False, out, magic)):
         _launch_gemm(a, a_scale, None, counts, weights, "down", out, rows, h, i, down_tiles or dn_default)
     return out
-
-
-def _int4_wgmma(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor, weights: ExpertWeights,
-                which: str, c: torch.Tensor, rows: int) -> bool:
-    """Run one INT4 GEMM with the Gluon kernel when it qualifies (`int4_wgmma.supported`); False
-    leaves it to the Triton kernel."""
-    if not isinstance(weights, Int4Experts):
-        return False
-    gated = which == "gate_up"
-    q0, q1 = (weights.gate, weights.up) if gated else (weights.down, weights.down)
-    if not int4_wgmma.supported(a, q0.packed, q0.scale, q0.k_block, c):
-        return False
-    n, k = (weights.intermediate, weights.hidden) if gated else (weights.hidden, weights.intermediate)
-    tiles = int4_wgmma.default_tiles(rows / weights.num_experts, gated)
-    int4_wgmma.launch(a, src_rows, counts, q0.packed, q0.scale, q1.packed, q1.scale, c, rows, n, k, gated,
-                      q0.group_size, _MAGIC[a.dtype][0], tiles)
-    return True
 
 
 def _launch_gemm(

@@ -27,11 +27,13 @@ k_block 256, contiguous N (weights, scales, output) and contiguous K (activation
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from moecluster.kernels.device import cuda_capability
+from moecluster.kernels.moe_weights import Int4Experts
 
 try:
     import triton
@@ -47,8 +49,7 @@ try:
 except ImportError:  # no Triton, or a Triton without Gluon: the callers use the Triton kernel
     gluon = None
 
-SUB_K = 32  # inputs per unpacked sub-tile (k_block 256 / 8 nibbles)
-K_BLOCK = 256
+K_BLOCK = 256  # the repack's k_block this kernel takes: 8 sub-tiles of 32 inputs (one scale group at most)
 
 
 if gluon is not None:
@@ -135,19 +136,14 @@ if gluon is not None:
         GROUP: gl.constexpr,
         STAGES: gl.constexpr,
         EVEN_K: gl.constexpr,
-        N_FASTEST: gl.constexpr,
         EARLY: gl.constexpr,  # load the next k_block's words and first sub-tile during the last dots
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = a_ptr.dtype.element_ty
         pid = gl.program_id(0)
-        if N_FASTEST:  # the programs of one row block run together: its rows are read from L2
-            n_nblocks = gl.cdiv(N, BLOCK_N)
-            pid_t = pid // n_nblocks
-            pid_n = pid % n_nblocks
-        else:  # the row blocks of one column block run together: its weights are read from L2
-            pid_t = pid % n_tblocks
-            pid_n = pid // n_tblocks
+        n_nblocks = gl.cdiv(N, BLOCK_N)  # the programs of one row block run together (its rows stay in L2;
+        pid_t = pid // n_nblocks  # the other order, row blocks of one column block together, timed the same)
+        pid_n = pid % n_nblocks
 
         # ---- the expert and rows of this row block, from the counts
         EL: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
@@ -229,16 +225,16 @@ if gluon is not None:
             NPROJ: gl.constexpr = 2 if GATED else 1  # wgmma groups per sub-tile
             p0 = gl.zeros((BLOCK_N, 32), dtype, layout=A_OP)  # the sub-tile whose dots are in flight
             p1 = gl.zeros((BLOCK_N, 32), dtype, layout=A_OP)
-            # k_block 0's words and first sub-tile; each k_block loads the next one's during its last dots
-            mbarrier.wait(ready.index(0), 0)
-            fence_async_shared()  # the copies visible to the wgmma's async proxy
-            words0 = w0_smem.index(0).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
-            a0 = _dequant(words0, 0, s0_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
-            words1 = words0
-            a1 = a0
-            if GATED:
-                words1 = w1_smem.index(0).permute((1, 0)).load(A_OP)
-                a1 = _dequant(words1, 0, s1_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
+            if EARLY:  # k_block 0's words and first sub-tile; each k_block loads the next one's in its last dots
+                mbarrier.wait(ready.index(0), 0)
+                fence_async_shared()  # the copies visible to the wgmma's async proxy
+                words0 = w0_smem.index(0).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
+                a0 = _dequant(words0, 0, s0_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
+                words1 = words0
+                a1 = a0
+                if GATED:
+                    words1 = w1_smem.index(0).permute((1, 0)).load(A_OP)
+                    a1 = _dequant(words1, 0, s1_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
             for i in range(n_k):
                 st = i % STAGES
                 if not EARLY:  # this k_block's words and first sub-tile now (EARLY: during the last one's dots)
@@ -287,6 +283,8 @@ if gluon is not None:
                 # no dot in flight across the loop's back edge: ptxas serializes every wgmma of a
                 # kernel where other instructions may write an accumulator while one is in flight
                 acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, p0, p1))
+            for b in gl.static_range(STAGES):
+                mbarrier.invalidate(ready.index(b))
 
             # ---- epilogue: silu(gate) * up, stored transposed back to (rows, N)
             if GATED:
@@ -310,7 +308,6 @@ class WgmmaTiles:
     block_n: int = 64
     num_warps: int = 4
     stages: int = 2
-    n_fastest: bool = True  # launch order: column blocks of one row block together (else row blocks)
     early: bool = False  # the next k_block's words and first sub-tile during the last dots
 
 
@@ -325,7 +322,10 @@ def supported(a: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k_bloc
     return (
         enabled()
         and a.is_cuda
+        and torch.version.hip is None  # (gfx90a / gfx942 report capability 9 too)
         and cuda_capability(a.device)[0] == 9
+        and a.stride(0) % 8 == 0  # 16-byte aligned rows: x arrives by 16-byte cp.async
+        and a.data_ptr() % 16 == 0
         and a.dtype in (torch.bfloat16, torch.float16)
         and scale.dtype == a.dtype
         and k_block == K_BLOCK
@@ -380,6 +380,34 @@ def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor,
         rows, n_tblocks, e, n, k,
         a.stride(0), w0.stride(0), w0.stride(1), s0.stride(0), s0.stride(1), c.stride(0),
         MAGIC_BITS=magic_bits, PACKED="bf16x2" if a.dtype == torch.bfloat16 else "f16x2", BLOCK_T=bt, BLOCK_N=bn, BLOCK_E=max(32 * warps, triton.next_power_of_2(e)), GATED=gated,
-        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0), N_FASTEST=tiles.n_fastest, EARLY=tiles.early,
+        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0),
+        EARLY=tiles.early,
         num_warps=warps,
     )  # fmt: skip
+
+
+_FAILED = False  # a launch failed: the Triton kernel for the rest of the process
+
+
+def grouped_gemm(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor, weights: Int4Experts, gated: bool,
+                 c: torch.Tensor, magic_bits: int) -> bool:
+    """One of `fused_moe.grouped_mlp`'s two INT4 GEMMs with this kernel and its default tiles, when it
+    qualifies (`supported`): gate_up (gated) a (rows or gathered rows, H) -> c (rows, I), or down
+    (rows, I) -> (rows, H). False leaves it to the Triton kernel: not supported, or a launch failed
+    (the kernel is written against Triton 3.6's Gluon, an experimental API; the first failure is
+    warned once and the rest of the process runs Triton)."""
+    global _FAILED
+    q0, q1 = (weights.gate, weights.up) if gated else (weights.down, weights.down)
+    if _FAILED or not supported(a, q0.packed, q0.scale, q0.k_block, c):
+        return False
+    rows = c.shape[0]
+    n, k = (weights.intermediate, weights.hidden) if gated else (weights.hidden, weights.intermediate)
+    try:
+        launch(a, src_rows, counts, q0.packed, q0.scale, q1.packed, q1.scale, c, rows, n, k, gated, q0.group_size,
+               magic_bits, default_tiles(rows / weights.num_experts, gated))
+    except Exception as e:  # noqa: BLE001 - any compile / launch failure falls back, once, loudly
+        _FAILED = True
+        warnings.warn(f"the Gluon INT4 kernel failed ({type(e).__name__}: {str(e)[:300]}); using the Triton kernel",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True

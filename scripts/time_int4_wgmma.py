@@ -48,7 +48,8 @@ def check(w: fm.Int4Experts, g: torch.Generator) -> dict:
         x = torch.randn(rows + (5 if gather else 0), H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
         src = torch.randperm(rows + 5, device="cuda", generator=g)[:rows] if gather else None
         ref = grouped_mlp_reference(x, counts, w, src_rows=src)
-        tri = fm.grouped_mlp(x, counts, w, src_rows=src)
+        gu, dn = fm.default_tiles(rows, w, x.dtype)  # explicit tiles: the Triton kernel
+        tri = fm.grouped_mlp(x, counts, w, src_rows=src, gate_up_tiles=gu, down_tiles=dn)
         for tiles in (iw.WgmmaTiles(), iw.WgmmaTiles(16, 128, 8, 3), iw.WgmmaTiles(32, 128, 4, 2, False)):
             h = torch.full((rows, I), float("nan"), device="cuda", dtype=torch.bfloat16)
             o = torch.full((rows, H), float("nan"), device="cuda", dtype=torch.bfloat16)

@@ -80,6 +80,27 @@ def test_not_used_on_cpu_or_when_switched_off(monkeypatch: pytest.MonkeyPatch) -
     assert iw.enabled()
 
 
+def test_a_failed_launch_falls_back_to_triton_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Gluon compile / launch failure (another Triton's Gluon) is warned once; from then on every INT4
+    GEMM goes to the Triton kernel (grouped_gemm returns False without trying)."""
+    calls = []
+
+    def failing_launch(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        calls.append(1)
+        raise RuntimeError("gluon: unsupported")
+
+    monkeypatch.setattr(iw, "supported", lambda *a: True)
+    monkeypatch.setattr(iw, "launch", failing_launch)
+    monkeypatch.setattr(iw, "_FAILED", False)
+    weights = _int4_weights(2, 256, 64, torch.bfloat16, torch.device("cpu"))
+    a, c = torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(4, 64, dtype=torch.bfloat16)
+    counts = torch.tensor([3, 1])
+    with pytest.warns(RuntimeWarning, match="Gluon INT4 kernel failed"):
+        assert not iw.grouped_gemm(a, None, counts, weights, True, c, 0x4300)
+    assert not iw.grouped_gemm(a, None, counts, weights, True, c, 0x4300)
+    assert len(calls) == 1
+
+
 def test_launch_rejects_bad_tiles() -> None:
     a = torch.zeros(4, 256, dtype=torch.bfloat16)
     w, s = torch.zeros(1, 32, 64, dtype=torch.int32), torch.zeros(1, 8, 64, dtype=torch.bfloat16)
@@ -99,28 +120,33 @@ def _hopper() -> torch.device:
     return torch.device("cuda")
 
 
-def _int4_weights(e: int, h: int, i: int, dtype: torch.dtype, device: torch.device) -> fm.Int4Experts:
+def _int4_weights(e: int, h: int, i: int, dtype: torch.dtype, device: torch.device, group: int = 32) -> fm.Int4Experts:
     gen = torch.Generator(device=device).manual_seed(e * h + i)
 
     def ckpt(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.randint(-8, 8, (e, out_f, in_f), dtype=torch.int8, device=device, generator=gen)
-        scale = (torch.rand(e, out_f, in_f // 32, device=device, generator=gen) + 0.5) / (4.0 * in_f**0.5)
+        scale = (torch.rand(e, out_f, in_f // group, device=device, generator=gen) + 0.5) / (4.0 * in_f**0.5)
         return pack_int4(q), scale.to(dtype)
 
-    return fm.Int4Experts.from_compressed_tensors(ckpt(i, h), ckpt(i, h), ckpt(h, i), h, i)
+    return fm.Int4Experts.from_compressed_tensors(ckpt(i, h), ckpt(i, h), ckpt(h, i), h, i, group_size=group)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("h", "i"), [(512, 352), (320, 256), (7168, 2048)])
-@pytest.mark.parametrize("rows_each", [5, 20, 64, 150])
-def test_gluon_equals_triton(dtype: torch.dtype, h: int, i: int, rows_each: int) -> None:
-    """Default tiles (the Gluon kernel) against explicit Triton tiles (the Triton kernel), contiguous and
-    gathered rows: equal bit for bit, and close to the reference; I = 352 and H = 320 leave partial
-    column blocks and a partial k_block; one expert has no rows."""
+@pytest.mark.parametrize(("h", "i", "group"), [(512, 352, 32), (320, 256, 32), (7168, 2048, 32), (1024, 512, 128)])
+@pytest.mark.parametrize("rows_each", [5, 20, 30, 64, 150, 200])
+def test_gluon_equals_triton(dtype: torch.dtype, h: int, i: int, group: int, rows_each: int,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default tiles (the Gluon kernel, checked to have run) against explicit Triton tiles (the Triton
+    kernel), contiguous and gathered rows: equal bit for bit, and close to the reference; I = 352 and
+    H = 320 leave partial column blocks and a partial k_block; one expert has no rows; the row
+    counts reach every default tile (mean rows per expert 4 to 151); group 128 scales."""
     device = _hopper()
     e = 6
-    weights = _int4_weights(e, h, i, dtype, device)
+    weights = _int4_weights(e, h, i, dtype, device, group)
+    launches = []
+    real_launch = iw.launch
+    monkeypatch.setattr(iw, "launch", lambda *args: launches.append(args[-1]) or real_launch(*args))
     counts = torch.tensor([rows_each, rows_each + 3, 0, 2 * rows_each, 1, rows_each // 2], device=device)
     x = torch.randn(int(counts.sum()) + 7, h, device=device, dtype=dtype)
     src = torch.randperm(x.shape[0], device=device)[: int(counts.sum())]
@@ -131,6 +157,8 @@ def test_gluon_equals_triton(dtype: torch.dtype, h: int, i: int, rows_each: int)
                              out=torch.full((int(counts.sum()), h), float("nan"), device=device, dtype=dtype))
         tri = fm.grouped_mlp(xs, counts, weights, src_rows=rows, gate_up_tiles=gu, down_tiles=dn)
         ref = fm.grouped_mlp_reference(xs, counts.tolist(), weights, src_rows=rows)
+        assert len(launches) == 2  # gate_up and down both ran in Gluon
+        launches.clear()
         assert not torch.isnan(got).any()
         torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
         assert torch.equal(got, tri)
