@@ -20,33 +20,17 @@ from moecluster.workers.quant.int4 import pack_int4
 pytestmark = pytest.mark.skipif(iw.gluon is None, reason="this Triton has no Gluon")
 
 
-def _lop3(a: int, b: int, c: int, lut: int) -> int:
-    """PTX lop3.b32: bit i of the result is bit (a_i << 2 | b_i << 1 | c_i) of the look-up table, read
-    with the table's convention (a = 0xF0, b = 0xCC, c = 0xAA)."""
-    out = 0
-    for i in range(32):
-        idx = ((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | ((c >> i) & 1)
-        out |= ((lut >> idx) & 1) << i
-    return out
-
-
 def _emulate_integer_part(asm: str, word_a: int, word_b: int) -> tuple[int, int]:
-    """Run the prmt / shr / lop3 steps of `_nibble_asm`'s PTX on two words -> the two 16-bit halves
+    """Run the prmt / shr / and / or steps of `_nibble_asm`'s PTX on two words -> the two 16-bit halves
     handed to the packed subtract, and return also the bias register's value."""
     sel = int(re.search(r"prmt\.b32 %wt, \$1, \$2, (0x[0-9a-f]+);", asm).group(1), 16)
     source = word_a.to_bytes(4, "little") + word_b.to_bytes(4, "little")  # prmt's bytes 0-3 from $1, 4-7 from $2
     wt = int.from_bytes(bytes(source[(sel >> (4 * i)) & 0x7] for i in range(4)), "little")
     if "shr.u32 %wt, %wt, 4;" in asm:
         wt >>= 4
-    ones = int(re.search(r"mov\.b32 %wo, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
-    mask, lut = re.search(r"lop3\.b32 %wt, %wt, (0x[0-9A-Fa-f]+), %wo, (0x[0-9A-Fa-f]+);", asm).groups()
-    wt = _lop3(wt, int(mask, 16), ones, int(lut, 16))
+    wt &= int(re.search(r"and\.b32 %wt, %wt, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
+    wt |= int(re.search(r"or\.b32 %wt, %wt, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
     return wt, int(re.search(r"mov\.b32 %wm, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
-
-
-def test_lop3_emulation_follows_the_ptx_table_convention() -> None:
-    assert _lop3(0xF0, 0xCC, 0xAA, 0xEA) == (0xF0 & 0xCC) | 0xAA  # the table is F(0xF0, 0xCC, 0xAA)
-    assert _lop3(0x0F0F_1234, 0x000F_000F, 0x4300_4300, 0xEA) == 0x4300_4304 | 0x000F_0000 & 0x0F0F_1234
 
 
 @pytest.mark.parametrize(("magic", "packed"), [(fm._MAGIC[torch.bfloat16][0], "bf16x2"), (fm._MAGIC[torch.float16][0], "f16x2")])
