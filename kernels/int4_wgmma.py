@@ -341,7 +341,8 @@ def default_tiles(rows_per_expert: float, gated: bool) -> WgmmaTiles:
     H200 (`docs/results/int4-wgmma-h{100,200}*.json`; DeepSeek-V3 / Kimi-K2 shapes, 32 and 384
     experts): as many rows per program as the experts hold up to 64 (the weights are read once per
     row block); above 32 rows gate_up takes 64 columns over 4 warps (two accumulators) up to 128
-    rows and 128 over 8 above (4.5% faster at 512), the down GEMM (N 7168) 128 columns over 4 warps
+    rows and 128 over 8 above (4.5% faster at 512; where between 64 and 512 rows the two cross was
+    not measured), the down GEMM (N 7168) 128 columns over 4 warps
     (4% faster than 8 at 64 rows, 11% at 512); 2 stages throughout (a third costs occupancy and
     was slower everywhere). Loading the next k_block early (`WgmmaTiles.early`) is off: 4% faster
     on the H100 at 8 rows, 5-8% slower at 32 and 64 rows there and 5-6% slower on the H200 at 1 to
