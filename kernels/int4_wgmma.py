@@ -19,9 +19,10 @@ Each word tile is read once into registers in the wgmma operand layout; nibble s
 gives sub-tile s, (BLOCK_N, 32) weights in that same layout, dequantized two at a time with the
 same PTX as the Triton kernel (`fused_moe._pairs_asm`), so both kernels produce the same weights.
 
-Requirements (`supported` says whether a call qualifies; the launcher in `fused_moe` falls back
-to the Triton kernel otherwise): sm_90, bf16 / fp16 activations with scales of the same dtype,
-k_block 256, contiguous N (weights, scales, output) and contiguous K (activations).
+Requirements (`supported` says whether a call qualifies; `grouped_gemm` leaves the GEMM to the
+Triton kernel otherwise, and after any failed launch): sm_90 (not ROCm), bf16 / fp16 activations
+with scales of the same dtype, k_block 256, contiguous N (weights, scales, output), contiguous K and
+16-byte-aligned rows (activations).
 """
 
 from __future__ import annotations
@@ -136,7 +137,6 @@ if gluon is not None:
         GROUP: gl.constexpr,
         STAGES: gl.constexpr,
         EVEN_K: gl.constexpr,
-        EARLY: gl.constexpr,  # load the next k_block's words and first sub-tile during the last dots
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = a_ptr.dtype.element_ty
@@ -225,26 +225,15 @@ if gluon is not None:
             NPROJ: gl.constexpr = 2 if GATED else 1  # wgmma groups per sub-tile
             p0 = gl.zeros((BLOCK_N, 32), dtype, layout=A_OP)  # the sub-tile whose dots are in flight
             p1 = gl.zeros((BLOCK_N, 32), dtype, layout=A_OP)
-            if EARLY:  # k_block 0's words and first sub-tile; each k_block loads the next one's in its last dots
-                mbarrier.wait(ready.index(0), 0)
-                fence_async_shared()  # the copies visible to the wgmma's async proxy
-                words0 = w0_smem.index(0).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
-                a0 = _dequant(words0, 0, s0_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
-                words1 = words0
-                a1 = a0
-                if GATED:
-                    words1 = w1_smem.index(0).permute((1, 0)).load(A_OP)
-                    a1 = _dequant(words1, 0, s1_rows.index(0).load(SC)[:, None], MAGIC_BITS, PACKED)
             for i in range(n_k):
                 st = i % STAGES
-                if not EARLY:  # this k_block's words and first sub-tile now (EARLY: during the last one's dots)
-                    mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-                    fence_async_shared()
-                    words0 = w0_smem.index(st).permute((1, 0)).load(A_OP)
-                    a0 = _dequant(words0, 0, s0_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
-                    if GATED:
-                        words1 = w1_smem.index(st).permute((1, 0)).load(A_OP)
-                        a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
+                mbarrier.wait(ready.index(st), (i // STAGES) & 1)  # k_block i has landed
+                fence_async_shared()  # the copies visible to the wgmma's async proxy
+                words0 = w0_smem.index(st).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
+                a0 = _dequant(words0, 0, s0_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
+                if GATED:
+                    words1 = w1_smem.index(st).permute((1, 0)).load(A_OP)
+                    a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                 gl.thread_barrier()  # every warp group is done with the previous k_block's slot
                 for s in gl.static_range(8):
                     xb = x_subs.index(st * 8 + s).permute((1, 0))  # (32, BLOCK_T)
@@ -262,21 +251,12 @@ if gluon is not None:
                         b0 = _dequant(words0, s + 1, s0_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
                         if GATED:
                             b1 = _dequant(words1, s + 1, s1_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
-                    elif EARLY:  # the next k_block's words and first sub-tile (after the last k_block: unused)
-                        sn = (i + 1) % STAGES
-                        mbarrier.wait(ready.index(sn), ((i + 1) // STAGES) & 1, pred=i + 1 < n_k)
-                        fence_async_shared()
-                        words0 = w0_smem.index(sn).permute((1, 0)).load(A_OP)
-                        b0 = _dequant(words0, 0, s0_rows.index(sn * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
-                        if GATED:
-                            words1 = w1_smem.index(sn).permute((1, 0)).load(A_OP)
-                            b1 = _dequant(words1, 0, s1_rows.index(sn * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                     if s > 0:  # the previous sub-tile's dots are done: its registers may be reused
                         acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=NPROJ, deps=(acc0, acc1, p0, p1))
                     p0 = a0
                     if GATED:
                         p1 = a1
-                    if s < 7 or EARLY:
+                    if s < 7:
                         a0 = b0
                         if GATED:
                             a1 = b1
@@ -308,7 +288,6 @@ class WgmmaTiles:
     block_n: int = 64
     num_warps: int = 4
     stages: int = 2
-    early: bool = False  # the next k_block's words and first sub-tile during the last dots
 
 
 def enabled() -> bool:
@@ -344,16 +323,14 @@ def default_tiles(rows_per_expert: float, gated: bool) -> WgmmaTiles:
     rows and 128 over 8 above (4.5% faster at 512; where between 64 and 512 rows the two cross was
     not measured), the down GEMM (N 7168) 128 columns over 4 warps
     (4% faster than 8 at 64 rows, 11% at 512); 2 stages throughout (a third costs occupancy and
-    was slower everywhere). Loading the next k_block early (`WgmmaTiles.early`) is off: 4% faster
-    on the H100 at 8 rows, 5-8% slower at 32 and 64 rows there and 5-6% slower on the H200 at 1 to
-    8 rows."""
+    was slower everywhere)."""
     if rows_per_expert <= 16:
-        return WgmmaTiles(16, 64, 4, 2, early=False)
+        return WgmmaTiles(16, 64, 4, 2)
     if rows_per_expert <= 32:
-        return WgmmaTiles(32, 64, 4, 2, early=False)
+        return WgmmaTiles(32, 64, 4, 2)
     if gated:
-        return WgmmaTiles(64, 64, 4, 2, early=False) if rows_per_expert <= 128 else WgmmaTiles(64, 128, 8, 2, early=False)
-    return WgmmaTiles(64, 128, 4, 2, early=False)
+        return WgmmaTiles(64, 64, 4, 2) if rows_per_expert <= 128 else WgmmaTiles(64, 128, 8, 2)
+    return WgmmaTiles(64, 128, 4, 2)
 
 
 def check_tiles(tiles: WgmmaTiles) -> None:
@@ -380,10 +357,9 @@ def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor,
         a, src_rows if src_rows is not None else counts, counts, w0, s0, w1, s1, c,
         rows, n_tblocks, e, n, k,
         a.stride(0), w0.stride(0), w0.stride(1), s0.stride(0), s0.stride(1), c.stride(0),
-        MAGIC_BITS=magic_bits, PACKED="bf16x2" if a.dtype == torch.bfloat16 else "f16x2", BLOCK_T=bt, BLOCK_N=bn, BLOCK_E=max(32 * warps, triton.next_power_of_2(e)), GATED=gated,
-        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0),
-        EARLY=tiles.early,
-        num_warps=warps,
+        MAGIC_BITS=magic_bits, PACKED="bf16x2" if a.dtype == torch.bfloat16 else "f16x2",
+        BLOCK_T=bt, BLOCK_N=bn, BLOCK_E=max(32 * warps, triton.next_power_of_2(e)), GATED=gated,
+        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0), num_warps=warps,
     )  # fmt: skip
 
 

@@ -22,9 +22,8 @@ from moecluster.kernels import int4_wgmma as iw
 from moecluster.kernels.fused_moe_ref import grouped_mlp_reference
 
 E, H, I = int(sys.argv[2]) if len(sys.argv) > 2 else 32, 7168, 2048  # noqa: E741
-SWEEP = [iw.WgmmaTiles(*t, early=early) for early in (True, False)
-         for t in ((16, 64, 4, 2), (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 2),
-                   (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2))]
+SWEEP = [iw.WgmmaTiles(*t) for t in ((16, 64, 4, 2), (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 8, 2), (16, 128, 8, 3),
+                                     (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2))]
 
 
 def gluon_gemm(a, src, counts, w: fm.Int4Experts, which: str, c, rows: int, tiles: iw.WgmmaTiles) -> None:
@@ -90,7 +89,7 @@ def time_sizes(sizes: list[int], w: fm.Int4Experts, g: torch.Generator) -> dict:
         for t in SWEEP:
             if t.block_t > max(16, 2 * m) or t.block_t < min(m, 64):
                 continue
-            key = f"{t.block_t}x{t.block_n}x{t.num_warps}x{t.stages}{'e' if t.early else 'l'}"
+            key = f"{t.block_t}x{t.block_n}x{t.num_warps}x{t.stages}"
             try:
                 res[key] = [do_bench(lambda: gluon_gemm(x, None, counts, w, "gate_up", hb, rows, t), warmup=5, rep=50,
                                      return_mode="median"),
