@@ -94,9 +94,10 @@ if gluon is not None:
         sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
         ones, bias = magic_bits * 0x10001, (magic_bits | 8) * 0x10001
         shift = "shr.u32 %wt, %wt, 4; " if s % 2 else ""
-        return (f"{{ .reg .b32 %wt, %wm; prmt.b32 %wt, $1, $2, {sel:#06x}; {shift}and.b32 %wt, %wt, 0x000F000F; "
-                f"or.b32 %wt, %wt, {ones:#010x}; mov.b32 %wm, {bias:#010x}; sub.rn.{packed_type} %wt, %wt, %wm; "
-                f"mul.rn.{packed_type} $0, %wt, $3; }}")
+        # lop3 0xEA is (a & b) | c; written out as `and` + `or` of immediates, ptxas emits two instructions.
+        return (f"{{ .reg .b32 %wt, %wm, %wo; prmt.b32 %wt, $1, $2, {sel:#06x}; {shift}mov.b32 %wo, {ones:#010x}; "
+                f"lop3.b32 %wt, %wt, 0x000F000F, %wo, 0xEA; mov.b32 %wm, {bias:#010x}; "
+                f"sub.rn.{packed_type} %wt, %wt, %wm; mul.rn.{packed_type} $0, %wt, $3; }}")
 
     @gluon.jit
     def _dequant(words, s: gl.constexpr, scale, MAGIC_BITS: gl.constexpr, PACKED: gl.constexpr):

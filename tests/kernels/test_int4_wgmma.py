@@ -21,15 +21,17 @@ pytestmark = pytest.mark.skipif(iw.gluon is None, reason="this Triton has no Glu
 
 
 def _emulate_integer_part(asm: str, word_a: int, word_b: int) -> tuple[int, int]:
-    """Run the prmt / shr / and / or steps of `_nibble_asm`'s PTX on two words -> the two 16-bit halves
+    """Run the prmt / shr / lop3 steps of `_nibble_asm`'s PTX on two words -> the two 16-bit halves
     handed to the packed subtract, and return also the bias register's value."""
     sel = int(re.search(r"prmt\.b32 %wt, \$1, \$2, (0x[0-9a-f]+);", asm).group(1), 16)
     source = word_a.to_bytes(4, "little") + word_b.to_bytes(4, "little")  # prmt's bytes 0-3 from $1, 4-7 from $2
     wt = int.from_bytes(bytes(source[(sel >> (4 * i)) & 0x7] for i in range(4)), "little")
     if "shr.u32 %wt, %wt, 4;" in asm:
         wt >>= 4
-    wt &= int(re.search(r"and\.b32 %wt, %wt, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
-    wt |= int(re.search(r"or\.b32 %wt, %wt, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
+    mask, lut = (int(v, 16) for v in re.search(r"lop3\.b32 %wt, %wt, (0x[0-9A-Fa-f]+), %wo, (0x[0-9A-Fa-f]+);", asm).groups())
+    ones = int(re.search(r"mov\.b32 %wo, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
+    # lop3: bit i of the result is bit (a_i b_i c_i, read as a 3-bit number) of the table.
+    wt = sum(((lut >> (4 * ((wt >> i) & 1) + 2 * ((mask >> i) & 1) + ((ones >> i) & 1))) & 1) << i for i in range(32))
     return wt, int(re.search(r"mov\.b32 %wm, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
 
 

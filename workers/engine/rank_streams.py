@@ -19,6 +19,10 @@ class RankStreams:
         self._sinks: dict[str, Sink] = {}
         self._owner: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Held while one event is applied and while fail() marks the group failed, so a failure
+        # never lands inside an event: a handoff's first token and the handoff itself either both
+        # reach the deployment before the failure is announced, or neither does.
+        self._events = threading.RLock()
         self.error: str | None = None
         self.eplb_reports: list[tuple[int, RebalanceReport]] = []  # (rank, report), as they arrive
 
@@ -61,7 +65,11 @@ class RankStreams:
         return len(self._sinks)
 
     def handle(self, event: tuple) -> None:
-        """Apply one event from a rank's outbox."""
+        """Apply one event from a rank's outbox (whole, or not at all once the group failed)."""
+        with self._events:
+            self._handle(event)
+
+    def _handle(self, event: tuple) -> None:
         kind, who, payload = event
         if self.error is not None:
             # The group failed: every stream it had was told so and fails over. What its other
@@ -93,8 +101,9 @@ class RankStreams:
         self.listener(kind, rank, payload)
 
     def fail(self, reason: str) -> None:
-        """The group is gone: every open request hears why."""
-        with self._lock:
+        """The group is gone: every open request hears why. Waits for an event being applied on
+        another thread; events applied after this see the error and are dropped."""
+        with self._events, self._lock:
             self.error = self.error or reason
             sinks, self._sinks, self._owner = list(self._sinks.values()), {}, {}
         for sink in sinks:
