@@ -87,3 +87,54 @@ def test_ep_deltas_carry_the_prompt_back(tiny_checkpoint) -> None:
         assert sum(len(o.token_ids) for d in seen for o in d.outputs) == 3
     finally:
         ep.engine.shutdown()
+
+
+def test_a_taken_rendezvous_port_is_retried(tiny_checkpoint, monkeypatch) -> None:
+    """The rendezvous port is free when picked but may be taken before rank 0 binds it (seen in
+    CI): the group starts again on another port instead of failing."""
+    import socket
+
+    from moecluster.workers.engine import ep_group
+
+    ckpt = tiny_checkpoint(num_layers=2, quant="none")
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    picks: list[int] = []
+    real = ep_group._socket
+
+    def first_taken():  # noqa: ANN202
+        s = real()
+        if not picks:  # the first pick is the squatter's port
+            picks.append(squatter.getsockname()[1])
+            return _Named(s, picks[-1])
+        picks.append(s.getsockname()[1])
+        return s
+
+    monkeypatch.setattr(ep_group, "_socket", first_taken)
+    try:
+        ep = LLM(ckpt, expert_parallel_size=2, dtype="float32", device="cpu", block_size=16, num_kv_blocks=16)
+        try:
+            out = ep.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0.0, max_tokens=2))
+            assert len(out[0].outputs[0].token_ids) == 2
+        finally:
+            ep.engine.shutdown()
+    finally:
+        squatter.close()
+    assert len(picks) == 2 and picks[0] != picks[1]
+
+
+class _Named:
+    """A socket stand-in that reports a chosen port (the one another process holds)."""
+
+    def __init__(self, s, port: int) -> None:  # noqa: ANN001
+        self._s, self._port = s, port
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", self._port)
+
+    def __enter__(self) -> _Named:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._s.close()

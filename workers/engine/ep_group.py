@@ -26,38 +26,56 @@ from moecluster.workers.engine.request_limits import RequestLimits
 from moecluster.workers.engine.sampling_params import SamplingParams
 
 
+PORT_ATTEMPTS = 3
+
+
 class EPGroup:
     """Driver of `world` rank processes on this machine (gloo on the CPU, NCCL on GPUs)."""
 
     def __init__(self, cfg: EngineConfig, world: int, start_timeout: float = 600.0) -> None:
         if world < 2:
             raise ValueError(f"an expert-parallel group needs at least 2 ranks, got {world}")
-        ctx = mp.get_context("spawn")
-        self.world = world
-        self._outbox = ctx.Queue()
-        self._inboxes = [ctx.Queue() for _ in range(world)]
-        with _socket() as s:
-            port = s.getsockname()[1]
-        self._procs = [
-            ctx.Process(target=run_rank, args=(r, world, port, cfg, self._inboxes[r], self._outbox), daemon=True)
-            for r in range(world)
-        ]
-        for p in self._procs:
-            p.start()
+        self.world, self.cfg, self._start_timeout = world, cfg, start_timeout
         self._closed = False
         # Stop the ranks at exit while threads can still start (queue puts start a feeder thread).
         atexit.register(_shutdown_at_exit, weakref.ref(self))
-        limits: list[RequestLimits] = []
-        while len(limits) < world:
-            kind, rank, payload = self._outbox.get(timeout=start_timeout)
-            if kind == "error":
-                self.shutdown()
-                raise RuntimeError(f"EP rank {rank} failed to start: {payload}")
-            limits.append(payload)
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                limits = self._start()
+                break
+            except _PortTaken:
+                if attempt + 1 == PORT_ATTEMPTS:
+                    raise RuntimeError(f"EP rank 0 could not bind a rendezvous port in {PORT_ATTEMPTS} tries") from None
         self.limits = limits[0]
         self.streams = RankStreams(world, "the expert-parallel group")
         self._reader = threading.Thread(target=self._read, name="moecluster-ep-reader", daemon=True)
         self._reader.start()
+
+    def _start(self) -> list[RequestLimits]:
+        """Start the rank processes on a free port; each rank's limits. The port is free when picked
+        but another process may take it before rank 0 binds it: then _PortTaken (ranks stopped)."""
+        ctx = mp.get_context("spawn")
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(self.world)]
+        with _socket() as s:
+            port = s.getsockname()[1]
+        self._procs = [
+            ctx.Process(target=run_rank, args=(r, self.world, port, self.cfg, self._inboxes[r], self._outbox), daemon=True)
+            for r in range(self.world)
+        ]
+        for p in self._procs:
+            p.start()
+        limits: list[RequestLimits] = []
+        while len(limits) < self.world:
+            kind, rank, payload = self._outbox.get(timeout=self._start_timeout)
+            if kind == "error":
+                self._stop_ranks(5.0)
+                if "EADDRINUSE" in str(payload) or "address already in use" in str(payload).lower():
+                    raise _PortTaken(payload)
+                self._closed = True
+                raise RuntimeError(f"EP rank {rank} failed to start: {payload}")
+            limits.append(payload)
+        return limits
 
     @property
     def eplb_reports(self) -> list:
@@ -92,12 +110,19 @@ class EPGroup:
         if self._closed:
             return
         self._closed = True
+        self._stop_ranks(timeout)
+
+    def _stop_ranks(self, timeout: float) -> None:
         for inbox in self._inboxes:
             inbox.put(("stop",))
         for p in self._procs:
             p.join(timeout)
             if p.is_alive():
                 p.kill()
+
+
+class _PortTaken(Exception):
+    """Rank 0 found the rendezvous port taken."""
 
 
 def _socket():  # noqa: ANN202
