@@ -93,7 +93,7 @@ from typing import Sequence
 
 import torch
 
-from moecluster.kernels import int4_wgmma
+from moecluster.kernels import grouped_mm_mlp, int4_wgmma
 from moecluster.kernels.device import cuda_capability, cuda_sm_count
 from moecluster.kernels.fp8_quant import (
     W8A8_LINEAR_MIN_ROWS,
@@ -479,7 +479,9 @@ def grouped_mlp(
     counts (E,) int on x's device (a list is copied there): rows per expert in order; they must
     sum to rows (not checked: that would sync). Rows past sum(counts) are left unwritten.
     `out` (rows, H) in x's dtype is written in place and returned. Tiles default to
-    `default_tiles(rows, weights, x.dtype)`; either kernel's can be given (autotuning).
+    `default_tiles(rows, weights, x.dtype)`; either kernel's can be given (autotuning). bf16
+    `DenseExperts` at prefill sizes on Hopper run cuBLAS's grouped GEMM instead
+    (`grouped_mm_mlp`), unless tiles or `out` are given.
     fp8_activations (FP8 weights only): W8A8, x and h quantized to e4m3 per (row, block_in group)
     before each GEMM; None picks it by `w8a8_experts_default` (prefill-sized batches, or any
     inside `w8a16_only(experts_w8a8=True)`).
@@ -505,6 +507,7 @@ def grouped_mlp(
         rows = src_rows.shape[0]
     else:
         rows = x.shape[0]
+    own_out = out is None
     if out is None:
         out = torch.empty((rows, h), dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != (rows, h) or out.dtype != x.dtype or out.device != x.device:
@@ -522,6 +525,9 @@ def grouped_mlp(
         return out
     if not uses_triton(x):
         return grouped_mlp_reference(x, counts, weights, src_rows=src_rows, out=out, fp8_activations=w8a8)
+    if (isinstance(weights, DenseExperts) and own_out and gate_up_tiles is None and down_tiles is None
+            and grouped_mm_mlp.supported(x, weights, rows)):  # prefill sizes: cuBLAS's grouped GEMM
+        return grouped_mm_mlp.grouped_mlp(x, src_rows, counts, weights)
 
     gu_default, dn_default = default_tiles(rows, weights, x.dtype, fp8_activations=w8a8)
     h_buf = torch.empty((rows, i), dtype=x.dtype, device=x.device)  # (rows, I)

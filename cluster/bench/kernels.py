@@ -8,7 +8,8 @@
    same shapes when `.peers/sglang_min` exists (`../shared/peers/sglang_mla.sh`; page size 1 over
    the same cache, the way its MLA backend calls it).
 3. Fused MoE (`kernels/fused_moe.py`) at DeepSeek-V3 shapes (hidden 7168, intermediate 2048, 32
-   local experts) and m tokens per expert: our bf16 and INT4 (group 32) grouped MLP against
+   local experts) and m tokens per expert: our bf16 (the default path, cuBLAS's grouped GEMM at
+   prefill sizes, and the Triton kernel beside it) and INT4 (group 32) grouped MLP against
    `torch._grouped_mm` in bf16 (gate_up, SiLU-and-mul, down) and against the roofline
    max(weight + activation bytes / copy bandwidth, flops / matmul throughput); FP8 (DeepSeek-V3's
    e4m3 experts with 128 x 128 block scales) in both modes, W8A16 and W8A8, the default marked.
@@ -149,6 +150,7 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
 # ---- fused MoE -------------------------------------------------------------------------------------
 def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: float, gen: torch.Generator) -> dict[str, Any]:
     from moecluster.kernels import fused_moe as fm
+    from moecluster.kernels import grouped_mm_mlp
 
     E, H, I = cfg.moe_experts, cfg.hidden, cfg.intermediate  # noqa: N806
     rows = E * per_expert
@@ -177,7 +179,10 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
     out = fm.grouped_mlp(x, counts, bf16)
     if ref is not None:
         row["bf16_rel_err_vs_grouped_mm"] = float((out.float() - ref.float()).norm() / ref.float().norm())
-    row["bf16_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, bf16))
+    row["bf16_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, bf16))  # cuBLAS's grouped GEMM at prefill sizes
+    bf16_tiles = dict(zip(("gate_up_tiles", "down_tiles"), fm.default_tiles(rows, bf16, x.dtype)))
+    row["bf16_triton_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, bf16, **bf16_tiles))  # explicit tiles: Triton
+    row["bf16_path"] = "grouped_mm" if grouped_mm_mlp.supported(x, bf16, rows) else "triton"
     w_bytes = (w13.numel() + w2.numel()) * 2
     row["bf16_roofline_ms"] = max((w_bytes + act_bytes) / (copy_gbs * 1e9), flops / (tflops * 1e12)) * 1e3
     del bf16, w13, w2, ref, out
@@ -317,13 +322,14 @@ def print_tables(result: KernelBenchResult) -> None:
         console.print(t)
     if result.moe:
         t = Table(title="fused MoE, hidden 7168, intermediate 2048, 32 local experts")
-        for col in ("tokens/expert", "_grouped_mm bf16 ms", "ours bf16 ms", "bf16 roofline ms", "bf16 speedup",
+        for col in ("tokens/expert", "_grouped_mm bf16 ms", "ours bf16 ms", "bf16 path", "bf16 Triton ms", "bf16 roofline ms", "bf16 speedup",
                     "ours INT4 ms", "INT4 Triton ms", "INT4 roofline ms", "INT4 speedup", "FP8 W8A16 ms", "FP8 W8A8 ms",
                     "FP8 default",
                     "FP8 speedup"):
             t.add_column(col, justify="right")
         for r in result.moe:
             t.add_row(str(r["tokens_per_expert"]), _f(r.get("grouped_mm_ms"), ".3f"), f"{r['bf16_ms']:.3f}",
+                      r["bf16_path"], f"{r['bf16_triton_ms']:.3f}",
                       f"{r['bf16_roofline_ms']:.3f}", _f(r.get("bf16_speedup_vs_grouped_mm"), ".2f"),
                       f"{r['int4_ms']:.3f}", _f(r.get("int4_triton_ms"), ".3f"), f"{r['int4_roofline_ms']:.3f}", _f(r.get("int4_speedup_vs_grouped_mm"), ".2f"),
                       f"{r['fp8_w8a16_ms']:.3f}", f"{r['fp8_w8a8_ms']:.3f}", r["fp8_default"],
