@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 from collections import deque
 import threading
 import time
@@ -31,6 +32,7 @@ from moecluster.workers.transfer.handoff import KVHandoff
 
 
 PUBLISH_INTERVAL_S = 1.0
+SWITCH_INTERVAL_S = 0.001  # see RankActor.__init__
 QUEUE_HORIZON_S = 60.0  # health reports the queue times of this many recent seconds (for the autoscaler)
 
 
@@ -49,6 +51,9 @@ def _log_to_driver(name: str) -> None:
 class RankActor:
     def __init__(self, cfg: EngineConfig, rank: int, world: int, replica: str = "replica", role: Role = "both") -> None:
         _log_to_driver(f"{replica}-rank-{rank}")
+        # The engine loop and the driver's polls share this process's GIL: with Python's 5 ms
+        # default a poll can wait a whole decode step, and the driver then gets two steps' tokens at once.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.cfg, self.rank, self.world, self.role = cfg, rank, world, role
         self.tags = {"replica": replica, "rank": str(rank)}
         self.metrics = RayMetrics()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from moecluster.text.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 STATE_ENV = "MOECLUSTER_STATE"
+DRIVER_SWITCH_INTERVAL_S = 0.001
 API_KEY_ENV = "MOECLUSTER_API_KEY"
 
 
@@ -92,6 +94,10 @@ def start(
                 raise
         else:
             ray.init(address=address, namespace=NAMESPACE)
+    # One thread per rank polls its outputs and the router's event loop streams them: with Python's
+    # 5 ms default, a thread that wants the GIL can wait a whole decode step while another
+    # unpickles a poll (seen at 2 x 64 streams: the client got tokens two or three at a time).
+    sys.setswitchinterval(DRIVER_SWITCH_INTERVAL_S)
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     deployment = Deployment(spec)
     try:

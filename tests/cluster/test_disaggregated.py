@@ -157,7 +157,7 @@ def test_an_id_reused_after_abort_gets_none_of_the_old_requests_outputs(deployme
     stream, which continues as one process would."""
     import queue
 
-    from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
+    from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput, to_wire
 
     _, requests, want = workload
     assert wait_healthy(deployment)
@@ -176,7 +176,7 @@ def test_an_id_reused_after_abort_gets_none_of_the_old_requests_outputs(deployme
     stale = [RequestOutput(i, None, [], [CompletionOutput(0, "", [7], finish_reason="abort")], finished=True)
              for i in old_ids]
     for _, replica in deployment.pools["decode"].healthy():
-        replica.streams.handle(("out", 0, stale))
+        replica.streams.handle(("out", 0, to_wire(stale)))
     _tokens_until(second, NEW_TOKENS, got)
     assert got[:NEW_TOKENS] == want[1]
     deployment.abort("reuse")

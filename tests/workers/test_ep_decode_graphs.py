@@ -31,6 +31,7 @@ def _worker(rank: int, world: int, port: int, results: Any, ckpt: str, rebalance
     from moecluster.workers.engine.cuda_graphs import DecodeGraphs
     from moecluster.workers.engine.engine_config import EngineConfig
     from moecluster.workers.engine.ep_rank import join_group, lockstep_loop
+    from moecluster.workers.engine.outputs import from_wire
     from moecluster.workers.engine.kv_cache import allocate_kv_cache
     from moecluster.workers.engine.model_runner import ModelRunner
 
@@ -62,7 +63,7 @@ def _worker(rank: int, world: int, port: int, results: Any, ckpt: str, rebalance
         if kind == "eplb":
             eplb.append(payload.moved_slots)
         elif kind == "out":
-            for o in payload:
+            for o in from_wire(payload):
                 tokens[o.request_id] += o.outputs[0].token_ids
                 if o.finished:
                     done.add(o.request_id)

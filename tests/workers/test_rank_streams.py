@@ -7,14 +7,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
+from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput, to_wire
 from moecluster.workers.engine.rank_streams import RankStreams
 
 
-def _first_token(request_id: str, token: int) -> RequestOutput:
+def _first_token(request_id: str, token: int) -> tuple:
     # What a prefill rank reports for a sample it handed over: one token, no finish reason,
-    # the request finished on that rank.
-    return RequestOutput(request_id, None, [1, 2, 3], [CompletionOutput(0, "", [token])], finished=True)
+    # the request finished on that rank (in the outbox's wire form).
+    return to_wire([RequestOutput(request_id, None, [], [CompletionOutput(0, "", [token])], finished=True)])[0]
 
 
 def test_a_failure_waits_for_the_handoff_being_applied() -> None:
@@ -54,7 +54,7 @@ def test_events_after_a_failure_are_dropped_and_every_open_stream_hears_it() -> 
     assert streams.open("a", got["a"].append) == 0
     assert streams.open("b", got["b"].append) == 1  # the rank with fewer open requests
     assert streams.load() == [1, 1]
-    streams.handle(("out", 0, [RequestOutput("a", None, [1], [CompletionOutput(0, "", [5])])]))
+    streams.handle(("out", 0, to_wire([RequestOutput("a", None, [], [CompletionOutput(0, "", [5])])])))
     streams.fail("rank 1 is gone")
     streams.fail("a second reason")  # the first one stays
     streams.handle(("handoff", 1, ([_first_token("b", 9)], ["h-b"])))
@@ -62,3 +62,16 @@ def test_events_after_a_failure_are_dropped_and_every_open_stream_hears_it() -> 
     assert [str(e) for e in got["a"][1:]] == ["test group failed: rank 1 is gone"]
     assert [str(e) for e in got["b"]] == ["test group failed: rank 1 is gone"]
     assert heard == [] and streams.load() == [0, 0]
+
+
+def test_outputs_survive_the_wire_form() -> None:
+    from moecluster.workers.engine.outputs import Logprob, from_wire
+
+    outs = [
+        RequestOutput("a", None, [], [CompletionOutput(0, " hi", [7], -0.25, [{7: Logprob(-0.25, 1), 9: Logprob(-2.0, 2)}]),
+                                      CompletionOutput(1, "", [8], None, None, "stop", 8)], finished=False),
+        RequestOutput("b#3", None, [], [CompletionOutput(0, "", [], finish_reason="abort")], finished=True),
+    ]
+    import pickle
+
+    assert from_wire(pickle.loads(pickle.dumps(to_wire(outs)))) == outs

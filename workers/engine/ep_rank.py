@@ -6,16 +6,17 @@ Commands arrive on `inbox`:
   for the prefill / decode split also ("prefilled", inner_id, KVHandoff) on a decode rank and
   ("ack", request_id, sample_index) on a prefill rank.
 Events leave on `outbox`:
-  ("ready", rank, RequestLimits), ("out", rank, [RequestOutput]), ("refused", request_id, reason),
+  ("ready", rank, RequestLimits), ("out", rank, [WireOutput]), ("refused", request_id, reason),
   ("eplb", rank, report), ("error", rank, reason);
-  ("handoff", rank, ([RequestOutput], [KVHandoff])) when a prefill step handed samples over (its
+  ("handoff", rank, ([WireOutput], [KVHandoff])) when a prefill step handed samples over (its
   outputs and handoffs in one event, so a driver sees both or neither);
   ("taken", rank, [(inner_id, outcome)]) when a decode rank took handoffs ("received", or
   "refilled" from the prompt after failed transfers): the prefill side may free its copy.
-Any queue with put / get(timeout) / get_nowait works. Outputs travel without their prompt (text
-and ids; the driver that submitted the request has both): pickled with it, one decode step's
-outputs for 64 streams of 2000-token prompts were 1 MB (4.7 ms to pickle, 6.2 ms to unpickle on
-a 2-core CPU machine), 6 KB without.
+Any queue with put / get(timeout) / get_nowait works. Outputs travel as plain tuples
+(`outputs.to_wire`; `RankStreams` turns them back) and without their prompt (text and ids; the
+driver that submitted the request has both): pickled with it, one decode step's outputs for 64
+streams of 2000-token prompts were 1 MB (4.7 ms to pickle, 6.2 ms to unpickle on a 2-core CPU
+machine), 6 KB without.
 
 Lockstep: each rank schedules its step, then one all-reduce agrees on (largest batch, any work,
 stop, rebalance, some rank must run eagerly); when any rank has tokens to compute all of them run
@@ -44,7 +45,7 @@ from moecluster.workers.engine.engine_core import EngineCore, Role
 from moecluster.workers.engine.eplb_apply import rebalance_group
 from moecluster.workers.engine.expert_parallel import ExpertParallel
 from moecluster.workers.engine.handoff_queue import HandoffQueue
-from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
+from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput, to_wire
 from moecluster.workers.engine.scheduler import SchedulerOutput
 from moecluster.text.tokenizer import load_tokenizer
 from moecluster.workers.transfer.kv_transfer import KVTransfer
@@ -132,16 +133,9 @@ def _emit(core: EngineCore, rank: int, outbox: Any, outs: list[RequestOutput]) -
     """Put a step's outputs on the outbox (with the handoffs the step made, in one event)."""
     handoffs = core.take_handoffs()
     if handoffs:
-        outbox.put(("handoff", rank, (_without_prompts(outs), handoffs)))
+        outbox.put(("handoff", rank, (to_wire(outs), handoffs)))
     elif outs:
-        outbox.put(("out", rank, _without_prompts(outs)))
-
-
-def _without_prompts(outs: list[RequestOutput]) -> list[RequestOutput]:
-    """The outbox's form of a step's outputs (module docstring): prompt and prompt ids dropped."""
-    for out in outs:
-        out.prompt, out.prompt_token_ids = None, []
-    return outs
+        outbox.put(("out", rank, to_wire(outs)))
 
 
 def _group_max(values: list[int], group: Any) -> list[int]:
@@ -191,7 +185,7 @@ def _drain(core: Any, inbox: Any, outbox: Any, control: _Control, wait: float) -
             if out is None and control.handoffs and control.handoffs.drop(lambda _, inner_id: inner_id == cmd[1]):
                 out = RequestOutput(cmd[1], None, [], [CompletionOutput(0, "", [], finish_reason="abort")], True)
             if out is not None:
-                outbox.put(("out", None, _without_prompts([out])))
+                outbox.put(("out", None, to_wire([out])))
         elif kind == "ack":
             core.ack(cmd[1], cmd[2])
         elif kind == "prefilled":

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
 from moecluster.workers.engine.eplb_apply import RebalanceReport
+from moecluster.workers.engine.outputs import from_wire
 
 
 class RankStreams:
@@ -77,11 +78,11 @@ class RankStreams:
             # replica while the request also resumes elsewhere, and its first token found no stream.
             return
         if kind == "out":
-            for out in payload:
+            for out in from_wire(payload):
                 self._deliver(out.request_id, out, out.finished)
         elif kind == "handoff":
             outs, handoffs = payload
-            for out in outs:
+            for out in from_wire(outs):
                 self._deliver(out.request_id, out, out.finished)
             for h in handoffs:
                 self._listen("handoff", who, h)
