@@ -285,18 +285,21 @@ class Deployment:
             return
         log_event(stream.request_id, "handoff", inner_id=decode_id, sample=client, prefill=prefill.name, rank=rank,
                   blocks=h.ticket.num_blocks)
-        if self.pools["decode"].least_loaded() is not None:
-            self._place_prefilled(stream, decode_id, h)
-        else:  # every decode replica is being rebuilt: wait off this poller thread
-            threading.Thread(target=self._place_prefilled, args=(stream, decode_id, h), daemon=True).start()
+        self._place_prefilled(stream, decode_id, h, wait=False)
 
-    def _place_prefilled(self, stream: _Stream, decode_id: str, h: KVHandoff) -> None:
+    def _place_prefilled(self, stream: _Stream, decode_id: str, h: KVHandoff, wait: bool = True) -> None:
+        """Continue a handoff on the least-loaded decode replica. wait=False (the prefill replica's
+        poller, inside its event): one try, and when no decode replica can take it now the waiting
+        moves to a thread of its own, since the poller must never block."""
         pool = self.pools["decode"]
         while not stream.closed:
             pick = pool.least_loaded()
             if pick is None:
                 if self._stop.is_set():
                     self._close(stream, EngineDead("the deployment is shut down"))
+                    return
+                if not wait:  # every decode replica is being rebuilt
+                    threading.Thread(target=self._place_prefilled, args=(stream, decode_id, h), daemon=True).start()
                     return
                 time.sleep(0.2)
                 continue
@@ -309,6 +312,9 @@ class Deployment:
             try:
                 replica.submit_prefilled(decode_id, h, lambda item: self._on_item(stream, decode_id, item))
             except EngineDead:
+                if not wait:  # it failed between the health look and the submit
+                    threading.Thread(target=self._place_prefilled, args=(stream, decode_id, h), daemon=True).start()
+                    return
                 continue
             except ValueError as e:
                 self._release(decode_id)

@@ -52,7 +52,7 @@ class RankActor:
     def __init__(self, cfg: EngineConfig, rank: int, world: int, replica: str = "replica", role: Role = "both") -> None:
         _log_to_driver(f"{replica}-rank-{rank}")
         # The engine loop and the driver's polls share this process's GIL: with Python's 5 ms
-        # default a poll can wait a whole decode step, and the driver then gets two steps' tokens at once.
+        # default a poll can wait a whole decode step (with the driver's 1 ms: serve.py).
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.cfg, self.rank, self.world, self.role = cfg, rank, world, role
         self.tags = {"replica": replica, "rank": str(rank)}

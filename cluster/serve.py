@@ -44,6 +44,7 @@ class Serving:
     router: RouterServer
     owns_ray: bool
     autoscaler: Autoscaler | None = None
+    switch_interval: float | None = None  # the process's GIL switch interval before `start`, restored by `stop`
 
     @property
     def grpc_target(self) -> str:
@@ -64,6 +65,8 @@ class Serving:
         self.deployment.shutdown()
         if self.owns_ray:
             ray.shutdown()
+        if self.switch_interval is not None:
+            sys.setswitchinterval(self.switch_interval)
         path = state_path()
         try:
             if json.loads(path.read_text()).get("pid") == os.getpid():
@@ -94,10 +97,6 @@ def start(
                 raise
         else:
             ray.init(address=address, namespace=NAMESPACE)
-    # One thread per rank polls its outputs and the router's event loop streams them: with Python's
-    # 5 ms default, a thread that wants the GIL can wait a whole decode step while another
-    # unpickles a poll (seen at 2 x 64 streams: the client got tokens two or three at a time).
-    sys.setswitchinterval(DRIVER_SWITCH_INTERVAL_S)
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     deployment = Deployment(spec)
     try:
@@ -114,7 +113,12 @@ def start(
     except BaseException:
         deployment.shutdown()
         raise
-    serving = Serving(spec, deployment, router, owns_ray)
+    # One thread per rank polls its outputs and the router's event loop streams them; with Python's
+    # 5 ms default a thread that wants the GIL can wait a whole decode step. At 1 ms, 2 x 64
+    # streams on two H200s delivered 7% more tokens (docs/performance.md, session 10).
+    previous_interval = sys.getswitchinterval()
+    sys.setswitchinterval(DRIVER_SWITCH_INTERVAL_S)
+    serving = Serving(spec, deployment, router, owns_ray, switch_interval=previous_interval)
     if spec.autoscaling is not None:
         serving.autoscaler = Autoscaler(deployment, spec.autoscaling)
         serving.autoscaler.start()

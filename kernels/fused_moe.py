@@ -480,7 +480,7 @@ def grouped_mlp(
     sum to rows (not checked: that would sync). Rows past sum(counts) are left unwritten.
     `out` (rows, H) in x's dtype is written in place and returned. Tiles default to
     `default_tiles(rows, weights, x.dtype)`; either kernel's can be given (autotuning). bf16
-    `DenseExperts` at prefill sizes on Hopper run cuBLAS's grouped GEMM instead
+    `DenseExperts` at prefill sizes on Hopper run torch's grouped GEMM instead
     (`grouped_mm_mlp`), unless tiles or `out` are given.
     fp8_activations (FP8 weights only): W8A8, x and h quantized to e4m3 per (row, block_in group)
     before each GEMM; None picks it by `w8a8_experts_default` (prefill-sized batches, or any
@@ -526,7 +526,7 @@ def grouped_mlp(
     if not uses_triton(x):
         return grouped_mlp_reference(x, counts, weights, src_rows=src_rows, out=out, fp8_activations=w8a8)
     if (isinstance(weights, DenseExperts) and own_out and gate_up_tiles is None and down_tiles is None
-            and grouped_mm_mlp.supported(x, weights, rows)):  # prefill sizes: cuBLAS's grouped GEMM
+            and grouped_mm_mlp.supported(x, weights, rows)):  # prefill sizes: torch's grouped GEMM
         return grouped_mm_mlp.grouped_mlp(x, src_rows, counts, weights)
 
     gu_default, dn_default = default_tiles(rows, weights, x.dtype, fp8_activations=w8a8)

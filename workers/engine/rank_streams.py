@@ -66,7 +66,9 @@ class RankStreams:
         return len(self._sinks)
 
     def handle(self, event: tuple) -> None:
-        """Apply one event from a rank's outbox (whole, or not at all once the group failed)."""
+        """Apply one event from a rank's outbox. A `fail()` on another thread waits for it, and
+        events applied after a failure are dropped: a handoff's first token and the handoff reach
+        the deployment together or not at all (unless the listener itself raises)."""
         with self._events:
             self._handle(event)
 
