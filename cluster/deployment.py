@@ -285,7 +285,16 @@ class Deployment:
             return
         log_event(stream.request_id, "handoff", inner_id=decode_id, sample=client, prefill=prefill.name, rank=rank,
                   blocks=h.ticket.num_blocks)
-        self._place_prefilled(stream, decode_id, h, wait=False)
+        try:
+            self._place_prefilled(stream, decode_id, h, wait=False)
+        except Exception as e:  # noqa: BLE001 - the first token went out: the sample must not be left without a route
+            log.exception("request %s: placing handoff %s failed", stream.request_id, decode_id)
+            with self._lock:
+                route = stream.routes.get(decode_id)
+            if route is not None and route.replica is not None:
+                route.replica.streams.forget(decode_id)
+            # as a failure of the decode route: the sample resumes from the prompt and what it delivered
+            self._on_item(stream, decode_id, RuntimeError(f"placing handoff {decode_id} failed: {e!r}"))
 
     def _place_prefilled(self, stream: _Stream, decode_id: str, h: KVHandoff, wait: bool = True) -> None:
         """Continue a handoff on the least-loaded decode replica. wait=False (the prefill replica's

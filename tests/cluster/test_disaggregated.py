@@ -185,3 +185,28 @@ def test_an_id_reused_after_abort_gets_none_of_the_old_requests_outputs(deployme
     while deployment.num_open() and time.time() < deadline:
         time.sleep(0.1)
     assert deployment.num_open() == 0
+
+
+def test_a_handoff_that_cannot_be_placed_resumes_from_what_it_delivered(deployment, workload, monkeypatch) -> None:
+    """The decode side refuses a handoff with an unexpected error (not a dead replica): its sample,
+    whose first token already went out, resumes on the prefill pool from prompt + that token."""
+    from moecluster.cluster.replica import Replica
+
+    _, requests, want = workload
+    assert wait_healthy(deployment)
+    real = Replica.submit_prefilled
+    failed: list[str] = []
+
+    def flaky(self, inner_id, handoff, sink):  # noqa: ANN001, ANN202
+        if not failed:
+            failed.append(inner_id)
+            raise RuntimeError("injected: the decode replica's actor handle broke")
+        return real(self, inner_id, handoff, sink)
+
+    monkeypatch.setattr(Replica, "submit_prefilled", flaky)
+    some = dict(list(requests.items())[:4])
+    got = drive(deployment, some)
+    assert failed, "no handoff was placed"
+    assert [got[f"r{i}"] for i in range(4)] == [{0: w} for w in want[:4]]
+    assert deployment.failovers >= 1
+    assert_all_blocks_free(deployment)
