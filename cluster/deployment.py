@@ -308,8 +308,7 @@ class Deployment:
                     self._close(stream, EngineDead("the deployment is shut down"))
                     return
                 if not wait:  # every decode replica is being rebuilt
-                    threading.Thread(target=self._place_prefilled, args=(stream, decode_id, h), daemon=True).start()
-                    return
+                    break
                 time.sleep(0.2)
                 continue
             _, replica = pick
@@ -322,8 +321,7 @@ class Deployment:
                 replica.submit_prefilled(decode_id, h, lambda item: self._on_item(stream, decode_id, item))
             except EngineDead:
                 if not wait:  # it failed between the health look and the submit
-                    threading.Thread(target=self._place_prefilled, args=(stream, decode_id, h), daemon=True).start()
-                    return
+                    break
                 continue
             except ValueError as e:
                 self._release(decode_id)
@@ -336,6 +334,8 @@ class Deployment:
             log_event(stream.request_id, "placed", pool="decode", replica=replica.name, inner_id=decode_id,
                       sample=route.sample)
             return
+        if not wait and not stream.closed:  # it left the loop to wait: on a thread of its own
+            threading.Thread(target=self._place_prefilled, args=(stream, decode_id, h), daemon=True).start()
 
     def _release(self, inner_id: str) -> None:
         """The decode side took (or will never take) this handoff: the prefill rank frees its blocks."""

@@ -32,7 +32,7 @@ from moecluster.workers.transfer.handoff import KVHandoff
 
 
 PUBLISH_INTERVAL_S = 1.0
-SWITCH_INTERVAL_S = 0.001  # see RankActor.__init__
+SWITCH_INTERVAL_S = 0.001  # GIL switch interval of the rank actors and of the driver (serve.py)
 QUEUE_HORIZON_S = 60.0  # health reports the queue times of this many recent seconds (for the autoscaler)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from moecluster.cluster.autoscale.controller import Autoscaler
 from moecluster.cluster.deployment import Deployment
+from moecluster.cluster.rank_actor import SWITCH_INTERVAL_S
 from moecluster.cluster.replica import NAMESPACE
 from moecluster.cluster.serving_backend import DeploymentBackend
 from moecluster.cluster.spec import DeploymentSpec, SpecError
@@ -29,7 +30,6 @@ from moecluster.text.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 STATE_ENV = "MOECLUSTER_STATE"
-DRIVER_SWITCH_INTERVAL_S = 0.001
 API_KEY_ENV = "MOECLUSTER_API_KEY"
 
 
@@ -117,7 +117,7 @@ def start(
     # 5 ms default a thread that wants the GIL can wait a whole decode step. At 1 ms, 2 x 64
     # streams on two H200s delivered 7% more tokens (docs/performance.md, session 10).
     previous_interval = sys.getswitchinterval()
-    sys.setswitchinterval(DRIVER_SWITCH_INTERVAL_S)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     serving = Serving(spec, deployment, router, owns_ray, switch_interval=previous_interval)
     if spec.autoscaling is not None:
         serving.autoscaler = Autoscaler(deployment, spec.autoscaling)

@@ -43,13 +43,13 @@ def supported(x: torch.Tensor, weights: DenseExperts, rows: int) -> bool:
     """Whether `grouped_mlp` takes this bf16 GEMM pair here (else the Triton kernel does)."""
     ws = (weights.gate, weights.up, weights.down)
     return (
-        hasattr(torch, "_grouped_mm")
+        rows >= MIN_ROWS_PER_EXPERT * weights.num_experts  # first: decode sizes stop here
+        and hasattr(torch, "_grouped_mm")
         and triton is not None
         and x.is_cuda
         and torch.version.hip is None
         # Hopper / Blackwell datacenter parts: elsewhere torch loops over the groups on the host
         and cuda_capability(x.device)[0] in (9, 10)
-        and rows >= MIN_ROWS_PER_EXPERT * weights.num_experts
         and not torch.cuda.is_current_stream_capturing()  # (decode graphs stay on the Triton kernel)
         and x.dtype == torch.bfloat16
         and all(w.dtype == torch.bfloat16 for w in ws)

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from moecluster.cluster.bench.kernels import _time_ms
+from moecluster.cluster.bench.kernels import _time_ms, grouped_mm_baseline
 from moecluster.kernels import fused_moe as fm
 from moecluster.kernels import grouped_mm_mlp as gm
 
@@ -30,15 +30,10 @@ def main() -> None:
         x = torch.randn(E * m, H, device="cuda", dtype=torch.bfloat16, generator=g)
         counts = torch.full((E,), m, device="cuda", dtype=torch.int32)
         offs = torch.cumsum(counts, 0).to(torch.int32)
-
-        def torch_mlp() -> torch.Tensor:
-            gu = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
-            return torch._grouped_mm(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:], w2.transpose(1, 2), offs=offs)
-
         gu_t, dn_t = fm.default_tiles(E * m, w, x.dtype)
         row = {
             "rows_per_expert": m,
-            "grouped_mm_torch_ms": _time_ms(torch_mlp),
+            "grouped_mm_torch_ms": _time_ms(lambda: grouped_mm_baseline(x, w13, w2, offs)),
             "triton_ms": _time_ms(lambda: fm.grouped_mlp(x, counts, w, gate_up_tiles=gu_t, down_tiles=dn_t)),
             "grouped_mm_path_ms": _time_ms(lambda: gm.grouped_mlp(x, None, counts, w)),
             "default_path": "grouped_mm" if gm.supported(x, w, E * m) else "triton",

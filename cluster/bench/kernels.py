@@ -148,6 +148,15 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
 
 
 # ---- fused MoE -------------------------------------------------------------------------------------
+def grouped_mm_baseline(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The bf16 baseline: `torch._grouped_mm` for gate_up (w13 (E, 2I, H)), torch's SiLU and mul,
+    `torch._grouped_mm` for down (w2 (E, H, I)); rows grouped by expert, offs (E,) int32 end rows."""
+    i = w2.shape[2]
+    gu = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # (rows, 2I)
+    h = torch.nn.functional.silu(gu[:, :i]) * gu[:, i:]
+    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (rows, H)
+
+
 def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: float, gen: torch.Generator) -> dict[str, Any]:
     from moecluster.kernels import fused_moe as fm
     from moecluster.kernels import grouped_mm_mlp
@@ -165,9 +174,7 @@ def bench_moe(per_expert: int, cfg: KernelBenchConfig, copy_gbs: float, tflops: 
     offs = torch.cumsum(counts, 0).to(torch.int32)
 
     def grouped_mm() -> torch.Tensor:
-        gu = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # (rows, 2I)
-        h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
-        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (rows, H)
+        return grouped_mm_baseline(x, w13, w2, offs)
 
     try:
         row["grouped_mm_ms"] = _time_ms(grouped_mm)

@@ -37,7 +37,7 @@ class EPGroup:
         if world < 2:
             raise ValueError(f"an expert-parallel group needs at least 2 ranks, got {world}")
         self.world, self.cfg, self._start_timeout = world, cfg, start_timeout
-        self._closed = False
+        self._closed = True  # until a start succeeds
         # Stop the ranks at exit while threads can still start (queue puts start a feeder thread).
         atexit.register(_shutdown_at_exit, weakref.ref(self))
         for attempt in range(PORT_ATTEMPTS):
@@ -46,7 +46,6 @@ class EPGroup:
                 break
             except _PortTaken:
                 if attempt + 1 == PORT_ATTEMPTS:
-                    self._closed = True
                     raise RuntimeError(f"EP rank 0 could not bind a rendezvous port in {PORT_ATTEMPTS} tries") from None
         self.limits = limits[0]
         self.streams = RankStreams(world, "the expert-parallel group")
@@ -67,6 +66,7 @@ class EPGroup:
         ]
         for p in self._procs:
             p.start()
+        self._closed = False
         limits: list[RequestLimits] = []
         try:
             while len(limits) < self.world:
@@ -76,9 +76,9 @@ class EPGroup:
                         raise _PortTaken(payload)
                     raise RuntimeError(f"EP rank {rank} failed to start: {payload}")
                 limits.append(payload)
-        except BaseException as e:  # (a start timeout included) no rank of this attempt outlives it
+        except BaseException:  # (a start timeout included) no rank of this attempt outlives it
             self._stop_ranks(5.0)
-            self._closed = not isinstance(e, _PortTaken)
+            self._closed = True
             raise
         return limits
 
