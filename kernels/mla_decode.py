@@ -120,6 +120,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moecluster.kernels import mla_seesaw
 from moecluster.kernels.device import cuda_capability, cuda_sm_count
 
 try:  # the CPU path needs only torch
@@ -509,6 +510,7 @@ def mla_decode(
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
+    knobs = any(v is not None for v in (block_n, block_h, num_warps, num_stages))  # pinned Triton tiles
     batch, num_heads, dim = q.shape
     if out is None:
         out = q.new_empty((batch, num_heads, kv_lora_rank))
@@ -531,6 +533,7 @@ def mla_decode(
         resident = _programs_per_sm(block_h, block_n, num_warps, num_stages, row_bytes)
         num_splits = choose_num_splits(batch, num_heads, max_seq_len, _sm_count(q.device), block_h, block_n, resident)
 
+    seesaw = not interpreting and not knobs and mla_seesaw.supported(q, kv_cache, kv_lora_rank)
     stage1, stage2 = _jitted(interpreting)
     block_c, block_r = _next_pow2(kv_lora_rank), max(16, _next_pow2(rope_dim))
     tile_in_page = page_size % block_n == 0
@@ -557,12 +560,16 @@ def mla_decode(
         partial = torch.empty((batch, num_splits, num_heads, kv_lora_rank), device=q.device, dtype=torch.float32)
         lse = torch.empty((batch, num_splits, num_heads), device=q.device, dtype=torch.float32)
         p_strides, l_strides = partial.stride(), lse.stride()
-    stage1[grid1](
-        q, kv_cache, block_tables, seq_lens, partial, lse,
-        scale * math.log2(math.e), num_heads, num_splits,
-        *q.stride(), *kv_cache.stride(), *block_tables.stride(), *p_strides, *l_strides,
-        **consts, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    if seesaw:
+        seesaw = mla_seesaw.try_launch_stage1(q, kv_cache, block_tables, seq_lens, partial, lse, p_strides, l_strides,
+                                              scale * math.log2(math.e), num_splits)
+    if not seesaw:
+        stage1[grid1](
+            q, kv_cache, block_tables, seq_lens, partial, lse,
+            scale * math.log2(math.e), num_heads, num_splits,
+            *q.stride(), *kv_cache.stride(), *block_tables.stride(), *p_strides, *l_strides,
+            **consts, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     if num_splits > 1:
         stage2[(num_heads, batch)](
             partial, lse, out, *partial.stride(), *lse.stride(), *out.stride(), num_splits,

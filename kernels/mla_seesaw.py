@@ -1,0 +1,415 @@
+"""MLA decode for Hopper in Gluon: two warpgroups share one 64-head output in a seesaw schedule.
+
+At 128 heads a byte of the latent cache carries about 240 FLOP, the H100's balance point, so the
+Triton kernel (`mla_decode._mla_decode_stage1`) is bound by how well it keeps the tensor cores
+busy: with `tl.dot` both warpgroups compute the whole score tile and the softmax sits between
+the products. This kernel follows the schedule FlashMLA describes for its Hopper kernel ("seesaw"):
+the (64 heads, 512) fp32 output is split in column halves, O_L in warpgroup 0 and O_R in
+warpgroup 1 (128 registers a thread each), and the context is walked in pairs of 64-token tiles,
+K0 (even) and K1 (odd). Per pair, with m the running max shared by both warpgroups:
+
+  WG0: S0 = q K0^T            m0 = max(m, rowmax S0)   P0 = exp2(S0 - m0)   O_L = O_L a0 + P0 V0_L
+  WG1: S1 = q K1^T            m1 = max(m0, rowmax S1)  P1 = exp2(S1 - m1)   O_R = O_R a0 a1 + P1 V1_R
+  WG0: P0 *= a1 (to shared)   O_L = O_L a1 + P1 V1_L   (P1 from shared)
+  WG1: O_R += P0 V0_R         (P0 from shared)
+
+with a0 = exp2(m - m0), a1 = exp2(m0 - m1). Each warpgroup's score product and softmax overlap
+the other's P.V products, so the tensor cores rarely wait on the exponentials. The row sums are
+kept in two parts (WG0: the P0 terms, WG1: the P1 terms) scaled alike and added at the end.
+
+Shared memory (bf16, 128-byte swizzle): q (64 x 576, 72 KiB) and two tile buffers K0, K1
+(64 x 576 each): 216 KiB. P0 and P1 live in the rope columns of their own tile (64 x 64, the
+same shape and layout), which are dead once that tile's scores are computed. Tiles come by TMA
+in halves: the latent's left half (columns 0-255), and its right half with the rope columns.
+Each half is reloaded by the warpgroup that reads it last, as soon as its last product is done:
+
+  K0 left          WG0 after O_L += P0 V0_L     (WG1 never reads it)
+  K0 right + rope  WG1 after O_R += P0 V0_R     (P0 sits in K0's rope columns)
+  K1 right         WG1 after O_R += P1 V1_R     (WG0 never reads it)
+  K1 left + rope   WG0 after O_L += P1 V1_L     (P1 sits in K1's rope columns)
+
+and the next pair's score products start with the half that was reloaded first.
+
+Cache rows past a sequence's length inside its last page may hold anything (the engine's
+contract): the warpgroup that scores the last, partial tile zeroes those rows of the latent in
+shared memory before use, and masks their scores.
+
+Scope (`supported`): sm_90, bf16 / fp16, 512 + 64 wide rows, heads a multiple of 64, pages a
+multiple of 64 tokens, contiguous q and cache. The launcher (`mla_decode.mla_decode`) takes the
+Triton kernel otherwise. Split-K over the context and the stage-2 merge are the Triton kernel's:
+this one writes the same normalized partials and log2-sum-exps.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from moecluster.kernels.device import cuda_capability
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # no Triton, or a Triton without Gluon: the launcher uses the Triton kernel
+    gluon = None
+
+KV_LORA = 512
+ROPE = 64
+HEADS = 64  # heads per program: wgmma's M
+TILE = 64  # tokens per tile
+_WG1_REGS = 256
+# Barriers, one arrival each: q landed, the four tile halves landed (K0 left, K0 right + rope,
+# K1 left + rope, K1 right), m0 published, P1 and m1 published, P0 published, the two row-sum parts.
+_BAR_Q, _BAR_K0L, _BAR_K0R, _BAR_K1L, _BAR_K1R, _BAR_M0, _BAR_P1, _BAR_L1, _BAR_L = range(9)
+_NUM_BARS = 9
+
+
+_failed: list[str] = []  # the first launch error, after which the Triton kernel takes every call
+
+
+def enabled() -> bool:
+    """MOECLUSTER_MLA_SEESAW=0 turns the kernel off (the Triton kernel runs instead), as does a failed launch."""
+    return gluon is not None and not _failed and os.environ.get("MOECLUSTER_MLA_SEESAW", "1") != "0"
+
+
+def supported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> bool:
+    """Whether this kernel takes the call (see the module docstring's scope)."""
+    if not (enabled() and q.is_cuda and kv_cache.is_cuda) or torch.version.hip is not None:
+        return False
+    if cuda_capability(q.device) != (9, 0):
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or kv_cache.dtype != q.dtype:
+        return False
+    if kv_lora_rank != KV_LORA or q.shape[-1] != KV_LORA + ROPE or q.shape[1] % HEADS:
+        return False
+    if kv_cache.shape[1] % TILE:
+        return False
+    rows_contiguous = kv_cache.stride(2) == 1 and kv_cache.stride(1) == kv_cache.shape[2]
+    rows_contiguous &= kv_cache.stride(0) == kv_cache.shape[1] * kv_cache.shape[2]
+    return rows_contiguous and kv_cache.data_ptr() % 16 == 0
+
+
+if gluon is not None:
+
+    _C_KV_LORA = gl.constexpr(KV_LORA)
+    _C_ROPE = gl.constexpr(ROPE)
+    _C_HEADS = gl.constexpr(HEADS)
+    _C_TILE = gl.constexpr(TILE)
+    _C_BAR_Q = gl.constexpr(_BAR_Q)
+    _C_BAR_K0L = gl.constexpr(_BAR_K0L)
+    _C_BAR_K0R = gl.constexpr(_BAR_K0R)
+    _C_BAR_K1L = gl.constexpr(_BAR_K1L)
+    _C_BAR_K1R = gl.constexpr(_BAR_K1R)
+    _C_BAR_M0 = gl.constexpr(_BAR_M0)
+    _C_BAR_P1 = gl.constexpr(_BAR_P1)
+    _C_BAR_L1 = gl.constexpr(_BAR_L1)
+    _C_BAR_L = gl.constexpr(_BAR_L)
+    _C_NUM_BARS = gl.constexpr(_NUM_BARS)
+    _C_WG1_REGS = gl.constexpr(_WG1_REGS)
+
+    @gluon.jit
+    def _load_half(kv_desc, bt_row, stride_btn, tok, k_lat, k_rope, bar, HALF: gl.constexpr,
+                   WITH_ROPE: gl.constexpr, PAGE_SIZE: gl.constexpr):
+        """TMA of one half of the tile starting at token `tok` (its page from the block table) into
+        k_lat's columns HALF * 256 ..., and its rope columns into k_rope when WITH_ROPE; `bar` counts
+        the bytes."""
+        page = gl.load(bt_row + (tok // PAGE_SIZE) * stride_btn).to(gl.int32)
+        row = page * PAGE_SIZE + tok % PAGE_SIZE
+        nbytes: gl.constexpr = (4 + WITH_ROPE) * _C_TILE * 64 * 2
+        mbarrier.expect(bar, nbytes)
+        for c in gl.static_range(HALF * 4, HALF * 4 + 4):
+            tma.async_copy_global_to_shared(kv_desc, [row, c * 64], bar, k_lat.slice(c * 64, 64, dim=1))
+        if WITH_ROPE:
+            tma.async_copy_global_to_shared(kv_desc, [row, _C_KV_LORA], bar, k_rope)
+
+    @gluon.jit
+    def _zero_tail_rows(k_lat, valid):
+        """Zero the latent rows >= valid of a tile in shared memory (its last, partial tile), so that
+        whatever the cache holds past the sequence cannot reach the products; then make the stores
+        visible to the tensor cores of both warpgroups."""
+        ZL: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        rows = gl.arange(0, _C_TILE, layout=gl.SliceLayout(1, ZL))
+        for c in gl.static_range(_C_KV_LORA // 64):
+            chunk = k_lat.slice(c * 64, 64, dim=1)
+            vals = chunk.load(ZL)
+            chunk.store(gl.where(rows[:, None] < valid, vals, gl.zeros_like(vals)))
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _scores(q_lat, q_rope, k_lat, k_rope, bar_first, bar_second, ph, FIRST: gl.constexpr, last_partial,
+                valid, MMA_S: gl.constexpr):
+        """q (64, 576) . tile^T -> (64 heads, 64 tokens) fp32: the latent half FIRST as soon as it has
+        landed, then the other half and the rope columns. A partial last tile (`last_partial`) has
+        its dead rows zeroed first."""
+        s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, MMA_S)
+        if last_partial:
+            mbarrier.wait(bar_first, ph)
+            mbarrier.wait(bar_second, ph)
+            _zero_tail_rows(k_lat, valid)
+        else:
+            mbarrier.wait(bar_first, ph)
+        s = warpgroup_mma(q_lat.slice(FIRST * 256, 256, dim=1), k_lat.slice(FIRST * 256, 256, dim=1).permute((1, 0)),
+                          s, is_async=True)
+        mbarrier.wait(bar_second, ph)
+        s = warpgroup_mma(q_lat.slice((1 - FIRST) * 256, 256, dim=1),
+                          k_lat.slice((1 - FIRST) * 256, 256, dim=1).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma(q_rope, k_rope.permute((1, 0)), s, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=[s])
+
+    @gluon.jit
+    def _store_half(o, l_tot, O, out_off, stride_oh, stride_od, HALF: gl.constexpr, MMA_O: gl.constexpr):
+        """This warpgroup's (64, 256) output columns, normalized by the row sums (zeros for an empty split)."""
+        ROW_O: gl.constexpr = gl.SliceLayout(1, MMA_O)
+        l_o = gl.convert_layout(l_tot, ROW_O)
+        o = o / gl.where(l_o > 0.0, l_o, 1.0)[:, None]
+        heads = gl.arange(0, _C_HEADS, layout=ROW_O)
+        cols = HALF * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, MMA_O))
+        ptrs = O + out_off + heads.to(gl.int64)[:, None] * stride_oh + cols[None, :] * stride_od
+        gl.store(ptrs, o.to(O.dtype.element_ty))
+
+    @gluon.jit
+    def _wg0(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, bt_row, stride_btn, start, n_tiles, last_valid,
+             sm_scale_log2, O, out_off, stride_oh, stride_od, Lse, lse_off, stride_lh,
+             PAGE_SIZE: gl.constexpr, WRITE_LSE: gl.constexpr):
+        """Warpgroup 0: the even tiles' scores and softmax, O_L; publishes m0 and P0."""
+        dtype: gl.constexpr = q_lat.dtype
+        MMA_S: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _C_TILE, 16])
+        MMA_O: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+        P_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_O, k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, MMA_S)
+        ROW_O: gl.constexpr = gl.SliceLayout(1, MMA_O)
+        cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, MMA_S))
+
+        m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, ROW_S)
+        l_i = gl.zeros([_C_HEADS], gl.float32, ROW_S)
+        o = gl.zeros([_C_HEADS, 256], gl.float32, MMA_O)
+        mbarrier.wait(bars.index(_C_BAR_Q), 0)
+        for pair in range(gl.cdiv(n_tiles, 2)):
+            ph = pair & 1
+            t0 = 2 * pair
+            has1 = t0 + 1 < n_tiles
+            part0 = (t0 == n_tiles - 1) & (last_valid < _C_TILE)
+            s = _scores(q_lat, q_rope, k_lat.index(0), k_rope.index(0), bars.index(_C_BAR_K0L), bars.index(_C_BAR_K0R),
+                        ph, 0, part0, last_valid, MMA_S)
+            s = s * sm_scale_log2
+            if part0:
+                s = gl.where(cols[None, :] < last_valid, s, float("-inf"))
+            m0 = gl.maximum(m_i, gl.max(s, axis=1))  # finite: the tile holds a valid token
+            a0 = gl.exp2(m_i - m0)  # 0 on the first tile
+            p0 = gl.exp2(s - m0[:, None]).to(dtype)
+            l_i = l_i * a0 + gl.sum(p0.to(gl.float32), axis=1)
+            k_rope.index(0).store(p0)  # P0 in K0's rope columns (dead once S0 is done), for WG1
+            m_buf.index(0).store(m0)
+            fence_async_shared()
+            mbarrier.arrive(bars.index(_C_BAR_M0))
+
+            o = o * gl.convert_layout(a0, ROW_O)[:, None]
+            p0_op = gl.convert_layout(p0, P_OP)
+            o = warpgroup_mma(p0_op, k_lat.index(0).slice(0, 256, dim=1), o, is_async=True)
+            m1 = m0
+            if has1:
+                mbarrier.wait(bars.index(_C_BAR_P1), ph)
+                m1 = m_buf.index(1).load(ROW_S)
+            o, p0_op = warpgroup_mma_wait(num_outstanding=0, deps=[o, p0_op])
+            if t0 + 2 < n_tiles:  # K0's left half is dead: the next even tile's
+                _load_half(kv_desc, bt_row, stride_btn, start + (t0 + 2) * _C_TILE, k_lat.index(0), k_rope.index(0),
+                           bars.index(_C_BAR_K0L), 0, False, PAGE_SIZE)
+            if has1:
+                a1 = gl.exp2(m0 - m1)
+                l_i = l_i * a1
+                o = o * gl.convert_layout(a1, ROW_O)[:, None]
+                o = warpgroup_mma(k_rope.index(1), k_lat.index(1).slice(0, 256, dim=1), o, is_async=True)
+                o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
+                if t0 + 3 < n_tiles:  # K1's left half and P1 are dead: the next odd tile's
+                    _load_half(kv_desc, bt_row, stride_btn, start + (t0 + 3) * _C_TILE, k_lat.index(1), k_rope.index(1),
+                               bars.index(_C_BAR_K1L), 0, True, PAGE_SIZE)
+            m_i = m1
+
+        mbarrier.wait(bars.index(_C_BAR_L1), 0)
+        l_tot = l_i + l_buf.index(1).load(ROW_S)
+        l_buf.index(0).store(l_tot)
+        mbarrier.arrive(bars.index(_C_BAR_L))
+        _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 0, MMA_O)
+        if WRITE_LSE:
+            nonempty = l_tot > 0.0
+            lse = gl.where(nonempty, m_i + gl.log2(gl.where(nonempty, l_tot, 1.0)), float("-inf"))
+            heads = gl.arange(0, _C_HEADS, layout=ROW_S)
+            gl.store(Lse + lse_off + heads * stride_lh, lse)
+
+    @gluon.jit
+    def _wg1(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, bt_row, stride_btn, start, n_tiles, last_valid,
+             sm_scale_log2, O, out_off, stride_oh, stride_od, PAGE_SIZE: gl.constexpr):
+        """Warpgroup 1: the odd tiles' scores and softmax, O_R; publishes m1 and P1."""
+        dtype: gl.constexpr = q_lat.dtype
+        MMA_S: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _C_TILE, 16])
+        MMA_O: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+        P_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_O, k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, MMA_S)
+        ROW_O: gl.constexpr = gl.SliceLayout(1, MMA_O)
+        cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, MMA_S))
+
+        m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, ROW_S)
+        l_i = gl.zeros([_C_HEADS], gl.float32, ROW_S)
+        o = gl.zeros([_C_HEADS, 256], gl.float32, MMA_O)
+        mbarrier.wait(bars.index(_C_BAR_Q), 0)
+        for pair in range(gl.cdiv(n_tiles, 2)):
+            ph = pair & 1
+            t1 = 2 * pair + 1
+            has1 = t1 < n_tiles
+            s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, MMA_S)
+            if has1:
+                part1 = (t1 == n_tiles - 1) & (last_valid < _C_TILE)
+                s = _scores(q_lat, q_rope, k_lat.index(1), k_rope.index(1), bars.index(_C_BAR_K1R),
+                            bars.index(_C_BAR_K1L), ph, 1, part1, last_valid, MMA_S)
+                s = s * sm_scale_log2
+                if part1:
+                    s = gl.where(cols[None, :] < last_valid, s, float("-inf"))
+            mbarrier.wait(bars.index(_C_BAR_M0), ph)
+            m0 = m_buf.index(0).load(ROW_S)
+            a0 = gl.exp2(m_i - m0)
+            l_i = l_i * a0
+            o = o * gl.convert_layout(a0, ROW_O)[:, None]
+            o = warpgroup_mma(k_rope.index(0), k_lat.index(0).slice(256, 256, dim=1), o, is_async=True)  # P0 V0_R
+            m1 = m0
+            p1 = gl.zeros([_C_HEADS, _C_TILE], dtype, MMA_S)
+            if has1:  # the softmax overlaps P0 V0_R
+                m1 = gl.maximum(m0, gl.max(s, axis=1))
+                p1 = gl.exp2(s - m1[:, None]).to(dtype)
+                k_rope.index(1).store(p1)  # P1 in K1's rope columns, for WG0
+                m_buf.index(1).store(m1)
+                fence_async_shared()
+                mbarrier.arrive(bars.index(_C_BAR_P1))
+            o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
+            if t1 + 1 < n_tiles:  # K0's right half and P0 are dead: the next even tile's
+                _load_half(kv_desc, bt_row, stride_btn, start + (t1 + 1) * _C_TILE, k_lat.index(0), k_rope.index(0),
+                           bars.index(_C_BAR_K0R), 1, True, PAGE_SIZE)
+            if has1:
+                a1 = gl.exp2(m0 - m1)
+                l_i = l_i * a1 + gl.sum(p1.to(gl.float32), axis=1)
+                o = o * gl.convert_layout(a1, ROW_O)[:, None]
+                p1_op = gl.convert_layout(p1, P_OP)
+                o = warpgroup_mma(p1_op, k_lat.index(1).slice(256, 256, dim=1), o, is_async=True)
+                o, p1_op = warpgroup_mma_wait(num_outstanding=0, deps=[o, p1_op])
+                if t1 + 2 < n_tiles:  # K1's right half is dead: the next odd tile's
+                    _load_half(kv_desc, bt_row, stride_btn, start + (t1 + 2) * _C_TILE, k_lat.index(1), k_rope.index(1),
+                               bars.index(_C_BAR_K1R), 1, False, PAGE_SIZE)
+            m_i = m1
+
+        l_buf.index(1).store(l_i)
+        mbarrier.arrive(bars.index(_C_BAR_L1))
+        mbarrier.wait(bars.index(_C_BAR_L), 0)
+        l_tot = l_buf.index(0).load(ROW_S)
+        _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 1, MMA_O)
+
+    @gluon.jit(do_not_specialize=("num_splits", "stride_btb", "stride_ob", "stride_os", "stride_lb", "stride_ls"))
+    def mla_seesaw_kernel(
+        q_desc,  # TMA over q as (batch * heads, 576), boxes of 64 x 64
+        kv_desc,  # TMA over the cache as (blocks * page_size, 576), boxes of 64 x 64
+        BlockTables,  # (batch, max_blocks) int32 / int64
+        SeqLens,  # (batch,)
+        O,  # (batch, splits, heads, 512) fp32 partials, or the output itself when num_splits == 1
+        Lse,  # (batch, splits, heads) fp32 log2-sum-exp of each split (WRITE_LSE only)
+        sm_scale_log2,
+        num_heads,
+        num_splits,
+        stride_btb,
+        stride_btn,
+        stride_ob,
+        stride_os,
+        stride_oh,
+        stride_od,
+        stride_lb,
+        stride_ls,
+        stride_lh,
+        PAGE_SIZE: gl.constexpr,
+        WRITE_LSE: gl.constexpr,
+    ):
+        pid_h = gl.program_id(0)  # fastest: the head blocks of one (sequence, split) read the same tiles
+        split = gl.program_id(1)
+        b = gl.program_id(2)
+        seq_len = gl.load(SeqLens + b).to(gl.int32)
+        split_len = gl.cdiv(gl.cdiv(seq_len, num_splits), _C_TILE) * _C_TILE  # as the Triton kernel splits
+        start = split * split_len
+        n_tok = gl.maximum(gl.minimum(start + split_len, seq_len) - start, 0)
+        n_tiles = gl.cdiv(n_tok, _C_TILE)
+        last_valid = n_tok - (n_tiles - 1) * _C_TILE  # tokens in the last tile
+        bt_row = BlockTables + b.to(gl.int64) * stride_btb
+        out_off = b.to(gl.int64) * stride_ob + split.to(gl.int64) * stride_os + (pid_h * _C_HEADS).to(gl.int64) * stride_oh
+        lse_off = b.to(gl.int64) * stride_lb + split.to(gl.int64) * stride_ls + pid_h * _C_HEADS * stride_lh
+
+        dtype: gl.constexpr = q_desc.dtype
+        SH: gl.constexpr = q_desc.layout
+        q_lat = gl.allocate_shared_memory(dtype, [_C_HEADS, _C_KV_LORA], SH)
+        q_rope = gl.allocate_shared_memory(dtype, [_C_HEADS, _C_ROPE], SH)
+        k_lat = gl.allocate_shared_memory(dtype, [2, _C_TILE, _C_KV_LORA], SH)
+        k_rope = gl.allocate_shared_memory(dtype, [2, _C_TILE, _C_ROPE], SH)
+        VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        m_buf = gl.allocate_shared_memory(gl.float32, [2, _C_HEADS], VEC)
+        l_buf = gl.allocate_shared_memory(gl.float32, [2, _C_HEADS], VEC)
+        bars = gl.allocate_shared_memory(gl.int64, [_C_NUM_BARS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(_C_NUM_BARS):
+            mbarrier.init(bars.index(i), count=1)
+
+        row_q = b * num_heads + pid_h * _C_HEADS
+        mbarrier.expect(bars.index(_C_BAR_Q), _C_HEADS * (_C_KV_LORA + _C_ROPE) * 2)
+        for c in gl.static_range(_C_KV_LORA // 64):
+            tma.async_copy_global_to_shared(q_desc, [row_q, c * 64], bars.index(_C_BAR_Q), q_lat.slice(c * 64, 64, dim=1))
+        tma.async_copy_global_to_shared(q_desc, [row_q, _C_KV_LORA], bars.index(_C_BAR_Q), q_rope)
+        if n_tiles > 0:
+            _load_half(kv_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars.index(_C_BAR_K0L),
+                       0, False, PAGE_SIZE)
+            _load_half(kv_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars.index(_C_BAR_K0R),
+                       1, True, PAGE_SIZE)
+        if n_tiles > 1:
+            _load_half(kv_desc, bt_row, stride_btn, start + _C_TILE, k_lat.index(1), k_rope.index(1),
+                       bars.index(_C_BAR_K1R), 1, False, PAGE_SIZE)
+            _load_half(kv_desc, bt_row, stride_btn, start + _C_TILE, k_lat.index(1), k_rope.index(1),
+                       bars.index(_C_BAR_K1L), 0, True, PAGE_SIZE)
+
+        gl.warp_specialize([
+            (_wg0, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, bt_row, stride_btn, start, n_tiles,
+                    last_valid, sm_scale_log2, O, out_off, stride_oh, stride_od, Lse, lse_off, stride_lh, PAGE_SIZE,
+                    WRITE_LSE)),
+            (_wg1, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, bt_row, stride_btn, start, n_tiles,
+                    last_valid, sm_scale_log2, O, out_off, stride_oh, stride_od, PAGE_SIZE)),
+        ], [4], [_C_WG1_REGS])
+
+
+def try_launch_stage1(*args) -> bool:
+    """`launch_stage1`; False (with one warning, and the kernel off for the process) if it fails to
+    compile or launch, so that the caller runs the Triton kernel instead."""
+    try:
+        launch_stage1(*args)
+    except Exception as exc:  # noqa: BLE001 - any compiler or driver error: fall back, say why once
+        _failed.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"the Gluon MLA decode kernel failed ({_failed[0]}); using the Triton kernel", stacklevel=3)
+        return False
+    return True
+
+
+def launch_stage1(q, kv_cache, block_tables, seq_lens, partial, lse, p_strides, l_strides, scale_log2, num_splits) -> None:
+    """Stage 1 of `mla_decode` on this kernel: partials (or the output, with one split) for every
+    (head block, split, sequence). q (batch, heads, 576) is made contiguous if it is not."""
+    batch, num_heads, dim = q.shape
+    q2 = q.contiguous().view(batch * num_heads, dim)
+    kv2 = kv_cache.view(kv_cache.shape[0] * kv_cache.shape[1], dim)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_desc = TensorDescriptor.from_tensor(q2, [HEADS, 64], layout)
+    kv_desc = TensorDescriptor.from_tensor(kv2, [TILE, 64], layout)
+    grid = (num_heads // HEADS, num_splits, batch)
+    mla_seesaw_kernel[grid](
+        q_desc, kv_desc, block_tables, seq_lens, partial, lse, scale_log2, num_heads, num_splits,
+        *block_tables.stride(), *p_strides, *l_strides,
+        PAGE_SIZE=kv_cache.shape[1], WRITE_LSE=num_splits > 1, num_warps=4,
+    )  # fmt: skip

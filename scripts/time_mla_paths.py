@@ -1,0 +1,99 @@
+"""Time the two MLA decode stage-1 kernels (Triton, Gluon seesaw) at the bench shapes, eager and
+inside a CUDA graph (launch costs excluded), and check them against each other and an fp32
+reference on a few sequences.
+
+    python scripts/time_mla_paths.py [--heads 128,64] [--batches 64,128] [--contexts 4096,32768]
+        [--splits N] [--out mla-paths.json]
+
+Prints a table; writes JSON with --out. GPU only (sm_90 for the seesaw kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from triton.testing import do_bench
+
+from moecluster.kernels.mla_decode import mla_decode, mla_decode_reference
+
+RANK, ROPE, PAGE = 512, 64, 64
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _median_ms(fn) -> float:
+    return statistics.median(float(do_bench(fn, warmup=10, rep=50, return_mode="median")) for _ in range(3))
+
+
+def _graph_ms(fn, calls: int = 20) -> float:
+    """Per-call time of `calls` calls captured in one CUDA graph, replayed."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()  # compile and warm outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    return _median_ms(graph.replay) / calls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--heads", default="128,64")
+    ap.add_argument("--batches", default="64,128")
+    ap.add_argument("--contexts", default="4096,32768")
+    ap.add_argument("--splits", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for heads in _ints(args.heads):
+        for batch in _ints(args.batches):
+            for context in _ints(args.contexts):
+                blocks = batch * context // PAGE
+                cache = torch.randn(blocks, PAGE, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=gen)
+                tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, -1).to(torch.int32)
+                lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+                q = torch.randn(batch, heads, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=gen)
+                scale = 192**-0.5
+                nbytes = (batch * context * (RANK + ROPE) + q.numel() + batch * heads * RANK) * 2
+                row = {"heads": heads, "batch": batch, "context": context}
+                outs = {}
+                for path, env in (("triton", "0"), ("seesaw", "1")):
+                    os.environ["MOECLUSTER_MLA_SEESAW"] = env
+                    call = lambda: mla_decode(q, cache, tables, lens, scale, RANK, num_splits=args.splits)  # noqa: E731
+                    outs[path] = call().float()
+                    row[f"{path}_eager_ms"] = _median_ms(call)
+                    row[f"{path}_graph_ms"] = _graph_ms(call)
+                    row[f"{path}_graph_gbs"] = nbytes / (row[f"{path}_graph_ms"] * 1e-3) / 1e9
+                sub = slice(0, 4)
+                exact = mla_decode_reference(q[sub].float(), cache.float(), tables[sub], lens[sub], scale, RANK)
+                for path, out in outs.items():
+                    row[f"{path}_rel_err"] = ((out[sub] - exact).norm() / exact.norm()).item()
+                row["max_abs_diff"] = (outs["seesaw"] - outs["triton"]).abs().max().item()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del cache, tables, q, outs
+                torch.cuda.empty_cache()
+    hdr = ("heads", "batch", "context", "triton eager", "triton graph", "seesaw eager", "seesaw graph", "seesaw GB/s",
+           "rel err T/S", "max |S-T|")
+    print(" | ".join(hdr))
+    for r in rows:
+        print(" | ".join([str(r["heads"]), str(r["batch"]), str(r["context"]), f"{r['triton_eager_ms']:.3f}",
+                          f"{r['triton_graph_ms']:.3f}", f"{r['seesaw_eager_ms']:.3f}", f"{r['seesaw_graph_ms']:.3f}",
+                          f"{r['seesaw_graph_gbs']:.0f}", f"{r['triton_rel_err']:.1e}/{r['seesaw_rel_err']:.1e}",
+                          f"{r['max_abs_diff']:.2e}"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

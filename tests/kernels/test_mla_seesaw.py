@@ -1,0 +1,96 @@
+"""The Gluon seesaw MLA decode kernel (Hopper) against the fp32 reference and the Triton kernel.
+
+GPU only (sm_90): Gluon has no interpreter. The cases cover partial last tiles (the kernel zeroes
+the dead rows of a page in shared memory), odd and even tile counts per split, empty splits,
+pages of 64 and 128 tokens, two and three head blocks, fp16, and NaN in every cache slot no
+sequence owns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moecluster.kernels import mla_decode as mla
+from moecluster.kernels import mla_seesaw
+from tests.kernels.test_mla_decode import make_problem
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU"
+    ),
+]
+
+
+def _poison_unowned(p) -> None:
+    """NaN in every cache slot no sequence owns: the tail of each last page and the spare pages."""
+    block_size = p.kv_cache.shape[1]
+    owned = torch.zeros(p.kv_cache.shape[:2], dtype=torch.bool)
+    tables = p.block_tables.cpu()
+    for i, n in enumerate(p.seq_lens.tolist()):
+        for t in range(n):
+            owned[tables[i, t // block_size], t % block_size] = True
+    p.kv_cache[~owned.to(p.kv_cache.device)] = float("nan")
+
+
+def _run(p, monkeypatch, seesaw: bool, allow: bool | None = None, **knobs) -> torch.Tensor:
+    calls = []
+    real = mla_seesaw.launch_stage1
+    monkeypatch.setattr(mla_seesaw, "launch_stage1", lambda *a: (calls.append(1), real(*a)))
+    monkeypatch.setenv("MOECLUSTER_MLA_SEESAW", "1" if (seesaw if allow is None else allow) else "0")
+    out = torch.full((p.q.shape[0], p.q.shape[1], p.kv_lora_rank), float("nan"), dtype=p.q.dtype, device="cuda")
+    mla.mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, p.kv_lora_rank, out=out, **knobs)
+    assert bool(calls) == seesaw, "the launcher did not take the expected kernel"
+    assert not torch.isnan(out).any(), "unwritten (or NaN) output elements"
+    return out.float()
+
+
+CASES = [
+    # (lens, heads, block_size, dtype, num_splits)
+    ([1, 63, 64, 65, 127, 128, 129, 1000, 4096, 2047], 128, 64, torch.bfloat16, None),
+    ([1, 63, 64, 65, 127, 128, 129, 1000, 4096, 2047], 128, 64, torch.bfloat16, 1),
+    ([300, 64, 1, 191, 5000], 128, 64, torch.bfloat16, 3),
+    ([1, 2, 700], 64, 128, torch.float16, 7),  # most splits of the short sequences are empty
+    ([129, 65, 4000], 192, 128, torch.bfloat16, None),  # three head blocks, pages of 128
+]
+
+
+@pytest.mark.parametrize("lens,heads,block_size,dtype,splits", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_matches_reference(monkeypatch, lens, heads, block_size, dtype, splits) -> None:
+    gen = torch.Generator().manual_seed(len(lens) * 1000 + heads + block_size)
+    p = make_problem(gen, torch.device("cuda"), lens, heads, 512, 64, block_size, dtype)
+    p.scale = 1.0 / math.sqrt(192)
+    exact = mla.mla_decode_reference(p.q.float(), p.kv_cache.float(), p.block_tables, p.seq_lens, p.scale, 512)
+    _poison_unowned(p)
+    knobs = {} if splits is None else dict(num_splits=splits)
+    got = _run(p, monkeypatch, True, **knobs)
+    triton_out = _run(p, monkeypatch, False, **knobs)
+    rel = ((got - exact).norm() / exact.norm()).item()
+    rel_triton = ((triton_out - exact).norm() / exact.norm()).item()
+    assert rel < max(1e-2, 2 * rel_triton), (rel, rel_triton)
+    torch.testing.assert_close(got, exact, rtol=2e-2, atol=2e-2)
+
+
+def test_strided_q_and_int64_tables(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(7)
+    p = make_problem(gen, torch.device("cuda"), [77, 640, 1], 64, 512, 64, 64, torch.bfloat16, index_dtype=torch.int64)
+    wide = torch.randn(*p.q.shape[:2], 576 + 8, device="cuda", dtype=p.q.dtype)
+    wide[..., :576] = p.q
+    p.q = wide[..., :576]  # a view into a wider buffer: the launcher copies it to a contiguous q
+    assert not p.q.is_contiguous()
+    exact = mla.mla_decode_reference(p.q.float(), p.kv_cache.float(), p.block_tables, p.seq_lens, p.scale, 512)
+    torch.testing.assert_close(_run(p, monkeypatch, True), exact, rtol=2e-2, atol=2e-2)
+
+
+def test_out_of_scope_calls_take_the_triton_kernel(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(3)
+    p = make_problem(gen, torch.device("cuda"), [100, 7], 32, 512, 64, 64, torch.bfloat16)  # 32 heads
+    assert not mla_seesaw.supported(p.q, p.kv_cache, 512)
+    p = make_problem(gen, torch.device("cuda"), [100, 7], 64, 512, 64, 32, torch.bfloat16)  # pages of 32
+    assert not mla_seesaw.supported(p.q, p.kv_cache, 512)
+    p = make_problem(gen, torch.device("cuda"), [100, 7], 64, 512, 64, 64, torch.bfloat16)
+    assert mla_seesaw.supported(p.q, p.kv_cache, 512)
+    _run(p, monkeypatch, False, allow=True, block_n=32)  # pinned Triton tiles keep the Triton kernel
