@@ -268,19 +268,20 @@ if gluon is not None:
             t1 = 2 * pair + 1
             has1 = t1 < n_tiles
             s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, MMA_S)
+            part1 = (t1 == n_tiles - 1) & (last_valid < _C_TILE)
             if has1:
-                part1 = (t1 == n_tiles - 1) & (last_valid < _C_TILE)
                 s = _scores(q_lat, q_rope, k_lat.index(1), k_rope.index(1), bars.index(_C_BAR_K1R),
                             bars.index(_C_BAR_K1L), ph, 1, part1, last_valid, MMA_S)
-                s = s * sm_scale_log2
-                if part1:
-                    s = gl.where(cols[None, :] < last_valid, s, float("-inf"))
             mbarrier.wait(bars.index(_C_BAR_M0), ph)
             m0 = m_buf.index(0).load(ROW_S)
             a0 = gl.exp2(m_i - m0)
             l_i = l_i * a0
             o = o * gl.convert_layout(a0, ROW_O)[:, None]
             o = warpgroup_mma(k_rope.index(0), k_lat.index(0).slice(256, 256, dim=1), o, is_async=True)  # P0 V0_R
+            if has1:
+                s = s * sm_scale_log2
+                if part1:
+                    s = gl.where(cols[None, :] < last_valid, s, float("-inf"))
             m1 = m0
             p1 = gl.zeros([_C_HEADS, _C_TILE], dtype, MMA_S)
             if has1:  # the softmax overlaps P0 V0_R
