@@ -118,7 +118,7 @@ if gluon is not None:
     _C_WG1_REGS = gl.constexpr(_WG1_REGS)
 
     @gluon.jit
-    def _load_half(kv_desc, bt_row, stride_btn, tok, k_lat, k_rope, bar, HALF: gl.constexpr,
+    def _load_half(kv_desc, rope_desc, bt_row, stride_btn, tok, k_lat, k_rope, bar, HALF: gl.constexpr,
                    WITH_ROPE: gl.constexpr, PAGE_SIZE: gl.constexpr):
         """TMA of one half of the tile starting at token `tok` (its page from the block table) into
         k_lat's columns HALF * 256 ..., and its rope columns into k_rope when WITH_ROPE; `bar` counts
@@ -127,10 +127,9 @@ if gluon is not None:
         row = page * PAGE_SIZE + tok % PAGE_SIZE
         nbytes: gl.constexpr = (4 + WITH_ROPE) * _C_TILE * 64 * 2
         mbarrier.expect(bar, nbytes)
-        for c in gl.static_range(HALF * 4, HALF * 4 + 4):
-            tma.async_copy_global_to_shared(kv_desc, [row, c * 64], bar, k_lat.slice(c * 64, 64, dim=1))
+        tma.async_copy_global_to_shared(kv_desc, [row, HALF * 256], bar, k_lat.slice(HALF * 256, 256, dim=1))
         if WITH_ROPE:
-            tma.async_copy_global_to_shared(kv_desc, [row, _C_KV_LORA], bar, k_rope)
+            tma.async_copy_global_to_shared(rope_desc, [row, _C_KV_LORA], bar, k_rope)
 
     @gluon.jit
     def _zero_tail_rows(k_lat, valid):
@@ -179,7 +178,7 @@ if gluon is not None:
         gl.store(ptrs, o.to(O.dtype.element_ty))
 
     @gluon.jit
-    def _wg0(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, bt_row, stride_btn, start, n_tiles, last_valid,
+    def _wg0(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
              sm_scale_log2, O, out_off, stride_oh, stride_od, Lse, lse_off, stride_lh,
              PAGE_SIZE: gl.constexpr, WRITE_LSE: gl.constexpr):
         """Warpgroup 0: the even tiles' scores and softmax, O_L; publishes m0 and P0."""
@@ -223,7 +222,7 @@ if gluon is not None:
                 m1 = m_buf.index(1).load(ROW_S)
             o, p0_op = warpgroup_mma_wait(num_outstanding=0, deps=[o, p0_op])
             if t0 + 2 < n_tiles:  # K0's left half is dead: the next even tile's
-                _load_half(kv_desc, bt_row, stride_btn, start + (t0 + 2) * _C_TILE, k_lat.index(0), k_rope.index(0),
+                _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + (t0 + 2) * _C_TILE, k_lat.index(0), k_rope.index(0),
                            bars.index(_C_BAR_K0L), 0, False, PAGE_SIZE)
             if has1:
                 a1 = gl.exp2(m0 - m1)
@@ -232,7 +231,7 @@ if gluon is not None:
                 o = warpgroup_mma(k_rope.index(1), k_lat.index(1).slice(0, 256, dim=1), o, is_async=True)
                 o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
                 if t0 + 3 < n_tiles:  # K1's left half and P1 are dead: the next odd tile's
-                    _load_half(kv_desc, bt_row, stride_btn, start + (t0 + 3) * _C_TILE, k_lat.index(1), k_rope.index(1),
+                    _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + (t0 + 3) * _C_TILE, k_lat.index(1), k_rope.index(1),
                                bars.index(_C_BAR_K1L), 0, True, PAGE_SIZE)
             m_i = m1
 
@@ -248,7 +247,7 @@ if gluon is not None:
             gl.store(Lse + lse_off + heads * stride_lh, lse)
 
     @gluon.jit
-    def _wg1(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, bt_row, stride_btn, start, n_tiles, last_valid,
+    def _wg1(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
              sm_scale_log2, O, out_off, stride_oh, stride_od, PAGE_SIZE: gl.constexpr):
         """Warpgroup 1: the odd tiles' scores and softmax, O_R; publishes m1 and P1."""
         dtype: gl.constexpr = q_lat.dtype
@@ -293,7 +292,7 @@ if gluon is not None:
                 mbarrier.arrive(bars.index(_C_BAR_P1))
             o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
             if t1 + 1 < n_tiles:  # K0's right half and P0 are dead: the next even tile's
-                _load_half(kv_desc, bt_row, stride_btn, start + (t1 + 1) * _C_TILE, k_lat.index(0), k_rope.index(0),
+                _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + (t1 + 1) * _C_TILE, k_lat.index(0), k_rope.index(0),
                            bars.index(_C_BAR_K0R), 1, True, PAGE_SIZE)
             if has1:
                 a1 = gl.exp2(m0 - m1)
@@ -303,7 +302,7 @@ if gluon is not None:
                 o = warpgroup_mma(p1_op, k_lat.index(1).slice(256, 256, dim=1), o, is_async=True)
                 o, p1_op = warpgroup_mma_wait(num_outstanding=0, deps=[o, p1_op])
                 if t1 + 2 < n_tiles:  # K1's right half is dead: the next odd tile's
-                    _load_half(kv_desc, bt_row, stride_btn, start + (t1 + 2) * _C_TILE, k_lat.index(1), k_rope.index(1),
+                    _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + (t1 + 2) * _C_TILE, k_lat.index(1), k_rope.index(1),
                                bars.index(_C_BAR_K1R), 1, False, PAGE_SIZE)
             m_i = m1
 
@@ -315,8 +314,10 @@ if gluon is not None:
 
     @gluon.jit(do_not_specialize=("num_splits", "stride_btb", "stride_ob", "stride_os", "stride_lb", "stride_ls"))
     def mla_seesaw_kernel(
-        q_desc,  # TMA over q as (batch * heads, 576), boxes of 64 x 64
-        kv_desc,  # TMA over the cache as (blocks * page_size, 576), boxes of 64 x 64
+        q_desc,  # TMA over q as (batch * heads, 576), boxes of 64 x 256
+        q_rope_desc,  # the same, boxes of 64 x 64
+        kv_desc,  # TMA over the cache as (blocks * page_size, 576), boxes of 64 x 256 (latent halves)
+        rope_desc,  # the same, boxes of 64 x 64 (the rope columns)
         BlockTables,  # (batch, max_blocks) int32 / int64
         SeqLens,  # (batch,)
         O,  # (batch, splits, heads, 512) fp32 partials, or the output itself when num_splits == 1
@@ -364,25 +365,25 @@ if gluon is not None:
 
         row_q = b * num_heads + pid_h * _C_HEADS
         mbarrier.expect(bars.index(_C_BAR_Q), _C_HEADS * (_C_KV_LORA + _C_ROPE) * 2)
-        for c in gl.static_range(_C_KV_LORA // 64):
-            tma.async_copy_global_to_shared(q_desc, [row_q, c * 64], bars.index(_C_BAR_Q), q_lat.slice(c * 64, 64, dim=1))
-        tma.async_copy_global_to_shared(q_desc, [row_q, _C_KV_LORA], bars.index(_C_BAR_Q), q_rope)
+        for h in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [row_q, h * 256], bars.index(_C_BAR_Q), q_lat.slice(h * 256, 256, dim=1))
+        tma.async_copy_global_to_shared(q_rope_desc, [row_q, _C_KV_LORA], bars.index(_C_BAR_Q), q_rope)
         if n_tiles > 0:
-            _load_half(kv_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars.index(_C_BAR_K0L),
+            _load_half(kv_desc, rope_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars.index(_C_BAR_K0L),
                        0, False, PAGE_SIZE)
-            _load_half(kv_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars.index(_C_BAR_K0R),
+            _load_half(kv_desc, rope_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars.index(_C_BAR_K0R),
                        1, True, PAGE_SIZE)
         if n_tiles > 1:
-            _load_half(kv_desc, bt_row, stride_btn, start + _C_TILE, k_lat.index(1), k_rope.index(1),
+            _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + _C_TILE, k_lat.index(1), k_rope.index(1),
                        bars.index(_C_BAR_K1R), 1, False, PAGE_SIZE)
-            _load_half(kv_desc, bt_row, stride_btn, start + _C_TILE, k_lat.index(1), k_rope.index(1),
+            _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + _C_TILE, k_lat.index(1), k_rope.index(1),
                        bars.index(_C_BAR_K1L), 0, True, PAGE_SIZE)
 
         gl.warp_specialize([
-            (_wg0, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, bt_row, stride_btn, start, n_tiles,
+            (_wg0, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
                     last_valid, sm_scale_log2, O, out_off, stride_oh, stride_od, Lse, lse_off, stride_lh, PAGE_SIZE,
                     WRITE_LSE)),
-            (_wg1, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, bt_row, stride_btn, start, n_tiles,
+            (_wg1, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
                     last_valid, sm_scale_log2, O, out_off, stride_oh, stride_od, PAGE_SIZE)),
         ], [4], [_C_WG1_REGS])
 
@@ -406,11 +407,13 @@ def launch_stage1(q, kv_cache, block_tables, seq_lens, partial, lse, p_strides, 
     q2 = q.contiguous().view(batch * num_heads, dim)
     kv2 = kv_cache.view(kv_cache.shape[0] * kv_cache.shape[1], dim)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_desc = TensorDescriptor.from_tensor(q2, [HEADS, 64], layout)
-    kv_desc = TensorDescriptor.from_tensor(kv2, [TILE, 64], layout)
+    q_desc = TensorDescriptor.from_tensor(q2, [HEADS, 256], layout)
+    q_rope_desc = TensorDescriptor.from_tensor(q2, [HEADS, ROPE], layout)
+    kv_desc = TensorDescriptor.from_tensor(kv2, [TILE, 256], layout)
+    rope_desc = TensorDescriptor.from_tensor(kv2, [TILE, ROPE], layout)
     grid = (num_heads // HEADS, num_splits, batch)
     mla_seesaw_kernel[grid](
-        q_desc, kv_desc, block_tables, seq_lens, partial, lse, scale_log2, num_heads, num_splits,
+        q_desc, q_rope_desc, kv_desc, rope_desc, block_tables, seq_lens, partial, lse, scale_log2, num_heads, num_splits,
         *block_tables.stride(), *p_strides, *l_strides,
         PAGE_SIZE=kv_cache.shape[1], WRITE_LSE=num_splits > 1, num_warps=4,
     )  # fmt: skip
