@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
-from triton.testing import do_bench
-
+from moecluster.cluster.bench.kernels import _time_ms, graph_ms
 from moecluster.kernels.mla_decode import mla_decode, mla_decode_reference
 
 RANK, ROPE, PAGE = 512, 64, 64
@@ -25,23 +23,6 @@ RANK, ROPE, PAGE = 512, 64, 64
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
-
-
-def _median_ms(fn) -> float:
-    return statistics.median(float(do_bench(fn, warmup=10, rep=50, return_mode="median")) for _ in range(3))
-
-
-def _graph_ms(fn, calls: int = 20) -> float:
-    """Per-call time of `calls` calls captured in one CUDA graph, replayed."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()  # compile and warm outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    return _median_ms(graph.replay) / calls
 
 
 def main() -> None:
@@ -73,8 +54,8 @@ def main() -> None:
                     os.environ["MOECLUSTER_MLA_SEESAW"] = env
                     call = lambda: mla_decode(q, cache, tables, lens, scale, RANK, num_splits=args.splits)  # noqa: E731
                     outs[path] = call().float()
-                    row[f"{path}_eager_ms"] = _median_ms(call)
-                    row[f"{path}_graph_ms"] = _graph_ms(call)
+                    row[f"{path}_eager_ms"] = _time_ms(call)
+                    row[f"{path}_graph_ms"] = graph_ms(call)
                     row[f"{path}_graph_gbs"] = nbytes / (row[f"{path}_graph_ms"] * 1e-3) / 1e9
                 sub = slice(0, 4)
                 exact = mla_decode_reference(q[sub].float(), cache.float(), tables[sub], lens[sub], scale, RANK)

@@ -3,8 +3,10 @@
 1. Bounds measured in the same run: copy bandwidth (a 2 GiB device-to-device `copy_`, bytes read
    + written over the time) and dense bf16 matmul throughput (8192^3 `torch.matmul`).
 2. MLA decode (`kernels/mla_decode.py`) at batch x context x heads, latent cache bf16 in blocks of
-   64 tokens x 576 values, block tables shuffled: time, bytes read (cache + q + out) / time in
-   GB/s, and that as a fraction of the copy bandwidth; SGLang's Triton MLA decode kernel on the
+   64 tokens x 576 values, block tables shuffled: time (calls replayed in a CUDA graph, as the
+   engine runs decode steps; the eager time beside it), bytes read (cache + q + out) / time in
+   GB/s, and that as a fraction of the copy bandwidth; where the Gluon seesaw kernel takes the
+   call, the Triton kernel's time on the same inputs beside it; SGLang's Triton MLA decode kernel on the
    same shapes when `.peers/sglang_min` exists (`../shared/peers/sglang_mla.sh`; page size 1 over
    the same cache, the way its MLA backend calls it).
 3. Fused MoE (`kernels/fused_moe.py`) at DeepSeek-V3 shapes (hidden 7168, intermediate 2048, 32
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -59,6 +62,21 @@ def _time_ms(fn: Callable[[], Any]) -> float:
     from triton.testing import do_bench
 
     return statistics.median(float(do_bench(fn, warmup=10, rep=50, return_mode="median")) for _ in range(ROUNDS))
+
+
+def graph_ms(fn: Callable[[], Any], calls: int = 20) -> float:
+    """Per-call time of `calls` calls captured in one CUDA graph and replayed (`_time_ms` of the
+    replay / calls): the GPU's time, as the engine runs decode steps, without the host's launch
+    costs, which an eager loop of short kernels measures instead."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()  # compile and warm outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    return _time_ms(graph.replay) / calls
 
 
 def copy_bandwidth_gbs() -> float:
@@ -102,6 +120,7 @@ def _sglang_mla() -> Callable[..., Any] | None:
 
 
 def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.Generator) -> dict[str, Any]:
+    from moecluster.kernels import mla_seesaw
     from moecluster.kernels.mla_decode import mla_decode
 
     rank, rope, block = 512, 64, 64
@@ -114,10 +133,24 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
     q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     scale = dim**-0.5
     nbytes = (batch * context * dim + q.numel() + batch * heads * rank) * 2
-    ms = _time_ms(lambda: mla_decode(q, cache, tables, lens, scale, rank))
+    def call() -> None:
+        mla_decode(q, cache, tables, lens, scale, rank)
+
+    ms = graph_ms(call)
     row: dict[str, Any] = {"batch": batch, "context": context, "heads": heads, "ours_ms": ms,
-                           "ours_gbs": nbytes / (ms * 1e-3) / 1e9}
+                           "ours_gbs": nbytes / (ms * 1e-3) / 1e9, "ours_eager_ms": _time_ms(call),
+                           "kernel": "seesaw" if mla_seesaw.supported(q, cache, rank) else "triton"}
     row["ours_of_copy"] = row["ours_gbs"] / copy_gbs
+    if row["kernel"] == "seesaw":  # the Triton kernel beside it, same inputs
+        os.environ["MOECLUSTER_MLA_SEESAW"], saved = "0", os.environ.get("MOECLUSTER_MLA_SEESAW")
+        try:
+            row["triton_ms"] = graph_ms(call)
+        finally:
+            if saved is None:
+                del os.environ["MOECLUSTER_MLA_SEESAW"]
+            else:
+                os.environ["MOECLUSTER_MLA_SEESAW"] = saved
+        row["triton_of_copy"] = nbytes / (row["triton_ms"] * 1e-3) / 1e9 / copy_gbs
     peer = _sglang_mla()
     if peer is not None and batch * context * dim >= 2**31:
         # its kernel indexes the token buffer in int32 (token index x 576): past 2**31 elements the
@@ -320,12 +353,14 @@ def print_tables(result: KernelBenchResult) -> None:
                   f"e4m3 matmul {_f(result.fp8_matmul_tflops, '.0f')} TFLOP/s")
     if result.mla:
         t = Table(title="MLA decode (bf16 latent cache, 576 values per token)")
-        for col in ("heads", "batch", "context", "ours ms", "ours GB/s", "of copy", "SGLang ms", "SGLang GB/s", "SGLang of copy"):
+        for col in ("heads", "batch", "context", "kernel", "ours ms", "ours GB/s", "of copy", "eager ms", "Triton ms",
+                    "Triton of copy", "SGLang ms", "SGLang GB/s", "SGLang of copy"):
             t.add_column(col, justify="right")
         for r in result.mla:
-            t.add_row(str(r["heads"]), str(r["batch"]), str(r["context"]), f"{r['ours_ms']:.3f}", f"{r['ours_gbs']:.0f}",
-                      f"{r['ours_of_copy']:.0%}", _f(r.get("sglang_ms"), ".3f"), _f(r.get("sglang_gbs"), ".0f"),
-                      _f(r.get("sglang_of_copy"), ".0%"))
+            t.add_row(str(r["heads"]), str(r["batch"]), str(r["context"]), r["kernel"], f"{r['ours_ms']:.3f}",
+                      f"{r['ours_gbs']:.0f}", f"{r['ours_of_copy']:.0%}", f"{r['ours_eager_ms']:.3f}",
+                      _f(r.get("triton_ms"), ".3f"), _f(r.get("triton_of_copy"), ".0%"),
+                      _f(r.get("sglang_ms"), ".3f"), _f(r.get("sglang_gbs"), ".0f"), _f(r.get("sglang_of_copy"), ".0%"))
         console.print(t)
     if result.moe:
         t = Table(title="fused MoE, hidden 7168, intermediate 2048, 32 local experts")

@@ -94,3 +94,28 @@ def test_out_of_scope_calls_take_the_triton_kernel(monkeypatch) -> None:
     p = make_problem(gen, torch.device("cuda"), [100, 7], 64, 512, 64, 64, torch.bfloat16)
     assert mla_seesaw.supported(p.q, p.kv_cache, 512)
     _run(p, monkeypatch, False, allow=True, block_n=32)  # pinned Triton tiles keep the Triton kernel
+
+
+def test_cuda_graph_replays_new_inputs(monkeypatch) -> None:
+    """Captured in a CUDA graph (as the engine runs decode steps), a replay reads the q, lengths and
+    block tables in place at replay time: the TMA descriptors carry addresses, not contents."""
+    monkeypatch.setenv("MOECLUSTER_MLA_SEESAW", "1")
+    gen = torch.Generator().manual_seed(11)
+    p = make_problem(gen, torch.device("cuda"), [700, 64, 130], 128, 512, 64, 64, torch.bfloat16)
+    out = torch.empty(3, 128, 512, dtype=p.q.dtype, device="cuda")
+    call = lambda: mla.mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, 512, out=out)  # noqa: E731
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        call()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        call()
+    for lens in ([700, 64, 130], [1, 127, 65]):
+        p.q.copy_(torch.randn(p.q.shape, generator=gen).to(p.q))
+        p.seq_lens.copy_(torch.tensor(lens, dtype=p.seq_lens.dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        exact = mla.mla_decode_reference(p.q.float(), p.kv_cache.float(), p.block_tables, p.seq_lens, p.scale, 512)
+        torch.testing.assert_close(out.float(), exact, rtol=2e-2, atol=2e-2)
