@@ -8,14 +8,16 @@ the (64 heads, 512) fp32 output is split in column halves, O_L in warpgroup 0 an
 warpgroup 1 (128 registers a thread each), and the context is walked in pairs of 64-token tiles,
 K0 (even) and K1 (odd). Per pair, with m the running max shared by both warpgroups:
 
-  WG0: S0 = q K0^T            m0 = max(m, rowmax S0)   P0 = exp2(S0 - m0)   O_L = O_L a0 + P0 V0_L
-  WG1: S1 = q K1^T            m1 = max(m0, rowmax S1)  P1 = exp2(S1 - m1)   O_R = O_R a0 a1 + P1 V1_R
-  WG0: P0 *= a1 (to shared)   O_L = O_L a1 + P1 V1_L   (P1 from shared)
-  WG1: O_R += P0 V0_R         (P0 from shared)
+  WG0: S0 = q K0^T   m0 = max(m, rowmax S0)    P0 = exp2(S0 - m0) (to shared, with m0)
+                     O_L = O_L a0 + P0 V0_L    then, given P1 and m1:  O_L = O_L a1 + P1 V1_L
+  WG1: S1 = q K1^T   given P0 and m0:  O_R = O_R a0 + P0 V0_R   while computing
+                     m1 = max(m0, rowmax S1)   P1 = exp2(S1 - m1) (to shared, with m1)
+                     then O_R = O_R a1 + P1 V1_R
 
-with a0 = exp2(m - m0), a1 = exp2(m0 - m1). Each warpgroup's score product and softmax overlap
-the other's P.V products, so the tensor cores rarely wait on the exponentials. The row sums are
-kept in two parts (WG0: the P0 terms, WG1: the P1 terms) scaled alike and added at the end.
+with a0 = exp2(m - m0), a1 = exp2(m0 - m1); FlashMLA's authors write the same sums in another
+order. One warpgroup's softmax overlaps the other's products, so the tensor cores rarely wait on
+the exponentials. The row sums are kept in two parts (WG0: the P0 terms, WG1: the P1 terms),
+scaled alike and added at the end.
 
 Shared memory (bf16, 128-byte swizzle): q (64 x 576, 72 KiB) and two tile buffers K0, K1
 (64 x 576 each): 216 KiB. P0 and P1 live in the rope columns of their own tile (64 x 64, the
@@ -35,7 +37,7 @@ contract): the warpgroup that scores the last, partial tile zeroes those rows of
 shared memory before use, and masks their scores.
 
 Scope (`supported`): sm_90, bf16 / fp16, 512 + 64 wide rows, heads a multiple of 64, pages a
-multiple of 64 tokens, contiguous q and cache. The launcher (`mla_decode.mla_decode`) takes the
+multiple of 64 tokens, a contiguous cache and 16-byte aligned q (copied when not contiguous). The launcher (`mla_decode.mla_decode`) takes the
 Triton kernel otherwise. Split-K over the context and the stage-2 merge are the Triton kernel's:
 this one writes the same normalized partials and log2-sum-exps.
 """
@@ -96,7 +98,8 @@ def supported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> boo
         return False
     rows_contiguous = kv_cache.stride(2) == 1 and kv_cache.stride(1) == kv_cache.shape[2]
     rows_contiguous &= kv_cache.stride(0) == kv_cache.shape[1] * kv_cache.shape[2]
-    return rows_contiguous and kv_cache.data_ptr() % 16 == 0
+    aligned = kv_cache.data_ptr() % 16 == 0 and (q.data_ptr() % 16 == 0 or not q.is_contiguous())
+    return rows_contiguous and aligned
 
 
 if gluon is not None:
@@ -228,6 +231,7 @@ if gluon is not None:
                 a1 = gl.exp2(m0 - m1)
                 l_i = l_i * a1
                 o = o * gl.convert_layout(a1, ROW_O)[:, None]
+                mbarrier.wait(bars.index(_C_BAR_K1L), ph)  # as WG1 does for K0's right half: already complete
                 o = warpgroup_mma(k_rope.index(1), k_lat.index(1).slice(0, 256, dim=1), o, is_async=True)
                 o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
                 if t0 + 3 < n_tiles:  # K1's left half and P1 are dead: the next odd tile's
@@ -276,6 +280,9 @@ if gluon is not None:
             a0 = gl.exp2(m_i - m0)
             l_i = l_i * a0
             o = o * gl.convert_layout(a0, ROW_O)[:, None]
+            # K0's right half landed for WG0 (whose M0 this follows); waited here too, so that WG1's own
+            # view of the TMA's writes does not rest on the ordering through WG0 alone. Already complete.
+            mbarrier.wait(bars.index(_C_BAR_K0R), ph)
             o = warpgroup_mma(k_rope.index(0), k_lat.index(0).slice(256, 256, dim=1), o, is_async=True)  # P0 V0_R
             if has1:
                 s = s * sm_scale_log2
@@ -393,6 +400,8 @@ def try_launch_stage1(*args) -> bool:
     compile or launch, so that the caller runs the Triton kernel instead."""
     try:
         launch_stage1(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not the kernel's fault: the caller sees it, the kernel stays on
     except Exception as exc:  # noqa: BLE001 - any compiler or driver error: fall back, say why once
         _failed.append(f"{type(exc).__name__}: {exc}")
         warnings.warn(f"the Gluon MLA decode kernel failed ({_failed[0]}); using the Triton kernel", stacklevel=3)

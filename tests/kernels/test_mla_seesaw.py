@@ -36,6 +36,12 @@ def _poison_unowned(p) -> None:
     p.kv_cache[~owned.to(p.kv_cache.device)] = float("nan")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_kernel_state(monkeypatch) -> None:
+    """Each test starts with the kernel on; a launch failure in one must not pass silently in another."""
+    monkeypatch.setattr(mla_seesaw, "_failed", [])
+
+
 def _run(p, monkeypatch, seesaw: bool, allow: bool | None = None, **knobs) -> torch.Tensor:
     calls = []
     real = mla_seesaw.launch_stage1
@@ -44,6 +50,7 @@ def _run(p, monkeypatch, seesaw: bool, allow: bool | None = None, **knobs) -> to
     out = torch.full((p.q.shape[0], p.q.shape[1], p.kv_lora_rank), float("nan"), dtype=p.q.dtype, device="cuda")
     mla.mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, p.kv_lora_rank, out=out, **knobs)
     assert bool(calls) == seesaw, "the launcher did not take the expected kernel"
+    assert not mla_seesaw._failed, f"the seesaw kernel failed and the Triton kernel ran: {mla_seesaw._failed}"
     assert not torch.isnan(out).any(), "unwritten (or NaN) output elements"
     return out.float()
 
@@ -55,6 +62,7 @@ CASES = [
     ([300, 64, 1, 191, 5000], 128, 64, torch.bfloat16, 3),
     ([1, 2, 700], 64, 128, torch.float16, 7),  # most splits of the short sequences are empty
     ([129, 65, 4000], 192, 128, torch.bfloat16, None),  # three head blocks, pages of 128
+    ([255, 256, 257, 3], 64, 256, torch.bfloat16, 2),  # pages of 256: four tiles a page
 ]
 
 
@@ -85,6 +93,30 @@ def test_strided_q_and_int64_tables(monkeypatch) -> None:
     torch.testing.assert_close(_run(p, monkeypatch, True), exact, rtol=2e-2, atol=2e-2)
 
 
+def test_strided_out(monkeypatch) -> None:
+    """The output may be a view (heads strided): the kernel stores through its strides."""
+    monkeypatch.setenv("MOECLUSTER_MLA_SEESAW", "1")
+    gen = torch.Generator().manual_seed(5)
+    p = make_problem(gen, torch.device("cuda"), [300, 64], 64, 512, 64, 64, torch.bfloat16)
+    wide = torch.full((2, 64, 512 + 16), float("nan"), dtype=p.q.dtype, device="cuda")
+    out = wide[..., :512]
+    mla.mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, 512, out=out)
+    assert not mla_seesaw._failed
+    exact = mla.mla_decode_reference(p.q.float(), p.kv_cache.float(), p.block_tables, p.seq_lens, p.scale, 512)
+    torch.testing.assert_close(out.float(), exact, rtol=2e-2, atol=2e-2)
+    assert torch.isnan(wide[..., 512:]).all(), "wrote past the view"
+
+
+def test_misaligned_q_takes_the_triton_kernel() -> None:
+    gen = torch.Generator().manual_seed(9)
+    p = make_problem(gen, torch.device("cuda"), [100], 64, 512, 64, 64, torch.bfloat16)
+    flat = torch.empty(64 * 576 + 1, dtype=p.q.dtype, device="cuda")
+    q = flat[1:].view(1, 64, 576)  # contiguous, 2 bytes off a 16-byte boundary
+    q.copy_(p.q)
+    assert q.is_contiguous() and q.data_ptr() % 16
+    assert not mla_seesaw.supported(q, p.kv_cache, 512)
+
+
 def test_out_of_scope_calls_take_the_triton_kernel(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(3)
     p = make_problem(gen, torch.device("cuda"), [100, 7], 32, 512, 64, 64, torch.bfloat16)  # 32 heads
@@ -103,6 +135,11 @@ def test_cuda_graph_replays_new_inputs(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(11)
     p = make_problem(gen, torch.device("cuda"), [700, 64, 130], 128, 512, 64, 64, torch.bfloat16)
     out = torch.empty(3, 128, 512, dtype=p.q.dtype, device="cuda")
+    clean = p.kv_cache.clone()  # the reference multiplies masked rows by 0: it needs finite ones
+    _poison_unowned(p)
+    calls = []
+    real = mla_seesaw.launch_stage1
+    monkeypatch.setattr(mla_seesaw, "launch_stage1", lambda *a: (calls.append(1), real(*a)))
     call = lambda: mla.mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, 512, out=out)  # noqa: E731
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -111,11 +148,12 @@ def test_cuda_graph_replays_new_inputs(monkeypatch) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         call()
-    for lens in ([700, 64, 130], [1, 127, 65]):
+    assert calls and not mla_seesaw._failed, "the seesaw kernel was not the one captured"
+    for lens in ([700, 64, 130], [1, 63, 65]):  # within each sequence's blocks (the rest is NaN)
         p.q.copy_(torch.randn(p.q.shape, generator=gen).to(p.q))
         p.seq_lens.copy_(torch.tensor(lens, dtype=p.seq_lens.dtype))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        exact = mla.mla_decode_reference(p.q.float(), p.kv_cache.float(), p.block_tables, p.seq_lens, p.scale, 512)
+        exact = mla.mla_decode_reference(p.q.float(), clean.float(), p.block_tables, p.seq_lens, p.scale, 512)
         torch.testing.assert_close(out.float(), exact, rtol=2e-2, atol=2e-2)
