@@ -69,9 +69,9 @@ KV_LORA = 512
 ROPE = 64
 HEADS = 64  # heads per program: wgmma's M
 TILE = 64  # tokens per tile
-_WG1_REGS = 256
+_WG1_REGS = 256  # warpgroup 1's registers a thread: 8 warps x 256 fill the register file
 # Barriers, one arrival each: q landed, the four tile halves landed (K0 left, K0 right + rope,
-# K1 left + rope, K1 right), m0 published, P1 and m1 published, P0 published, the two row-sum parts.
+# K1 left + rope, K1 right), m0 and P0 published, m1 and P1 published, the two row-sum parts.
 _BAR_Q, _BAR_K0L, _BAR_K0R, _BAR_K1L, _BAR_K1R, _BAR_M0, _BAR_P1, _BAR_L1, _BAR_L = range(9)
 _NUM_BARS = 9
 
