@@ -494,7 +494,8 @@ def mla_decode(
 
     Runs the Triton kernels when the tensors are on CUDA or TRITON_INTERPRET=1 is set, else
     `mla_decode_reference`. On sm_90, for the production shapes (`mla_seesaw.supported`) and no
-    pinned tiles, stage 1 is the Gluon kernel in `mla_seesaw.py` instead (same partials, same stage 2). Tuning knobs (None: the defaults in the module docstring):
+    pinned tiles, stage 1 is the Gluon kernel in `mla_seesaw.py` instead (same partials, same
+    stage 2). Tuning knobs (None: the defaults in the module docstring):
     num_splits (context splits per sequence), block_n (tokens per tile, a power of two >= 16),
     block_h (heads per program, a power of two >= 16), num_warps, num_stages. max_seq_len: an
     upper bound on seq_lens, to choose num_splits; None takes the block tables' capacity
