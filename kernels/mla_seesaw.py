@@ -119,6 +119,13 @@ if gluon is not None:
     _C_BAR_L = gl.constexpr(_BAR_L)
     _C_NUM_BARS = gl.constexpr(_NUM_BARS)
     _C_WG1_REGS = gl.constexpr(_WG1_REGS)
+    # Each warpgroup's layouts (4 warps): wgmma accumulators of the (64, 64) scores and of its (64, 256)
+    # output half, P as the P.V product's register operand, and their rows.
+    _MMA_S = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TILE, 16]))
+    _MMA_O = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16]))
+    _P_OP = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA_O.value, k_width=2))
+    _ROW_S = gl.constexpr(gl.SliceLayout(1, _MMA_S.value))
+    _ROW_O = gl.constexpr(gl.SliceLayout(1, _MMA_O.value))
 
     @gluon.jit
     def _load_half(kv_desc, rope_desc, bt_row, stride_btn, tok, k_lat, k_rope, bar, HALF: gl.constexpr,
@@ -186,11 +193,11 @@ if gluon is not None:
              PAGE_SIZE: gl.constexpr, WRITE_LSE: gl.constexpr):
         """Warpgroup 0: the even tiles' scores and softmax, O_L; publishes m0 and P0."""
         dtype: gl.constexpr = q_lat.dtype
-        MMA_S: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _C_TILE, 16])
-        MMA_O: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
-        P_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_O, k_width=2)
-        ROW_S: gl.constexpr = gl.SliceLayout(1, MMA_S)
-        ROW_O: gl.constexpr = gl.SliceLayout(1, MMA_O)
+        MMA_S: gl.constexpr = _MMA_S
+        MMA_O: gl.constexpr = _MMA_O
+        P_OP: gl.constexpr = _P_OP
+        ROW_S: gl.constexpr = _ROW_S
+        ROW_O: gl.constexpr = _ROW_O
         cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, MMA_S))
 
         m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, ROW_S)
@@ -255,11 +262,11 @@ if gluon is not None:
              sm_scale_log2, O, out_off, stride_oh, stride_od, PAGE_SIZE: gl.constexpr):
         """Warpgroup 1: the odd tiles' scores and softmax, O_R; publishes m1 and P1."""
         dtype: gl.constexpr = q_lat.dtype
-        MMA_S: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _C_TILE, 16])
-        MMA_O: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
-        P_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_O, k_width=2)
-        ROW_S: gl.constexpr = gl.SliceLayout(1, MMA_S)
-        ROW_O: gl.constexpr = gl.SliceLayout(1, MMA_O)
+        MMA_S: gl.constexpr = _MMA_S
+        MMA_O: gl.constexpr = _MMA_O
+        P_OP: gl.constexpr = _P_OP
+        ROW_S: gl.constexpr = _ROW_S
+        ROW_O: gl.constexpr = _ROW_O
         cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, MMA_S))
 
         m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, ROW_S)

@@ -32,6 +32,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 
@@ -142,14 +143,8 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
                            "kernel": "seesaw" if mla_seesaw.supported(q, cache, rank) else "triton"}
     row["ours_of_copy"] = row["ours_gbs"] / copy_gbs
     if row["kernel"] == "seesaw":  # the Triton kernel beside it, same inputs
-        os.environ["MOECLUSTER_MLA_SEESAW"], saved = "0", os.environ.get("MOECLUSTER_MLA_SEESAW")
-        try:
+        with mock.patch.dict(os.environ, {"MOECLUSTER_MLA_SEESAW": "0"}):
             row["triton_ms"] = graph_ms(call)
-        finally:
-            if saved is None:
-                del os.environ["MOECLUSTER_MLA_SEESAW"]
-            else:
-                os.environ["MOECLUSTER_MLA_SEESAW"] = saved
         row["triton_of_copy"] = nbytes / (row["triton_ms"] * 1e-3) / 1e9 / copy_gbs
     peer = _sglang_mla()
     if peer is not None and batch * context * dim >= 2**31:
