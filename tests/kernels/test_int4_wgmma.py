@@ -1,5 +1,5 @@
-"""The Gluon INT4 kernel (kernels/int4_wgmma.py): its PTX constants against the repack's layout (on the
-CPU, by emulating the integer half of the PTX), its dispatch rules, and on a Hopper GPU its outputs
+"""The Gluon INT4 kernel (kernels/int4_wgmma.py): its PTX against the repack's layout and the reference's
+dequantization (on the CPU, by executing the PTX step by step), its dispatch rules, and on a Hopper GPU its outputs
 against the Triton kernel and the reference, and inside a CUDA graph.
 
 The two kernels dequantize to the same weights and add the same 16-deep tensor-core products in the
@@ -20,35 +20,70 @@ from moecluster.workers.quant.int4 import pack_int4
 pytestmark = pytest.mark.skipif(iw.gluon is None, reason="this Triton has no Gluon")
 
 
-def _emulate_integer_part(asm: str, word_a: int, word_b: int) -> tuple[int, int]:
-    """Run the prmt / shr / lop3 steps of `_nibble_asm`'s PTX on two words -> the two 16-bit halves
-    handed to the packed subtract, and return also the bias register's value."""
-    sel = int(re.search(r"prmt\.b32 %wt, \$1, \$2, (0x[0-9a-f]+);", asm).group(1), 16)
-    source = word_a.to_bytes(4, "little") + word_b.to_bytes(4, "little")  # prmt's bytes 0-3 from $1, 4-7 from $2
-    wt = int.from_bytes(bytes(source[(sel >> (4 * i)) & 0x7] for i in range(4)), "little")
-    if "shr.u32 %wt, %wt, 4;" in asm:
-        wt >>= 4
-    mask, lut = (int(v, 16) for v in re.search(r"lop3\.b32 %wt, %wt, (0x[0-9A-Fa-f]+), %wo, (0x[0-9A-Fa-f]+);", asm).groups())
-    ones = int(re.search(r"mov\.b32 %wo, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
-    # lop3: bit i of the result is bit (a_i b_i c_i, read as a 3-bit number) of the table.
-    wt = sum(((lut >> (4 * ((wt >> i) & 1) + 2 * ((mask >> i) & 1) + ((ones >> i) & 1))) & 1) << i for i in range(32))
-    return wt, int(re.search(r"mov\.b32 %wm, (0x[0-9A-Fa-f]+);", asm).group(1), 16)
+def _halves(bits: int, dtype: torch.dtype) -> list[float]:
+    """The two 16-bit halves of a 32-bit register as numbers of dtype (low half first)."""
+    return torch.tensor([bits & 0xFFFF, bits >> 16], dtype=torch.int32).to(torch.int16).view(dtype).double().tolist()
 
 
-@pytest.mark.parametrize(("magic", "packed"), [(fm._MAGIC[torch.bfloat16][0], "bf16x2"), (fm._MAGIC[torch.float16][0], "f16x2")])
-def test_nibble_asm_takes_nibble_s_of_each_word(magic: int, packed: str) -> None:
-    """For every nibble position s the PTX puts (magic | nibble s of word A) in the low half and
-    (magic | nibble s of word B) in the high half, and subtracts magic + 8 from both."""
+def _pack(values: list[float], dtype: torch.dtype) -> int:
+    """Two numbers, each rounded once to dtype (exact in fp32 first), as one 32-bit register."""
+    lo, hi = (int(v) & 0xFFFF for v in torch.tensor(values, dtype=torch.float32).to(dtype).view(torch.int16).tolist())
+    return lo | (hi << 16)
+
+
+def _run_nibble_asm(asm: str, word_a: int, word_b: int, scale_bits: int, dtype: torch.dtype) -> int:
+    """Execute `_nibble_asm`'s PTX on two words and a packed scale pair -> the packed result register.
+    Integer steps bit for bit; each packed float step computed exactly (the operands' products fit a
+    double) and rounded once to dtype, as the `.rn` instructions do."""
+    regs = {"$1": word_a, "$2": word_b, "$3": scale_bits}
+    body = asm[asm.index(";") + 1 : asm.rindex("}")]  # after the .reg declaration
+    for ins in filter(None, (x.strip() for x in body.split(";"))):
+        op, args = ins.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        val = [regs[x] if x in regs else int(x, 16) for x in a[1:]]
+        if op == "prmt.b32":  # bytes 0-3 from the first operand, 4-7 from the second
+            source = val[0].to_bytes(4, "little") + val[1].to_bytes(4, "little")
+            out = int.from_bytes(bytes(source[(val[2] >> (4 * i)) & 0x7] for i in range(4)), "little")
+        elif op == "shr.u32":
+            out = val[0] >> val[1]
+        elif op == "mov.b32":
+            out = val[0]
+        elif op == "lop3.b32":  # bit i of the result is bit (a_i b_i c_i, as a 3-bit number) of the table
+            x, y, z, lut = val
+            out = sum(((lut >> (4 * ((x >> i) & 1) + 2 * ((y >> i) & 1) + ((z >> i) & 1))) & 1) << i for i in range(32))
+        else:
+            h = [_halves(v, dtype) for v in val]
+            kind = op.split(".")[0]
+            if kind == "sub":
+                out = _pack([h[0][i] - h[1][i] for i in range(2)], dtype)
+            elif kind == "mul":
+                out = _pack([h[0][i] * h[1][i] for i in range(2)], dtype)
+            elif kind == "fma":
+                out = _pack([h[0][i] * h[1][i] + h[2][i] for i in range(2)], dtype)
+            else:
+                raise AssertionError(f"unexpected instruction {ins!r}")
+        regs[a[0]] = out & 0xFFFFFFFF
+    return regs["$0"]
+
+
+@pytest.mark.parametrize(("magic", "packed", "dtype"), [(fm._MAGIC[torch.bfloat16][0], "bf16x2", torch.bfloat16),
+                                                        (fm._MAGIC[torch.float16][0], "f16x2", torch.float16)])
+def test_nibble_asm_takes_nibble_s_of_each_word(magic: int, packed: str, dtype: torch.dtype) -> None:
+    """For every nibble position s the PTX, executed step by step, gives (nibble s of word A - 8) x
+    scale in the low half and (nibble s of word B - 8) x scale in the high half, each rounded once
+    to the 16-bit type: the reference's dequantization."""
     gen = torch.Generator().manual_seed(0)
-    words = torch.randint(0, 2**32, (64, 2), generator=gen, dtype=torch.int64).tolist()
+    words = torch.randint(0, 2**32, (48, 2), generator=gen, dtype=torch.int64).tolist()
+    scales = (torch.rand(48, 2, generator=gen) * 0.05 + 1e-3).to(dtype)
     for s in range(8):
         asm = iw._nibble_asm(s, magic, packed)
-        assert f"sub.rn.{packed}" in asm and f"mul.rn.{packed} $0, %wt, $3;" in asm
-        for a, b in words:
-            wt, bias = _emulate_integer_part(asm, a, b)
-            assert wt & 0xFFFF == magic | ((a >> (4 * s)) & 0xF), (s, hex(a))
-            assert wt >> 16 == magic | ((b >> (4 * s)) & 0xF), (s, hex(b))
-            assert bias == (magic | 8) * 0x10001
+        assert f"mul.rn.{packed} $0, %wt, $3;" in asm
+        for (a, b), sc in zip(words, scales, strict=True):
+            sc_bits = _pack(sc.double().tolist(), dtype)
+            got = _halves(_run_nibble_asm(asm, a, b, sc_bits, dtype), dtype)
+            qa, qb = ((a >> (4 * s)) & 0xF) - 8, ((b >> (4 * s)) & 0xF) - 8
+            want = _halves(_pack([qa * sc[0].item(), qb * sc[1].item()], dtype), dtype)
+            assert got == want, (s, hex(a), hex(b), got, want)
 
 
 def test_nibble_s_is_the_repack_sub_tile_s() -> None:
