@@ -3,7 +3,11 @@ inside a CUDA graph (launch costs excluded), and check them against each other a
 reference on a few sequences.
 
     python scripts/time_mla_paths.py [--heads 128,64] [--batches 64,128] [--contexts 4096,32768]
-        [--splits N] [--out mla-paths.json]
+        [--splits N] [--hot-pages N] [--out mla-paths.json]
+
+--hot-pages N is a diagnostic: every block-table entry points into the first N pages, so the
+kernels read a cache that stays in L2 (the bytes counted are still the logical ones). Against the
+normal run it separates the cost of DRAM latency and bandwidth from the kernel's own schedule.
 
 Prints a table; writes JSON with --out. GPU only (sm_90 for the seesaw kernel).
 """
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,32768")
     ap.add_argument("--splits", type=int, default=None)
     ap.add_argument("--paths", default="triton,seesaw", help="which kernels to time (the first is the baseline)")
+    ap.add_argument("--hot-pages", type=int, default=0, help="point every block-table entry into the first N pages")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -42,11 +47,13 @@ def main() -> None:
                 blocks = batch * context // PAGE
                 cache = torch.randn(blocks, PAGE, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=gen)
                 tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, -1).to(torch.int32)
+                if args.hot_pages:
+                    tables %= args.hot_pages
                 lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
                 q = torch.randn(batch, heads, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=gen)
                 scale = 192**-0.5
                 nbytes = (batch * context * (RANK + ROPE) + q.numel() + batch * heads * RANK) * 2
-                row = {"heads": heads, "batch": batch, "context": context}
+                row = {"heads": heads, "batch": batch, "context": context, "hot_pages": args.hot_pages}
                 outs = {}
                 for path, env in (("triton", "0"), ("seesaw", "1")):
                     if path not in args.paths.split(","):
