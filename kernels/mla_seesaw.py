@@ -226,15 +226,14 @@ if gluon is not None:
             o = o * gl.convert_layout(a0, ROW_O)[:, None]
             p0_op = gl.convert_layout(p0, P_OP)
             o = warpgroup_mma(p0_op, k_lat.index(0).slice(0, 256, dim=1), o, is_async=True)
+            o, p0_op = warpgroup_mma_wait(num_outstanding=0, deps=[o, p0_op])
+            if t0 + 2 < n_tiles:  # K0's left half is dead: the next even tile's, before waiting for P1
+                _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + (t0 + 2) * _C_TILE, k_lat.index(0), k_rope.index(0),
+                           bars.index(_C_BAR_K0L), 0, False, PAGE_SIZE)
             m1 = m0
             if has1:
                 mbarrier.wait(bars.index(_C_BAR_P1), ph)
                 m1 = m_buf.index(1).load(ROW_S)
-            o, p0_op = warpgroup_mma_wait(num_outstanding=0, deps=[o, p0_op])
-            if t0 + 2 < n_tiles:  # K0's left half is dead: the next even tile's
-                _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + (t0 + 2) * _C_TILE, k_lat.index(0), k_rope.index(0),
-                           bars.index(_C_BAR_K0L), 0, False, PAGE_SIZE)
-            if has1:
                 a1 = gl.exp2(m0 - m1)
                 l_i = l_i * a1
                 o = o * gl.convert_layout(a1, ROW_O)[:, None]
