@@ -8,7 +8,6 @@ same order into fp32, so their outputs are expected to be equal bit for bit (the
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
