@@ -37,9 +37,10 @@ contract): the warpgroup that scores the last, partial tile zeroes those rows of
 shared memory before use, and masks their scores.
 
 Scope (`supported`): sm_90, bf16 / fp16, 512 + 64 wide rows, heads a multiple of 64, pages a
-multiple of 64 tokens, a contiguous cache and 16-byte aligned q (copied when not contiguous). The launcher (`mla_decode.mla_decode`) takes the
-Triton kernel otherwise. Split-K over the context and the stage-2 merge are the Triton kernel's:
-this one writes the same normalized partials and log2-sum-exps.
+multiple of 64 tokens, a contiguous cache and 16-byte aligned q (copied when not contiguous).
+The launcher (`mla_decode.mla_decode`) takes the Triton kernel otherwise. Split-K over the
+context and the stage-2 merge are the Triton kernel's: this one writes the same normalized
+partials and log2-sum-exps.
 """
 
 from __future__ import annotations
@@ -156,12 +157,11 @@ if gluon is not None:
         gl.thread_barrier()
 
     @gluon.jit
-    def _scores(q_lat, q_rope, k_lat, k_rope, bar_first, bar_second, ph, FIRST: gl.constexpr, last_partial,
-                valid, MMA_S: gl.constexpr):
+    def _scores(q_lat, q_rope, k_lat, k_rope, bar_first, bar_second, ph, FIRST: gl.constexpr, last_partial, valid):
         """q (64, 576) . tile^T -> (64 heads, 64 tokens) fp32: the latent half FIRST as soon as it has
         landed, then the other half and the rope columns. A partial last tile (`last_partial`) has
         its dead rows zeroed first."""
-        s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, MMA_S)
+        s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, _MMA_S)
         if last_partial:
             mbarrier.wait(bar_first, ph)
             mbarrier.wait(bar_second, ph)
@@ -177,13 +177,12 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=0, deps=[s])
 
     @gluon.jit
-    def _store_half(o, l_tot, O, out_off, stride_oh, stride_od, HALF: gl.constexpr, MMA_O: gl.constexpr):
+    def _store_half(o, l_tot, O, out_off, stride_oh, stride_od, HALF: gl.constexpr):
         """This warpgroup's (64, 256) output columns, normalized by the row sums (zeros for an empty split)."""
-        ROW_O: gl.constexpr = gl.SliceLayout(1, MMA_O)
-        l_o = gl.convert_layout(l_tot, ROW_O)
+        l_o = gl.convert_layout(l_tot, _ROW_O)
         o = o / gl.where(l_o > 0.0, l_o, 1.0)[:, None]
-        heads = gl.arange(0, _C_HEADS, layout=ROW_O)
-        cols = HALF * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, MMA_O))
+        heads = gl.arange(0, _C_HEADS, layout=_ROW_O)
+        cols = HALF * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, _MMA_O))
         ptrs = O + out_off + heads.to(gl.int64)[:, None] * stride_oh + cols[None, :] * stride_od
         gl.store(ptrs, o.to(O.dtype.element_ty))
 
@@ -193,16 +192,11 @@ if gluon is not None:
              PAGE_SIZE: gl.constexpr, WRITE_LSE: gl.constexpr):
         """Warpgroup 0: the even tiles' scores and softmax, O_L; publishes m0 and P0."""
         dtype: gl.constexpr = q_lat.dtype
-        MMA_S: gl.constexpr = _MMA_S
-        MMA_O: gl.constexpr = _MMA_O
-        P_OP: gl.constexpr = _P_OP
-        ROW_S: gl.constexpr = _ROW_S
-        ROW_O: gl.constexpr = _ROW_O
-        cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, MMA_S))
+        cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, _MMA_S))
 
-        m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, ROW_S)
-        l_i = gl.zeros([_C_HEADS], gl.float32, ROW_S)
-        o = gl.zeros([_C_HEADS, 256], gl.float32, MMA_O)
+        m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, _ROW_S)
+        l_i = gl.zeros([_C_HEADS], gl.float32, _ROW_S)
+        o = gl.zeros([_C_HEADS, 256], gl.float32, _MMA_O)
         mbarrier.wait(bars.index(_C_BAR_Q), 0)
         for pair in range(gl.cdiv(n_tiles, 2)):
             ph = pair & 1
@@ -210,7 +204,7 @@ if gluon is not None:
             has1 = t0 + 1 < n_tiles
             part0 = (t0 == n_tiles - 1) & (last_valid < _C_TILE)
             s = _scores(q_lat, q_rope, k_lat.index(0), k_rope.index(0), bars.index(_C_BAR_K0L), bars.index(_C_BAR_K0R),
-                        ph, 0, part0, last_valid, MMA_S)
+                        ph, 0, part0, last_valid)
             s = s * sm_scale_log2
             if part0:
                 s = gl.where(cols[None, :] < last_valid, s, float("-inf"))
@@ -223,8 +217,8 @@ if gluon is not None:
             fence_async_shared()
             mbarrier.arrive(bars.index(_C_BAR_M0))
 
-            o = o * gl.convert_layout(a0, ROW_O)[:, None]
-            p0_op = gl.convert_layout(p0, P_OP)
+            o = o * gl.convert_layout(a0, _ROW_O)[:, None]
+            p0_op = gl.convert_layout(p0, _P_OP)
             o = warpgroup_mma(p0_op, k_lat.index(0).slice(0, 256, dim=1), o, is_async=True)
             o, p0_op = warpgroup_mma_wait(num_outstanding=0, deps=[o, p0_op])
             if t0 + 2 < n_tiles:  # K0's left half is dead: the next even tile's, before waiting for P1
@@ -233,10 +227,10 @@ if gluon is not None:
             m1 = m0
             if has1:
                 mbarrier.wait(bars.index(_C_BAR_P1), ph)
-                m1 = m_buf.index(1).load(ROW_S)
+                m1 = m_buf.index(1).load(_ROW_S)
                 a1 = gl.exp2(m0 - m1)
                 l_i = l_i * a1
-                o = o * gl.convert_layout(a1, ROW_O)[:, None]
+                o = o * gl.convert_layout(a1, _ROW_O)[:, None]
                 mbarrier.wait(bars.index(_C_BAR_K1L), ph)  # as WG1 does for K0's right half: already complete
                 o = warpgroup_mma(k_rope.index(1), k_lat.index(1).slice(0, 256, dim=1), o, is_async=True)
                 o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
@@ -246,14 +240,14 @@ if gluon is not None:
             m_i = m1
 
         mbarrier.wait(bars.index(_C_BAR_L1), 0)
-        l_tot = l_i + l_buf.index(1).load(ROW_S)
+        l_tot = l_i + l_buf.index(1).load(_ROW_S)
         l_buf.index(0).store(l_tot)
         mbarrier.arrive(bars.index(_C_BAR_L))
-        _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 0, MMA_O)
+        _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 0)
         if WRITE_LSE:
             nonempty = l_tot > 0.0
             lse = gl.where(nonempty, m_i + gl.log2(gl.where(nonempty, l_tot, 1.0)), float("-inf"))
-            heads = gl.arange(0, _C_HEADS, layout=ROW_S)
+            heads = gl.arange(0, _C_HEADS, layout=_ROW_S)
             gl.store(Lse + lse_off + heads * stride_lh, lse)
 
     @gluon.jit
@@ -261,31 +255,26 @@ if gluon is not None:
              sm_scale_log2, O, out_off, stride_oh, stride_od, PAGE_SIZE: gl.constexpr):
         """Warpgroup 1: the odd tiles' scores and softmax, O_R; publishes m1 and P1."""
         dtype: gl.constexpr = q_lat.dtype
-        MMA_S: gl.constexpr = _MMA_S
-        MMA_O: gl.constexpr = _MMA_O
-        P_OP: gl.constexpr = _P_OP
-        ROW_S: gl.constexpr = _ROW_S
-        ROW_O: gl.constexpr = _ROW_O
-        cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, MMA_S))
+        cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, _MMA_S))
 
-        m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, ROW_S)
-        l_i = gl.zeros([_C_HEADS], gl.float32, ROW_S)
-        o = gl.zeros([_C_HEADS, 256], gl.float32, MMA_O)
+        m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, _ROW_S)
+        l_i = gl.zeros([_C_HEADS], gl.float32, _ROW_S)
+        o = gl.zeros([_C_HEADS, 256], gl.float32, _MMA_O)
         mbarrier.wait(bars.index(_C_BAR_Q), 0)
         for pair in range(gl.cdiv(n_tiles, 2)):
             ph = pair & 1
             t1 = 2 * pair + 1
             has1 = t1 < n_tiles
-            s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, MMA_S)
+            s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, _MMA_S)
             part1 = (t1 == n_tiles - 1) & (last_valid < _C_TILE)
             if has1:
                 s = _scores(q_lat, q_rope, k_lat.index(1), k_rope.index(1), bars.index(_C_BAR_K1R),
-                            bars.index(_C_BAR_K1L), ph, 1, part1, last_valid, MMA_S)
+                            bars.index(_C_BAR_K1L), ph, 1, part1, last_valid)
             mbarrier.wait(bars.index(_C_BAR_M0), ph)
-            m0 = m_buf.index(0).load(ROW_S)
+            m0 = m_buf.index(0).load(_ROW_S)
             a0 = gl.exp2(m_i - m0)
             l_i = l_i * a0
-            o = o * gl.convert_layout(a0, ROW_O)[:, None]
+            o = o * gl.convert_layout(a0, _ROW_O)[:, None]
             # K0's right half landed for WG0 (whose M0 this follows); waited here too, so that WG1's own
             # view of the TMA's writes does not rest on the ordering through WG0 alone. Already complete.
             mbarrier.wait(bars.index(_C_BAR_K0R), ph)
@@ -295,7 +284,7 @@ if gluon is not None:
                 if part1:
                     s = gl.where(cols[None, :] < last_valid, s, float("-inf"))
             m1 = m0
-            p1 = gl.zeros([_C_HEADS, _C_TILE], dtype, MMA_S)
+            p1 = gl.zeros([_C_HEADS, _C_TILE], dtype, _MMA_S)
             if has1:  # the softmax overlaps P0 V0_R
                 m1 = gl.maximum(m0, gl.max(s, axis=1))
                 p1 = gl.exp2(s - m1[:, None]).to(dtype)
@@ -310,8 +299,8 @@ if gluon is not None:
             if has1:
                 a1 = gl.exp2(m0 - m1)
                 l_i = l_i * a1 + gl.sum(p1.to(gl.float32), axis=1)
-                o = o * gl.convert_layout(a1, ROW_O)[:, None]
-                p1_op = gl.convert_layout(p1, P_OP)
+                o = o * gl.convert_layout(a1, _ROW_O)[:, None]
+                p1_op = gl.convert_layout(p1, _P_OP)
                 o = warpgroup_mma(p1_op, k_lat.index(1).slice(256, 256, dim=1), o, is_async=True)
                 o, p1_op = warpgroup_mma_wait(num_outstanding=0, deps=[o, p1_op])
                 if t1 + 2 < n_tiles:  # K1's right half is dead: the next odd tile's
@@ -322,8 +311,8 @@ if gluon is not None:
         l_buf.index(1).store(l_i)
         mbarrier.arrive(bars.index(_C_BAR_L1))
         mbarrier.wait(bars.index(_C_BAR_L), 0)
-        l_tot = l_buf.index(0).load(ROW_S)
-        _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 1, MMA_O)
+        l_tot = l_buf.index(0).load(_ROW_S)
+        _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 1)
 
     @gluon.jit(do_not_specialize=("num_splits", "stride_btb", "stride_ob", "stride_os", "stride_lb", "stride_ls"))
     def mla_seesaw_kernel(
