@@ -10,8 +10,7 @@ import argparse
 import torch
 
 from moecluster.kernels.mla_decode import mla_decode
-
-RANK, ROPE, PAGE = 512, 64, 64
+from time_mla_paths import RANK, make_inputs  # scripts/ is on sys.path when this runs as a script
 
 p = argparse.ArgumentParser()
 p.add_argument("--heads", type=int, default=128)
@@ -21,14 +20,8 @@ p.add_argument("--hot-pages", type=int, default=0)
 p.add_argument("--calls", type=int, default=3)
 args = p.parse_args()
 
-g = torch.Generator(device="cuda").manual_seed(0)
-blocks = args.batch * args.context // PAGE
-cache = torch.randn(blocks, PAGE, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=g)
-tables = torch.randperm(blocks, device="cuda", generator=g).view(args.batch, -1).to(torch.int32)
-if args.hot_pages:
-    tables %= args.hot_pages
-lens = torch.full((args.batch,), args.context, device="cuda", dtype=torch.int32)
-q = torch.randn(args.batch, args.heads, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=g)
+q, cache, tables, lens = make_inputs(args.heads, args.batch, args.context, args.hot_pages,
+                                     torch.Generator(device="cuda").manual_seed(0))
 for _ in range(args.calls):
     mla_decode(q, cache, tables, lens, 192**-0.5, RANK)
 torch.cuda.synchronize()

@@ -25,6 +25,20 @@ from moecluster.kernels.mla_decode import mla_decode, mla_decode_reference
 RANK, ROPE, PAGE = 512, 64, 64
 
 
+def make_inputs(heads: int, batch: int, context: int, hot_pages: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (batch, heads, 576), a bf16 cache of pages of 64 x 576, shuffled block tables (every entry in
+    the first `hot_pages` pages when given) and lengths of `context` tokens, on the GPU."""
+    blocks = batch * context // PAGE
+    cache = torch.randn(blocks, PAGE, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=gen)
+    tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, -1).to(torch.int32)
+    if hot_pages:
+        tables %= hot_pages
+    lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return q, cache, tables, lens
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -44,13 +58,7 @@ def main() -> None:
     for heads in _ints(args.heads):
         for batch in _ints(args.batches):
             for context in _ints(args.contexts):
-                blocks = batch * context // PAGE
-                cache = torch.randn(blocks, PAGE, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=gen)
-                tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, -1).to(torch.int32)
-                if args.hot_pages:
-                    tables %= args.hot_pages
-                lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
-                q = torch.randn(batch, heads, RANK + ROPE, device="cuda", dtype=torch.bfloat16, generator=gen)
+                q, cache, tables, lens = make_inputs(heads, batch, context, args.hot_pages, gen)
                 scale = 192**-0.5
                 nbytes = (batch * context * (RANK + ROPE) + q.numel() + batch * heads * RANK) * 2
                 row = {"heads": heads, "batch": batch, "context": context, "hot_pages": args.hot_pages}
