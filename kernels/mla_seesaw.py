@@ -144,11 +144,11 @@ if gluon is not None:
         page = gl.load(bt_row + (tok // PAGE_SIZE) * stride_btn).to(gl.int32)
         row = page * PAGE_SIZE + tok % PAGE_SIZE
         for c in gl.static_range(HALF * (_C_CHUNKS // 2), (HALF + 1) * (_C_CHUNKS // 2)):
-            bar = bars.index(_C_BAR_K + T * (_C_CHUNKS + 1) + c)
+            bar = bars[_C_BAR_K + T * (_C_CHUNKS + 1) + c]
             mbarrier.expect(bar, _C_TILE * _C_CHUNK * 2)
             tma.async_copy_global_to_shared(kv_desc, [row, c * _C_CHUNK], bar, k_lat.slice(c * _C_CHUNK, _C_CHUNK, dim=1))
         if WITH_ROPE:
-            bar = bars.index(_C_BAR_K + T * (_C_CHUNKS + 1) + _C_CHUNKS)
+            bar = bars[_C_BAR_K + T * (_C_CHUNKS + 1) + _C_CHUNKS]
             mbarrier.expect(bar, _C_TILE * _C_ROPE * 2)
             tma.async_copy_global_to_shared(rope_desc, [row, _C_KV_LORA], bar, k_rope)
 
@@ -156,7 +156,7 @@ if gluon is not None:
     def _wait_half(bars, T: gl.constexpr, HALF: gl.constexpr, ph):
         """Wait until every chunk of tile buffer T's latent half HALF has landed."""
         for c in gl.static_range(HALF * (_C_CHUNKS // 2), (HALF + 1) * (_C_CHUNKS // 2)):
-            mbarrier.wait(bars.index(_C_BAR_K + T * (_C_CHUNKS + 1) + c), ph)
+            mbarrier.wait(bars[_C_BAR_K + T * (_C_CHUNKS + 1) + c], ph)
 
     @gluon.jit
     def _zero_tail_rows(k_lat, valid):
@@ -176,7 +176,7 @@ if gluon is not None:
     def _score_half(q_lat, k_lat, bars, T: gl.constexpr, ph, HALF: gl.constexpr, s):
         """s += q . (latent half HALF of tile buffer T)^T, each chunk's product issued as soon as it has landed."""
         for c in gl.static_range(HALF * (_C_CHUNKS // 2), (HALF + 1) * (_C_CHUNKS // 2)):
-            mbarrier.wait(bars.index(_C_BAR_K + T * (_C_CHUNKS + 1) + c), ph)
+            mbarrier.wait(bars[_C_BAR_K + T * (_C_CHUNKS + 1) + c], ph)
             s = warpgroup_mma(q_lat.slice(c * _C_CHUNK, _C_CHUNK, dim=1),
                               k_lat.slice(c * _C_CHUNK, _C_CHUNK, dim=1).permute((1, 0)), s, is_async=True)
         return s
@@ -187,7 +187,7 @@ if gluon is not None:
         the latent half FIRST, then the other half, then the rope columns. A partial last tile
         (`last_partial`) has its dead rows zeroed first."""
         s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, _MMA_S)
-        rope_bar = bars.index(_C_BAR_K + T * (_C_CHUNKS + 1) + _C_CHUNKS)
+        rope_bar = bars[_C_BAR_K + T * (_C_CHUNKS + 1) + _C_CHUNKS]
         if last_partial:
             _wait_half(bars, T, 0, ph)
             _wait_half(bars, T, 1, ph)
@@ -220,7 +220,7 @@ if gluon is not None:
         m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, _ROW_S)
         l_i = gl.zeros([_C_HEADS], gl.float32, _ROW_S)
         o = gl.zeros([_C_HEADS, 256], gl.float32, _MMA_O)
-        mbarrier.wait(bars.index(_C_BAR_Q), 0)
+        mbarrier.wait(bars[_C_BAR_Q], 0)
         for pair in range(gl.cdiv(n_tiles, 2)):
             ph = pair & 1
             t0 = 2 * pair
@@ -237,7 +237,7 @@ if gluon is not None:
             k_rope.index(0).store(p0)  # P0 in K0's rope columns (dead once S0 is done), for WG1
             m_buf.index(0).store(m0)
             fence_async_shared()
-            mbarrier.arrive(bars.index(_C_BAR_M0))
+            mbarrier.arrive(bars[_C_BAR_M0])
 
             o = o * gl.convert_layout(a0, _ROW_O)[:, None]
             p0_op = gl.convert_layout(p0, _P_OP)
@@ -248,7 +248,7 @@ if gluon is not None:
                            bars, 0, 0, False, PAGE_SIZE)
             m1 = m0
             if has1:
-                mbarrier.wait(bars.index(_C_BAR_P1), ph)
+                mbarrier.wait(bars[_C_BAR_P1], ph)
                 m1 = m_buf.index(1).load(_ROW_S)
                 a1 = gl.exp2(m0 - m1)
                 l_i = l_i * a1
@@ -261,10 +261,10 @@ if gluon is not None:
                                bars, 1, 0, True, PAGE_SIZE)
             m_i = m1
 
-        mbarrier.wait(bars.index(_C_BAR_L1), 0)
+        mbarrier.wait(bars[_C_BAR_L1], 0)
         l_tot = l_i + l_buf.index(1).load(_ROW_S)
         l_buf.index(0).store(l_tot)
-        mbarrier.arrive(bars.index(_C_BAR_L))
+        mbarrier.arrive(bars[_C_BAR_L])
         _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 0)
         if WRITE_LSE:
             nonempty = l_tot > 0.0
@@ -282,7 +282,7 @@ if gluon is not None:
         m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, _ROW_S)
         l_i = gl.zeros([_C_HEADS], gl.float32, _ROW_S)
         o = gl.zeros([_C_HEADS, 256], gl.float32, _MMA_O)
-        mbarrier.wait(bars.index(_C_BAR_Q), 0)
+        mbarrier.wait(bars[_C_BAR_Q], 0)
         for pair in range(gl.cdiv(n_tiles, 2)):
             ph = pair & 1
             t1 = 2 * pair + 1
@@ -291,7 +291,7 @@ if gluon is not None:
             part1 = (t1 == n_tiles - 1) & (last_valid < _C_TILE)
             if has1:
                 s = _scores(q_lat, q_rope, k_lat.index(1), k_rope.index(1), bars, 1, ph, 1, part1, last_valid)
-            mbarrier.wait(bars.index(_C_BAR_M0), ph)
+            mbarrier.wait(bars[_C_BAR_M0], ph)
             m0 = m_buf.index(0).load(_ROW_S)
             a0 = gl.exp2(m_i - m0)
             l_i = l_i * a0
@@ -312,7 +312,7 @@ if gluon is not None:
                 k_rope.index(1).store(p1)  # P1 in K1's rope columns, for WG0
                 m_buf.index(1).store(m1)
                 fence_async_shared()
-                mbarrier.arrive(bars.index(_C_BAR_P1))
+                mbarrier.arrive(bars[_C_BAR_P1])
             o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
             if t1 + 1 < n_tiles:  # K0's right half and P0 are dead: the next even tile's
                 _load_half(kv_desc, rope_desc, bt_row, stride_btn, start + (t1 + 1) * _C_TILE, k_lat.index(0), k_rope.index(0),
@@ -330,8 +330,8 @@ if gluon is not None:
             m_i = m1
 
         l_buf.index(1).store(l_i)
-        mbarrier.arrive(bars.index(_C_BAR_L1))
-        mbarrier.wait(bars.index(_C_BAR_L), 0)
+        mbarrier.arrive(bars[_C_BAR_L1])
+        mbarrier.wait(bars[_C_BAR_L], 0)
         l_tot = l_buf.index(0).load(_ROW_S)
         _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 1)
 
@@ -382,15 +382,18 @@ if gluon is not None:
         VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         m_buf = gl.allocate_shared_memory(gl.float32, [2, _C_HEADS], VEC)
         l_buf = gl.allocate_shared_memory(gl.float32, [2, _C_HEADS], VEC)
-        bars = gl.allocate_shared_memory(gl.int64, [_C_NUM_BARS, 1], mbarrier.MBarrierLayout())
+        # One allocation per barrier: with all in one, the compiler's shared-memory hazard analysis saw
+        # every wait conflict with any earlier expect and put a warpgroup barrier before each wait.
+        bars = ()
         for i in gl.static_range(_C_NUM_BARS):
-            mbarrier.init(bars.index(i), count=1)
+            bars = bars + (gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()),)
+            mbarrier.init(bars[i], count=1)
 
         row_q = b * num_heads + pid_h * _C_HEADS
-        mbarrier.expect(bars.index(_C_BAR_Q), _C_HEADS * (_C_KV_LORA + _C_ROPE) * 2)
+        mbarrier.expect(bars[_C_BAR_Q], _C_HEADS * (_C_KV_LORA + _C_ROPE) * 2)
         for h in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [row_q, h * 256], bars.index(_C_BAR_Q), q_lat.slice(h * 256, 256, dim=1))
-        tma.async_copy_global_to_shared(q_rope_desc, [row_q, _C_KV_LORA], bars.index(_C_BAR_Q), q_rope)
+            tma.async_copy_global_to_shared(q_desc, [row_q, h * 256], bars[_C_BAR_Q], q_lat.slice(h * 256, 256, dim=1))
+        tma.async_copy_global_to_shared(q_rope_desc, [row_q, _C_KV_LORA], bars[_C_BAR_Q], q_rope)
         if n_tiles > 0:
             _load_half(kv_desc, rope_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars, 0, 0, False,
                        PAGE_SIZE)
