@@ -49,7 +49,7 @@ def check(w: fm.Int4Experts, g: torch.Generator) -> dict:
         ref = grouped_mlp_reference(x, counts, w, src_rows=src)
         gu, dn = fm.default_tiles(rows, w, x.dtype)  # explicit tiles: the Triton kernel
         tri = fm.grouped_mlp(x, counts, w, src_rows=src, gate_up_tiles=gu, down_tiles=dn)
-        for tiles in (iw.WgmmaTiles(), iw.WgmmaTiles(16, 128, 8, 3), iw.WgmmaTiles(32, 128, 4, 2, False)):
+        for tiles in (iw.WgmmaTiles(), iw.WgmmaTiles(16, 128, 8, 3), iw.WgmmaTiles(32, 128, 4, 2)):
             h = torch.full((rows, I), float("nan"), device="cuda", dtype=torch.bfloat16)
             o = torch.full((rows, H), float("nan"), device="cuda", dtype=torch.bfloat16)
             gluon_gemm(x, src, counts, w, "gate_up", h, rows, tiles)
