@@ -33,7 +33,7 @@ Each half is reloaded by the warpgroup that reads it last, as soon as its last p
 and the next pair's score products start with the half that was reloaded first. A half arrives
 as copies of CHUNK columns (and the rope columns), each on its own barrier, and the score product
 takes each chunk as soon as it has landed. 128 columns measured 1-2% faster than whole halves
-and 64 columns 2-4% slower (every copy and every wait costs the warpgroup a barrier).
+and 64 columns 2-5% slower (every copy costs the warpgroup a barrier).
 
 Cache rows past a sequence's length inside its last page may hold anything (the engine's
 contract): the warpgroup that scores the last, partial tile zeroes those rows of the latent in
