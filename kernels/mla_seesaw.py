@@ -32,8 +32,8 @@ Each half is reloaded by the warpgroup that reads it last, as soon as its last p
 
 and the next pair's score products start with the half that was reloaded first. A half arrives
 as copies of CHUNK columns (and the rope columns), each on its own barrier, and the score product
-takes each chunk as soon as it has landed. 128 columns measured 1-2% faster than whole halves
-and 64 columns 2-5% slower (every copy costs the warpgroup a barrier).
+takes each chunk as soon as it has landed. 128 columns measured up to 2.4% faster than whole
+halves, 64 columns slower (every copy costs the warpgroup a barrier; docs/performance.md).
 
 Cache rows past a sequence's length inside its last page may hold anything (the engine's
 contract): the warpgroup that scores the last, partial tile zeroes those rows of the latent in
@@ -85,6 +85,11 @@ _BAR_M0, _BAR_P1, _BAR_L1, _BAR_L = range(_BAR_K + 2 * (_CHUNKS + 1), _BAR_K + 2
 _NUM_BARS = _BAR_L + 1
 
 
+def _kbar(t: int, c: int) -> int:
+    """The barrier of tile buffer t's latent chunk c (c = _CHUNKS: its rope columns)."""
+    return _BAR_K + t * (_CHUNKS + 1) + c
+
+
 _failed: list[str] = []  # the first launch error, after which the Triton kernel takes every call
 
 
@@ -118,9 +123,10 @@ if gluon is not None:
     _C_HEADS = gl.constexpr(HEADS)
     _C_TILE = gl.constexpr(TILE)
     _C_BAR_Q = gl.constexpr(_BAR_Q)
-    _C_BAR_K = gl.constexpr(_BAR_K)
     _C_CHUNK = gl.constexpr(CHUNK)
     _C_CHUNKS = gl.constexpr(_CHUNKS)
+    _C_HALF_CHUNKS = gl.constexpr(_CHUNKS // 2)
+    _kbar_c = gluon.constexpr_function(_kbar)
     _C_BAR_M0 = gl.constexpr(_BAR_M0)
     _C_BAR_P1 = gl.constexpr(_BAR_P1)
     _C_BAR_L1 = gl.constexpr(_BAR_L1)
@@ -143,20 +149,20 @@ if gluon is not None:
         and its rope columns into k_rope when WITH_ROPE."""
         page = gl.load(bt_row + (tok // PAGE_SIZE) * stride_btn).to(gl.int32)
         row = page * PAGE_SIZE + tok % PAGE_SIZE
-        for c in gl.static_range(HALF * (_C_CHUNKS // 2), (HALF + 1) * (_C_CHUNKS // 2)):
-            bar = bars[_C_BAR_K + T * (_C_CHUNKS + 1) + c]
+        for c in gl.static_range(HALF * _C_HALF_CHUNKS, (HALF + 1) * _C_HALF_CHUNKS):
+            bar = bars[_kbar_c(T, c)]
             mbarrier.expect(bar, _C_TILE * _C_CHUNK * 2)
             tma.async_copy_global_to_shared(kv_desc, [row, c * _C_CHUNK], bar, k_lat.slice(c * _C_CHUNK, _C_CHUNK, dim=1))
         if WITH_ROPE:
-            bar = bars[_C_BAR_K + T * (_C_CHUNKS + 1) + _C_CHUNKS]
+            bar = bars[_kbar_c(T, _C_CHUNKS)]
             mbarrier.expect(bar, _C_TILE * _C_ROPE * 2)
             tma.async_copy_global_to_shared(rope_desc, [row, _C_KV_LORA], bar, k_rope)
 
     @gluon.jit
     def _wait_half(bars, T: gl.constexpr, HALF: gl.constexpr, ph):
         """Wait until every chunk of tile buffer T's latent half HALF has landed."""
-        for c in gl.static_range(HALF * (_C_CHUNKS // 2), (HALF + 1) * (_C_CHUNKS // 2)):
-            mbarrier.wait(bars[_C_BAR_K + T * (_C_CHUNKS + 1) + c], ph)
+        for c in gl.static_range(HALF * _C_HALF_CHUNKS, (HALF + 1) * _C_HALF_CHUNKS):
+            mbarrier.wait(bars[_kbar_c(T, c)], ph)
 
     @gluon.jit
     def _zero_tail_rows(k_lat, valid):
@@ -175,8 +181,8 @@ if gluon is not None:
     @gluon.jit
     def _score_half(q_lat, k_lat, bars, T: gl.constexpr, ph, HALF: gl.constexpr, s):
         """s += q . (latent half HALF of tile buffer T)^T, each chunk's product issued as soon as it has landed."""
-        for c in gl.static_range(HALF * (_C_CHUNKS // 2), (HALF + 1) * (_C_CHUNKS // 2)):
-            mbarrier.wait(bars[_C_BAR_K + T * (_C_CHUNKS + 1) + c], ph)
+        for c in gl.static_range(HALF * _C_HALF_CHUNKS, (HALF + 1) * _C_HALF_CHUNKS):
+            mbarrier.wait(bars[_kbar_c(T, c)], ph)
             s = warpgroup_mma(q_lat.slice(c * _C_CHUNK, _C_CHUNK, dim=1),
                               k_lat.slice(c * _C_CHUNK, _C_CHUNK, dim=1).permute((1, 0)), s, is_async=True)
         return s
@@ -187,7 +193,7 @@ if gluon is not None:
         the latent half FIRST, then the other half, then the rope columns. A partial last tile
         (`last_partial`) has its dead rows zeroed first."""
         s = gl.zeros([_C_HEADS, _C_TILE], gl.float32, _MMA_S)
-        rope_bar = bars[_C_BAR_K + T * (_C_CHUNKS + 1) + _C_CHUNKS]
+        rope_bar = bars[_kbar_c(T, _C_CHUNKS)]
         if last_partial:
             _wait_half(bars, T, 0, ph)
             _wait_half(bars, T, 1, ph)
