@@ -11,10 +11,13 @@ asynchronously while the next sub-tile is dequantized.
 One program: one expert's block of BLOCK_T rows (tokens) x BLOCK_N output columns, the expert
 and its rows found from the counts as in the Triton kernel (no host table). Per k_block of 256
 inputs (the repack's layout, `moe_weights.py`: word row j of a block holds input s * 32 + j in
-nibble s) a ring of STAGES shared-memory buffers, filled by cp.async a few blocks ahead, holds:
-  x    8 x (BLOCK_T, 32)   the rows' inputs, gathered by row index (no permuted copy)
-  w    (32, BLOCK_N) int32 per weight (gate and up when gated)
-  s    (8, BLOCK_N)        the scale row of each 32-input sub-tile
+nibble s) a ring of STAGES shared-memory buffers, filled a block ahead, holds:
+  x    8 x (BLOCK_T, 32)   the rows' inputs: one TMA box for grouped rows from 32 rows a program
+                           (`x_tma_ok`), else cp.async gathered by row index (no permuted copy)
+  w    (32, BLOCK_N) int32 per weight (gate and up when gated): TMA from 32 rows a program
+                           (`w_tma_ok`), else cp.async
+  s    (8, BLOCK_N)        the scale row of each 32-input sub-tile (cp.async), read into registers
+                           one sub-tile ahead of its use
 Each word tile is read once into registers in the wgmma operand layout; nibble s of every word
 gives sub-tile s, (BLOCK_N, 32) weights in that same layout, dequantized two at a time with the
 same PTX as the Triton kernel (`fused_moe._pairs_asm`), so both kernels produce the same weights.
@@ -44,13 +47,19 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # no Triton, or a Triton without Gluon: the callers use the Triton kernel
     gluon = None
 
 K_BLOCK = 256  # the repack's k_block this kernel takes: 8 sub-tiles of 32 inputs (one scale group at most)
+# the shared layout of a TMA box of activations, (8 sub-tiles, BLOCK_T rows, 32 inputs), 64-byte rows
+_X_BOX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=3) if gluon is not None else None
+# the shared layout of a TMA box of words, (1, 32 word rows, BLOCK_N columns) int32, 128-byte swizzle
+_W_BOX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3) if gluon is not None else None
 
 
 if gluon is not None:
@@ -60,14 +69,11 @@ if gluon is not None:
         return a + b
 
     @gluon.jit
-    def _issue(a_ptr, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w_off, n_mask_w, s_off, n_mask_s, offs_s,
-               x_smem, w0_smem, s0_smem, w1_smem, s1_smem, j, st, K, stride_am, stride_wk, stride_sk,
-               GATED: gl.constexpr, GROUP: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_T: gl.constexpr,
-               XL: gl.constexpr):
-        """cp.async of k_block j into ring slot st: the 8 x sub-tiles stacked as (8 * BLOCK_T, 32) in one
-        copy (one copy per buffer: separate copies into one buffer make the compiler put a CTA barrier
-        between them), the words and the scale rows."""
-        kb = j * 256
+    def _issue_x(a_ptr, x_rows, x_mask, x_smem, kb, st, K, stride_am, EVEN_K: gl.constexpr, BLOCK_T: gl.constexpr,
+                 XL: gl.constexpr):
+        """cp.async of the gathered activations of the k_block from input kb into ring slot st: the 8
+        sub-tiles stacked as (8 * BLOCK_T, 32) in one copy (one copy per buffer: separate copies into
+        one buffer make the compiler put a CTA barrier between them)."""
         sub = gl.arange(0, 8 * BLOCK_T, layout=gl.SliceLayout(1, XL)) // BLOCK_T  # (8 * BLOCK_T,) sub-tile
         ks = kb + sub[:, None] * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, XL))[None, :]  # (8 * BLOCK_T, 32)
         if EVEN_K:
@@ -75,12 +81,38 @@ if gluon is not None:
         else:
             mask = x_mask[:, None] & (ks < K)
         async_copy.async_copy_global_to_shared(x_smem.index(st), a_ptr + x_rows[:, None] * stride_am + ks, mask=mask)
-        w_rows = (kb // 8) * stride_wk
+
+    @gluon.jit
+    def _issue(a_ptr, x_desc, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w0_desc, w1_desc, w_off, n_mask_w, s_off,
+               n_mask_s, offs_s, x_smem, x_tma, tma_bar, w0_smem, s0_smem, w1_smem, s1_smem, w0_tma, w1_tma, expert, row0,
+               n0, j, st, K, stride_am, stride_wk, stride_sk, GATED: gl.constexpr, GROUP: gl.constexpr,
+               EVEN_K: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, XL: gl.constexpr,
+               X_TMA: gl.constexpr, W_TMA: gl.constexpr):
+        """The loads of k_block j into ring slot st. By TMA, all arriving on tma_bar: the activations
+        (X_TMA: grouped rows, 8 x (BLOCK_T, 32) boxes in one 3-D copy) and the words (W_TMA: a
+        (32, BLOCK_N) box). By cp.async: the gathered activations, the words without W_TMA, the scale
+        rows."""
+        kb = j * 256
+        X_BYTES: gl.constexpr = 8 * BLOCK_T * 32 * 2 if X_TMA else 0
+        W_BYTES: gl.constexpr = (2 if GATED else 1) * 32 * BLOCK_N * 4 if W_TMA else 0
+        if X_TMA or W_TMA:
+            mbarrier.expect(tma_bar, X_BYTES + W_BYTES)
+        if X_TMA:
+            tma.async_copy_global_to_shared(x_desc, [kb // 32, row0, 0], tma_bar, x_tma.index(st))
+        else:
+            _issue_x(a_ptr, x_rows, x_mask, x_smem, kb, st, K, stride_am, EVEN_K, BLOCK_T, XL)
+        if W_TMA:
+            tma.async_copy_global_to_shared(w0_desc, [expert, kb // 8, n0], tma_bar, w0_tma.index(st))
+            if GATED:
+                tma.async_copy_global_to_shared(w1_desc, [expert, kb // 8, n0], tma_bar, w1_tma.index(st))
+        else:
+            w_rows = (kb // 8) * stride_wk
+            async_copy.async_copy_global_to_shared(w0_smem.index(st), w0_ptr + w_off + w_rows, mask=n_mask_w)
+            if GATED:
+                async_copy.async_copy_global_to_shared(w1_smem.index(st), w1_ptr + w_off + w_rows, mask=n_mask_w)
         s_rows = ((kb + offs_s * 32) // GROUP) * stride_sk  # (8,) the group of each sub-tile
-        async_copy.async_copy_global_to_shared(w0_smem.index(st), w0_ptr + w_off + w_rows, mask=n_mask_w)
         async_copy.async_copy_global_to_shared(s0_smem.index(st), s0_ptr + s_off + s_rows[:, None], mask=n_mask_s)
         if GATED:
-            async_copy.async_copy_global_to_shared(w1_smem.index(st), w1_ptr + w_off + w_rows, mask=n_mask_w)
             async_copy.async_copy_global_to_shared(s1_smem.index(st), s1_ptr + s_off + s_rows[:, None], mask=n_mask_s)
 
     @gluon.constexpr_function
@@ -111,11 +143,14 @@ if gluon is not None:
     @gluon.jit(do_not_specialize=("n_rows", "n_tblocks"))
     def int4_wgmma_kernel(
         a_ptr,  # (a_rows, K) activations, K contiguous; grouped row r is a[src[r]] when GATHER
+        x_desc,  # X_TMA: a as (K / 32, a_rows, 32) with boxes (8, BLOCK_T, 32); else None
         src_ptr,  # (n_rows,) int, read only when GATHER
         counts_ptr,  # (E,) int rows per expert
         w0_ptr,  # int32 (E, K_pad / 8, N), N contiguous: gate, or the only weight
         s0_ptr,  # (E, K_pad / GROUP, N), N contiguous, the activations' dtype
         w1_ptr,  # up (GATED only), same strides
+        w0_desc,  # W_TMA: w0 and w1 as (E, K_pad / 8, N) with boxes (1, 32, BLOCK_N); else None
+        w1_desc,
         s1_ptr,
         c_ptr,  # (n_rows, N) output, grouped order, N contiguous
         n_rows,
@@ -139,6 +174,8 @@ if gluon is not None:
         GROUP: gl.constexpr,
         STAGES: gl.constexpr,
         EVEN_K: gl.constexpr,
+        X_TMA: gl.constexpr,  # the activations by TMA (grouped rows, K % 32 == 0), else cp.async
+        W_TMA: gl.constexpr,  # the words by TMA, else cp.async
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = a_ptr.dtype.element_ty
@@ -173,11 +210,17 @@ if gluon is not None:
             WL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPN_W, TPN_W], [num_warps, 1], [1, 0])  # (32, BLOCK_N)
             SL: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])  # (8, BLOCK_N)
             X_SH: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
-            W_SH: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+            X_SH3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=3)  # TMA boxes
+            if W_TMA:
+                W_SH: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+            else:
+                W_SH: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+            W_SH3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)  # TMA boxes
             S_SH: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
             S_ROWS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
             x_smem = gl.allocate_shared_memory(dtype, [STAGES, 8 * BLOCK_T, 32], X_SH)  # 8 sub-tiles stacked
+            x_tma = x_smem._reinterpret(dtype, [STAGES, 8, BLOCK_T, 32], X_SH3)  # the same bytes as TMA boxes
             w0_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 32, BLOCK_N], W_SH)
             s0_smem = gl.allocate_shared_memory(dtype, [STAGES, 8, BLOCK_N], S_SH)
             if GATED:
@@ -186,35 +229,50 @@ if gluon is not None:
             else:
                 w1_smem = w0_smem
                 s1_smem = s0_smem
+            w0_tma = w0_smem._reinterpret(gl.int32, [STAGES, 1, 32, BLOCK_N], W_SH3)
+            w1_tma = w1_smem._reinterpret(gl.int32, [STAGES, 1, 32, BLOCK_N], W_SH3)
 
             # ---- load addressing
             # row r of a stacked x tile is sub-tile r // BLOCK_T, grouped row row0 + r % BLOCK_T
-            offs_t = row0 + gl.arange(0, 8 * BLOCK_T, layout=gl.SliceLayout(1, XL)) % BLOCK_T  # (8 * BLOCK_T,)
-            x_mask = (offs_t < stop_row) & (offs_t < n_rows)
-            if GATHER:
-                x_rows = gl.load(src_ptr + offs_t, mask=x_mask, other=0).to(gl.int64)
+            if X_TMA:  # (the TMA box reads rows past the expert's: they only feed output columns not stored)
+                x_rows = 0
+                x_mask = 0
             else:
-                x_rows = offs_t.to(gl.int64)
-            offs_j = gl.arange(0, 32, layout=gl.SliceLayout(1, WL))
-            offs_nw = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, WL))
-            w_off = e64 * stride_we + offs_j[:, None] * stride_wk + offs_nw[None, :]  # (32, BLOCK_N)
-            n_mask_w = gl.broadcast(offs_nw[None, :] < N, w_off)[0]
+                offs_t = row0 + gl.arange(0, 8 * BLOCK_T, layout=gl.SliceLayout(1, XL)) % BLOCK_T  # (8 * BLOCK_T,)
+                x_mask = (offs_t < stop_row) & (offs_t < n_rows)
+                if GATHER:
+                    x_rows = gl.load(src_ptr + offs_t, mask=x_mask, other=0).to(gl.int64)
+                else:
+                    x_rows = offs_t.to(gl.int64)
+            if W_TMA:
+                w_off = 0
+                n_mask_w = 0
+            else:
+                offs_j = gl.arange(0, 32, layout=gl.SliceLayout(1, WL))
+                offs_nw = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, WL))
+                w_off = e64 * stride_we + offs_j[:, None] * stride_wk + offs_nw[None, :]  # (32, BLOCK_N)
+                n_mask_w = gl.broadcast(offs_nw[None, :] < N, w_off)[0]
             offs_s = gl.arange(0, 8, layout=gl.SliceLayout(1, SL))
             offs_ns = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SL))
             s_off = e64 * stride_se + offs_ns[None, :]  # (1, BLOCK_N)
             n_mask_s = gl.broadcast(offs_ns[None, :] < N, offs_s[:, None] + s_off)[0]
 
-            # ready[st]: every thread's copies into slot st have landed (cp.async arrives per thread)
+            # ready[st]: every thread's copies into slot st have landed (cp.async arrives per thread);
+            # tma_ready[st]: the TMA copies into slot st have (X_TMA or W_TMA)
             ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            tma_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for b in gl.static_range(STAGES):
                 mbarrier.init(ready.index(b), count=32 * num_warps)
+                if X_TMA or W_TMA:
+                    mbarrier.init(tma_ready.index(b), count=1)
             gl.thread_barrier()
             n_k = gl.cdiv(K, 256)
             for j in gl.static_range(STAGES - 1):
                 if j < n_k:
-                    _issue(a_ptr, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w_off, n_mask_w, s_off, n_mask_s,
-                           offs_s, x_smem, w0_smem, s0_smem, w1_smem, s1_smem, j, j, K, stride_am, stride_wk,
-                           stride_sk, GATED, GROUP, EVEN_K, BLOCK_T, XL)
+                    _issue(a_ptr, x_desc, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w0_desc, w1_desc, w_off,
+                           n_mask_w, s_off, n_mask_s, offs_s, x_smem, x_tma, tma_ready.index(j), w0_smem, s0_smem,
+                           w1_smem, s1_smem, w0_tma, w1_tma, expert, row0, n0, j, j, K, stride_am, stride_wk, stride_sk,
+                           GATED, GROUP, EVEN_K, BLOCK_T, BLOCK_N, XL, X_TMA, W_TMA)
                     async_copy.mbarrier_arrive(ready.index(j), increment_count=False)
 
             # the scale rows, one per sub-tile (unswizzled, so a flat view of the same bytes)
@@ -230,12 +288,19 @@ if gluon is not None:
             for i in range(n_k):
                 st = i % STAGES
                 mbarrier.wait(ready.index(st), (i // STAGES) & 1)  # k_block i has landed
+                if X_TMA or W_TMA:
+                    mbarrier.wait(tma_ready.index(st), (i // STAGES) & 1)
                 fence_async_shared()  # the copies visible to the wgmma's async proxy
                 words0 = w0_smem.index(st).permute((1, 0)).load(A_OP)  # (BLOCK_N, 32) int32
                 a0 = _dequant(words0, 0, s0_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                 if GATED:
                     words1 = w1_smem.index(st).permute((1, 0)).load(A_OP)
                     a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
+                # the scale rows are read one sub-tile ahead of their dequantization (a read just before
+                # it left each sub-tile's last multiplies waiting on shared memory)
+                c0 = s0_rows.index(st * 8 + 1).load(SC)[:, None]
+                if GATED:
+                    c1 = s1_rows.index(st * 8 + 1).load(SC)[:, None]
                 gl.thread_barrier()  # every warp group is done with the previous k_block's slot
                 for s in gl.static_range(8):
                     xb = x_subs.index(st * 8 + s).permute((1, 0))  # (32, BLOCK_T)
@@ -245,14 +310,23 @@ if gluon is not None:
                     if s == 0:  # refill the previous k_block's slot while the first dots run
                         nxt = i + STAGES - 1
                         if nxt < n_k:
-                            _issue(a_ptr, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w_off, n_mask_w, s_off,
-                                   n_mask_s, offs_s, x_smem, w0_smem, s0_smem, w1_smem, s1_smem, nxt, nxt % STAGES, K,
-                                   stride_am, stride_wk, stride_sk, GATED, GROUP, EVEN_K, BLOCK_T, XL)
+                            _issue(a_ptr, x_desc, x_rows, x_mask, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w0_desc, w1_desc,
+                                   w_off, n_mask_w, s_off, n_mask_s, offs_s, x_smem, x_tma, tma_ready.index(nxt % STAGES),
+                                   w0_smem, s0_smem, w1_smem, s1_smem, w0_tma, w1_tma, expert, row0, n0, nxt,
+                                   nxt % STAGES, K, stride_am, stride_wk, stride_sk, GATED, GROUP, EVEN_K, BLOCK_T,
+                                   BLOCK_N, XL, X_TMA, W_TMA)
                             async_copy.mbarrier_arrive(ready.index(nxt % STAGES), increment_count=False)
                     if s < 7:  # the next sub-tile's weights while these dots run
-                        b0 = _dequant(words0, s + 1, s0_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
+                        d0 = c0
                         if GATED:
-                            b1 = _dequant(words1, s + 1, s1_rows.index(st * 8 + s + 1).load(SC)[:, None], MAGIC_BITS, PACKED)
+                            d1 = c1
+                        if s < 6:
+                            c0 = s0_rows.index(st * 8 + s + 2).load(SC)[:, None]
+                            if GATED:
+                                c1 = s1_rows.index(st * 8 + s + 2).load(SC)[:, None]
+                        b0 = _dequant(words0, s + 1, d0, MAGIC_BITS, PACKED)
+                        if GATED:
+                            b1 = _dequant(words1, s + 1, d1, MAGIC_BITS, PACKED)
                     if s > 0:  # the previous sub-tile's dots are done: its registers may be reused
                         acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=NPROJ, deps=(acc0, acc1, p0, p1))
                     p0 = a0
@@ -267,6 +341,8 @@ if gluon is not None:
                 acc0, acc1, p0, p1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, p0, p1))
             for b in gl.static_range(STAGES):
                 mbarrier.invalidate(ready.index(b))
+                if X_TMA or W_TMA:
+                    mbarrier.invalidate(tma_ready.index(b))
 
             # ---- epilogue: silu(gate) * up, stored transposed back to (rows, N)
             if GATED:
@@ -355,15 +431,44 @@ def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor,
     e = counts.shape[0]
     n_tblocks = (rows + min(e, rows) * (bt - 1)) // bt  # >= sum over experts of cdiv(count, bt)
     grid = (n_tblocks * triton.cdiv(n, bn),)
+    x_desc = None
+    if x_tma_ok(a, src_rows, k, bt):  # a seen as (K / 32, rows, 32): a box is a k_block's 8 sub-tiles of bt rows
+        x_desc = TensorDescriptor(a, [k // 32, a.shape[0], 32], [32, a.stride(0), 1], [8, bt, 32], _X_BOX_LAYOUT)
+    w0_desc = w1_desc = None
+    if w_tma_ok(w0, w1, bt):  # boxes of (1 expert, 32 word rows, bn columns)
+        w0_desc, w1_desc = (TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 32, bn], _W_BOX_LAYOUT) for w in (w0, w1))
     int4_wgmma_kernel[grid](
-        a, src_rows if src_rows is not None else counts, counts, w0, s0, w1, s1, c,
+        a, x_desc, src_rows if src_rows is not None else counts, counts, w0, s0, w1, w0_desc, w1_desc, s1, c,
         rows, n_tblocks, e, n, k,
         a.stride(0), w0.stride(0), w0.stride(1), s0.stride(0), s0.stride(1), c.stride(0),
         MAGIC_BITS=magic_bits, PACKED="bf16x2" if a.dtype == torch.bfloat16 else "f16x2",
         BLOCK_T=bt, BLOCK_N=bn, BLOCK_E=max(32 * warps, triton.next_power_of_2(e)), GATED=gated,
-        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0), num_warps=warps,
+        GATHER=src_rows is not None, GROUP=group, STAGES=tiles.stages, EVEN_K=(k % K_BLOCK == 0),
+        X_TMA=x_desc is not None, W_TMA=w0_desc is not None, num_warps=warps,
     )  # fmt: skip
 
+
+# Rows per program from which the loads go by TMA. At 16 (decode sizes) they were as fast either way
+# (`scripts/time_int4_wgmma.py`, H100: within 1% at 8 and 16 rows per expert); from 32 rows TMA took
+# 6% off at 32 and 10% at 64, mostly by sparing each thread 16 cp.async of activations and 8 of words
+# a k_block, with their 64-bit addresses (212 -> 168 registers for gate_up at 64 x 64).
+TMA_MIN_ROWS = 32
+
+
+def x_tma_ok(a: torch.Tensor, src_rows: torch.Tensor | None, k: int, block_t: int) -> bool:
+    """Whether the activations go by TMA: grouped rows (not gathered), K a whole number of 32-input
+    sub-tiles (the view (K / 32, rows, 32) covers exactly K), 16-byte aligned base and row stride (TMA's
+    rule, also `supported`'s), block_t >= TMA_MIN_ROWS."""
+    return (src_rows is None and k % 32 == 0 and block_t >= TMA_MIN_ROWS and a.data_ptr() % 16 == 0
+            and a.stride(0) * a.element_size() % 16 == 0 and a.stride(1) == 1)
+
+
+def w_tma_ok(w0: torch.Tensor, w1: torch.Tensor, block_t: int) -> bool:
+    """Whether the words go by TMA: 16-byte aligned bases and strides (TMA's rule), contiguous
+    columns, block_t >= TMA_MIN_ROWS."""
+    return block_t >= TMA_MIN_ROWS and all(
+        w.dtype == torch.int32 and w.data_ptr() % 16 == 0 and w.stride(0) % 4 == 0 and w.stride(1) % 4 == 0
+        and w.stride(2) == 1 for w in (w0, w1))
 
 _FAILED = False  # a launch failed: the Triton kernel for the rest of the process
 

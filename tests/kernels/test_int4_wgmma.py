@@ -136,6 +136,25 @@ def test_a_failed_launch_falls_back_to_triton_once(monkeypatch: pytest.MonkeyPat
     assert len(calls) == 1
 
 
+def test_tma_loads_where_tma_can_take_them() -> None:
+    """Grouped activations and the words go by TMA from TMA_MIN_ROWS rows a program; gathered rows, K
+    not a whole number of sub-tiles and strides or bases TMA cannot take keep cp.async."""
+    a = torch.zeros(70, 7168, dtype=torch.bfloat16)
+    bt = iw.TMA_MIN_ROWS
+    assert iw.x_tma_ok(a, None, 7168, bt) and iw.x_tma_ok(a, None, 7168, 64)
+    assert not iw.x_tma_ok(a, None, 7168, 16)  # decode tiles
+    assert not iw.x_tma_ok(a, torch.arange(70), 7168, bt)  # gathered rows
+    assert not iw.x_tma_ok(a[:, :7160], None, 7160, bt)  # K % 32 != 0
+    assert not iw.x_tma_ok(torch.zeros(70, 7172, dtype=torch.bfloat16)[:, :7168], None, 7168, bt)  # 8-byte row stride
+    assert not iw.x_tma_ok(a.view(-1)[4:4 + 69 * 7168].view(69, 7168), None, 7168, bt)  # 8-byte aligned base
+    w = torch.zeros(4, 32, 64, dtype=torch.int32)
+    assert iw.w_tma_ok(w, w, bt)
+    assert not iw.w_tma_ok(w, w, 16)
+    odd = torch.zeros(4, 32, 66, dtype=torch.int32)[:, :, :64]  # rows of 264 bytes
+    assert not iw.w_tma_ok(w, odd, bt)
+    assert not iw.w_tma_ok(torch.zeros(4 * 32 * 64 + 1, dtype=torch.int32)[1:].view(4, 32, 64), w, bt)  # base + 4 bytes
+
+
 def test_launch_rejects_bad_tiles() -> None:
     a = torch.zeros(4, 256, dtype=torch.bfloat16)
     w, s = torch.zeros(1, 32, 64, dtype=torch.int32), torch.zeros(1, 8, 64, dtype=torch.bfloat16)
@@ -197,6 +216,23 @@ def test_gluon_equals_triton(dtype: torch.dtype, h: int, i: int, group: int, row
         assert not torch.isnan(got).any()
         torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
         assert torch.equal(got, tri)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("h", "i"), [(7168, 2048), (320, 352)])
+def test_tma_loads_equal_cp_async(h: int, i: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same tiles with the activations and words by TMA and by cp.async: equal bit for bit (partial
+    column blocks, a partial k_block, rows of the next expert and past the end inside a box)."""
+    device = _hopper()
+    e = 5
+    weights = _int4_weights(e, h, i, torch.bfloat16, device)
+    counts = torch.tensor([70, 33, 0, 64, 41], device=device)
+    x = torch.randn(int(counts.sum()), h, device=device, dtype=torch.bfloat16)
+    assert iw.x_tma_ok(x, None, h, 64) and iw.w_tma_ok(weights.gate.packed, weights.up.packed, 64)
+    tma = fm.grouped_mlp(x, counts, weights)
+    monkeypatch.setattr(iw, "TMA_MIN_ROWS", 1 << 20)
+    assert not iw.x_tma_ok(x, None, h, 64)
+    assert torch.equal(fm.grouped_mlp(x, counts, weights), tma)
 
 
 @pytest.mark.gpu
