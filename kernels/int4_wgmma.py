@@ -11,7 +11,7 @@ asynchronously while the next sub-tile is dequantized.
 One program: one expert's block of BLOCK_T rows (tokens) x BLOCK_N output columns, the expert
 and its rows found from the counts as in the Triton kernel (no host table). Per k_block of 256
 inputs (the repack's layout, `moe_weights.py`: word row j of a block holds input s * 32 + j in
-nibble s) a ring of STAGES shared-memory buffers, filled a block ahead, holds:
+nibble s) a ring of STAGES shared-memory buffers, filled STAGES - 1 blocks ahead, holds:
   x    8 x (BLOCK_T, 32)   the rows' inputs: one TMA box for grouped rows from 32 rows a program
                            (`x_tma_ok`), else cp.async gathered by row index (no permuted copy)
   w    (32, BLOCK_N) int32 per weight (gate and up when gated): TMA from 32 rows a program
@@ -56,13 +56,14 @@ except ImportError:  # no Triton, or a Triton without Gluon: the callers use the
     gluon = None
 
 K_BLOCK = 256  # the repack's k_block this kernel takes: 8 sub-tiles of 32 inputs (one scale group at most)
-# the shared layout of a TMA box of activations, (8 sub-tiles, BLOCK_T rows, 32 inputs), 64-byte rows
-_X_BOX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=3) if gluon is not None else None
-# the shared layout of a TMA box of words, (1, 32 word rows, BLOCK_N columns) int32, 128-byte swizzle
-_W_BOX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3) if gluon is not None else None
 
 
 if gluon is not None:
+    # The shared layouts of the TMA boxes, for the kernel's buffers and the host's descriptors alike:
+    # activations (8 sub-tiles, BLOCK_T rows, 32 inputs) in 64-byte rows; words (1 expert, 32 word
+    # rows, BLOCK_N columns) int32, 128-byte swizzle.
+    _X_BOX = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=3))
+    _W_BOX = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3))
 
     @gluon.jit
     def _add(a, b):
@@ -210,17 +211,15 @@ if gluon is not None:
             WL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPN_W, TPN_W], [num_warps, 1], [1, 0])  # (32, BLOCK_N)
             SL: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])  # (8, BLOCK_N)
             X_SH: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
-            X_SH3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=3)  # TMA boxes
             if W_TMA:
                 W_SH: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
             else:
                 W_SH: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
-            W_SH3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)  # TMA boxes
             S_SH: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
             S_ROWS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
             x_smem = gl.allocate_shared_memory(dtype, [STAGES, 8 * BLOCK_T, 32], X_SH)  # 8 sub-tiles stacked
-            x_tma = x_smem._reinterpret(dtype, [STAGES, 8, BLOCK_T, 32], X_SH3)  # the same bytes as TMA boxes
+            x_tma = x_smem._reinterpret(dtype, [STAGES, 8, BLOCK_T, 32], _X_BOX)  # the same bytes as TMA boxes
             w0_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 32, BLOCK_N], W_SH)
             s0_smem = gl.allocate_shared_memory(dtype, [STAGES, 8, BLOCK_N], S_SH)
             if GATED:
@@ -229,8 +228,8 @@ if gluon is not None:
             else:
                 w1_smem = w0_smem
                 s1_smem = s0_smem
-            w0_tma = w0_smem._reinterpret(gl.int32, [STAGES, 1, 32, BLOCK_N], W_SH3)
-            w1_tma = w1_smem._reinterpret(gl.int32, [STAGES, 1, 32, BLOCK_N], W_SH3)
+            w0_tma = w0_smem._reinterpret(gl.int32, [STAGES, 1, 32, BLOCK_N], _W_BOX)
+            w1_tma = w1_smem._reinterpret(gl.int32, [STAGES, 1, 32, BLOCK_N], _W_BOX)
 
             # ---- load addressing
             # row r of a stacked x tile is sub-tile r // BLOCK_T, grouped row row0 + r % BLOCK_T
@@ -441,10 +440,11 @@ def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor,
     grid = (n_tblocks * triton.cdiv(n, bn),)
     x_desc = None
     if x_tma_ok(a, src_rows, k, bt):  # a seen as (K / 32, rows, 32): a box is a k_block's 8 sub-tiles of bt rows
-        x_desc = TensorDescriptor(a, [k // 32, a.shape[0], 32], [32, a.stride(0), 1], [8, bt, 32], _X_BOX_LAYOUT)
+        x_desc = TensorDescriptor(a, [k // 32, a.shape[0], 32], [32, a.stride(0), 1], [8, bt, 32], _X_BOX.value)
     w0_desc = w1_desc = None
     if w_tma_ok(w0, w1, bt):  # boxes of (1 expert, 32 word rows, bn columns)
-        w0_desc, w1_desc = (TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 32, bn], _W_BOX_LAYOUT) for w in (w0, w1))
+        w0_desc, w1_desc = (TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 32, bn], _W_BOX.value)
+                            for w in (w0, w1))
     int4_wgmma_kernel[grid](
         a, x_desc, src_rows if src_rows is not None else counts, counts, w0, s0, w1, w0_desc, w1_desc, s1, c,
         rows, n_tblocks, e, n, k,
@@ -456,10 +456,11 @@ def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor,
     )  # fmt: skip
 
 
-# Rows per program from which the loads go by TMA. At 16 (decode sizes) they were as fast either way
-# (`scripts/time_int4_wgmma.py`, H100: within 1% at 8 and 16 rows per expert); from 32 rows TMA took
-# 6% off at 32 and 10% at 64, mostly by sparing each thread 16 cp.async of activations and 8 of words
-# a k_block, with their 64-bit addresses (212 -> 168 registers for gate_up at 64 x 64).
+# Rows per program from which the loads go by TMA. At 16 (decode sizes) the activations by TMA were
+# 2% slower at 8 rows per expert and the words by TMA as fast as cp.async (H100 A/B,
+# docs/performance.md); from 32 rows TMA, with the scale rows read ahead, took 6% off at 32 and
+# 10-12% at 64, mostly by sparing each thread 16 cp.async of activations and 8 of words a k_block,
+# with their 64-bit addresses (212 -> 168 registers for gate_up at 64 x 64).
 TMA_MIN_ROWS = 32
 
 
@@ -477,6 +478,7 @@ def w_tma_ok(w0: torch.Tensor, w1: torch.Tensor, block_t: int) -> bool:
     return block_t >= TMA_MIN_ROWS and all(
         w.dtype == torch.int32 and w.data_ptr() % 16 == 0 and w.stride(0) % 4 == 0 and w.stride(1) % 4 == 0
         and w.stride(2) == 1 for w in (w0, w1))
+
 
 _FAILED = False  # a launch failed: the Triton kernel for the rest of the process
 

@@ -228,11 +228,40 @@ def test_tma_loads_equal_cp_async(h: int, i: int, monkeypatch: pytest.MonkeyPatc
     weights = _int4_weights(e, h, i, torch.bfloat16, device)
     counts = torch.tensor([70, 33, 0, 64, 41], device=device)
     x = torch.randn(int(counts.sum()), h, device=device, dtype=torch.bfloat16)
-    assert iw.x_tma_ok(x, None, h, 64) and iw.w_tma_ok(weights.gate.packed, weights.up.packed, 64)
+    seen = []  # (which load, by TMA) for every launch: a failed launch would fall back to Triton unseen
+    real_x, real_w = iw.x_tma_ok, iw.w_tma_ok
+    monkeypatch.setattr(iw, "x_tma_ok", lambda *args: seen.append(("x", real_x(*args))) or seen[-1][1])
+    monkeypatch.setattr(iw, "w_tma_ok", lambda *args: seen.append(("w", real_w(*args))) or seen[-1][1])
+    monkeypatch.setattr(iw, "_FAILED", False)
     tma = fm.grouped_mlp(x, counts, weights)
+    assert not iw._FAILED and sorted(seen) == [("w", True), ("w", True), ("x", True), ("x", True)]
+    seen.clear()
     monkeypatch.setattr(iw, "TMA_MIN_ROWS", 1 << 20)
-    assert not iw.x_tma_ok(x, None, h, 64)
-    assert torch.equal(fm.grouped_mlp(x, counts, weights), tma)
+    cp_async = fm.grouped_mlp(x, counts, weights)
+    assert not iw._FAILED and sorted(seen) == [("w", False), ("w", False), ("x", False), ("x", False)]
+    assert torch.equal(cp_async, tma)
+
+
+@pytest.mark.gpu
+def test_tma_loads_in_a_cuda_graph() -> None:
+    """The TMA descriptors are built at capture: a replay on new activations and counts gives what an
+    eager call gives (prefill-sized rows, so the loads go by TMA)."""
+    device = _hopper()
+    e, h, i = 4, 1024, 512
+    weights = _int4_weights(e, h, i, torch.bfloat16, device)
+    counts = torch.tensor([40, 64, 0, 52], device=device)
+    x = torch.randn(int(counts.sum()), h, device=device, dtype=torch.bfloat16)
+    assert iw.x_tma_ok(x, None, h, iw.default_tiles(int(counts.sum()) / e, True).block_t)
+    out = torch.empty_like(x)
+    fm.grouped_mlp(x, counts, weights, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fm.grouped_mlp(x, counts, weights, out=out)
+    x.copy_(torch.randn_like(x))
+    counts.copy_(torch.tensor([64, 0, 60, 32], device=device))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fm.grouped_mlp(x, counts, weights))
 
 
 @pytest.mark.gpu
