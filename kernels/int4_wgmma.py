@@ -296,8 +296,8 @@ if gluon is not None:
                     words1 = w1_smem.index(st).permute((1, 0)).load(A_OP)
                     a1 = _dequant(words1, 0, s1_rows.index(st * 8).load(SC)[:, None], MAGIC_BITS, PACKED)
                 # from 32 rows the scale rows are read one sub-tile ahead of their dequantization (read
-                # just before, they left each sub-tile's last multiplies waiting on shared memory: 1-1.5%
-                # at 32 and 64 rows; at 16, 0.3-0.6% slower on an H200 with 384 experts)
+                # just before, they left each sub-tile's last multiplies waiting on shared memory: 0.7-2.0%
+                # a round at 32 and 64 rows; at 16, 0.2-0.7% slower on an H200 with 384 experts)
                 AHEAD: gl.constexpr = BLOCK_T >= 32
                 if AHEAD:
                     c0 = s0_rows.index(st * 8 + 1).load(SC)[:, None]

@@ -243,42 +243,27 @@ def test_tma_loads_equal_cp_async(h: int, i: int, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.gpu
-def test_tma_loads_in_a_cuda_graph() -> None:
-    """The TMA descriptors are built at capture: a replay on new activations and counts gives what an
-    eager call gives (prefill-sized rows, so the loads go by TMA)."""
+@pytest.mark.parametrize(("before", "after", "tma"), [
+    ([3, 0, 9, 1, 4, 4, 2, 7], [0, 5, 5, 5, 5, 5, 5, 0], False),  # decode sizes: 16-row tiles, cp.async
+    ([40, 64, 0, 52], [64, 0, 60, 32], True),  # prefill sizes: the loads go by TMA
+], ids=["decode", "tma"])
+def test_gluon_in_a_cuda_graph(before: list[int], after: list[int], tma: bool) -> None:
+    """Captured and replayed on new inputs and counts, the kernel gives what it gives eagerly (decode
+    graphs); with TMA loads the descriptors are the ones built at capture."""
     device = _hopper()
-    e, h, i = 4, 1024, 512
+    e, h, i = len(before), 1024, 512
     weights = _int4_weights(e, h, i, torch.bfloat16, device)
-    counts = torch.tensor([40, 64, 0, 52], device=device)
+    counts = torch.tensor(before, device=device)
     x = torch.randn(int(counts.sum()), h, device=device, dtype=torch.bfloat16)
-    assert iw.x_tma_ok(x, None, h, iw.default_tiles(int(counts.sum()) / e, True).block_t)
+    if tma:
+        assert iw.x_tma_ok(x, None, h, iw.default_tiles(int(counts.sum()) / e, True).block_t)
     out = torch.empty_like(x)
     fm.grouped_mlp(x, counts, weights, out=out)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fm.grouped_mlp(x, counts, weights, out=out)
     x.copy_(torch.randn_like(x))
-    counts.copy_(torch.tensor([64, 0, 60, 32], device=device))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, fm.grouped_mlp(x, counts, weights))
-
-
-@pytest.mark.gpu
-def test_gluon_in_a_cuda_graph() -> None:
-    """Captured and replayed on new inputs, the kernel gives what it gives eagerly (decode graphs)."""
-    device = _hopper()
-    e, h, i = 8, 1024, 512
-    weights = _int4_weights(e, h, i, torch.bfloat16, device)
-    counts = torch.tensor([3, 0, 9, 1, 4, 4, 2, 7], device=device)
-    x = torch.randn(int(counts.sum()), h, device=device, dtype=torch.bfloat16)
-    out = torch.empty_like(x)
-    fm.grouped_mlp(x, counts, weights, out=out)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fm.grouped_mlp(x, counts, weights, out=out)
-    x.copy_(torch.randn_like(x))
-    counts.copy_(torch.tensor([0, 5, 5, 5, 5, 5, 5, 0], device=device))
+    counts.copy_(torch.tensor(after, device=device))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fm.grouped_mlp(x, counts, weights))
