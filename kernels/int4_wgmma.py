@@ -442,9 +442,9 @@ def launch(a: torch.Tensor, src_rows: torch.Tensor | None, counts: torch.Tensor,
     if x_tma_ok(a, src_rows, k, bt):  # a seen as (K / 32, rows, 32): a box is a k_block's 8 sub-tiles of bt rows
         x_desc = TensorDescriptor(a, [k // 32, a.shape[0], 32], [32, a.stride(0), 1], [8, bt, 32], _X_BOX.value)
     w0_desc = w1_desc = None
-    if w_tma_ok(w0, w1, bt):  # boxes of (1 expert, 32 word rows, bn columns)
-        w0_desc, w1_desc = (TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 32, bn], _W_BOX.value)
-                            for w in (w0, w1))
+    if w_tma_ok(w0, w1, bt):  # boxes of (1 expert, 32 word rows, bn columns); down reads w0 alone
+        w0_desc = TensorDescriptor(w0, list(w0.shape), list(w0.stride()), [1, 32, bn], _W_BOX.value)
+        w1_desc = TensorDescriptor(w1, list(w1.shape), list(w1.stride()), [1, 32, bn], _W_BOX.value) if gated else w0_desc
     int4_wgmma_kernel[grid](
         a, x_desc, src_rows if src_rows is not None else counts, counts, w0, s0, w1, w0_desc, w1_desc, s1, c,
         rows, n_tblocks, e, n, k,
