@@ -53,6 +53,7 @@ def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:
         enable_prefix_caching=c.enable_prefix_caching, eplb_redundant_slots=e.eplb_redundant_slots,
         eplb_interval_steps=e.eplb_interval_steps, cuda_graph_max_batch=e.cuda_graph_max_batch,
         async_scheduling=e.async_scheduling, decode_experts_w8a8=e.decode_experts_w8a8,
+        decode_linears_w8a8=e.decode_linears_w8a8,
         kv_transfer=("p2p" if pool.device == "cuda" else "object_store") if e.kv_transfer == "auto" else e.kv_transfer,
     )
 

@@ -106,35 +106,40 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
 
 # ---- when the FP8 GEMMs run W8A8 ---------------------------------------------------------------
 # Mean rows per expert (W8A8_MIN_ROWS) and rows of an FP8 linear (W8A8_LINEAR_MIN_ROWS) from
-# which FP8 weights run W8A8 with 16-bit activations: below, the GEMMs are weight-bandwidth bound
-# and W8A16 (exact activations, no quantization pass) costs nothing or less (H100: experts equal
-# at 8 rows each, linear 7168 -> 18432 W8A16 0.08 ms vs W8A8 0.20 at 16 rows); above, converting
-# every e4m3 tile to bf16 made W8A16 1.8-3.1x slower than W8A8 (experts at 64-4096 rows each, the
-# linear at 256-16384 rows; docs/performance.md, "W8A8").
+# which FP8 weights run W8A8 with 16-bit activations. Experts: below 64 rows each they are
+# weight-bandwidth bound and W8A16 (exact activations, no quantization pass) cost the same on an
+# H100 (at 8 rows each); above, converting every e4m3 tile to bf16 made W8A16 1.8-3.1x slower
+# (docs/performance.md, "W8A8"). Linears: with the decode tiles of `w8a8_linear_tiles` W8A8 beat
+# W8A16 on an H100 and an H200 at 16-64 rows (DeepSeek-V3's eight linear shapes, graph-replayed:
+# a 3-layer slice's sum at 64 rows 0.58 ms against 0.93 on the H100, 0.50 against 0.92 on the
+# H200; docs/performance.md, "Dense FP8 linears at decode sizes, W8A8"); below 16 rows not measured.
 W8A8_MIN_ROWS = 64
-W8A8_LINEAR_MIN_ROWS = 128
+W8A8_LINEAR_MIN_ROWS = 16
 
 
 _W8A8_BY_DEFAULT: ContextVar[bool] = ContextVar("moecluster_w8a8_by_default", default=True)
 _EXPERTS_W8A8: ContextVar[bool] = ContextVar("moecluster_experts_w8a8", default=False)
+_LINEARS_W8A8: ContextVar[bool] = ContextVar("moecluster_linears_w8a8", default=False)
 
 
 @contextmanager
-def w8a16_only(experts_w8a8: bool = False) -> Iterator[None]:
-    """Inside, FP8 weights run W8A16 unless a call asks for W8A8, or, with experts_w8a8, routed
-    experts run W8A8 at any rows (`w8a8_experts_default`). The decode CUDA graphs run both their
+def w8a16_only(experts_w8a8: bool = False, linears_w8a8: bool = False) -> Iterator[None]:
+    """Inside, FP8 weights run W8A16 unless a call asks for W8A8; with experts_w8a8, routed experts
+    run W8A8 at any rows (`w8a8_experts_default`); with linears_w8a8, linears from
+    W8A8_LINEAR_MIN_ROWS rows (`w8a8_linear_default`). The decode CUDA graphs run both their
     warm-up pass and their capture inside it, so the two compile and launch the same kernels (a
-    kernel first compiled during a capture would load a module there, which CUDA refuses). W8A8
-    captures and replays equal to eager (tests/kernels/test_fused_moe_fp8.py::
-    test_fp8_w8a8_captures_in_a_cuda_graph). Routed experts at decode sizes, graph-timed: W8A8
-    9-12% faster than W8A16 on an H200, within 2% either way on an H100 (docs/performance.md,
-    "FP8 GEMMs on the H200"), hence an engine option (`decode_experts_w8a8`), off by default."""
-    tokens = _W8A8_BY_DEFAULT.set(False), _EXPERTS_W8A8.set(experts_w8a8)
+    kernel first compiled during a capture would load a module there, which CUDA refuses), with
+    the engine's `decode_experts_w8a8` and `decode_linears_w8a8`. W8A8 captures and replays equal
+    to eager (tests/kernels/test_fused_moe_fp8.py::test_fp8_w8a8_captures_in_a_cuda_graph).
+    Routed experts at decode sizes, graph-timed: W8A8 9-12% faster than W8A16 on an H200, within
+    2% either way on an H100 (docs/performance.md, "FP8 GEMMs on the H200")."""
+    tokens = _W8A8_BY_DEFAULT.set(False), _EXPERTS_W8A8.set(experts_w8a8), _LINEARS_W8A8.set(linears_w8a8)
     try:
         yield
     finally:
         _W8A8_BY_DEFAULT.reset(tokens[0])
         _EXPERTS_W8A8.reset(tokens[1])
+        _LINEARS_W8A8.reset(tokens[2])
 
 
 def _fp8_dot_device(x: torch.Tensor) -> bool:
@@ -163,6 +168,14 @@ def w8a8_experts_default(rows_per_expert: float, x: torch.Tensor, *, block_in: i
     if _EXPERTS_W8A8.get():
         return _w8a8_capable(x, block_in)
     return w8a8_default(rows_per_expert, x, block_in=block_in)
+
+
+def w8a8_linear_default(rows: int, x: torch.Tensor, *, block_in: int = 128) -> bool:
+    """`w8a8_default` for an FP8 linear: from W8A8_LINEAR_MIN_ROWS rows, also inside
+    `w8a16_only(linears_w8a8=True)`."""
+    if _LINEARS_W8A8.get():
+        return rows >= W8A8_LINEAR_MIN_ROWS and _w8a8_capable(x, block_in)
+    return w8a8_default(rows, x, W8A8_LINEAR_MIN_ROWS, block_in=block_in)
 
 
 def w8a8_default(rows: float, x: torch.Tensor, min_rows: float = W8A8_MIN_ROWS, *, block_in: int = 128) -> bool:

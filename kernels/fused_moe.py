@@ -69,7 +69,8 @@ each e4m3 tile is converted to the activation dtype and the block's scale applie
 fp32 partial product (decode-sized batches: weight-bandwidth bound, activations exact). W8A8
 (`fp8_activations`, the default from W8A8_MIN_ROWS rows per expert with 16-bit activations,
 on Hopper, outside `w8a16_only`, which the decode CUDA graphs' warm-up and capture run in;
-routed experts also at any rows inside `w8a16_only(experts_w8a8=True)`, `w8a8_experts_default`):
+routed experts also at any rows inside `w8a16_only(experts_w8a8=True)`, `w8a8_experts_default`;
+linears from W8A8_LINEAR_MIN_ROWS rows, inside `w8a16_only` only with linears_w8a8):
 x and h are quantized to e4m3 per (row, 128-value group) by `kernels/fp8_quant.py` and each
 K block is one e4m3 x e4m3 dot scaled by (activation scale x weight scale), DeepSeek-V3's own
 recipe; about 4% relative difference from W8A16 on random data, 1.8-3.1x faster from 64 rows
@@ -102,6 +103,7 @@ from moecluster.kernels.fp8_quant import (
     quantize_fp8_groups,
     w8a8_default,
     w8a8_experts_default,
+    w8a8_linear_default,
     w8a16_only,
 )
 from moecluster.kernels.fused_moe_ref import (
@@ -111,7 +113,7 @@ from moecluster.kernels.fused_moe_ref import (
     grouped_mlp_reference,
 )
 from moecluster.kernels.jit import jit
-from moecluster.kernels.moe_tiles import TileConfig, default_tiles, fp32_tiles, linear_split_k, linear_tiles, w8a8_tiles
+from moecluster.kernels.moe_tiles import TileConfig, default_tiles, fp32_tiles, W8A8_SHORT_K_STEPS, linear_split_k, linear_tiles, w8a8_linear_tiles, w8a8_tiles
 from moecluster.kernels.moe_weights import (
     _FLOAT_DTYPES,
     _MIN_DOT,
@@ -640,7 +642,7 @@ def fp8_linear(
     """x (rows, K) @ W^T with W = e4m3 weight (N, K) x its (ceil(N/bo), ceil(K/bi)) block scales
     -> (rows, N) in x's dtype: the GEMM for DeepSeek-V3's dense FP8 layers (attention
     projections, dense MLPs, shared experts), the MoE GEMM kernel with one expert. W8A16, or W8A8
-    (x quantized per (row, bi group)) when fp8_activations, None = `w8a8_default(rows)`."""
+    (x quantized per (row, bi group)) when fp8_activations, None = `w8a8_linear_default(rows)`."""
     if x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"fp8_linear: x must be (rows, K) bf16/fp16/fp32, got {_desc(x)}")
     n, k = weight.shape
@@ -650,7 +652,7 @@ def fp8_linear(
     if scale.dtype != torch.float32 or tuple(scale.shape) != (-(-n // bo), -(-k // bi)):
         raise ValueError(f"fp8_linear: scale must be float32 {(-(-n // bo), -(-k // bi))}, got {_desc(scale)}")
     rows = x.shape[0]
-    w8a8 = w8a8_default(rows, x, W8A8_LINEAR_MIN_ROWS, block_in=bi) if fp8_activations is None else fp8_activations
+    w8a8 = w8a8_linear_default(rows, x, block_in=bi) if fp8_activations is None else fp8_activations
     if w8a8:
         check_w8a8_block("fp8_linear", bi)
     if tiles is not None and tiles.split_k < 0:
@@ -659,9 +661,9 @@ def fp8_linear(
         if w8a8:
             return (fp8_round_trip(x, bi) @ dequantize_fp8(weight, scale, block, torch.float32).T).to(x.dtype)
         return x @ dequantize_fp8(weight, scale, block, x.dtype).T
-    waves = 0.0  # split K only where the W8A16 tiles say (up to 64 rows, where it was measured)
+    waves = 0.0  # split K only where the tiles say (up to 64 rows, where it was measured)
     if tiles is None and w8a8:
-        tiles = w8a8_tiles(rows)[1]
+        tiles, waves = w8a8_linear_tiles(rows)
     elif tiles is None:
         tiles, waves = linear_tiles(rows)
         if x.dtype == torch.float32:
@@ -674,7 +676,9 @@ def fp8_linear(
     n_mblocks = triton.cdiv(rows, bm)
     programs = n_mblocks * triton.cdiv(n, bn)
     k_steps = triton.cdiv(k, bk)
-    split = tiles.split_k or (linear_split_k(programs, k_steps, cuda_sm_count(x.device), waves) if x.is_cuda and waves else 1)
+    short_k = W8A8_SHORT_K_STEPS if w8a8 else 0
+    split = tiles.split_k or (linear_split_k(programs, k_steps, cuda_sm_count(x.device), waves, short_k=short_k)
+                              if x.is_cuda and waves else 1)
     k_split = triton.cdiv(k_steps, min(split, k_steps)) * bk  # whole K steps per split
     split = triton.cdiv(k, k_split)  # none empty
     # One split writes the output; several write fp32 partials (split, rows, N), added after.
@@ -778,6 +782,7 @@ __all__ = [
     "uses_triton",
     "w8a8_default",
     "w8a8_experts_default",
+    "w8a8_linear_default",
     "w8a8_tiles",
     "w8a16_only",
 ]

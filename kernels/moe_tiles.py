@@ -112,15 +112,36 @@ def linear_tiles(rows: int) -> tuple[TileConfig, float]:
     return next(((t, w) for most, t, w in _LINEAR if rows <= most), _LINEAR_LARGE)
 
 
-def linear_split_k(programs: int, k_steps: int, sms: int, waves: float = 2.0, min_steps: int = 4) -> int:
+# fp8_linear, W8A8 at decode sizes: (most rows, tiles, split-K waves), first that fits. Sweep on an
+# H200 (scripts/time_fp8_linear_paths.py: DeepSeek-V3's eight FP8 linear shapes at 16 / 32 / 64
+# rows, graph-replayed): 64 output columns a program, 4 warps, 4 stages and K split to about two
+# programs per SM (1.5 at 64 rows, whose tiles carry four times the MMA work of 16) beat the
+# prefill tiles (64 x 256 x 128, 8 warps, unsplit) at every shape, e.g. q_a 7168 -> 1536 at 64 rows
+# 14.9 us against 32.4, and the decode step's sum of these GEMMs fell to 0.50 ms from W8A16's 0.92.
+_LINEAR_W8A8 = ((16, TileConfig(16, 64, 128, 4, 4), 2.0), (32, TileConfig(32, 64, 128, 4, 4), 2.0),
+                (64, TileConfig(64, 64, 128, 4, 4), 1.5))
+# K shorter than this many steps is not split once the grid fills 3/4 of the SMs: the fp32 partials
+# and their sum cost more than the fuller GPU gains (shared_down 2048 -> 7168 at 64 rows, 112
+# programs: 10.6 us unsplit, 16.0 in two).
+W8A8_SHORT_K_STEPS = 64
+
+
+def w8a8_linear_tiles(rows: int) -> tuple[TileConfig, float]:
+    """(tiles, split-K waves; 0 = no split) of a W8A8 fp8_linear over `rows` rows: the decode tiles
+    up to 64 rows, above them the prefill tiles (`w8a8_tiles`' down GEMM) unsplit."""
+    return next(((t, w) for most, t, w in _LINEAR_W8A8 if rows <= most), (w8a8_tiles(rows)[1], 0.0))
+
+
+def linear_split_k(programs: int, k_steps: int, sms: int, waves: float = 2.0, min_steps: int = 4, short_k: int = 0) -> int:
     """How many pieces fp8_linear cuts K into when its (row block x column block) grid has
     `programs` programs: at decode sizes a linear with few output columns (DeepSeek-V3's q_a
     7168 -> 1536: 12 programs of 128 columns; kv_a 7168 -> 576: 5) would stream its weight
     through a few SMs. About `waves` programs per SM, rounded to a power of two (on the H100,
     o_proj 16384 -> 7168 at 64 rows in 56 programs: 5 splits 0.120 ms, 4 splits 0.093), then
     capped so that each split is at least `min_steps` K steps long (fp8_linear cuts K into whole
-    steps, so the count it launches may be lower still); 1 when the grid already fills the GPU."""
-    if programs >= sms:
+    steps, so the count it launches may be lower still); 1 when the grid already fills the GPU, or
+    fills 3/4 of it and K has fewer than `short_k` steps."""
+    if programs >= sms or (4 * programs >= 3 * sms and k_steps < short_k):
         return 1
     cap = max(1, k_steps // min_steps)
     want = min(-(-int(waves * sms) // programs), cap)

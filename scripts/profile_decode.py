@@ -24,6 +24,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2000)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--pstats", default="", help="also profile the host (cProfile) and write pstats here")
+    p.add_argument("--top", type=int, default=16, help="how many of the busiest kernels to list")
+    p.add_argument("--trace", default="", help="also write the profiled steps as a Chrome trace here")
+    p.add_argument("--decode-experts-w8a8", action="store_true", help="FP8 routed experts run W8A8 in decode graphs")
     args = p.parse_args()
 
     from moecluster.cluster.bench.slice_model import make_slice
@@ -35,7 +38,8 @@ def main() -> None:
     model = make_slice(tmp / args.preset, args.preset, args.layers)
     core, _ = build_engine(EngineConfig(model=model, load_format="random", dtype="bfloat16", device="cuda",
                                         gpu_memory_utilization=0.8, max_model_len=args.context + 256,
-                                        max_num_seqs=args.concurrency, async_scheduling=False))
+                                        max_num_seqs=args.concurrency, async_scheduling=False,
+                                        decode_experts_w8a8=args.decode_experts_w8a8))
     rng = random.Random(0)
     vocab = core.runner.model.cfg.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.steps * 3 + 16, ignore_eos=True)
@@ -87,9 +91,11 @@ def main() -> None:
     events = prof.key_averages()
     cuda_total = sum(e.self_device_time_total for e in events) / 1e3 / 3
     print(f"GPU busy per step (sum of kernel time): {cuda_total:.2f} ms")
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:16]
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:args.top]
     for e in top:
-        print(f"  {e.self_device_time_total / 1e3 / 3:7.3f} ms/step  x{e.count // 3:<4} {e.key[:70]}")
+        print(f"  {e.self_device_time_total / 1e3 / 3:7.3f} ms/step  x{e.count // 3:<4} {e.key[:110]}")
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     print(f"host time per step: {sum(e.self_cpu_time_total for e in events) / 1e3 / 3:.2f} ms; top:")
     for e in cpu:

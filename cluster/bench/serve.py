@@ -61,6 +61,7 @@ class ServeBenchConfig:
     cuda_graph_max_batch: int = 256  # 0: eager decode steps
     async_scheduling: bool = True
     decode_experts_w8a8: bool = False
+    decode_linears_w8a8: bool = True
     client_procs: int = 0  # load-generator processes per level; 0: one per 32 streams (serve_load.py)
     seed: int = 0
 
@@ -117,7 +118,7 @@ def _spec(cfg: ServeBenchConfig, model_dir: Path, max_len: int, max_seqs: int) -
         "engine": {"dtype": cfg.dtype, "load_format": cfg.load_format, "max_model_len": max_len,
                    "max_num_seqs": max_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
                    "cuda_graph_max_batch": cfg.cuda_graph_max_batch, "async_scheduling": cfg.async_scheduling,
-                   "decode_experts_w8a8": cfg.decode_experts_w8a8},
+                   "decode_experts_w8a8": cfg.decode_experts_w8a8, "decode_linears_w8a8": cfg.decode_linears_w8a8},
         "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "policy": "least_load",
                    "max_queue": 4 * max_seqs},
     }

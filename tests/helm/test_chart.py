@@ -43,7 +43,7 @@ EVERYTHING = {
     "head": {"readinessProbe": {"httpGet": {"path": "/health", "port": "http", "scheme": "HTTPS"}}},
     "engine": {"maxModelLen": None, "eplbIntervalSteps": 1000, "eplbRedundantSlots": 32, "kvTransfer": "object_store",
                "cudaGraphMaxBatch": 0, "asyncScheduling": False,
-               "decodeExpertsW8a8": True},
+               "decodeExpertsW8a8": True, "decodeLinearsW8a8": False},
 }
 EXISTING_CLAIM = {"model": {"volume": {"existingClaim": "weights", "subPath": "deepseek-v3",
                                        "create": {"enabled": False}}, "download": {"enabled": False}}}
@@ -266,6 +266,7 @@ def test_generated_spec_parses_and_matches_the_values(case):
     assert spec.engine.cuda_graph_max_batch == e["cudaGraphMaxBatch"]
     assert spec.engine.async_scheduling == e["asyncScheduling"]
     assert spec.engine.decode_experts_w8a8 == e["decodeExpertsW8a8"]
+    assert spec.engine.decode_linears_w8a8 == e["decodeLinearsW8a8"]
     a = values["autoscaling"]
     assert (spec.autoscaling is not None) == a["enabled"]
     if a["enabled"]:

@@ -160,7 +160,7 @@ def test_fp8_w8a8_grouped_mlp_matches_reference(device, h, i, block, counts) -> 
 def test_fp8_w8a8_linear_and_defaults(device) -> None:
     from moecluster.kernels.fused_moe import (
         W8A8_LINEAR_MIN_ROWS, W8A8_MIN_ROWS, DenseExperts, dequantize_fp8, fp8_linear, w8a8_default, w8a8_experts_default,
-        w8a16_only)
+        w8a8_linear_default, w8a16_only)
     from moecluster.kernels.fused_moe_ref import fp8_round_trip
 
     gen = torch.Generator().manual_seed(3)
@@ -176,11 +176,17 @@ def test_fp8_w8a8_linear_and_defaults(device) -> None:
     assert w8a8_default(W8A8_MIN_ROWS, bf16) == hopper and not w8a8_default(W8A8_MIN_ROWS - 1, bf16)
     assert not w8a8_default(10**6, fp32)
     assert w8a8_default(W8A8_LINEAR_MIN_ROWS, fp16, W8A8_LINEAR_MIN_ROWS) == hopper
+    assert w8a8_linear_default(W8A8_LINEAR_MIN_ROWS, bf16) == hopper and not w8a8_linear_default(W8A8_LINEAR_MIN_ROWS - 1, bf16)
     assert not w8a8_default(10**6, bf16, block_in=96) and not w8a8_default(10**6, bf16, block_in=16)
     with w8a16_only():  # the decode graphs' warm-up and capture
         assert not w8a8_default(10**6, bf16) and not w8a8_experts_default(10**6, bf16)
-    with w8a16_only(experts_w8a8=True):  # decode_experts_w8a8: routed experts at any rows, linears never
+        assert not w8a8_linear_default(10**6, bf16)
+    with w8a16_only(experts_w8a8=True):  # decode_experts_w8a8: routed experts at any rows, linears not
         assert w8a8_experts_default(1, bf16) == hopper and not w8a8_default(10**6, bf16)
+        assert not w8a8_linear_default(10**6, bf16)
+    with w8a16_only(linears_w8a8=True):  # decode_linears_w8a8: linears from W8A8_LINEAR_MIN_ROWS, experts not
+        assert w8a8_linear_default(W8A8_LINEAR_MIN_ROWS, bf16) == hopper and not w8a8_experts_default(1, bf16)
+        assert not w8a8_linear_default(W8A8_LINEAR_MIN_ROWS - 1, bf16) and not w8a8_linear_default(10**6, fp32)
         assert not w8a8_experts_default(1, fp32) and not w8a8_experts_default(1, bf16, block_in=96)
     assert w8a8_default(10**6, bf16) == hopper and not w8a8_experts_default(1, bf16)
     assert w8a8_experts_default(W8A8_MIN_ROWS, bf16) == hopper
@@ -271,3 +277,41 @@ def test_fp8_linear_split_k_captures_in_a_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got, fp8_linear(x, w, s, fp8_activations=False))
+
+
+@pytest.mark.gpu
+def test_fp8_linear_w8a8_decode_tiles_split_and_capture() -> None:
+    """`decode_linears_w8a8`: at decode rows the W8A8 linear takes the decode tiles and splits K
+    where the grid is small (kv_a, 7168 -> 576) but not for a short K on a fuller grid
+    (shared_down, 2048 -> 7168); captured under `w8a16_only(linears_w8a8=True)` it replays equal
+    to eager W8A8, and within e4m3 activation rounding of W8A16."""
+    from moecluster.kernels.device import cuda_sm_count
+    from moecluster.kernels.fused_moe import fp8_linear, w8a16_only
+    from moecluster.kernels.moe_tiles import W8A8_SHORT_K_STEPS, linear_split_k, w8a8_linear_tiles
+
+    gen = torch.Generator().manual_seed(7)
+    dev = torch.device("cuda")
+    sms = cuda_sm_count(dev)
+    for rows in (16, 64):
+        tiles, waves = w8a8_linear_tiles(rows)
+        assert linear_split_k(-(-576 // tiles.block_n), 56, sms, waves, short_k=W8A8_SHORT_K_STEPS) > 1
+        assert linear_split_k(-(-7168 // tiles.block_n), 16, sms, waves, short_k=W8A8_SHORT_K_STEPS) == 1
+    for n, k in ((576, 7168), (7168, 2048)):
+        w = (torch.randn(n, k, generator=gen) * 2).to(torch.float8_e4m3fn).to(dev)
+        s = (torch.rand(-(-n // 128), k // 128, generator=gen) * 0.02 + 0.001).to(dev)
+        x = torch.randn(48, k, generator=gen).to(dev, torch.bfloat16)
+        want = fp8_linear(x, w, s, fp8_activations=True)
+        w16 = fp8_linear(x, w, s, fp8_activations=False)
+        assert (want.float() - w16.float()).norm() < 0.08 * w16.float().norm()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), w8a16_only(linears_w8a8=True):  # warm (compiles) off the capture
+            fp8_linear(x, w, s)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), w8a16_only(linears_w8a8=True):
+            got = fp8_linear(x, w, s)
+        x.copy_(torch.randn(48, k, generator=gen).to(dev, torch.bfloat16))  # new inputs, same buffers
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, fp8_linear(x, w, s, fp8_activations=True))

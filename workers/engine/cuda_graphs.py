@@ -91,13 +91,15 @@ class DecodeGraphs:
         scratch_block: int,
         capture: bool = True,
         experts_w8a8: bool = False,
+        linears_w8a8: bool = False,
     ) -> None:
         if any(scratch_block >= c.shape[0] for c in kv_caches):
             raise ValueError(f"scratch block {scratch_block} is outside the KV cache ({kv_caches[0].shape[0]} blocks)")
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.sizes = graph_batch_sizes(max_batch)
         self.capture_enabled = capture
-        self.experts_w8a8 = experts_w8a8  # FP8 routed experts W8A8 inside the graphs (linears stay W8A16)
+        self.experts_w8a8 = experts_w8a8  # FP8 routed experts W8A8 inside the graphs
+        self.linears_w8a8 = linears_w8a8  # FP8 dense linears W8A8 inside the graphs (from W8A8_LINEAR_MIN_ROWS rows)
         device = model.embed_tokens.device
         n, width = self.sizes[-1], -(-max_model_len // block_size)
         self._scratch = scratch_block
@@ -193,13 +195,13 @@ class DecodeGraphs:
     def _graph_forward(self) -> Iterator[None]:
         """The graphs' forward (warm-up, capture, and the eager stand-in without capture):
         expert-parallel layers dispatch through their GatherDispatch inside, and FP8 weights run
-        W8A16, routed experts W8A8 with `experts_w8a8` (`w8a16_only`: warm-up and capture must
-        launch the same kernels)."""
+        W8A16, routed experts W8A8 with `experts_w8a8`, dense linears with `linears_w8a8`
+        (`w8a16_only`: warm-up and capture must launch the same kernels)."""
         eager = {moe: moe.dispatcher for moe in self._gather}
         for moe, gather in self._gather.items():
             moe.dispatcher = gather
         try:
-            with w8a16_only(experts_w8a8=self.experts_w8a8):
+            with w8a16_only(experts_w8a8=self.experts_w8a8, linears_w8a8=self.linears_w8a8):
                 yield
         finally:
             for moe, dispatcher in eager.items():

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moecluster.kernels.greedy_sample import greedy_logprobs
+
 
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A host tensor on `device` without the host waiting for the device: on a GPU through pinned
@@ -104,7 +106,12 @@ def to_host(out: SamplerOutput) -> HostSamples:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """logits (rows, vocab) float32 -> sampled tokens with their logprobs under the raw model."""
+    """logits (rows, vocab) float32 -> sampled tokens with their logprobs under the raw model.
+    All rows greedy and no top logprobs asked: one read of the logits (`greedy_logprobs`; the
+    greedy token's rank is 1)."""
+    if batch.all_greedy and not batch.num_logprobs:
+        tokens, chosen_lp = greedy_logprobs(logits)
+        return SamplerOutput(tokens, chosen_lp, torch.ones_like(tokens), None, None)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     greedy = logits.argmax(dim=-1)
     tokens = greedy if batch.all_greedy else torch.where(batch.temperature == 0, greedy, _sample_random(logits, batch))

@@ -40,7 +40,8 @@ are left out so the spec's own defaults apply.
       "kv_transfer" $e.kvTransfer
       "cuda_graph_max_batch" (int $e.cudaGraphMaxBatch)
       "async_scheduling" $e.asyncScheduling
-      "decode_experts_w8a8" $e.decodeExpertsW8a8) | fromJson) }}
+      "decode_experts_w8a8" $e.decodeExpertsW8a8
+      "decode_linears_w8a8" $e.decodeLinearsW8a8) | fromJson) }}
 {{- $r := $v.router }}
 {{- $router := dict "host" "0.0.0.0" "grpc_port" (int $r.grpcPort) "http_port" (int $r.httpPort)
       "metrics_port" (int $r.metricsPort) "policy" $r.policy "max_queue" (int $r.maxQueue) }}
