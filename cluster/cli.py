@@ -504,8 +504,8 @@ def _add_bench_serve(targets: argparse._SubParsersAction) -> None:
     s.add_argument("--cuda-graph-max-batch", type=int, default=256, help="decode CUDA graphs up to this batch (0: eager)")
     s.add_argument("--no-async-scheduling", action="store_true",
                    help="read each decode step's samples before scheduling the next (no host/GPU overlap)")
-    s.add_argument("--decode-experts-w8a8", action="store_true",
-                   help="FP8 routed experts run W8A8 in the decode CUDA graphs")
+    s.add_argument("--decode-experts-w16", action="store_true",
+                   help="FP8 routed experts run W8A16 in the decode CUDA graphs (default: W8A8)")
     s.add_argument("--decode-linears-w16", action="store_true",
                    help="FP8 dense linears run W8A16 in the decode CUDA graphs (default: W8A8 from 16 rows)")
     s.add_argument("--client-procs", type=int, default=0,
@@ -530,7 +530,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         memory_fraction=args.memory_fraction, baseline=not args.no_baseline, roofline=not args.no_roofline,
         baseline_concurrency=args.baseline_concurrency, baseline_steps=args.baseline_steps, warmup=not args.no_warmup,
         cuda_graph_max_batch=args.cuda_graph_max_batch, async_scheduling=not args.no_async_scheduling,
-        decode_experts_w8a8=args.decode_experts_w8a8, decode_linears_w8a8=not args.decode_linears_w16,
+        decode_experts_w8a8=not args.decode_experts_w16, decode_linears_w8a8=not args.decode_linears_w16,
         client_procs=args.client_procs,
     )
     bench(cfg, args.out, args.png)

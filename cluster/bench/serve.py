@@ -60,7 +60,7 @@ class ServeBenchConfig:
     roofline: bool = True
     cuda_graph_max_batch: int = 256  # 0: eager decode steps
     async_scheduling: bool = True
-    decode_experts_w8a8: bool = False
+    decode_experts_w8a8: bool = True
     decode_linears_w8a8: bool = True
     client_procs: int = 0  # load-generator processes per level; 0: one per 32 streams (serve_load.py)
     seed: int = 0

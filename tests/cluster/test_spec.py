@@ -40,13 +40,13 @@ def test_engine_settings_reach_the_engine_config(tiny_checkpoint) -> None:
 
     spec = DeploymentSpec.parse({"model": str(tiny_checkpoint()), "decode": {"device": "cuda"},
                                  "engine": {"cuda_graph_max_batch": 0, "max_num_seqs": 32, "async_scheduling": False,
-                                            "decode_experts_w8a8": True, "decode_linears_w8a8": False}})
+                                            "decode_experts_w8a8": False, "decode_linears_w8a8": False}})
     cfg = engine_config(spec, spec.decode)
     assert (cfg.cuda_graph_max_batch, cfg.max_num_seqs, cfg.kv_transfer) == (0, 32, "p2p")
-    assert (cfg.async_scheduling, cfg.decode_experts_w8a8, cfg.decode_linears_w8a8) == (False, True, False)
+    assert (cfg.async_scheduling, cfg.decode_experts_w8a8, cfg.decode_linears_w8a8) == (False, False, False)
     default = engine_config(DeploymentSpec.parse({"model": "/m"}), spec.decode)
     assert (default.cuda_graph_max_batch, default.async_scheduling, default.decode_experts_w8a8,
-            default.decode_linears_w8a8) == (256, True, False, True)
+            default.decode_linears_w8a8) == (256, True, True, True)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ EVERYTHING = {
     "head": {"readinessProbe": {"httpGet": {"path": "/health", "port": "http", "scheme": "HTTPS"}}},
     "engine": {"maxModelLen": None, "eplbIntervalSteps": 1000, "eplbRedundantSlots": 32, "kvTransfer": "object_store",
                "cudaGraphMaxBatch": 0, "asyncScheduling": False,
-               "decodeExpertsW8a8": True, "decodeLinearsW8a8": False},
+               "decodeExpertsW8a8": False, "decodeLinearsW8a8": False},
 }
 EXISTING_CLAIM = {"model": {"volume": {"existingClaim": "weights", "subPath": "deepseek-v3",
                                        "create": {"enabled": False}}, "download": {"enabled": False}}}
