@@ -110,9 +110,10 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
 # weight-bandwidth bound and W8A16 (exact activations, no quantization pass) cost the same on an
 # H100 (at 8 rows each); above, converting every e4m3 tile to bf16 made W8A16 1.8-3.1x slower
 # (docs/performance.md, "W8A8"). Linears: with the decode tiles of `w8a8_linear_tiles` W8A8 beat
-# W8A16 on an H100 and an H200 at 16-64 rows (DeepSeek-V3's eight linear shapes, graph-replayed:
-# a 3-layer slice's sum at 64 rows 0.58 ms against 0.93 on the H100, 0.50 against 0.92 on the
-# H200; docs/performance.md, "Dense FP8 linears at decode sizes, W8A8"); below 16 rows not measured.
+# W8A16 on an H100 and an H200 at 16-64 rows (DeepSeek-V3's eight linear shapes, graph-replayed,
+# summed over a 3-layer slice's decode step at 64 rows: 0.58 ms against 0.93 on the H100, 0.50
+# against 0.92 on the H200; docs/performance.md, "Dense FP8 linears at decode sizes, W8A8");
+# below 16 rows not measured.
 W8A8_MIN_ROWS = 64
 W8A8_LINEAR_MIN_ROWS = 16
 

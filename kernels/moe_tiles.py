@@ -116,8 +116,8 @@ def linear_tiles(rows: int) -> tuple[TileConfig, float]:
 # H200 (scripts/time_fp8_linear_paths.py: DeepSeek-V3's eight FP8 linear shapes at 16 / 32 / 64
 # rows, graph-replayed): 64 output columns a program, 4 warps, 4 stages and K split to about two
 # programs per SM (1.5 at 64 rows, whose tiles carry four times the MMA work of 16) beat the
-# prefill tiles (64 x 256 x 128, 8 warps, unsplit) at every shape, e.g. q_a 7168 -> 1536 at 64 rows
-# 14.9 us against 32.4, and the decode step's sum of these GEMMs fell to 0.50 ms from W8A16's 0.92.
+# 64 x 128 x 128 tiles of 8 warps unsplit at every shape (1.1-2.2x; q_a 7168 -> 1536 at 64 rows
+# 14.9 us against 32.4), and the decode step's sum of these GEMMs fell to 0.50 ms from W8A16's 0.92.
 _LINEAR_W8A8 = ((16, TileConfig(16, 64, 128, 4, 4), 2.0), (32, TileConfig(32, 64, 128, 4, 4), 2.0),
                 (64, TileConfig(64, 64, 128, 4, 4), 1.5))
 # K shorter than this many steps is not split once the grid fills 3/4 of the SMs: the fp32 partials
