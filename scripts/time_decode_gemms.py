@@ -31,6 +31,10 @@ SPLITS = (1, 2, 4, 8, 16, 32)
 EXPERT_TILES = [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 6), (16, 64, 64, 4, 6),
                 (16, 128, 128, 8, 4), (16, 64, 128, 2, 4), (16, 128, 64, 4, 6), (16, 64, 256, 4, 3), (16, 128, 256, 8, 3),
                 (16, 32, 256, 4, 4), (16, 64, 128, 4, 8)]
+# W8A8 (--experts-w8a8): K steps of one 128-deep scale block (one e4m3 dot each)
+EXPERT_TILES_W8A8 = [(64, 128, 128, 8, 3), (64, 256, 128, 8, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 6),
+                     (16, 32, 128, 4, 4), (16, 128, 128, 8, 4), (16, 256, 128, 8, 3), (16, 64, 128, 2, 4), (32, 64, 128, 4, 4),
+                     (64, 64, 128, 4, 4), (16, 128, 128, 4, 6)]
 
 
 def ms(fn) -> float:  # noqa: ANN001
@@ -83,7 +87,7 @@ def time_linears(cfg: dict, rows_list: list[int], bw: float, g: torch.Generator,
     return out
 
 
-def time_experts(cfg: dict, world: int, tokens: int, bw: float, g: torch.Generator) -> dict:
+def time_experts(cfg: dict, world: int, tokens: int, bw: float, g: torch.Generator, w8a8: bool = False) -> dict:
     e_all, top_k, h, i = cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"], cfg["moe_intermediate_size"]
     local = e_all // world
     ids = torch.rand(world * tokens, e_all, device="cuda", generator=g).topk(top_k, dim=1).indices.reshape(-1)
@@ -93,22 +97,29 @@ def time_experts(cfg: dict, world: int, tokens: int, bw: float, g: torch.Generat
     x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
     hit = int((counts > 0).sum())
     nbytes = hit * 3 * h * i + int(counts.sum()) * h * 4
-    kw = {"fp8_activations": False}
-    d_gu, d_dn = fm.default_tiles(rows, weights, x.dtype)
+    kw = {"fp8_activations": w8a8}
+    tiles = EXPERT_TILES_W8A8 if w8a8 else EXPERT_TILES
+    d_gu, d_dn = fm.default_tiles(rows, weights, x.dtype, fp8_activations=w8a8)
     default = ms(lambda: fm.grouped_mlp(x, counts, weights, **kw))
     gu = {c: ms(lambda c=c: fm.grouped_mlp(x, counts, weights, gate_up_tiles=TileConfig(*c), down_tiles=d_dn, **kw))
-          for c in EXPERT_TILES}
+          for c in tiles}
     best_gu = min(gu, key=gu.get)
     dn = {c: ms(lambda c=c: fm.grouped_mlp(x, counts, weights, gate_up_tiles=TileConfig(*best_gu), down_tiles=TileConfig(*c),
-                                           **kw)) for c in EXPERT_TILES}
+                                           **kw)) for c in tiles}
     best_dn = min(dn, key=dn.get)
-    w8a8 = ms(lambda: fm.grouped_mlp(x, counts, weights, fp8_activations=True))  # x quantized inside, as served
-    r = {"w8a8_default_ms": w8a8, "world": world, "tokens": tokens, "rows": rows, "pairs_here": int(counts.sum()), "experts_hit": hit,
+    want = fm.grouped_mlp(x, counts, weights, **kw).float()
+    got = fm.grouped_mlp(x, counts, weights, gate_up_tiles=TileConfig(*best_gu), down_tiles=TileConfig(*best_dn), **kw).float()
+    n = int(counts.sum())
+    best_vs_default = float((got[:n] - want[:n]).abs().max() / want[:n].abs().max())
+    w8a8_ms = ms(lambda: fm.grouped_mlp(x, counts, weights, fp8_activations=True))  # x quantized inside, as served
+    w8a16_ms = ms(lambda: fm.grouped_mlp(x, counts, weights, fp8_activations=False))
+    r = {"mode": "w8a8" if kw["fp8_activations"] else "w8a16", "best_vs_default_max_rel_diff": best_vs_default,
+         "w8a8_default_ms": w8a8_ms, "w8a16_default_ms": w8a16_ms, "world": world, "tokens": tokens, "rows": rows, "pairs_here": int(counts.sum()), "experts_hit": hit,
          "default_tiles": [dataclasses.astuple(d_gu), dataclasses.astuple(d_dn)], "default_ms": default,
          "best_gate_up": best_gu, "best_down": best_dn, "best_ms": dn[best_dn], "roofline_ms": nbytes / bw / 1e6,
          "gate_up_ms": {"x".join(map(str, c)): v for c, v in gu.items()}, "down_ms": {"x".join(map(str, c)): v for c, v in dn.items()}}
     print(f"experts world {world} x {tokens} tokens: {r['pairs_here']} pairs on {hit} of {local} experts; default "
-          f"{default:.3f} ms, best {r['best_ms']:.3f} ({best_gu} / {best_dn}), W8A8 {w8a8:.3f}, roofline {r['roofline_ms']:.3f} ms",
+          f"{default:.3f} ms, best {r['best_ms']:.3f} ({best_gu} / {best_dn}), W8A8 default {w8a8_ms:.3f}, W8A16 default {w8a16_ms:.3f}, roofline {r['roofline_ms']:.3f} ms",
           flush=True)
     return r
 
@@ -122,6 +133,7 @@ def main() -> None:
     p.add_argument("--world", default="2,1", help="expert-parallel sizes for the routed experts")
     p.add_argument("--batch", type=int, default=64, help="decode tokens over the expert-parallel group")
     p.add_argument("--skip", default="", help="linears,experts")
+    p.add_argument("--experts-w8a8", action="store_true", help="sweep the routed experts' W8A8 tiles (else W8A16)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cfg = PRESETS[args.preset]
@@ -140,7 +152,7 @@ def main() -> None:
             print(f"rows {rows}: a step's FP8 linears ({args.layers} layers) default {sums['default_ms']:.3f} ms, "
                   f"best {sums['best_ms']:.3f}, roofline {sums['roofline_ms']:.3f}", flush=True)
     if "experts" not in args.skip:
-        result["experts"] = [time_experts(cfg, int(w), args.batch // int(w), bw, g) for w in args.world.split(",")]
+        result["experts"] = [time_experts(cfg, int(w), args.batch // int(w), bw, g, args.experts_w8a8) for w in args.world.split(",")]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
