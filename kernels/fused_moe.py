@@ -699,7 +699,23 @@ def fp8_linear(
         GROUP_M=tiles.group_m, A_FP8=w8a8, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         SPLIT_K=split > 1, k_split=k_split, stride_cs=out.stride(0) if split > 1 else 0,
     )  # fmt: skip
-    return out if split == 1 else out.sum(0).to(x.dtype)
+    if split == 1:
+        return out
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(rows * n, block),)](out, y, rows * n, split, out.stride(0), BLOCK=block)
+    return y
+
+
+@jit(do_not_specialize=("n_elem",))
+def _sum_splits_kernel(p_ptr, y_ptr, n_elem, split, stride_s, BLOCK: tl.constexpr):
+    """y = sum over the split axis of fp32 partials p (split, n_elem), rounded once to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n_elem
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(split):
+        acc += tl.load(p_ptr + s * stride_s + offs, mask=inside, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def fused_moe(

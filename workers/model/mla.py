@@ -134,8 +134,10 @@ class MLA(nn.Module):
         seq_lens: torch.Tensor,
     ) -> torch.Tensor:
         """One new token per sequence: (batch, H, nope), (batch, H, rope) -> (batch, H, v)."""
-        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, self.w_uk)  # (batch, H, c)
-        q = torch.cat([q_latent, q_pe], dim=-1)  # (batch, H, c + rope)
+        q = q_nope.new_empty(q_nope.shape[0], self.heads, self.kv_lora + self.rope_dim)  # (batch, H, c + rope)
+        # absorbed W_UK straight into q's first c columns (a batched GEMM per head; no concatenation pass)
+        torch.bmm(q_nope.transpose(0, 1), self.w_uk, out=q[..., : self.kv_lora].transpose(0, 1))  # (H, batch, c)
+        q[..., self.kv_lora :] = q_pe
         decode = mla_decode if q.is_cuda else mla_decode_reference  # the Triton kernel on GPUs
         o_latent = decode(q, kv_cache, block_tables, seq_lens, self.scale, self.kv_lora)
         return torch.einsum("bhc,hvc->bhv", o_latent, self.w_uv)  # (batch, H, v)

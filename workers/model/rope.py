@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from moecluster.kernels.rope import rope, rope_reference
 from moecluster.workers.config import RopeConfig
 
 
@@ -57,13 +58,7 @@ class RotaryEmbedding(torch.nn.Module):
         return cos, sin
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (tokens, heads, dim) -> rotated, same layout."""
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            out = torch.empty_like(x)
-            out[..., 0::2] = x1 * cos - x2 * sin
-            out[..., 1::2] = x2 * cos + x1 * sin
-            return out
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """x (tokens, heads, dim) -> rotated, same layout (one Triton launch on CUDA)."""
+        if x.is_cuda:
+            return rope(x, cos, sin, self.interleaved)
+        return rope_reference(x, cos, sin, self.interleaved)

@@ -1,0 +1,75 @@
+"""Rotary embedding of MLA's rope dims in one launch (GPU): x (tokens, heads, dim) rotated by
+cos / sin (tokens, dim // 2), pairs interleaved ((x0, x1), (x2, x3), ...: the published
+checkpoints) or split in halves. Each product and the sum are rounded to x's dtype as the torch
+form (workers/model/rope.py) rounds them, so the two agree; the torch form is eight launches a
+rotation (two products, a difference, a strided copy, twice). One program per token, all heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecluster.kernels.jit import jit, triton
+
+if triton is not None:
+    import triton.language as tl
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (tokens, heads, dim); cos, sin broadcastable to (tokens, heads, dim // 2) -> rotated x."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = x1 * cos - x2 * sin
+        out[..., 1::2] = x2 * cos + x1 * sin
+        return out
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, heads, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, stride_st,
+                 HALF: tl.constexpr, HEADS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.arange(0, HEADS)[:, None]
+    i = tl.arange(0, HALF)[None, :]
+    inside = h < heads
+    if INTERLEAVED:
+        i1, i2 = 2 * i, 2 * i + 1
+    else:
+        i1, i2 = i, i + HALF
+    dt = y_ptr.dtype.element_ty
+    x1 = tl.load(x_ptr + t * stride_xt + h * stride_xh + i1, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + t * stride_xt + h * stride_xh + i2, mask=inside, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * stride_ct + i).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_st + i).to(tl.float32)
+    o1 = ((x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+    tl.store(y_ptr + t * stride_yt + h * stride_yh + i1, o1, mask=inside)
+    tl.store(y_ptr + t * stride_yt + h * stride_yh + i2, o2, mask=inside)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (tokens, heads, dim) with unit stride along dim; cos, sin (tokens, 1, dim // 2) or
+    (tokens, dim // 2) in x's dtype -> rotated x (a new contiguous tensor), as `rope_reference`;
+    Triton on CUDA, the reference elsewhere."""
+    if x.ndim != 3 or x.shape[-1] % 2:
+        raise ValueError(f"rope: x must be (tokens, heads, even dim), got {tuple(x.shape)}")
+    tokens, heads, dim = x.shape
+    half = dim // 2
+    c, s = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
+    if c.shape != (tokens, half) or s.shape != (tokens, half):
+        raise ValueError(f"rope: cos and sin must be ({tokens}, {half}) per token, got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    usable = x.is_cuda or (x.device.type == "cpu" and _interpreted())
+    if (triton is None or not usable or x.numel() == 0 or half & (half - 1) or x.stride(-1) != 1
+            or c.dtype != x.dtype or s.dtype != x.dtype or c.stride(-1) != 1 or s.stride(-1) != 1):
+        return rope_reference(x, cos, sin, interleaved)
+    y = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
+    _rope_kernel[(tokens,)](x, c, s, y, heads, x.stride(0), x.stride(1), y.stride(0), y.stride(1), c.stride(0),
+                            s.stride(0), HALF=half, HEADS=triton.next_power_of_2(heads), INTERLEAVED=interleaved)
+    return y
+
+
+def _interpreted() -> bool:
+    return type(_rope_kernel).__name__ == "InterpretedFunction"
