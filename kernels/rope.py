@@ -1,8 +1,11 @@
 """Rotary embedding of MLA's rope dims in one launch (GPU): x (tokens, heads, dim) rotated by
 cos / sin (tokens, dim // 2), pairs interleaved ((x0, x1), (x2, x3), ...: the published
-checkpoints) or split in halves. Each product and the sum are rounded to x's dtype as the torch
-form (workers/model/rope.py) rounds them, so the two agree; the torch form is eight launches a
-rotation (two products, a difference, a strided copy, twice). One program per token, all heads.
+checkpoints) or split in halves. Computed in fp32 and rounded once to x's dtype; the torch form
+(`rope_reference`, what transformers computes) rounds each product and the sum to x's dtype, so
+in bf16 the two differ by one unit in the last place in some values (about a quarter at random
+inputs on an H200: the compiler also fuses the products into FMAs, so rounding each product in
+the kernel did not reproduce the torch form either). The torch form is eight launches a rotation
+(two products, a difference, a strided copy, twice). One program per token, all heads.
 """
 
 from __future__ import annotations
@@ -39,21 +42,19 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, heads, stride_xt, stride_xh, st
         i1, i2 = 2 * i, 2 * i + 1
     else:
         i1, i2 = i, i + HALF
-    dt = y_ptr.dtype.element_ty
     x1 = tl.load(x_ptr + t * stride_xt + h * stride_xh + i1, mask=inside, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + t * stride_xt + h * stride_xh + i2, mask=inside, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + t * stride_ct + i).to(tl.float32)
     s = tl.load(sin_ptr + t * stride_st + i).to(tl.float32)
-    o1 = ((x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
-    tl.store(y_ptr + t * stride_yt + h * stride_yh + i1, o1, mask=inside)
-    tl.store(y_ptr + t * stride_yt + h * stride_yh + i2, o2, mask=inside)
+    dt = y_ptr.dtype.element_ty
+    tl.store(y_ptr + t * stride_yt + h * stride_yh + i1, (x1 * c - x2 * s).to(dt), mask=inside)
+    tl.store(y_ptr + t * stride_yt + h * stride_yh + i2, (x2 * c + x1 * s).to(dt), mask=inside)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """x (tokens, heads, dim) with unit stride along dim; cos, sin (tokens, 1, dim // 2) or
-    (tokens, dim // 2) in x's dtype -> rotated x (a new contiguous tensor), as `rope_reference`;
-    Triton on CUDA, the reference elsewhere."""
+    (tokens, dim // 2) in x's dtype -> rotated x (a new contiguous tensor): `rope_reference` in
+    fp32, rounded once. Triton on CUDA, the reference elsewhere."""
     if x.ndim != 3 or x.shape[-1] % 2:
         raise ValueError(f"rope: x must be (tokens, heads, even dim), got {tuple(x.shape)}")
     tokens, heads, dim = x.shape
