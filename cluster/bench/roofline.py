@@ -114,12 +114,14 @@ def _time_ms(fn, device: torch.device, warmup: int = 3, iters: int = 20) -> floa
 
 @torch.no_grad()
 def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: float, device: torch.device,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, experts_w8a8: bool = False, linears_w8a8: bool = False) -> dict[str, Any]:
     """One MoE layer (all experts on this device, random weights in the config's formats, the
     kernels the engine uses) on a decode batch of `tokens`: median time against the bytes it must
     read (gate, shared expert, the experts this batch reaches) over the copy bandwidth. On a GPU
     `ms` times replays of the layer captured in a CUDA graph, as decode steps run it (EP=1);
-    `eager_ms` the same layer launched op by op."""
+    `eager_ms` the same layer launched op by op. FP8 weights run the modes the decode graphs
+    run them in (`w8a16_only` with the engine's `decode_experts_w8a8` / `decode_linears_w8a8`)."""
+    from moecluster.kernels.fp8_quant import w8a16_only
     from moecluster.workers.checkpoint.random_weights import fill_random
     from moecluster.workers.model.deepseek import prepare_gpu
     from moecluster.workers.model.moe import MoE
@@ -133,15 +135,16 @@ def moe_layer_step(cfg: ModelConfig, dtype: torch.dtype, tokens: int, copy_gbs: 
         prepare_gpu(moe, dtype)  # what the engine does to a loaded model
     x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator(device).manual_seed(seed), device=device,
                     dtype=dtype)
-    moe.expert_counts.zero_()
-    moe(x)
-    hit = int((moe.expert_counts > 0).sum())
-    eager_ms = ms = _time_ms(lambda: moe(x), device, warmup=3, iters=20)
-    if device.type == "cuda":  # as decode steps run it: replayed from a CUDA graph, no launch gaps
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            moe(x)
-        ms = _time_ms(graph.replay, device, warmup=3, iters=20)
+    with w8a16_only(experts_w8a8=experts_w8a8, linears_w8a8=linears_w8a8):  # compiled here, before any capture
+        moe.expert_counts.zero_()
+        moe(x)
+        hit = int((moe.expert_counts > 0).sum())
+        eager_ms = ms = _time_ms(lambda: moe(x), device, warmup=3, iters=20)
+        if device.type == "cuda":  # as decode steps run it: replayed from a CUDA graph, no launch gaps
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                moe(x)
+            ms = _time_ms(graph.replay, device, warmup=3, iters=20)
     total = fixed + hit * per_expert + 2 * x.numel() * x.element_size()
     roofline_ms = total / (copy_gbs * 1e9) * 1e3
     return {"tokens": tokens, "experts_hit": hit, "bytes": total, "ms": ms, "eager_ms": eager_ms,

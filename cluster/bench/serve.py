@@ -251,7 +251,8 @@ def _rooflines(cfg: ServeBenchConfig, mcfg: Any, dtype: Any, device: Any, result
         row["step_vs_roofline"] = row["step_ms_p50"] / roof["roofline_ms"] if row["step_ms_p50"] else None
     for c in sorted(set(cfg.concurrency)):
         try:
-            result.moe_layer.append(moe_layer_step(mcfg, dtype, c, result.copy_gbs, device, cfg.seed))
+            result.moe_layer.append(moe_layer_step(mcfg, dtype, c, result.copy_gbs, device, cfg.seed,
+                                                   cfg.decode_experts_w8a8, cfg.decode_linears_w8a8))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the layer's weights are gone with the call
         except RuntimeError as e:  # e.g. all experts of a layer do not fit one GPU (large EP setups)

@@ -173,3 +173,19 @@ def test_cli_bench_serve_rejects_bad_mix(capsys) -> None:
     with pytest.raises(SystemExit):
         cli(["bench", "serve", "--mix", "2000x100"])
     assert "IN:OUT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("w8a8", [False, True])
+def test_moe_layer_step_on_a_tiny_model(tiny_checkpoint, w8a8) -> None:
+    """`moe_layer_step` (CPU, fp32: the W8A8 options change nothing there) times one MoE layer of a
+    tiny model and sets its bytes against the copy bandwidth given; the decode modes' context is
+    entered and left again."""
+    from moecluster.cluster.bench.roofline import moe_layer_step
+    from moecluster.kernels.fp8_quant import w8a8_linear_default
+
+    cfg = ModelConfig.from_hf(json.loads((tiny_checkpoint() / "config.json").read_text()))
+    r = moe_layer_step(cfg, torch.float32, 4, 10.0, torch.device("cpu"), experts_w8a8=w8a8, linears_w8a8=w8a8)
+    assert 1 <= r["experts_hit"] <= min(cfg.n_routed_experts, 4 * cfg.num_experts_per_tok)
+    assert r["ms"] > 0 and r["bytes"] > 0
+    assert r["roofline_ms"] == pytest.approx(r["bytes"] / 10e9 * 1e3)
+    assert w8a8_linear_default(10**6, torch.zeros(1, dtype=torch.bfloat16))  # outside again: the defaults
