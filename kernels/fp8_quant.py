@@ -106,16 +106,21 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
 
 # ---- when the FP8 GEMMs run W8A8 ---------------------------------------------------------------
 # Mean rows per expert (W8A8_MIN_ROWS) and rows of an FP8 linear (W8A8_LINEAR_MIN_ROWS) from
-# which FP8 weights run W8A8 with 16-bit activations. Experts: below 64 rows each they are
+# which FP8 weights run W8A8 with 16-bit activations by default, and the rows from which linears
+# run W8A8 inside the decode graphs with the engine's `decode_linears_w8a8`
+# (W8A8_DECODE_LINEAR_MIN_ROWS). Experts: below 64 rows each they are
 # weight-bandwidth bound and W8A16 (exact activations, no quantization pass) cost the same on an
 # H100 (at 8 rows each); above, converting every e4m3 tile to bf16 made W8A16 1.8-3.1x slower
-# (docs/performance.md, "W8A8"). Linears: with the decode tiles of `w8a8_linear_tiles` W8A8 beat
+# (docs/performance.md, "W8A8"). Linears: from 128 rows W8A8 was 1.8-3.1x faster (256-16384 rows
+# measured); at decode sizes, with the decode tiles of `w8a8_linear_tiles`, W8A8 beat
 # W8A16 on an H100 and an H200 at 16-64 rows (DeepSeek-V3's eight linear shapes, graph-replayed,
 # summed over a 3-layer slice's decode step at 64 rows: 0.58 ms against 0.93 on the H100, 0.50
 # against 0.92 on the H200; docs/performance.md, "Dense FP8 linears at decode sizes, W8A8");
-# below 16 rows not measured.
+# below 16 rows and at 65-127 not measured. Outside the decode graphs (eager steps, prefill chunks)
+# linears keep the 128-row threshold, so turning the option off restores W8A16 decode entirely.
 W8A8_MIN_ROWS = 64
-W8A8_LINEAR_MIN_ROWS = 16
+W8A8_LINEAR_MIN_ROWS = 128
+W8A8_DECODE_LINEAR_MIN_ROWS = 16
 
 
 _W8A8_BY_DEFAULT: ContextVar[bool] = ContextVar("moecluster_w8a8_by_default", default=True)
@@ -127,7 +132,7 @@ _LINEARS_W8A8: ContextVar[bool] = ContextVar("moecluster_linears_w8a8", default=
 def w8a16_only(experts_w8a8: bool = False, linears_w8a8: bool = False) -> Iterator[None]:
     """Inside, FP8 weights run W8A16 unless a call asks for W8A8; with experts_w8a8, routed experts
     run W8A8 at any rows (`w8a8_experts_default`); with linears_w8a8, linears from
-    W8A8_LINEAR_MIN_ROWS rows (`w8a8_linear_default`). The decode CUDA graphs run both their
+    W8A8_DECODE_LINEAR_MIN_ROWS rows (`w8a8_linear_default`). The decode CUDA graphs run both their
     warm-up pass and their capture inside it, so the two compile and launch the same kernels (a
     kernel first compiled during a capture would load a module there, which CUDA refuses), with
     the engine's `decode_experts_w8a8` and `decode_linears_w8a8`. W8A8 captures and replays equal
@@ -172,10 +177,10 @@ def w8a8_experts_default(rows_per_expert: float, x: torch.Tensor, *, block_in: i
 
 
 def w8a8_linear_default(rows: int, x: torch.Tensor, *, block_in: int = 128) -> bool:
-    """`w8a8_default` for an FP8 linear: from W8A8_LINEAR_MIN_ROWS rows, also inside
-    `w8a16_only(linears_w8a8=True)`."""
+    """`w8a8_default` for an FP8 linear: from W8A8_LINEAR_MIN_ROWS rows; inside
+    `w8a16_only(linears_w8a8=True)` from W8A8_DECODE_LINEAR_MIN_ROWS."""
     if _LINEARS_W8A8.get():
-        return rows >= W8A8_LINEAR_MIN_ROWS and _w8a8_capable(x, block_in)
+        return rows >= W8A8_DECODE_LINEAR_MIN_ROWS and _w8a8_capable(x, block_in)
     return w8a8_default(rows, x, W8A8_LINEAR_MIN_ROWS, block_in=block_in)
 
 

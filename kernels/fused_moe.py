@@ -70,7 +70,8 @@ fp32 partial product (decode-sized batches: weight-bandwidth bound, activations 
 (`fp8_activations`, the default from W8A8_MIN_ROWS rows per expert with 16-bit activations,
 on Hopper, outside `w8a16_only`, which the decode CUDA graphs' warm-up and capture run in;
 routed experts also at any rows inside `w8a16_only(experts_w8a8=True)`, `w8a8_experts_default`;
-linears from W8A8_LINEAR_MIN_ROWS rows, inside `w8a16_only` only with linears_w8a8):
+linears from W8A8_LINEAR_MIN_ROWS rows, inside `w8a16_only` from W8A8_DECODE_LINEAR_MIN_ROWS
+with linears_w8a8):
 x and h are quantized to e4m3 per (row, 128-value group) by `kernels/fp8_quant.py` and each
 K block is one e4m3 x e4m3 dot scaled by (activation scale x weight scale), DeepSeek-V3's own
 recipe; about 4% relative difference from W8A16 on random data, 1.8-3.1x faster from 64 rows
@@ -97,6 +98,7 @@ import torch
 from moecluster.kernels import grouped_mm_mlp, int4_wgmma
 from moecluster.kernels.device import cuda_capability, cuda_sm_count
 from moecluster.kernels.fp8_quant import (
+    W8A8_DECODE_LINEAR_MIN_ROWS,
     W8A8_LINEAR_MIN_ROWS,
     W8A8_MIN_ROWS,
     check_w8a8_block,
@@ -710,11 +712,13 @@ def fp8_linear(
 @jit(do_not_specialize=("n_elem",))
 def _sum_splits_kernel(p_ptr, y_ptr, n_elem, split, stride_s, BLOCK: tl.constexpr):
     """y = sum over the split axis of fp32 partials p (split, n_elem), rounded once to y's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n_elem
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(split):
-        acc += tl.load(p_ptr + s * stride_s + offs, mask=inside, other=0.0)
+    ptrs = p_ptr + offs  # advanced split by split: 64-bit pointer arithmetic, no int32 product
+    for _ in range(split):
+        acc += tl.load(ptrs, mask=inside, other=0.0)
+        ptrs += stride_s
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
 
 
@@ -784,6 +788,7 @@ __all__ = [
     "Int4Experts",
     "Int4Weight",
     "TileConfig",
+    "W8A8_DECODE_LINEAR_MIN_ROWS",
     "W8A8_LINEAR_MIN_ROWS",
     "W8A8_MIN_ROWS",
     "default_tiles",

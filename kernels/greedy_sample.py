@@ -31,14 +31,22 @@ def greedy_logprobs_reference(logits: torch.Tensor) -> tuple[torch.Tensor, torch
 
 @jit
 def _chunk_kernel(x_ptr, stride_x, vocab, m_ptr, a_ptr, s_ptr, n_chunks, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    lane = tl.arange(0, BLOCK)
+    offs = chunk * BLOCK + lane
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+    nan = x != x
+    # as torch.argmax: a NaN is the maximum (the first NaN's index); the row's logprob is NaN then
+    has_nan = tl.max(nan.to(tl.int32), axis=0) > 0
+    first_nan = tl.min(tl.where(nan, lane, BLOCK), axis=0)
+    x = tl.where(nan, float("-inf"), x)
     m = tl.max(x, axis=0)
     a = tl.argmax(x, axis=0, tie_break_left=True)
     safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk of -inf only sums to 0, not nan
     s = tl.sum(tl.exp(x - safe), axis=0)
+    m = tl.where(has_nan, float("nan"), m)
+    a = tl.where(has_nan, first_nan, a)
     out = row * n_chunks + chunk
     tl.store(m_ptr + out, m)
     tl.store(a_ptr + out, chunk * BLOCK + a)
@@ -47,17 +55,24 @@ def _chunk_kernel(x_ptr, stride_x, vocab, m_ptr, a_ptr, s_ptr, n_chunks, BLOCK: 
 
 @jit
 def _merge_kernel(m_ptr, a_ptr, s_ptr, tok_ptr, lp_ptr, n_chunks, CHUNKS: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CHUNKS)
     inside = c < n_chunks
     m = tl.load(m_ptr + row * n_chunks + c, mask=inside, other=float("-inf"))
     s = tl.load(s_ptr + row * n_chunks + c, mask=inside, other=0.0)
+    nan = m != m  # chunks holding a NaN
+    has_nan = tl.max(nan.to(tl.int32), axis=0) > 0
+    first_nan = tl.min(tl.where(nan, c, CHUNKS), axis=0)
+    m = tl.where(nan, float("-inf"), m)
     best = tl.max(m, axis=0)
     first = tl.argmax(m, axis=0, tie_break_left=True)  # the first chunk holding the maximum
-    token = tl.load(a_ptr + row * n_chunks + first)
+    token = tl.load(a_ptr + row * n_chunks + tl.where(has_nan, first_nan, first))
     scaled = tl.where(m == float("-inf"), 0.0, s * tl.exp(m - best))
+    lp = -tl.log(tl.sum(scaled, axis=0))  # best - (best + log sum)
+    # NaN as log_softmax gives: a NaN in the row, or every logit -inf (-inf minus -inf)
+    lp = tl.where(has_nan | (best == float("-inf")), float("nan"), lp)
     tl.store(tok_ptr + row, token.to(tl.int64))
-    tl.store(lp_ptr + row, -tl.log(tl.sum(scaled, axis=0)))  # best - (best + log sum)
+    tl.store(lp_ptr + row, lp)
 
 
 def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

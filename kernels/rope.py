@@ -59,7 +59,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         raise ValueError(f"rope: x must be (tokens, heads, even dim), got {tuple(x.shape)}")
     tokens, heads, dim = x.shape
     half = dim // 2
-    c, s = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
+    if tokens == 0:  # an expert-parallel rank with no work still runs the layer on an empty batch
+        return rope_reference(x, cos, sin, interleaved)
+    c, s = cos.flatten(1), sin.flatten(1)
     if c.shape != (tokens, half) or s.shape != (tokens, half):
         raise ValueError(f"rope: cos and sin must be ({tokens}, {half}) per token, got {tuple(cos.shape)}, {tuple(sin.shape)}")
     usable = x.is_cuda or (x.device.type == "cpu" and _interpreted())

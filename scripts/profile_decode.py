@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=16, help="how many of the busiest kernels to list")
     p.add_argument("--trace", default="", help="also write the profiled steps as a Chrome trace here")
     p.add_argument("--decode-experts-w16", action="store_true", help="FP8 routed experts run W8A16 in decode graphs")
+    p.add_argument("--decode-linears-w16", action="store_true", help="FP8 dense linears run W8A16 in decode graphs")
     args = p.parse_args()
 
     from moecluster.cluster.bench.slice_model import make_slice
@@ -39,7 +40,8 @@ def main() -> None:
     core, _ = build_engine(EngineConfig(model=model, load_format="random", dtype="bfloat16", device="cuda",
                                         gpu_memory_utilization=0.8, max_model_len=args.context + 256,
                                         max_num_seqs=args.concurrency, async_scheduling=False,
-                                        decode_experts_w8a8=not args.decode_experts_w16))
+                                        decode_experts_w8a8=not args.decode_experts_w16,
+                                        decode_linears_w8a8=not args.decode_linears_w16))
     rng = random.Random(0)
     vocab = core.runner.model.cfg.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.steps * 3 + 16, ignore_eos=True)

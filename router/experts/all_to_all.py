@@ -6,7 +6,9 @@ are ordered by slot (slot = rank * slots_per_rank + local slot), which is also t
 destination ranks, so one all-to-all of counts and one of rows (plus their local slot ids) move
 them; the receiver groups the rows by local slot for the experts. `combine` sends the expert
 outputs back the same way and sums them per token with the routing weights, in slot order (with
-one replica per expert, exactly the order `LocalDispatch` sums in).
+one replica per expert, the order `LocalDispatch` sums in; it adds the terms in fp32 and rounds
+once, this path rounds each weighted term to the rows' dtype first, so in 16-bit the two differ
+by those roundings).
 
 Over gloo, bfloat16 rows travel as float16 bit patterns (gloo has no bfloat16); NCCL moves them as they are.
 A rank with no tokens still takes part: every collective runs with empty splits.

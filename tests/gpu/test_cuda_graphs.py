@@ -56,10 +56,11 @@ def test_graph_decode_equals_eager(tiny_checkpoint, quant: str) -> None:
 
 @pytest.mark.gpu
 def test_bf16_fp8_graphs_capture_past_the_w8a8_sizes(tiny_checkpoint) -> None:
-    """bf16 activations with FP8 weights, graphs up to 160 sequences: batches of 128+ rows run the
-    FP8 linears in W8A8 when eager, and the graphs' warm-up and capture both in W8A16 (one set of
-    kernels: none is first compiled inside a capture). Capture succeeds and 130 concurrent decodes
-    replay the graphs to the end."""
+    """bf16 activations with FP8 weights, graphs up to 160 sequences: eager steps of 128+ rows run
+    the FP8 linears in W8A8, and the graphs' warm-up and capture both in the engine's decode modes
+    (by default W8A8 linears from 16 rows and W8A8 routed experts; one set of kernels: none is
+    first compiled inside a capture). Capture succeeds and 130 concurrent decodes replay the
+    graphs to the end."""
     ckpt = tiny_checkpoint(arch="deepseek-v3", quant="fp8")
     cfg = EngineConfig(model=ckpt, dtype="bfloat16", device="cuda", block_size=16, num_kv_blocks=1024,
                        max_model_len=128, max_num_seqs=160, cuda_graph_max_batch=160)

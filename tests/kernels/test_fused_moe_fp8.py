@@ -159,7 +159,7 @@ def test_fp8_w8a8_grouped_mlp_matches_reference(device, h, i, block, counts) -> 
 
 def test_fp8_w8a8_linear_and_defaults(device) -> None:
     from moecluster.kernels.fused_moe import (
-        W8A8_LINEAR_MIN_ROWS, W8A8_MIN_ROWS, DenseExperts, dequantize_fp8, fp8_linear, w8a8_default, w8a8_experts_default,
+        W8A8_DECODE_LINEAR_MIN_ROWS, W8A8_LINEAR_MIN_ROWS, W8A8_MIN_ROWS, DenseExperts, dequantize_fp8, fp8_linear, w8a8_default, w8a8_experts_default,
         w8a8_linear_default, w8a16_only)
     from moecluster.kernels.fused_moe_ref import fp8_round_trip
 
@@ -184,10 +184,12 @@ def test_fp8_w8a8_linear_and_defaults(device) -> None:
     with w8a16_only(experts_w8a8=True):  # decode_experts_w8a8: routed experts at any rows, linears not
         assert w8a8_experts_default(1, bf16) == hopper and not w8a8_default(10**6, bf16)
         assert not w8a8_linear_default(10**6, bf16)
-    with w8a16_only(linears_w8a8=True):  # decode_linears_w8a8: linears from W8A8_LINEAR_MIN_ROWS, experts not
-        assert w8a8_linear_default(W8A8_LINEAR_MIN_ROWS, bf16) == hopper and not w8a8_experts_default(1, bf16)
-        assert not w8a8_linear_default(W8A8_LINEAR_MIN_ROWS - 1, bf16) and not w8a8_linear_default(10**6, fp32)
         assert not w8a8_experts_default(1, fp32) and not w8a8_experts_default(1, bf16, block_in=96)
+    with w8a16_only(linears_w8a8=True):  # decode_linears_w8a8: linears from W8A8_DECODE_LINEAR_MIN_ROWS, experts not
+        assert w8a8_linear_default(W8A8_DECODE_LINEAR_MIN_ROWS, bf16) == hopper and not w8a8_experts_default(1, bf16)
+        assert not w8a8_linear_default(W8A8_DECODE_LINEAR_MIN_ROWS - 1, bf16) and not w8a8_linear_default(10**6, fp32)
+    # outside the decode graphs linears keep the prefill threshold
+    assert W8A8_DECODE_LINEAR_MIN_ROWS < W8A8_LINEAR_MIN_ROWS and not w8a8_linear_default(W8A8_LINEAR_MIN_ROWS - 1, bf16)
     assert w8a8_default(10**6, bf16) == hopper and not w8a8_experts_default(1, bf16)
     assert w8a8_experts_default(W8A8_MIN_ROWS, bf16) == hopper
     with pytest.raises(ValueError, match="power of two >= 32"):

@@ -42,8 +42,25 @@ def test_greedy_logprobs_ties_take_the_first_index_and_padding_is_ignored(device
     tokens, lp = greedy_logprobs(logits)
     assert tokens.tolist() == [7, 70, 199, 100]
     torch.testing.assert_close(lp, greedy_logprobs_reference(logits)[1])
-    wide = torch.randn(6, 500).to(device)[:, ::2]  # a strided view is read as such
+    wide = torch.randn(6, 500).to(device)[:, ::2]  # a strided view (copied to contiguous rows first)
     _check(wide)
+
+
+def test_greedy_logprobs_nan_and_all_inf_rows_as_torch(device, monkeypatch) -> None:
+    """A NaN is the maximum, as for torch.argmax (its first index), with a NaN logprob; a row of
+    -inf only gives token 0 and a NaN logprob, as log_softmax does; other rows are unaffected."""
+    monkeypatch.setattr(greedy_sample, "BLOCK", 64)
+    logits = torch.randn(4, 200)
+    logits[0, [150, 170]] = float("nan")  # NaNs in a later chunk than the finite maximum
+    logits[0, 3] = 100.0
+    logits[1, 70] = float("nan")
+    logits[2] = float("-inf")
+    logits = logits.to(device)
+    tokens, lp = greedy_logprobs(logits)
+    want_t, want_lp = greedy_logprobs_reference(logits)
+    assert tokens.tolist()[:3] == [150, 70, 0] and torch.equal(tokens, want_t)
+    assert lp[:3].isnan().all() and want_lp[:3].isnan().all()
+    torch.testing.assert_close(lp[3], want_lp[3])
 
 
 def test_greedy_logprobs_rejects_bad_input() -> None:

@@ -161,13 +161,14 @@ def test_fill_rewrites_a_table_row_exactly_when_its_blocks_differ(ckpt: Path) ->
     check([a, b], 2)  # and takes the same sequence again: its table is written back
 
 
-@pytest.mark.parametrize(("experts_w8a8", "linears_w8a8"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize(("experts_w8a8", "linears_w8a8"), [(False, False), (True, False), (False, True), (True, True)])
 def test_decode_w8a8_options_inside_the_graph_forward(ckpt: Path, experts_w8a8: bool, linears_w8a8: bool) -> None:
     """`decode_experts_w8a8` / `decode_linears_w8a8`: inside the decode graphs' forward (warm-up,
     capture, the eager stand-in), FP8 routed experts with 16-bit activations take W8A8 at decode
-    sizes with the first, dense FP8 linears from W8A8_LINEAR_MIN_ROWS rows with the second, each
+    sizes with the first, dense FP8 linears from W8A8_DECODE_LINEAR_MIN_ROWS rows with the second, each
     independently; prefill-sized experts never; outside, the defaults are untouched."""
-    from moecluster.kernels.fused_moe import W8A8_LINEAR_MIN_ROWS, w8a8_default, w8a8_experts_default, w8a8_linear_default
+    from moecluster.kernels.fused_moe import (
+        W8A8_DECODE_LINEAR_MIN_ROWS, W8A8_LINEAR_MIN_ROWS, w8a8_default, w8a8_experts_default, w8a8_linear_default)
 
     core = _core(ckpt, graphs=False)
     kv = allocate_kv_cache(core.runner.model.cfg, NUM_BLOCKS + 1, BLOCK, torch.float32, "cpu")
@@ -176,8 +177,9 @@ def test_decode_w8a8_options_inside_the_graph_forward(ckpt: Path, experts_w8a8: 
     bf16 = torch.zeros(1, dtype=torch.bfloat16)
     with dg._graph_forward():
         assert w8a8_experts_default(2.0, bf16) == experts_w8a8 and not w8a8_default(10**6, bf16)
-        assert w8a8_linear_default(W8A8_LINEAR_MIN_ROWS, bf16) == linears_w8a8
-        assert not w8a8_linear_default(W8A8_LINEAR_MIN_ROWS - 1, bf16)
+        assert w8a8_linear_default(W8A8_DECODE_LINEAR_MIN_ROWS, bf16) == linears_w8a8
+        assert not w8a8_linear_default(W8A8_DECODE_LINEAR_MIN_ROWS - 1, bf16)
         assert not w8a8_experts_default(2.0, torch.zeros(1))  # fp32 activations: never
         assert not w8a8_linear_default(10**6, torch.zeros(1))
     assert not w8a8_experts_default(2.0, bf16) and w8a8_linear_default(W8A8_LINEAR_MIN_ROWS, bf16)
+    assert not w8a8_linear_default(W8A8_LINEAR_MIN_ROWS - 1, bf16)  # outside: the prefill threshold again

@@ -101,6 +101,19 @@ def test_greedy_equals_argmax() -> None:
     assert torch.all(out.ranks == 1)
 
 
+def test_all_greedy_fast_path_equals_the_general_path() -> None:
+    """All rows greedy, no top logprobs: the one-read path gives the tokens, logprobs and ranks the
+    general path (log_softmax, rank count) gives for the same rows."""
+    torch.manual_seed(1)
+    logits = torch.randn(9, 301) * 5
+    logits[2, [10, 200]] = 30.0  # a tie: the first index, rank 1
+    fast = sample(logits, make_batch(9, 301, temperature=0.0))
+    mixed = sample(logits.repeat(2, 1), make_batch(18, 301, temperature=[0.0] * 17 + [1.0]))  # not all greedy
+    assert torch.equal(fast.token_ids, mixed.token_ids[:9]) and fast.token_ids[2] == 10
+    torch.testing.assert_close(fast.logprobs, mixed.logprobs[:9], rtol=1e-6, atol=1e-6)
+    assert torch.equal(fast.ranks, mixed.ranks[:9]) and fast.top_ids is None and fast.top_logprobs is None
+
+
 def test_greedy_ignores_filters_and_noise() -> None:
     torch.manual_seed(1)
     logits = torch.randn(64, 40)

@@ -98,8 +98,11 @@ class DecodeGraphs:
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.sizes = graph_batch_sizes(max_batch)
         self.capture_enabled = capture
-        self.experts_w8a8 = experts_w8a8  # FP8 routed experts W8A8 inside the graphs
-        self.linears_w8a8 = linears_w8a8  # FP8 dense linears W8A8 inside the graphs (from W8A8_LINEAR_MIN_ROWS rows)
+        # FP8 modes inside the graphs (the engine passes its decode_experts_w8a8 / decode_linears_w8a8;
+        # both False here: W8A16 throughout): routed experts W8A8 at any rows, dense linears from
+        # W8A8_DECODE_LINEAR_MIN_ROWS rows
+        self.experts_w8a8 = experts_w8a8
+        self.linears_w8a8 = linears_w8a8
         device = model.embed_tokens.device
         n, width = self.sizes[-1], -(-max_model_len // block_size)
         self._scratch = scratch_block

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moecluster.kernels.greedy_sample import greedy_logprobs
+from moecluster.kernels.greedy_sample import greedy_logprobs, greedy_logprobs_reference
 
 
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -107,10 +107,10 @@ def to_host(out: SamplerOutput) -> HostSamples:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits (rows, vocab) float32 -> sampled tokens with their logprobs under the raw model.
-    All rows greedy and no top logprobs asked: one read of the logits (`greedy_logprobs`; the
-    greedy token's rank is 1)."""
+    All rows greedy and no top logprobs asked: one read of the logits (`greedy_logprobs` on CUDA,
+    its torch reference elsewhere; the greedy token's rank is 1)."""
     if batch.all_greedy and not batch.num_logprobs:
-        tokens, chosen_lp = greedy_logprobs(logits)
+        tokens, chosen_lp = greedy_logprobs(logits) if logits.is_cuda else greedy_logprobs_reference(logits)
         return SamplerOutput(tokens, chosen_lp, torch.ones_like(tokens), None, None)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     greedy = logits.argmax(dim=-1)
