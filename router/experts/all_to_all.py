@@ -6,9 +6,8 @@ are ordered by slot (slot = rank * slots_per_rank + local slot), which is also t
 destination ranks, so one all-to-all of counts and one of rows (plus their local slot ids) move
 them; the receiver groups the rows by local slot for the experts. `combine` sends the expert
 outputs back the same way and sums them per token with the routing weights, in slot order (with
-one replica per expert, the order `LocalDispatch` sums in; it adds the terms in fp32 and rounds
-once, this path rounds each weighted term to the rows' dtype first, so in 16-bit the two differ
-by those roundings).
+one replica per expert, the same sums as `LocalDispatch`: each token's rows in choice order,
+weighted and added in fp32 by one batched GEMM, rounded once).
 
 Over gloo, bfloat16 rows travel as float16 bit patterns (gloo has no bfloat16); NCCL moves them as they are.
 A rank with no tokens still takes part: every collective runs with empty splits.
@@ -46,13 +45,11 @@ def pick_slots(flat_ids: torch.Tensor, slot_table: torch.Tensor, num_replicas: t
 
 @dataclass(frozen=True)
 class _A2AHandle:
-    order: torch.Tensor  # (pairs,) flat (token * top_k + choice) index of each sent row, in slot order
-    weight: torch.Tensor  # (pairs,) routing weight of each sent row
+    slot_row: torch.Tensor  # (pairs,) for each flat (token * top_k + choice) pair, its row in slot order
+    weights: torch.Tensor  # (tokens, top_k) routing weights
     send_counts: list[int]  # rows sent to each rank
     recv_counts: list[int]  # rows received from each rank
     local_order: torch.Tensor  # (received,) received rows sorted by local slot
-    num_tokens: int
-    top_k: int
 
 
 class AllToAllDispatch:
@@ -64,7 +61,7 @@ class AllToAllDispatch:
 
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Dispatched:
         """hidden (tokens, H), expert_ids / weights (tokens, top_k) -> this rank's rows grouped by local slot."""
-        num_tokens, top_k = expert_ids.shape
+        top_k = expert_ids.shape[1]
         flat = expert_ids.reshape(-1)  # (pairs,)
         slot = pick_slots(flat, self.slot_table, self.num_replicas, flat.numel())  # (pairs,) physical slot of each pair
         order = torch.argsort(slot, stable=True)
@@ -77,7 +74,8 @@ class AllToAllDispatch:
         local = self._exchange((slot % self.slots_per_rank).unsqueeze(1), recv, send).squeeze(1)  # (received,)
         local_order = torch.argsort(local, stable=True)
         per_slot = count_ids(local, self.slots_per_rank)
-        handle = _A2AHandle(order, weights.reshape(-1)[order], send, recv, local_order, num_tokens, top_k)
+        slot_row = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        handle = _A2AHandle(slot_row, weights, send, recv, local_order)
         return Dispatched(rows[local_order], per_slot, handle)
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
@@ -87,9 +85,10 @@ class AllToAllDispatch:
         back = torch.empty_like(expert_out)
         back[h.local_order] = expert_out  # undo the grouping by local slot
         returned = self._exchange(back, h.send_counts, h.recv_counts)  # (sent, H) in slot order
-        weighted = (returned.float() * h.weight[:, None]).to(expert_out.dtype)
-        out = expert_out.new_zeros(h.num_tokens, expert_out.shape[1])
-        return out.index_add_(0, h.order // h.top_k, weighted)
+        tokens, top_k = h.weights.shape
+        rows = returned[h.slot_row].view(tokens, top_k, returned.shape[1]).float()  # (tokens, top_k, H), pair order
+        # as LocalDispatch: each token's rows times its weights, summed in fp32 by one batched GEMM
+        return torch.bmm(h.weights.float().unsqueeze(1), rows).squeeze(1).to(expert_out.dtype)
 
     def _exchange(self, rows: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
         """One all-to-all of rows (n, D): send[i] rows to rank i, recv[i] rows from rank i."""
