@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moecluster.router.experts.dispatch import Dispatched, count_ids
+from moecluster.router.experts.dispatch import Dispatched, count_ids, inverse_order, weighted_sum
 from moecluster.router.experts.placement import ExpertPlacement
 
 
@@ -74,8 +74,7 @@ class AllToAllDispatch:
         local = self._exchange((slot % self.slots_per_rank).unsqueeze(1), recv, send).squeeze(1)  # (received,)
         local_order = torch.argsort(local, stable=True)
         per_slot = count_ids(local, self.slots_per_rank)
-        slot_row = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        handle = _A2AHandle(slot_row, weights, send, recv, local_order)
+        handle = _A2AHandle(inverse_order(order), weights, send, recv, local_order)
         return Dispatched(rows[local_order], per_slot, handle)
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
@@ -85,10 +84,7 @@ class AllToAllDispatch:
         back = torch.empty_like(expert_out)
         back[h.local_order] = expert_out  # undo the grouping by local slot
         returned = self._exchange(back, h.send_counts, h.recv_counts)  # (sent, H) in slot order
-        tokens, top_k = h.weights.shape
-        rows = returned[h.slot_row].view(tokens, top_k, returned.shape[1]).float()  # (tokens, top_k, H), pair order
-        # as LocalDispatch: each token's rows times its weights, summed in fp32 by one batched GEMM
-        return torch.bmm(h.weights.float().unsqueeze(1), rows).squeeze(1).to(expert_out.dtype)
+        return weighted_sum(returned, h.slot_row, h.weights)  # as LocalDispatch sums
 
     def _exchange(self, rows: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
         """One all-to-all of rows (n, D): send[i] rows to rank i, recv[i] rows from rank i."""

@@ -37,6 +37,20 @@ def count_ids(
     return counts.scatter_add_(0, ids.long(), torch.ones_like(ids, dtype=torch.int64) if weight is None else weight)
 
 
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """order (n,) a permutation (sorted row -> pair) -> (n,) its inverse (pair -> sorted row)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def weighted_sum(rows: torch.Tensor, slot_row: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rows (pairs, H) in sorted order, slot_row (pairs,) each (token, choice) pair's row, weights
+    (tokens, top_k) -> (tokens, H): each token's rows times its weights, added in fp32 by one
+    batched GEMM and rounded once to rows' dtype (deterministic: no atomics)."""
+    tokens, top_k = weights.shape
+    per_token = rows[slot_row].view(tokens, top_k, rows.shape[1]).float()  # (tokens, top_k, H), choice order
+    return torch.bmm(weights.float().unsqueeze(1), per_token).squeeze(1).to(rows.dtype)
+
+
 @dataclass(frozen=True)
 class _LocalHandle:
     slot_row: torch.Tensor  # (tokens * top_k,) sorted row of each (token, choice) slot
@@ -58,13 +72,10 @@ class LocalDispatch:
         top_k = expert_ids.shape[1]
         flat_ids = expert_ids.reshape(-1)  # (tokens * top_k,)
         order = torch.argsort(flat_ids, stable=True)  # sorted row -> slot
-        slot_row = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        handle = _LocalHandle(slot_row, weights)
+        handle = _LocalHandle(inverse_order(order), weights)
         return Dispatched(hidden[order // top_k], count_ids(flat_ids, self.num_experts), handle)
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         h = dispatched.handle
         assert isinstance(h, _LocalHandle)
-        tokens, top_k = h.weights.shape
-        rows = expert_out[h.slot_row].view(tokens, top_k, expert_out.shape[1]).float()  # (tokens, top_k, hidden), slot order
-        return torch.bmm(h.weights.float().unsqueeze(1), rows).squeeze(1).to(expert_out.dtype)  # (tokens, hidden)
+        return weighted_sum(expert_out, h.slot_row, h.weights)

@@ -48,3 +48,21 @@ def test_ep_moe_matches_local(tiny_checkpoint, world: int, redundant: int, dtype
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert set(results) == set(range(world))
     assert max(results.values()) <= tol, results
+
+
+def test_weighted_sum_adds_each_tokens_rows_in_fp32_once() -> None:
+    """`weighted_sum` (both dispatchers' combine): rows in sorted order are gathered back to their
+    (token, choice) pairs and summed with the weights in fp32, rounded once to the rows' dtype."""
+    from moecluster.router.experts.dispatch import inverse_order, weighted_sum
+
+    gen = torch.Generator().manual_seed(4)
+    tokens, top_k, hidden = 5, 3, 16
+    order = torch.randperm(tokens * top_k, generator=gen)  # sorted row -> pair
+    assert torch.equal(order[inverse_order(order)], torch.arange(tokens * top_k))
+    pair_rows = torch.randn(tokens * top_k, hidden, generator=gen).to(torch.bfloat16)  # row of each pair
+    weights = torch.rand(tokens, top_k, generator=gen)
+    got = weighted_sum(pair_rows[order], inverse_order(order), weights)
+    want = (pair_rows.float().view(tokens, top_k, hidden) * weights[..., None]).sum(1).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=float(want.float().abs().max()) * 2**-8)
+    assert weighted_sum(pair_rows[:0], inverse_order(order[:0]), weights[:0]).shape == (0, hidden)
