@@ -1,6 +1,6 @@
 """INT4 W4A16 expert GEMM for Hopper in Gluon: the weights are the wgmma's register operand.
 
-The Triton kernel (`fused_moe._moe_gemm_kernel`) dequantizes each INT4 tile in registers, writes
+The Triton kernel (`moe_gemm._moe_gemm_kernel`) dequantizes each INT4 tile in registers, writes
 it to shared memory and waits for every dot before the next dequantization: from about 32 rows
 per expert its tensor-core work and its dequantization add up instead of overlapping. Here the
 product is transposed, out^T (N, T) = W (N, K) x^T (K, T), so the dequantized weights are the
@@ -20,7 +20,7 @@ nibble s) a ring of STAGES shared-memory buffers, filled STAGES - 1 blocks ahead
                            one sub-tile ahead of its use
 Each word tile is read once into registers in the wgmma operand layout; nibble s of every word
 gives sub-tile s, (BLOCK_N, 32) weights in that same layout, dequantized two at a time with the
-same PTX as the Triton kernel (`fused_moe._pairs_asm`), so both kernels produce the same weights.
+same PTX as the Triton kernel (`moe_gemm._pairs_asm`), so both kernels produce the same weights.
 
 Requirements (`supported` says whether a call qualifies; `grouped_gemm` leaves the GEMM to the
 Triton kernel otherwise, and after any failed launch): sm_90 (not ROCm), bf16 / fp16 activations
@@ -122,7 +122,7 @@ if gluon is not None:
         the nibble is taken from each word by one `prmt` into the pair's two halves (shifted down
         when the nibble is the byte's high one), masked and OR-ed into the magic constant's mantissa
         (one `lop3`), minus the bias (magic + 8), times the scales: the values of
-        `fused_moe._pairs_asm`, which shifts each word by 4 s first (two more instructions a pair)."""
+        `moe_gemm._pairs_asm`, which shifts each word by 4 s first (two more instructions a pair)."""
         b = s // 2
         sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
         ones, bias = magic_bits * 0x10001, (magic_bits | 8) * 0x10001

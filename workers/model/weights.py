@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moecluster.kernels.fused_moe import fp8_linear
+from moecluster.kernels.fp8_linear import fp8_linear
 from moecluster.kernels.rms_norm import rms_norm, rms_norm_reference
 from moecluster.workers.quant import (
     Fp8BlockScheme,
