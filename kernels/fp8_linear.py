@@ -11,8 +11,8 @@ import torch
 from moecluster.kernels.device import cuda_sm_count
 from moecluster.kernels.fp8_quant import check_w8a8_block, quantize_fp8_groups, w8a8_linear_default
 from moecluster.kernels.fused_moe_ref import fp8_round_trip
-from moecluster.kernels.jit import jit
-from moecluster.kernels.moe_gemm import _moe_gemm_kernel, tl, triton, uses_triton
+from moecluster.kernels.jit import jit, uses_triton
+from moecluster.kernels.moe_gemm import _moe_gemm_kernel, tl, triton
 from moecluster.kernels.moe_tiles import (
     W8A8_SHORT_K_STEPS,
     TileConfig,

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from moecluster.kernels.device import cuda_capability
-from moecluster.kernels.jit import jit
+from moecluster.kernels.jit import jit, uses_triton
 
 try:
     import triton
@@ -88,8 +88,7 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
         raise ValueError(f"quantize_fp8_groups: x must be a 2-D float tensor, got {x.dtype} {tuple(x.shape)}")
     if group < 16 or group & (group - 1):
         raise ValueError(f"quantize_fp8_groups: group must be a power of two >= 16, got {group}")
-    interpreted = triton is not None and type(_quant_kernel).__name__ == "InterpretedFunction"
-    if triton is None or not (x.is_cuda or (x.device.type == "cpu" and interpreted)):
+    if not uses_triton(x):
         return quantize_fp8_groups_reference(x, group)
     rows, k = x.shape
     if x.stride(1) != 1:

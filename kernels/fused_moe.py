@@ -113,14 +113,13 @@ from moecluster.kernels.fused_moe_ref import (
     fused_moe_reference,
     grouped_mlp_reference,
 )
-from moecluster.kernels.moe_gemm import (  # noqa: F401 - _interpreted, _MAGIC: scripts and tests reach them here
+from moecluster.kernels.jit import uses_triton
+from moecluster.kernels.moe_gemm import (  # noqa: F401 - _MAGIC, _moe_gemm_kernel: scripts and tests reach them here
     _MAGIC,
     _combine_kernel,
-    _interpreted,
     _moe_gemm_kernel,
     _ptx_dequant_ok,
     triton,
-    uses_triton,
 )
 from moecluster.kernels.moe_tiles import TileConfig, default_tiles, w8a8_tiles
 from moecluster.kernels.moe_weights import (

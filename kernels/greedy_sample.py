@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from moecluster.kernels.jit import jit, triton
+from moecluster.kernels.jit import jit, triton, uses_triton
 
 if triton is not None:
     import triton.language as tl
@@ -81,7 +81,7 @@ def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.ndim != 2 or not logits.is_floating_point():
         raise ValueError(f"greedy_logprobs: logits must be (rows, vocab) floats, got {logits.dtype} {tuple(logits.shape)}")
     rows, vocab = logits.shape
-    if triton is None or rows == 0 or not (logits.is_cuda or _interpreted()):
+    if rows == 0 or not uses_triton(logits):
         return greedy_logprobs_reference(logits)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -93,7 +93,3 @@ def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _merge_kernel[(rows,)](part[0], arg, part[1], tokens, chosen, n_chunks, CHUNKS=triton.next_power_of_2(n_chunks))
     return tokens, chosen
-
-
-def _interpreted() -> bool:
-    return type(_chunk_kernel).__name__ == "InterpretedFunction"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from moecluster.kernels.jit import jit
+from moecluster.kernels.jit import jit, uses_triton
 
 try:
     import triton
@@ -75,10 +75,6 @@ def _gate_kernel(
     tl.store(ids_ptr + t * TOP_K + koffs, ids)
 
 
-def _interpreted() -> bool:
-    return triton is not None and type(_gate_kernel).__name__ == "InterpretedFunction"
-
-
 def _pow2(v: int) -> bool:
     return v > 0 and not v & (v - 1)
 
@@ -105,7 +101,7 @@ def fused_select_experts(
                          f"num_experts={e} too when topk_group={topk_group} < n_group")
     if e % n_group or not 0 < topk_group <= n_group or top_k > e:
         raise ValueError(f"fused_select_experts: bad grouping n_group={n_group}, topk_group={topk_group}, top_k={top_k}")
-    if triton is None or not (logits.is_cuda or _interpreted()):
+    if not uses_triton(logits):
         raise RuntimeError("fused_select_experts runs on CUDA (or under TRITON_INTERPRET=1); use select_experts on the CPU")
     logits = logits.contiguous()
     weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)

@@ -3,8 +3,7 @@
 rows grouped by expert (gated gate_up with SiLU-and-mul, or down; bf16, FP8 W8A16 / W8A8, INT4
 dequantized in registers; split K for the dense FP8 linears), and `_combine_kernel`, the weighted
 sum of each token's top-k rows in fp32. kernels/fused_moe.py's docstring describes the grid, the
-tiles and the weight formats. Also `uses_triton`: whether the launchers run these kernels for
-given tensors (CUDA, or CPU under TRITON_INTERPRET=1) or the torch references.
+tiles and the weight formats.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from moecluster.kernels.device import cuda_capability
-from moecluster.kernels.jit import jit
+from moecluster.kernels.jit import interpreted, jit, uses_triton  # noqa: F401 - uses_triton: fused_moe's callers
 
 try:
     import triton
@@ -328,17 +327,7 @@ def _combine_kernel(
     tl.store(out_ptr + t.to(tl.int64) * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreted() -> bool:
-    """Whether the kernels were defined under TRITON_INTERPRET=1 (then they run on CPU tensors)."""
-    return triton is not None and type(_moe_gemm_kernel).__name__ == "InterpretedFunction"
-
-
 def _ptx_dequant_ok(a: torch.Tensor) -> bool:
     """INT4 pairs dequantized with inline PTX (`_dequant_pairs`): compiled for a GPU (not the
     interpreter) of sm_90 or later (packed bf16 arithmetic)."""
-    return a.is_cuda and torch.version.hip is None and not _interpreted() and cuda_capability(a.device) >= (9, 0)
-
-
-def uses_triton(t: torch.Tensor) -> bool:
-    """Whether the launchers run the Triton kernels for tensors like `t` (else the references)."""
-    return triton is not None and (t.is_cuda or (t.device.type == "cpu" and _interpreted()))
+    return a.is_cuda and torch.version.hip is None and not interpreted() and cuda_capability(a.device) >= (9, 0)

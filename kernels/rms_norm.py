@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from moecluster.kernels.jit import jit, triton
+from moecluster.kernels.jit import jit, triton, uses_triton
 
 if triton is not None:
     import triton.language as tl
@@ -39,7 +39,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dim = x.shape[-1]
     if weight.shape != (dim,):
         raise ValueError(f"rms_norm: weight must be ({dim},), got {tuple(weight.shape)}")
-    if triton is None or x.numel() == 0 or weight.dtype != x.dtype or not (x.is_cuda or _interpreted()):
+    if x.numel() == 0 or weight.dtype != x.dtype or not uses_triton(x):
         return rms_norm_reference(x, weight, eps)
     rows = x.reshape(-1, dim)
     if rows.stride(-1) != 1:
@@ -49,7 +49,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(rows.shape[0],)](rows, weight, y, dim, rows.stride(0), y.stride(0), eps, BLOCK=block,
                                        num_warps=8 if block >= 4096 else 4)
     return y.view(*x.shape[:-1], dim)
-
-
-def _interpreted() -> bool:
-    return type(_rms_norm_kernel).__name__ == "InterpretedFunction"

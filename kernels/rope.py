@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moecluster.kernels.jit import jit, triton
+from moecluster.kernels.jit import jit, triton, uses_triton
 
 if triton is not None:
     import triton.language as tl
@@ -64,15 +64,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
     c, s = cos.flatten(1), sin.flatten(1)
     if c.shape != (tokens, half) or s.shape != (tokens, half):
         raise ValueError(f"rope: cos and sin must be ({tokens}, {half}) per token, got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    usable = x.is_cuda or (x.device.type == "cpu" and _interpreted())
-    if (triton is None or not usable or x.numel() == 0 or half & (half - 1) or x.stride(-1) != 1
+    if (not uses_triton(x) or x.numel() == 0 or half & (half - 1) or x.stride(-1) != 1
             or c.dtype != x.dtype or s.dtype != x.dtype or c.stride(-1) != 1 or s.stride(-1) != 1):
         return rope_reference(x, cos, sin, interleaved)
     y = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
     _rope_kernel[(tokens,)](x, c, s, y, heads, x.stride(0), x.stride(1), y.stride(0), y.stride(1), c.stride(0),
                             s.stride(0), HALF=half, HEADS=triton.next_power_of_2(heads), INTERLEAVED=interleaved)
     return y
-
-
-def _interpreted() -> bool:
-    return type(_rope_kernel).__name__ == "InterpretedFunction"

@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moecluster.kernels import fused_moe as fm
+from moecluster.kernels.jit import interpreted
 
 # (activation dtype, int4_stack, PTX pairs, gated, BLOCK_M, BLOCK_N, BLOCK_K) at k_block 256 (SUB_K 32)
 VARIANTS = [("bf16", 1, True, True, 16, 64, 256), ("bf16", 4, True, True, 64, 64, 256), ("fp16", 1, True, True, 16, 64, 256),
@@ -56,7 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if fm._interpreted():
+    if interpreted():
         raise SystemExit("run without TRITON_INTERPRET=1: the kernel must be compiled, not interpreted")
     digests = {}
     for v in VARIANTS:
