@@ -253,14 +253,19 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     if not isinstance(theta, (int, float)) or theta <= 0:
         raise ConfigError(f"config.json: rope_theta must be a positive number, got {theta!r}")
     interleaved = raw.get("rope_interleave", True)
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1:  # transformers would rotate only part of qk_rope_head_dim; MLA rotates all of it
+        raise ConfigError(f"config.json: 'partial_rotary_factor' is {partial!r}; only 1 is supported")
     if kind == "default":
         return RopeConfig(theta=float(theta), interleaved=bool(interleaved))
     if kind != "yarn":
         raise ConfigError(f"config.json: '{source}' type {kind!r} is not supported (supported: default, yarn)")
     factor = params.get("factor")
-    original = params.get("original_max_position_embeddings")
+    # A top-level original_max_position_embeddings wins over the rope dict's, as in transformers
+    # (which moves it into its rope parameters).
+    original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
     if original is None:
-        original = raw.get("original_max_position_embeddings", raw["max_position_embeddings"])
+        original = raw["max_position_embeddings"]
     if factor is None:
         factor = raw["max_position_embeddings"] / original
     if not isinstance(factor, (int, float)) or factor < 1:

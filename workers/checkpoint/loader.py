@@ -4,7 +4,8 @@ The model lists the tensors it owns (`Slot`s); only those are read, through safe
 per-tensor access, so a rank that owns a subset of experts never reads the rest. Sharded
 checkpoints (`model.safetensors.index.json`) and single files are both accepted. Tensors the
 model does not own (the MTP layers after the last decoder layer, other ranks' experts) are
-skipped. A missing tensor, a wrong shape or a wrong payload dtype fails with the tensor's name.
+skipped. A slot with an `alias` (tied embeddings) is read from the alias when its own name is
+absent. A missing tensor, a wrong shape or a wrong payload dtype fails with the tensor's name.
 """
 
 from __future__ import annotations
@@ -62,12 +63,17 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
 def load_slots(model_dir: str | Path, slots: Iterable[Slot], progress: bool | None = None) -> None:
     """Fill every slot from the checkpoint in model_dir."""
     files = checkpoint_files(model_dir)
-    by_file: dict[Path, list[Slot]] = defaultdict(list)
+    by_file: dict[Path, list[tuple[Slot, str]]] = defaultdict(list)  # slot, the name it is read from
     for slot in slots:
-        if slot.name not in files:
-            raise CheckpointError(f"tensor '{slot.name}' is missing from the checkpoint in {model_dir}")
-        by_file[files[slot.name]].append(slot)
-    total = sum(s.target.numel() * s.target.element_size() for ss in by_file.values() for s in ss if s.target is not None)
+        source = slot.name
+        if source not in files and slot.alias is not None and slot.alias in files:
+            source = slot.alias  # tied embeddings stored once
+        if source not in files:
+            also = f" (nor its alias '{slot.alias}')" if slot.alias is not None else ""
+            raise CheckpointError(f"tensor '{slot.name}'{also} is missing from the checkpoint in {model_dir}")
+        by_file[files[source]].append((slot, source))
+    total = sum(s.target.numel() * s.target.element_size() for ss in by_file.values() for s, _ in ss
+                if s.target is not None)
     show = progress if progress is not None else (total >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
     with Progress(
         TextColumn("loading {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
@@ -77,8 +83,8 @@ def load_slots(model_dir: str | Path, slots: Iterable[Slot], progress: bool | No
         done, reported = 0, 0  # without a terminal (a Ray actor's log): a line every 10%
         for path in sorted(by_file):
             with safe_open(str(path), framework="pt") as f:
-                for slot in by_file[path]:
-                    _fill(slot, f.get_tensor(slot.name), path)
+                for slot, source in by_file[path]:
+                    _fill(slot, f.get_tensor(source), path)
                     if slot.target is not None:
                         size = slot.target.numel() * slot.target.element_size()
                         bar.advance(task, size)
@@ -87,7 +93,7 @@ def load_slots(model_dir: str | Path, slots: Iterable[Slot], progress: bool | No
                             reported = 10 * done // total
                             log.info("loading %s: %d%% (%.2f of %.2f GiB)", Path(model_dir).name, 10 * reported,
                                      done / 2**30, total / 2**30)
-    skipped = len(files) - sum(len(ss) for ss in by_file.values())
+    skipped = len(set(files) - {source for ss in by_file.values() for _, source in ss})
     log.info("loaded %d tensors (%.1f MiB) from %s; %d not owned by this model skipped",
              sum(len(ss) for ss in by_file.values()), total / 2**20, model_dir, skipped)
 

@@ -37,13 +37,16 @@ def fill_random(slots: Iterable[Slot], seed: int = 0) -> int:
     """Fill every slot; returns the bytes written. Metadata slots (INT4 `weight_shape`) need nothing."""
     written = 0
     in_features = 0  # of the weight just filled: its scales follow it in slot order
+    filled: dict[str, torch.Tensor] = {}  # aliased slots (tied embeddings), once filled
     for slot in slots:
         target = slot.target
         if target is None:
             continue
         g = _generator(slot.name, seed, target.device)
         name = slot.name
-        if name.endswith(".weight_packed"):  # INT4: eight nibbles per int32, any bit pattern is valid
+        if slot.alias in filled:  # the same tensor as one already drawn (a tied head)
+            target.copy_(filled[slot.alias])
+        elif name.endswith(".weight_packed"):  # INT4: eight nibbles per int32, any bit pattern is valid
             target.copy_(torch.randint(-(2**31), 2**31 - 1, target.shape, generator=g, device=target.device,
                                        dtype=torch.int64).to(torch.int32))
             in_features = target.shape[-1] * 8
@@ -64,5 +67,7 @@ def fill_random(slots: Iterable[Slot], seed: int = 0) -> int:
         else:  # a dense linear weight (out, in)
             in_features = target.shape[-1]
             target.normal_(0.0, 1.0 / math.sqrt(in_features), generator=g)
+        if slot.alias is not None:
+            filled[name] = target
         written += target.numel() * target.element_size()
     return written

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -111,13 +111,17 @@ def tiny_config(spec: TinySpec, vocab_size: int, bos: int, eos: int) -> dict:
     return cfg
 
 
-def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Write config, tokenizer and weights to out_dir; returns the directory."""
+def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), overrides: Mapping[str, Any] | None = None) -> Path:
+    """Write config, tokenizer and weights to out_dir; returns the directory.
+
+    `overrides` replaces config.json fields before the weights are drawn (a value of None writes
+    null; the weights follow the resulting config), for the variants published checkpoints use
+    beyond the spec's knobs: no rope scaling, other head dims, routing groups, shared experts..."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_tiny_tokenizer(out, spec.arch, spec.vocab_size)
     bos, eos = special_token_ids(out)
-    raw = tiny_config(spec, vocab, bos, eos)
+    raw = {**tiny_config(spec, vocab, bos, eos), **(overrides or {})}
     cfg = ModelConfig.from_hf(raw)  # the writer only emits what the loader accepts
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     write_generation_config(out, bos, eos)
@@ -178,7 +182,8 @@ def _random_weights(cfg: ModelConfig, spec: TinySpec) -> dict[str, torch.Tensor]
                 linear(f"{p}.mlp.experts.{e}.{name}", o, i)
         shared = inter * cfg.n_shared_experts
         for name, o, i in (("gate_proj", shared, h), ("up_proj", shared, h), ("down_proj", h, shared)):
-            linear(f"{p}.mlp.shared_experts.{name}", o, i)
+            if shared:  # n_shared_experts 0: no shared experts' tensors
+                linear(f"{p}.mlp.shared_experts.{name}", o, i)
         if layer >= cfg.num_hidden_layers:  # DeepSeek-V3's MTP module around its decoder layer
             norm(f"{p}.enorm", h)
             norm(f"{p}.hnorm", h)
@@ -186,7 +191,8 @@ def _random_weights(cfg: ModelConfig, spec: TinySpec) -> dict[str, torch.Tensor]
             norm(f"{p}.shared_head.norm", h)
             t[f"{p}.shared_head.head.weight"] = randn(cfg.vocab_size, h)
     norm("model.norm", h)
-    t["lm_head.weight"] = randn(cfg.vocab_size, h, std=0.1)
+    if not cfg.tie_word_embeddings:  # tied: the embedding is the head, stored once
+        t["lm_head.weight"] = randn(cfg.vocab_size, h, std=0.1)
     return t
 
 

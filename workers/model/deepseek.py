@@ -8,6 +8,7 @@ checkpoints carry after the last decoder layer are not part of this stack.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -81,18 +82,20 @@ class DeepseekV3Model(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, None, dtype)
 
     def slots(self) -> Iterator[Slot]:
-        yield Slot("model.embed_tokens.weight", self.embed_tokens)
+        # Tied embeddings (transformers' rule): a checkpoint that stores only one of the two
+        # tensors fills both from it; one that stores both (its config does not describe it) keeps
+        # both as stored. The head stays a copy of its own either way.
+        tied = self.cfg.tie_word_embeddings
+        yield Slot("model.embed_tokens.weight", self.embed_tokens, alias="lm_head.weight" if tied else None)
         for layer in self.layers:
             yield from layer.slots()
         yield from self.norm.slots("model.norm")
-        if not self.cfg.tie_word_embeddings:
-            yield from self.lm_head.slots("lm_head")
+        head = self.lm_head.slots("lm_head")  # never quantized: its one dense weight
+        yield from (replace(s, alias="model.embed_tokens.weight") for s in head) if tied else head
 
     @torch.no_grad()
     def prepare(self) -> None:
-        """Derive load-time state from the loaded weights (absorbed MLA weights, tied head)."""
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight.copy_(self.embed_tokens)
+        """Derive load-time state from the loaded weights (absorbed MLA weights)."""
         for layer in self.layers:
             layer.self_attn.prepare()
         if self.embed_tokens.is_cuda:

@@ -38,6 +38,9 @@ class Slot:
     target: torch.Tensor | None = None
     expect: torch.Tensor | None = None
     keep_dtype: bool = False  # quantized payloads must arrive in exactly this dtype; floats are converted
+    # Another checkpoint name holding the same tensor, read when `name` is absent (tied embeddings:
+    # a checkpoint may store only one of `model.embed_tokens.weight` and `lm_head.weight`).
+    alias: str | None = None
 
 
 def cdiv(a: int, b: int) -> int:
