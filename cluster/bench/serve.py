@@ -165,14 +165,16 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
                                   seed=cfg.seed + len(result.levels) + 1, clients=cfg.client_procs)
                 serving.deployment.step_profiles(clear=True)
                 records, t0, t1 = run_level(target, level)
+                profiles = serving.deployment.step_profiles()
                 row = {"kind": kind, "input_len": i, "output_len": out_len, "concurrency": c,
                        "client_processes": client_processes(level),
                        **summarize_level(records, t0, t1, cfg.gpus, c),
-                       "rank_step_ms": _decode_step_profile(serving.deployment.step_profiles())}
-                rank_step = row["rank_step_ms"].get("step")
-                # the same rate from the decode ranks' side: streams / their median step / GPUs (the client's
-                # ITLs also carry output delivery, and tokens read together show as a 0 ms gap)
-                row["rank_decode_tok_s_per_gpu"] = c / (rank_step * 1e-3) / cfg.gpus if kind == "serve" and rank_step else None
+                       "rank_step_ms": _decode_step_profile(profiles)}
+                # the same rate from the decode ranks' side (the client's ITLs also carry output delivery, and
+                # tokens read together show as a 0 ms gap): rows sampled over seconds in their decode-only steps
+                rate, rows = _rank_decode_rate(profiles)
+                row["rank_decode_tok_s_per_gpu"] = rate / cfg.gpus if kind == "serve" and rate else None
+                row["rank_decode_rows_mean"] = rows if kind == "serve" else None
                 result.levels.append(row)
                 _print_level(row)
                 checkpoint(result)
@@ -211,11 +213,27 @@ def kv_capacity(status: list[dict[str, Any]]) -> dict[str, Any]:
             **{f"sequences_total_at_{c // 1024}k": sum(t // c for t in ranks) for c in LONG_CONTEXTS}}
 
 
+def _decode_ranks(profiles: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [p for name, per_rank in profiles.items() if name.startswith("decode") for p in per_rank if p]
+
+
 def _decode_step_profile(profiles: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     """p50 ms per step phase, averaged over the ranks of the decode replicas (where tokens come from)."""
-    ranks = [p for name, per_rank in profiles.items() if name.startswith("decode") for p in per_rank if p]
-    phases = sorted({k for p in ranks for k in p})
+    ranks = _decode_ranks(profiles)
+    phases = sorted({k for p in ranks for k, v in p.items() if "p50_ms" in v})
     return {k: sum(p[k]["p50_ms"] for p in ranks if k in p) / sum(1 for p in ranks if k in p) for k in phases}
+
+
+def _rank_decode_rate(profiles: dict[str, list[dict[str, Any]]]) -> tuple[float | None, float | None]:
+    """Tokens a second the decode ranks sampled in their decode-only steps (summed over ranks, each at
+    its own rows over its own seconds), and the mean rows a rank sampled in such a step: the batch the
+    rate was measured at, which can fall short of the level's streams (prefills, stragglers)."""
+    totals = [p["decode_only"] for p in _decode_ranks(profiles) if "decode_only" in p]
+    totals = [t for t in totals if t["seconds"] > 0]
+    if not totals:
+        return None, None
+    rate = sum(t["rows"] / t["seconds"] for t in totals)
+    return rate, sum(t["rows"] for t in totals) / sum(t["steps"] for t in totals)
 
 
 def _wait_gpu_released(device: Any, timeout_s: float = 120.0) -> None:
@@ -311,6 +329,16 @@ def _print_level(row: dict[str, Any]) -> None:
           f"{' '.join(row['error_examples'])}", flush=True)
     if row.get("rank_step_ms"):
         print("        rank step p50 ms: " + ", ".join(f"{k} {v:.2f}" for k, v in row["rank_step_ms"].items()), flush=True)
+    if row.get("rank_decode_tok_s_per_gpu"):
+        print(f"        rank-side decode {row['rank_decode_tok_s_per_gpu']:.0f} tok/s/GPU in decode-only steps of "
+              f"{row['rank_decode_rows_mean']:.1f} rows a rank on average", flush=True)
+
+
+def _rank_cell(r: dict[str, Any]) -> str:
+    """The rank-side rate and, after @, the mean rows of the decode-only steps it was measured in."""
+    if r["kind"] != "serve" or not r.get("rank_decode_tok_s_per_gpu"):
+        return "-"
+    return f"{r['rank_decode_tok_s_per_gpu']:.0f} @{r['rank_decode_rows_mean']:.0f}"
 
 
 def print_tables(result: ServeBenchResult) -> None:
@@ -327,7 +355,7 @@ def print_tables(result: ServeBenchResult) -> None:
         table.add_row(r["kind"], f"{r['input_len']}/{r['output_len']}", str(r["concurrency"]),
                       _f(r["input_tok_s_per_gpu"], ".0f"), _f(r["output_tok_s_per_gpu"], ".0f"),
                       _f(r.get("decode_tok_s_per_gpu"), ".0f") if r["kind"] == "serve" else "-",
-                      _f(r.get("rank_decode_tok_s_per_gpu"), ".0f") if r["kind"] == "serve" else "-",
+                      _rank_cell(r),
                       f"{_f(r['ttft_ms_p50'], '.0f')} / {_f(r['ttft_ms_p99'], '.0f')}",
                       f"{_f(r['itl_ms_p50'], '.2f')} / {_f(r['itl_ms_p99'], '.2f')}",
                       _f(r.get("roofline_step_ms"), ".2f"), _f(r.get("step_vs_roofline"), ".2f"), str(r["errors"]))

@@ -43,9 +43,13 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
         if row["kind"] == "serve":
             assert 0 < row["itl_ms_p50"] <= row["itl_ms_p99"]
             assert row["roofline_step_ms"] > 0 and row["step_vs_roofline"] > 0
-            assert row["rank_decode_tok_s_per_gpu"] == pytest.approx(row["concurrency"] / (phases["step"] * 1e-3))
+            # measured in the decode-only steps, at the rows they ran: at most the level's streams
+            rows = row["rank_decode_rows_mean"]
+            assert 1 <= rows <= row["concurrency"]
+            assert row["rank_decode_tok_s_per_gpu"] > 0
+            assert row["rank_decode_tok_s_per_gpu"] <= 2 * rows / (phases["step"] * 1e-3)  # not far above rows / median step
         else:
-            assert row["rank_decode_tok_s_per_gpu"] is None
+            assert row["rank_decode_tok_s_per_gpu"] is None and row["rank_decode_rows_mean"] is None
     kv = saved["kv_cache"]
     assert kv["decode_ranks"] == 1 and kv["tokens_per_rank"] > 0
     assert kv["sequences_per_rank_at_128k"] == kv["tokens_per_rank"] // 131072

@@ -116,7 +116,10 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             core.timer.record("schedule", t1 - t0)
             core.timer.record("sync", t2 - t1)
             _emit(core, rank, outbox, outs)
-            core.timer.record("step", time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            core.timer.record("step", took)
+            if sched is not None and sched.scheduled and sched.num_tokens == len(sched.scheduled):
+                core.timer.record_decode(len(sched.samplers), took)  # only decoded: one token a sequence
         else:  # no rank computes a token this step: no forward; the step in flight, if any, is read
             _emit(core, rank, outbox, core.flush())
         due = cfg.eplb_interval_steps and ran and steps % cfg.eplb_interval_steps == 0

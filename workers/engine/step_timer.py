@@ -5,6 +5,11 @@ Phases of one step (ms): `schedule`; `sync` (an expert-parallel group agreeing o
 behind it); `gpu_wait` (waiting for the sampled tokens: how far the GPU was behind); `outputs`
 (tokens appended, stop checks, detokenization, deltas); `step` (the whole iteration). Only
 steps that ran a forward are recorded. Read through a rank actor's `step_profile` (`bench serve`).
+
+Beside the phases, `decode_only` totals the steps that only decoded (every scheduled sequence
+computed one token) since the last `clear`: how many, the rows they sampled and their seconds.
+Their ratio is the rank's decode rate at the batch it really ran, where a median step over the
+last few hundred steps would assume every stream was in each of them.
 """
 
 from __future__ import annotations
@@ -18,18 +23,29 @@ class StepTimer:
     def __init__(self, window: int = WINDOW) -> None:
         self._phases: dict[str, deque[float]] = {}
         self.window = window
+        self._decode = [0, 0, 0.0]  # decode-only steps, rows sampled in them, their seconds
+
+    def record_decode(self, rows: int, seconds: float) -> None:
+        """One step that only decoded: `rows` tokens sampled in `seconds` (its whole iteration)."""
+        d = self._decode
+        d[0], d[1], d[2] = d[0] + 1, d[1] + rows, d[2] + seconds
 
     def record(self, phase: str, seconds: float) -> None:
         self._phases.setdefault(phase, deque(maxlen=self.window)).append(seconds)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """Per phase over the window: p50 and mean in ms and the count."""
-        out = {}
+        """Per phase over the window: p50 and mean in ms and the count; `decode_only` (if any such
+        step ran since the last clear): its steps, rows and seconds."""
+        out: dict[str, dict[str, float]] = {}
         for phase, values in list(self._phases.items()):
             v = sorted(values)
             if v:  # a snapshot from another thread can see a phase's deque before its first value
                 out[phase] = {"p50_ms": v[len(v) // 2] * 1e3, "mean_ms": sum(v) / len(v) * 1e3, "n": len(v)}
+        steps, rows, seconds = self._decode
+        if steps:
+            out["decode_only"] = {"steps": steps, "rows": rows, "seconds": seconds}
         return out
 
     def clear(self) -> None:
         self._phases.clear()
+        self._decode = [0, 0, 0.0]
