@@ -15,6 +15,10 @@ fails, the sample is resubmitted to a healthy replica of the entry pool as promp
 with the remaining budget, so the client's stream continues with nothing lost and nothing
 repeated (exactly so for greedy decoding; a seeded sample restarts its generator from its seed).
 A handoff whose prefill replica died before the decode side read it is prefilled again there.
+The resumed sample's text is made on the driver (`resumed_text.py`): the new replica's detokenizer
+starts empty, and the old one may have held back part of a character or of a stop string.
+A sample resumed `max_resumes` times without finishing fails with the last error, so a request that
+kills every replica it reaches (a poison request) cannot keep taking the pool down.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from moecluster.cluster.metrics import RayMetrics, RequestTimer
 from moecluster.cluster.pool import Pool
 from moecluster.cluster.replica import Replica
 from moecluster.cluster.request_log import log_event
+from moecluster.cluster.resumed_text import ResumedText
 from moecluster.cluster.spec import DeploymentSpec, PoolSpec
 from moecluster.router.requests.placement import RankView
+from moecluster.text.tokenizer import load_tokenizer
 from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
 from moecluster.workers.engine.engine_config import EngineConfig
 from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
@@ -41,6 +47,13 @@ from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.transfer.handoff import KVHandoff
 
 log = logging.getLogger(__name__)
+
+# A seed seeds one torch generator per sample (seed + sample index): torch takes 64 bits, the API
+# (generation.proto) an int64. Outside that range the engine step itself would fail.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Below this a temperature is greedy (vLLM's _SAMPLING_EPS): the sampler divides the logits by it,
+# and a tiny one (1e-38) overflows them to inf, whose softmax is NaN: every draw would be token 0.
+GREEDY_BELOW = 1e-5
 
 
 def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:
@@ -102,6 +115,9 @@ class _Stream:
     # still on their way from a rank; they must not reach the new stream.
     inner: str
     delivered: dict[int, list[int]] = field(default_factory=dict)  # sample index -> tokens sent
+    sent: dict[int, list[str]] = field(default_factory=dict)  # sample index -> text sent
+    resumed: dict[int, ResumedText] = field(default_factory=dict)  # samples that failed over: their text
+    resumes: dict[int, int] = field(default_factory=dict)  # sample index -> times it failed over
     finished: set[int] = field(default_factory=set)
     routes: dict[str, _Route] = field(default_factory=dict)  # inner request id -> where it runs
     inner_ids: set[str] = field(default_factory=set)  # every inner id it ever had
@@ -111,8 +127,11 @@ class _Stream:
 
 
 class Deployment:
-    def __init__(self, spec: DeploymentSpec, health_interval_s: float = 1.0) -> None:
+    def __init__(self, spec: DeploymentSpec, health_interval_s: float = 1.0, max_resumes: int = 3) -> None:
         self.spec = spec
+        self.max_resumes = max_resumes
+        self._decoder: Any = None  # the tokenizer, loaded at the first failover (`_load_decoder`)
+        self._decoder_lock = threading.Lock()
         self.pools: dict[str, Pool] = {}
         split = spec.prefill is not None
         if split:
@@ -152,6 +171,8 @@ class Deployment:
     # ---- requests ------------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Validate against every pool the request passes through; its length budget."""
+        if params.seed is not None and not SEED_MIN <= params.seed <= SEED_MAX:
+            raise ValueError(f"seed: must be a 64-bit signed integer ({SEED_MIN} to {SEED_MAX}), got {params.seed}")
         return min(limits.check(prompt_ids, params) for limits in self.limits)
 
     def submit(
@@ -161,6 +182,8 @@ class Deployment:
         """Queue a request; `target` (replica name, rank) of the entry pool is where the router wants
         it (used while that replica is healthy; otherwise the least-loaded one)."""
         self.check(prompt_ids, params)
+        if 0.0 < params.temperature < GREEDY_BELOW:
+            params = params.model_copy(update={"temperature": 0.0})
         if "#" in request_id or "@" in request_id:
             raise ValueError(f"request id {request_id!r} must not contain '#' or '@' (they mark internal sample ids)")
         timer = RequestTimer(self.metrics, self.tags, observer=self._observe)
@@ -212,6 +235,10 @@ class Deployment:
             update = {"n": 1, "max_tokens": None if p.max_tokens is None else p.max_tokens - len(done),
                       "seed": None if p.seed is None else p.seed + sample}
             inner_id, prompt_ids, params = f"{stream.inner}.{sample}.{stream.attempts}", stream.prompt_ids + done, p.model_copy(update=update)
+            decoder = self._load_decoder()  # before the stream's lock: its poller threads wait on that
+            if decoder is not None:
+                with stream.lock:
+                    stream.resumed[sample] = ResumedText(decoder, p, done, "".join(stream.sent.get(sample, [])))
         while not stream.closed:
             pick = self.entry.named(target[0]) if target is not None else None
             rank = target[1] if pick is not None and target is not None else None
@@ -272,8 +299,9 @@ class Deployment:
         decode_id = f"{h.request_id}@{h.sample_index}"
         with self._lock:
             owner = self._owner.get(h.request_id)
-            if owner is None or owner[0].closed:
-                owner = None
+            ended = owner is not None and (h.sample_index if owner[1] is None else owner[1]) in owner[0].finished
+            if owner is None or owner[0].closed or ended:
+                owner = None  # aborted, or a sample the driver already ended
             else:
                 stream, sample = owner
                 client = sample if sample is not None else h.sample_index
@@ -362,12 +390,29 @@ class Deployment:
                 return  # from an inner request that already failed over: its samples run elsewhere
             if item.finished:
                 stream.routes.pop(inner_id, None)
+        outputs, stopped = [], False
         for o in item.outputs:
             if route is not None and route.sample is not None:
                 o.index = route.sample
+            if o.index in stream.finished:
+                continue  # a sample the driver already ended (a stop string across a resume point)
+            text = stream.resumed.get(o.index)
+            if text is not None:
+                piece = text.feed(o.token_ids, o.finish_reason, o.stop_reason)
+                if piece.kept < len(o.token_ids):
+                    o.token_ids = o.token_ids[: piece.kept]
+                    o.logprobs = None if o.logprobs is None else o.logprobs[: piece.kept]
+                if piece.finish_reason is not None and o.finish_reason is None:
+                    stopped = True  # ended here, not by its engine: that inner request must stop
+                o.text, o.finish_reason, o.stop_reason = piece.text, piece.finish_reason, piece.stop_reason
             stream.delivered.setdefault(o.index, []).extend(o.token_ids)
+            stream.sent.setdefault(o.index, []).append(o.text)
             if o.finish_reason is not None:
                 stream.finished.add(o.index)
+            outputs.append(o)
+        item.outputs = outputs
+        if stopped and not item.finished:
+            self._end_route(stream, inner_id)
         stream.timer.on_tokens(sum(len(o.token_ids) for o in item.outputs))
         item.request_id, item.prompt, item.prompt_token_ids = stream.request_id, stream.prompt, stream.prompt_ids
         item.finished = len(stream.finished) == stream.params.n
@@ -397,6 +442,15 @@ class Deployment:
         pending = [s for s in samples if s not in stream.finished and s not in live and None not in live]
         if not pending:
             return
+        for s in pending:
+            stream.resumes[s] = stream.resumes.get(s, 0) + 1
+        worn = [s for s in pending if stream.resumes[s] > self.max_resumes]
+        if worn:  # it fails wherever it runs (or the pool keeps dying): stop, with the reason
+            failed = RuntimeError(f"sample {worn[0]} of request {stream.request_id} failed on {self.max_resumes + 1} "
+                                  f"replicas in turn; the last error: {error}")
+            if self._close(stream, failed):
+                log_event(stream.request_id, "failed", error=str(failed))
+            return
         stream.attempts += 1
         self.failovers += 1
         self.metrics.count("moecluster_failovers_total", 1, self.tags)
@@ -405,6 +459,26 @@ class Deployment:
                   attempt=stream.attempts)
         for sample in pending:
             threading.Thread(target=self._place, args=(stream, sample), daemon=True).start()
+
+    def _load_decoder(self) -> Any:
+        """The model's tokenizer, for the text of resumed samples (loaded at the first failover; None
+        if it would not load: the new replica's own text is used then)."""
+        with self._decoder_lock:
+            if self._decoder is None:
+                try:
+                    self._decoder = load_tokenizer(self.spec.model, trust_remote_code=self.spec.trust_remote_code)
+                except Exception as e:  # noqa: BLE001 - a failover must go on without it
+                    log.warning("loading the tokenizer for resumed samples failed: %r", e)
+            return self._decoder
+
+    def _end_route(self, stream: _Stream, inner_id: str) -> None:
+        """Stop one inner request of a stream that goes on (its sample was ended by the driver)."""
+        with self._lock:
+            route = stream.routes.pop(inner_id, None)
+        if route is not None and route.replica is not None:
+            route.replica.abort(inner_id)
+            route.replica.streams.forget(inner_id)
+        self._release(inner_id)
 
     def _close(self, stream: _Stream, last: RequestOutput | BaseException | None) -> bool:
         """End a stream once (its last item to the sink); False if it had already ended."""

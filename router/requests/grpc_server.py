@@ -4,7 +4,9 @@ server reflection.
 Status codes: INVALID_ARGUMENT (the message names the field), NOT_FOUND (unknown model),
 RESOURCE_EXHAUSTED (queues full; trailing metadata `retry-after-ms`), DEADLINE_EXCEEDED,
 UNAUTHENTICATED (when a bearer token is configured and the `authorization` metadata lacks it),
-UNAVAILABLE (the deployment failed the request). A cancelled call aborts its request.
+UNAVAILABLE (the deployment failed the request). A cancelled call aborts its request. Bytes that
+parse as no valid message (bad UTF-8 in a string, a corrupt wire format) are INVALID_ARGUMENT too:
+the services are registered with a lenient deserializer instead of the generated one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hmac
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -68,21 +71,41 @@ def response_from_delta(delta: Delta, prompt_tokens: int, completion_tokens: int
                                usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
 
 
+class Malformed:
+    """A request whose bytes are no valid message (grpcio would answer UNKNOWN with its own text)."""
+
+    def __init__(self, kind: str, error: str) -> None:
+        self.kind, self.error = kind, error
+
+
+def _lenient(message: Any) -> Any:
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as e:
+            return Malformed(message.DESCRIPTOR.full_name, str(e))
+
+    return parse
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, service: RequestService, api_key: str | None = None) -> None:
         self.service, self.api_key = service, api_key
 
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self.api_key is None:
-            return
-        given = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization' metadata")
+    async def _authorize(self, context: grpc.aio.ServicerContext, request: Any = None) -> None:
+        """The bearer token when one is configured, then a request that could not be parsed."""
+        if self.api_key is not None:
+            given = dict(context.invocation_metadata() or ()).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization' metadata")
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request: not a valid {request.kind} message ({request.error})")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802, ANN201
-        await self._authorize(context)
+        await self._authorize(context, request)
         try:
-            prepared = self.service.prepare(call_from_proto(request, None))
+            prepared = await self.service.prepare_async(call_from_proto(request, None))
         except UnknownModel as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except InvalidRequest as e:
@@ -104,18 +127,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the deployment could not finish the request: {e}")
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:  # noqa: N802
-        await self._authorize(context)
+        await self._authorize(context, request)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: is required")
         return pb.AbortResponse(found=self.service.abort(request.request_id))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:  # noqa: N802
-        await self._authorize(context)
+        await self._authorize(context, request)
         m = self.service.backend.model
         return pb.ListModelsResponse(models=[pb.Model(id=m.name, root=m.root, max_model_len=m.max_model_len)])
 
     async def ClusterStatus(self, request: pb.ClusterStatusRequest, context: grpc.aio.ServicerContext) -> pb.ClusterStatusResponse:  # noqa: N802
-        await self._authorize(context)
+        await self._authorize(context, request)
         replicas, open_requests, failovers = await asyncio.to_thread(self.service.backend.status)  # Ray calls
         return pb.ClusterStatusResponse(
             model=self.service.model_name, open_requests=open_requests, failovers=failovers,
@@ -131,7 +154,16 @@ def _named(e: InvalidRequest) -> str:
 
 def add_services(server: grpc.aio.Server, service: RequestService, api_key: str | None = None) -> health.aio.HealthServicer:
     """Register Generation, grpc.health.v1 (SERVING for "" and the service) and reflection."""
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(service, api_key), server)
+    servicer = GenerationServicer(service, api_key)
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Generation"].methods:
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        request, response = (getattr(pb, t.name) for t in (method.input_type, method.output_type))
+        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=_lenient(request),
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
     status = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(status, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -7,6 +7,7 @@ Fields with no effect on generation (`user`, `metadata`, `stream_options`, ...) 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from moecluster.router.requests.service import GenerateCall, InvalidRequest
@@ -22,6 +23,50 @@ NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 
            "echo": False, "suffix": None, "response_format": None, "best_of": None}
 
 
+# JSON types of the sampling fields, checked here: the engine's validation would coerce
+# ("5" -> 5, true -> 1, "yes" -> true), so a client's type mistake would pass silently.
+INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "max_completion_tokens")
+NUMBER_FIELDS = ("temperature", "top_p", "min_p")
+BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value for an error message, cut short (a body may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _types(body: dict[str, Any]) -> None:
+    for key in INT_FIELDS:
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or (isinstance(value, float) and not value.is_integer())):
+            raise InvalidRequest(f"{key}: must be an integer, got {_show(value)}", key)
+    seed = body.get("seed")
+    if isinstance(seed, (int, float)) and not isinstance(seed, bool) and not -(2**63) <= seed < 2**63:
+        raise InvalidRequest(f"seed: must be a 64-bit signed integer, got {_show(seed)}", "seed")  # as the gRPC API's int64
+    for key in NUMBER_FIELDS:
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidRequest(f"{key}: must be a number, got {_show(value)}", key)
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{key}: must be a finite number, got {_show(value)}", key)
+    for key in BOOL_FIELDS:
+        value = body.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequest(f"{key}: must be true or false, got {_show(value)}", key)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+        isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+    ):
+        raise InvalidRequest(f"stop: must be a string or a list of strings, got {_show(stop)}", "stop")
+    ids = body.get("stop_token_ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+        raise InvalidRequest(f"stop_token_ids: must be a list of integers, got {_show(ids)}", "stop_token_ids")
+
+
 def _neutral(body: dict[str, Any]) -> None:
     for key, neutral in NEUTRAL.items():
         value = body.get(key)
@@ -29,11 +74,12 @@ def _neutral(body: dict[str, Any]) -> None:
             continue
         if key == "best_of" and value == body.get("n", 1):
             continue
-        raise InvalidRequest(f"{key}: is not supported by this server (got {value!r})", key)
+        raise InvalidRequest(f"{key}: is not supported by this server (got {_show(value)})", key)
 
 
 def _sampling(body: dict[str, Any], max_tokens_key: str | tuple[str, ...] = "max_tokens") -> dict[str, Any]:
     _neutral(body)
+    _types(body)
     out = {dst: body[src] for src, dst in SAMPLING_FIELDS.items() if body.get(src) is not None}
     keys = (max_tokens_key,) if isinstance(max_tokens_key, str) else max_tokens_key
     for key in keys:
@@ -57,7 +103,7 @@ def _bool(body: dict[str, Any], key: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InvalidRequest(f"{key}: must be true or false, got {value!r}", key)
+        raise InvalidRequest(f"{key}: must be true or false, got {_show(value)}", key)
     return value
 
 
@@ -68,7 +114,7 @@ def completion_calls(body: Any) -> tuple[list[GenerateCall], bool, bool]:
     logprobs = body.get("logprobs")
     if logprobs is not None:
         if isinstance(logprobs, bool) or not isinstance(logprobs, int):
-            raise InvalidRequest(f"logprobs: must be an integer 0..20, got {logprobs!r}", "logprobs")
+            raise InvalidRequest(f"logprobs: must be an integer 0..20, got {_show(logprobs)}", "logprobs")
         sampling["logprobs"] = logprobs
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -102,7 +148,7 @@ def chat_call(body: Any) -> tuple[GenerateCall, bool, bool]:
     if _bool(body, "logprobs"):
         top = body.get("top_logprobs") or 0
         if isinstance(top, bool) or not isinstance(top, int):
-            raise InvalidRequest(f"top_logprobs: must be an integer 0..20, got {top!r}", "top_logprobs")
+            raise InvalidRequest(f"top_logprobs: must be an integer 0..20, got {_show(top)}", "top_logprobs")
         sampling["logprobs"] = top
     elif body.get("top_logprobs"):
         raise InvalidRequest("top_logprobs: needs logprobs: true", "top_logprobs")
@@ -131,7 +177,7 @@ def chat_call(body: Any) -> tuple[GenerateCall, bool, bool]:
                                                   and isinstance(t["function"].get("name"), str) for t in tools):
             raise InvalidRequest("tools: must be a list of {type: function, function: {name, ...}} objects", "tools")
         if body.get("tool_choice") not in (None, "auto", "none"):
-            raise InvalidRequest(f"tool_choice: only 'auto' and 'none' are supported, got {body['tool_choice']!r}", "tool_choice")
+            raise InvalidRequest(f"tool_choice: only 'auto' and 'none' are supported, got {_show(body['tool_choice'])}", "tool_choice")
         if body.get("tool_choice") == "none":
             tools = None
         elif tools:

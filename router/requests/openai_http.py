@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,7 +36,9 @@ REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"  # seconds; the HTTP form of a gRPC
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            429: "rate_limit_error", 504: "timeout_error"}.get(status, "server_error")
+            429: "rate_limit_error", 504: "timeout_error"}.get(status)
+    if kind is None:  # e.g. 405 wrong method, 413 body too large: the client's, not the server's
+        kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
@@ -108,7 +111,7 @@ class OpenAIServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         calls, stream, usage = completion_calls(await _json(request))
         timeout = _timeout(request)
-        prepared = [self.service.prepare(_with_timeout(c, timeout)) for c in calls]
+        prepared = [await self.service.prepare_async(_with_timeout(c, timeout)) for c in calls]
         rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.service.model_name
         n = prepared[0].sampling.get("n", 1)
         if stream:
@@ -161,7 +164,7 @@ class OpenAIServer:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         call, stream, usage = chat_call(await _json(request))
         timeout = _timeout(request)
-        p = self.service.prepare(_with_timeout(call, timeout))
+        p = await self.service.prepare_async(_with_timeout(call, timeout))
         rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.service.model_name
         parsers = _ChatParsers(self, p, call)
         if stream:
@@ -379,11 +382,44 @@ async def _merged(service: RequestService, prepared: list[Prepared], timeout: fl
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 async def _json(request: web.Request) -> Any:
+    raw = await request.read()
     try:
-        return json.loads(await request.read())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}", "body") from None
+    # JSON's \uXXXX escapes can spell half of a UTF-16 surrogate pair alone, which is no Unicode
+    # text: the tokenizer (and any UTF-8 encoding of the reply) would fail on it.
+    if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(body, "")) is not None:
+        param = re.split(r"[.\[]", where, maxsplit=1)[0] or "body"
+        raise InvalidRequest(f"{where or 'body'}: contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
+                             "which is not valid Unicode text", param)
+    return body
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string (key or value) that does not encode as UTF-8, if any."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _lone_surrogate(key, path) is not None:
+                return path  # a key: named by the object that holds it (the key itself is no text)
+            where = f"{path}.{key}" if path else str(key)
+            if (found := _lone_surrogate(item, where)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _lone_surrogate(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 def _timeout(request: web.Request) -> float | None:

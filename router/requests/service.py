@@ -13,6 +13,7 @@ frees its blocks. Errors are typed so each protocol maps them to its own status:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -29,6 +30,15 @@ from moecluster.router.requests.placement import NoHealthyTarget, PlacementPolic
 from moecluster.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Texts longer than this (characters) have their tokens counted on a worker thread before `prepare`
+# tokenizes them on the event loop: the Rust tokenizer holds the GIL in a single `encode` (seconds
+# for a body of megabytes, with every stream of the router frozen meanwhile) but not in
+# `encode_batch`, so one that cannot fit the context is refused without stalling the loop.
+LONG_TEXT_CHARS = 1 << 16
+# Its own threads: long texts queue behind each other, not in front of the default executor's
+# work (the health endpoints' backend calls).
+_COUNTING = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="moecluster-count")
 
 
 class InvalidRequest(ValueError):
@@ -100,6 +110,36 @@ class RequestService:
         if name and name != self.backend.model.name:
             raise UnknownModel(f"model {name!r} is not served here; this deployment serves {self.backend.model.name!r}")
 
+    async def prepare_async(self, call: GenerateCall) -> Prepared:
+        """`prepare` for the event loop: a long text is first measured off the loop."""
+        await self._refuse_overlong(call)
+        return self.prepare(call)
+
+    async def _refuse_overlong(self, call: GenerateCall) -> None:
+        raw = getattr(getattr(self.tokenizer, "backend", None), "backend_tokenizer", None)  # the Rust one, if any
+        if raw is None or not hasattr(raw, "encode_batch"):
+            return
+        if call.prompt is not None and call.messages is None and call.prompt_ids is None:
+            if len(call.prompt) <= LONG_TEXT_CHARS:
+                return
+            self.resolve_model(call.model)
+            text, extra = call.prompt, len(self.tokenizer.encode("", add_special_tokens=True))
+        elif call.messages is not None and call.prompt is None and call.prompt_ids is None:
+            size = sum(len(m["content"]) for m in call.messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+            if size <= LONG_TEXT_CHARS:
+                return
+            self.resolve_model(call.model)
+            text, extra = self._render_chat(call), 0
+        else:
+            return
+        count = await asyncio.get_running_loop().run_in_executor(
+            _COUNTING, lambda: len(raw.encode_batch([text], add_special_tokens=False)[0].ids))
+        limit = self.backend.model.max_model_len
+        if count + extra >= limit:
+            raise InvalidRequest(
+                f"prompt of {count + extra} tokens does not fit the context length {limit} with room to generate", "prompt"
+            )
+
     def prepare(self, call: GenerateCall) -> Prepared:
         """Everything that can refuse a request, before it costs anything."""
         self.resolve_model(call.model)
@@ -116,6 +156,9 @@ class RequestService:
             ids = self.tokenizer.encode(call.prompt)
         else:
             ids = list(call.prompt_ids or [])
+            if len(ids) >= self.backend.model.max_model_len:  # before looking at each of a million ids
+                raise InvalidRequest(f"prompt of {len(ids)} tokens does not fit the context length "
+                                     f"{self.backend.model.max_model_len} with room to generate", "prompt")
             vocab = self.tokenizer.vocab_size
             bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
             if bad is not None:
@@ -155,7 +198,7 @@ class RequestService:
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[Delta]:
         """Deltas of one request until it finishes; leaving early aborts it."""
-        p = self.prepare(call)
+        p = await self.prepare_async(call)
         async for delta in self.stream_prepared(p, call.timeout_s):
             yield delta
 
@@ -243,4 +286,7 @@ class RequestService:
 def _field_of(message: str) -> str | None:
     """The sampling field a backend's validation message names, when it names one."""
     head = message.split(":", 1)[0].strip()
-    return head if head.isidentifier() else None
+    parts = head.split(".")  # pydantic names a list item as "stop.0": the field is "stop"
+    if parts[0].isidentifier() and all(p.isidentifier() or p.isdigit() for p in parts[1:]):
+        return parts[0]
+    return None
