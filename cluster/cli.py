@@ -235,6 +235,8 @@ def _autoscale_trace(args: argparse.Namespace) -> int:
                               prompt=LengthDist(args.prompt_median, 0.8, 16, 16 * args.prompt_median),
                               output=LengthDist(args.output_median, 0.8, 1, 16 * args.output_median),
                               seed=args.seed, ramp_s=args.ramp)
+    if not trace:
+        raise ValueError("the trace would hold no requests (--base-rps and --burst-rps are 0?); nothing written")
     stats = trace_stats(trace)
     print(f"wrote {write_trace(args.out, trace)}: {stats['requests']} requests over {stats['span_s']:.0f} s, "
           f"peak {stats['peak_rps']:.1f} requests/s")

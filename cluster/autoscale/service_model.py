@@ -125,6 +125,8 @@ def load_service_model(path: str | Path) -> ServiceModel:
         data = json.loads(p.read_text())
     except FileNotFoundError:
         raise ValueError(f"service model file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise ValueError(f"service model file {p}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"service model file {p} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -135,4 +137,7 @@ def load_service_model(path: str | Path) -> ServiceModel:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"service model file {p}: unknown fields {unknown}; known: {sorted(known)}")
-    return ServiceModel(**data)
+    try:
+        return ServiceModel(**data)
+    except TypeError as e:  # a field of the wrong type (a string for a number, ...)
+        raise ValueError(f"service model file {p}: every field must be a number: {e}") from None

@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -50,8 +51,9 @@ def _with_policy(autoscaling: AutoscalingSpec, policy: str | None) -> Autoscalin
         return autoscaling
     try:
         return AutoscalingSpec.model_validate(autoscaling.model_dump() | {"policy": policy})
-    except ValueError as e:
-        raise SpecError(f"--policy: {e}") from None
+    except ValidationError as e:
+        reasons = "; ".join(err["msg"].removeprefix("Value error, ").removeprefix("policy: ") for err in e.errors())
+        raise SpecError(f"--policy: {reasons}") from None
 
 
 def report(comparison: Comparison, requests: Sequence[TraceRequest], model: ServiceModel,
@@ -136,13 +138,19 @@ def main(
 ) -> dict[str, Any]:
     """The CLI: simulate, print a table, write `report.json` and `replicas.png` under `out_dir`."""
     requests = load_trace(trace_path)
-    spec = DeploymentSpec.from_yaml(spec_path) if spec_path else None
+    try:
+        spec = DeploymentSpec.from_yaml(spec_path) if spec_path else None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise SpecError(f"spec file {spec_path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
     pools, autoscaling, model = setup_from_spec(spec, policy, model or ServiceModel())
     comparison = compare(requests, model, pools, autoscaling, static_replicas)
     data = report(comparison, requests, model, pools, autoscaling, trace_path)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(data))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(data))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write the report there: {e.strerror or e}") from None
 
     console = console or Console(width=max(Console().width, 132))
     t = autoscaling.targets

@@ -482,6 +482,8 @@ def simulate(
         if p.replicas < 1:
             raise ValueError(f"pools: {p.name} starts with {p.replicas} replicas; it needs at least 1")
     _check_fits(requests, model)
+    if policy is not None:
+        _check_span(requests, interval_s)
     sim = _Sim(requests, model, pools, policy, interval_s, cooldown_s)
     sim.run()
     return sim.result(label)
@@ -494,8 +496,29 @@ def _check_fits(requests: Sequence[TraceRequest], model: ServiceModel) -> None:
                              f"replica's KV capacity ({model.kv_capacity_tokens})")
 
 
+# The controller ticks every interval from t = 0 to the last request: past this many ticks the
+# trace's times are almost surely absolute (Unix time, milliseconds), and the run would take hours.
+MAX_TICKS = 2_000_000
+
+
+def _check_span(requests: Sequence[TraceRequest], interval_s: float) -> None:
+    if not requests:
+        return
+    last = max(r.arrival_s for r in requests)
+    if last / interval_s > MAX_TICKS:
+        first = min(r.arrival_s for r in requests)
+        raise ValueError(
+            f"trace: the last request arrives at {last:g} s, {last / interval_s:.3g} controller intervals of "
+            f"{interval_s:g} s (at most {MAX_TICKS:,}); arrival_s is seconds from the start of the trace, so "
+            f"absolute times (the first request is at {first:g} s) must have the first arrival subtracted")
+
+
 def static_pools(pools: Sequence[PoolSetup], counts: Mapping[str, int]) -> list[PoolSetup]:
     """The same pools at fixed sizes (at least one replica each)."""
+    unknown = sorted(set(counts) - {p.name for p in pools})
+    if unknown:
+        raise ValueError(f"static replicas: no pool named {', '.join(map(repr, unknown))} in this deployment "
+                         f"(its pools: {', '.join(p.name for p in pools)})")
     return [replace(p, replicas=max(1, counts.get(p.name, p.replicas)), bounds=None) for p in pools]
 
 
@@ -515,6 +538,7 @@ def compare(
 ) -> Comparison:
     """The policy of `autoscaling` against static provisioning at its peak (or `static_replicas`)."""
     policy = load_policy(autoscaling)
+    static_pools(pools, static_replicas or {})  # a pool name that is not there fails before the runs
     run = simulate(requests, model, pools, policy, autoscaling.interval_s, autoscaling.cooldown_s, "policy")
     counts = dict(run.peak_serving()) | dict(static_replicas or {})
     fixed = static_pools(pools, counts)

@@ -79,6 +79,10 @@ def make_bursty_trace(
     the base rate over `ramp_s` before that and back down over `ramp_s` after (real surges build
     over minutes; 0 gives a square wave). Arrivals come by thinning: candidates at the segment's top
     rate, each kept with probability rate(t) / top (exact for a non-homogeneous Poisson process)."""
+    numbers = {"duration_s": duration_s, "base_rps": base_rps, "burst_rps": burst_rps,
+               "burst_every_s": burst_every_s, "burst_len_s": burst_len_s, "ramp_s": ramp_s}
+    if bad := [f"{k}={v}" for k, v in numbers.items() if not math.isfinite(v)]:
+        raise ValueError(f"make_bursty_trace: every length and rate must be a finite number, got {', '.join(bad)}")
     if duration_s <= 0 or base_rps < 0 or burst_rps < 0 or ramp_s < 0:
         raise ValueError("make_bursty_trace: duration_s must be > 0, the rates and ramp_s >= 0")
     if not 0 < burst_len_s + 2 * ramp_s < burst_every_s:
@@ -118,14 +122,17 @@ def write_trace(path: str | Path, requests: Iterable[TraceRequest]) -> Path:
     """Write JSONL or CSV, chosen by the suffix as `load_trace` reads it."""
     p = Path(path)
     rows = [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in requests]
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if _is_csv(p):
-        with p.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(FIELDS)
-            writer.writerows(rows)
-    else:
-        p.write_text("".join(json.dumps(dict(zip(FIELDS, row))) + "\n" for row in rows))
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if _is_csv(p):
+            with p.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(FIELDS)
+                writer.writerows(rows)
+        else:
+            p.write_text("".join(json.dumps(dict(zip(FIELDS, row))) + "\n" for row in rows))
+    except OSError as e:
+        raise TraceError(f"cannot write trace {p}: {e.strerror or e}") from None
     return p
 
 
@@ -133,9 +140,13 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
     """Read a JSONL or CSV trace (by suffix: .csv is CSV, anything else JSONL), sorted by arrival."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TraceError(f"trace file {p} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise TraceError(f"trace {p}: not UTF-8 text (byte {e.start}); expected JSONL or CSV") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise TraceError(f"trace {p}: cannot read it: {e.strerror or e}") from None
     rows = _csv_rows(p, text) if _is_csv(p) else _jsonl_rows(p, text)
     requests = [_request(p, line, row) for line, row in rows]
     if not requests:

@@ -502,6 +502,13 @@ BAD = [
     ({"prefill": {"enabled": True, "ep": 3}}, "prefill.ep"),
     ({"router": {"httpPort": 50051}}, "router.httpPort"),
     ({"router": {"grpcPort": 6379}}, "router.grpcPort"),
+    ({"router": {"metricsPort": 52365}}, "router.metricsPort"),          # Ray's dashboard agent
+    ({"ray": {"dashboardPort": 8080}}, "ray.metricsExportPort"),         # the same port twice
+    ({"ray": {"metricsExportPort": 10001}}, "ray.metricsExportPort"),
+    ({"decode": {"resources": {"cpu": "4"}}}, "decode.resources.cpu"),  # 8 bundles of {GPU: 1, CPU: 1}
+    ({"decode": {"resources": {"cpu": "7"}, "ep": 8}}, "give at least 8"),
+    ({"decode": {"rayStartParams": {"num-cpus": 2}}}, "decode.rayStartParams.num-cpus"),
+    ({"prefill": {"enabled": True, "resources": {"cpu": "3500m"}}}, "prefill.resources.cpu"),
     ({"model": {"volume": {"create": {"enabled": False}}}}, "model.volume"),
     ({"model": {"volume": {"existingClaim": "w"}}}, "model.volume"),
     ({"model": {"volume": {"create": {"accessModes": ["ReadWriteOnce"]}}}}, "model.volume.create.accessModes"),
@@ -524,3 +531,62 @@ def test_bad_values_fail_naming_the_value(render, values, names):
     with pytest.raises(HelmFailed) as err:
         render(values)
     assert names in err.value.output, err.value.output
+
+
+# ---- probes, shutdown, CPUs per rank ------------------------------------------------------------
+
+def _probes(c: dict) -> dict:
+    return {k: c[k] for k in ("livenessProbe", "readinessProbe") if k in c}
+
+
+def test_ray_probes_follow_non_default_ray_ports(render, validate_object):
+    """KubeRay's injected probes ask 8265 (dashboard) and 52365 (dashboard agent) whatever the
+    rayStartParams say: with other ports the head's liveness probe would fail and restart it
+    forever. The chart then writes the same checks against the configured ports."""
+    head, workers = groups(render({}))
+    assert not _probes(container(head["template"], "ray-head"))  # defaults: KubeRay's probes
+    assert not _probes(container(workers["decode"]["template"], "ray-worker"))
+
+    objs = render({"ray": {"dashboardPort": 8300}, "head": {"rayStartParams": {"dashboard-agent-listen-port": 52400}},
+                   "decode": {"rayStartParams": {"dashboard-agent-listen-port": 52401}}})
+    for obj in objs:
+        validate_object(obj)
+    head, workers = groups(objs)
+    assert head["rayStartParams"]["dashboard-port"] == "8300"
+    probes = _probes(container(head["template"], "ray-head"))
+    assert set(probes) == {"livenessProbe", "readinessProbe"}
+    for probe in probes.values():
+        cmd = probe["exec"]["command"][-1]
+        assert "localhost:8300/api/gcs_healthz" in cmd and "localhost:52400/api/local_raylet_healthz" in cmd
+        assert "8265" not in cmd and "52365" not in cmd
+    for probe in _probes(container(workers["decode"]["template"], "ray-worker")).values():
+        assert probe["exec"]["command"][-1].count("localhost:52401/api/local_raylet_healthz") == 1
+
+    given = {"httpGet": {"path": "/health", "port": "http"}}
+    head, _ = groups(render({"ray": {"dashboardPort": 8300}, "head": {"readinessProbe": given}}))
+    probes = _probes(container(head["template"], "ray-head"))
+    assert probes["readinessProbe"] == given and "8300" in probes["livenessProbe"]["exec"]["command"][-1]
+
+
+def test_graceful_shutdown(case):
+    _, values, objs = case
+    head, workers = groups(objs)
+    # serve's stop: the router (HTTP requests get up to 60 s), the autoscaler, the deployment, then Ray.
+    assert head["template"]["spec"]["terminationGracePeriodSeconds"] == values["head"]["terminationGracePeriodSeconds"]
+    assert values["head"]["terminationGracePeriodSeconds"] >= 60
+    for g in workers.values():
+        assert "ray stop" in container(g["template"], "ray-worker")["lifecycle"]["preStop"]["exec"]["command"][-1]
+
+
+def test_cpus_per_rank_accept_millicores(render):
+    _, workers = groups(render({"decode": {"resources": {"cpu": "7500m"}}}))  # Ray rounds 7.5 up to 8
+    assert container(workers["decode"]["template"], "ray-worker")["resources"]["limits"]["cpu"] == "7500m"
+    groups(render({"decode": {"resources": {"cpu": "4"}, "rayStartParams": {"num-cpus": 8}}}))
+
+
+def test_notes_with_tls_do_not_promise_a_plaintext_status(run_helm):
+    out = run_helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+                   "--set", "router.tls.secretName=router-tls")
+    notes = out[out.index("NOTES:"):]
+    assert "moecluster status --url" not in notes and "-- moecluster status" not in notes
+    assert "grpcurl -insecure 127.0.0.1:50051 moecluster.v1.Generation/ClusterStatus" in notes

@@ -102,6 +102,43 @@ priorityClassName: {{ . }}
     {{- include "moecluster.modelMount" (list . false) | trim | nindent 4 }}
 {{- end }}
 
+{{/*
+KubeRay injects liveness and readiness probes into Ray containers that define none, but they query
+the dashboard agent on 52365 and (head) the dashboard on 8265 whatever the rayStartParams say: with
+other ports they fail, and the liveness probe restarts the pod forever. Then the chart writes the
+same checks against the configured ports: (list $probeValue "liveness"|"readiness" isHead agentPort dashboardPort).
+*/}}
+{{- define "moecluster.rayProbe" -}}
+{{- $given := index . 0 }}
+{{- $kind := index . 1 }}
+{{- $head := index . 2 }}
+{{- $agent := int (index . 3) }}
+{{- $dash := int (index . 4) }}
+{{- if $given }}
+{{ $kind }}Probe:
+  {{- toYaml $given | nindent 2 }}
+{{- else if or (ne $agent 52365) (and $head (ne $dash 8265)) }}
+{{- $cmd := printf "wget --tries 1 -T 2 -q -O- http://localhost:%d/api/local_raylet_healthz | grep success" $agent }}
+{{- if $head }}
+{{- $cmd = printf "%s && wget --tries 1 -T 2 -q -O- http://localhost:%d/api/gcs_healthz | grep success" $cmd $dash }}
+{{- end }}
+{{ $kind }}Probe:
+  exec:
+    command: ["bash", "-c", {{ $cmd | quote }}]
+  {{- if eq $kind "liveness" }}
+  initialDelaySeconds: 30
+  periodSeconds: 5
+  timeoutSeconds: 5
+  failureThreshold: 120
+  {{- else }}
+  initialDelaySeconds: 10
+  periodSeconds: 5
+  timeoutSeconds: 5
+  failureThreshold: 10
+  {{- end }}
+{{- end }}
+{{- end }}
+
 {{/* One worker group: (list $ "decode" .Values.decode). */}}
 {{- define "moecluster.workerGroup" -}}
 {{- $root := index . 0 }}
@@ -153,6 +190,16 @@ priorityClassName: {{ . }}
             - name: metrics
               containerPort: {{ int $root.Values.ray.metricsExportPort }}
               protocol: TCP
+          {{- $agent := index $params "dashboard-agent-listen-port" | default "52365" }}
+          {{- range $kind := list "liveness" "readiness" }}
+          {{- with (include "moecluster.rayProbe" (list nil $kind false $agent 8265) | trim) }}{{ . | nindent 10 }}{{ end }}
+          {{- end }}
+          # `ray stop` before SIGTERM: bash (PID 1) would not pass the signal on to `ray start --block`,
+          # so the node would leave Ray only when killed at the end of the grace period.
+          lifecycle:
+            preStop:
+              exec:
+                command: ["/bin/bash", "-lc", "ray stop || true"]
           resources:
             {{- include "moecluster.resources" (list $p.resources (int $p.gpusPerPod)) | trim | nindent 12 }}
           securityContext:

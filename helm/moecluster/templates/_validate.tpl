@@ -36,8 +36,16 @@ instead of as a placement group that never schedules.
 {{- fail (printf "router.httpPort: router.grpcPort, router.httpPort and router.metricsPort must differ, got %v" $ports) }}
 {{- end }}
 {{- range $name, $port := dict "router.grpcPort" (int $r.grpcPort) "router.httpPort" (int $r.httpPort) "router.metricsPort" (int $r.metricsPort) }}
-{{- if has $port (list 6379 10001 (int $v.ray.dashboardPort) (int $v.ray.metricsExportPort)) }}
-{{- fail (printf "%s: %d is taken by Ray on the head pod (6379 GCS, 10001 client, ray.dashboardPort, ray.metricsExportPort)" $name $port) }}
+{{- if has $port (list 6379 10001 52365 (int $v.ray.dashboardPort) (int $v.ray.metricsExportPort)) }}
+{{- fail (printf "%s: %d is taken by Ray on the head pod (6379 GCS, 10001 client, 52365 dashboard agent, ray.dashboardPort, ray.metricsExportPort)" $name $port) }}
+{{- end }}
+{{- end }}
+{{- if eq (int $v.ray.dashboardPort) (int $v.ray.metricsExportPort) }}
+{{- fail (printf "ray.metricsExportPort: %d is also ray.dashboardPort; the two must differ" (int $v.ray.metricsExportPort)) }}
+{{- end }}
+{{- range $name, $port := dict "ray.dashboardPort" (int $v.ray.dashboardPort) "ray.metricsExportPort" (int $v.ray.metricsExportPort) }}
+{{- if has $port (list 6379 10001 52365) }}
+{{- fail (printf "%s: %d is taken by Ray itself (6379 GCS, 10001 client, 52365 dashboard agent)" $name $port) }}
 {{- end }}
 {{- end }}
 
@@ -71,6 +79,21 @@ instead of as a placement group that never schedules.
 {{- end }}
 {{- else if ne (mod $ep $gpp) 0 }}
 {{- fail (printf "%s.ep: %d is not a multiple of %s.gpusPerPod=%d; a replica of more than 8 ranks must span whole pods" $name $ep $name $gpp) }}
+{{- end }}
+{{- /* Every rank's placement-group bundle is {GPU: 1, CPU: 1}: Ray on the pod needs a CPU per GPU. */}}
+{{- $cpus := 0 }}
+{{- $cpuText := toString $p.resources.cpu }}
+{{- $cpuKey := "resources.cpu" }}
+{{- with $p.rayStartParams }}{{ with index . "num-cpus" }}{{ $cpuText = toString . }}{{ $cpuKey = "rayStartParams.num-cpus" }}{{ end }}{{ end }}
+{{- if regexMatch "^[0-9]+(\\.[0-9]+)?m$" $cpuText }}
+{{- $cpus = ceil (divf (float64 (trimSuffix "m" $cpuText)) 1000) }}
+{{- else if regexMatch "^[0-9]+(\\.[0-9]+)?$" $cpuText }}
+{{- $cpus = ceil (float64 $cpuText) }}
+{{- else }}
+{{- $cpus = $gpp }}{{- /* an unusual quantity (e.g. 1k): not checked */}}
+{{- end }}
+{{- if lt (int $cpus) $gpp }}
+{{- fail (printf "%s.%s: %s gives Ray %d CPU(s) per pod, but each of the %s.gpusPerPod=%d ranks reserves 1 CPU with its GPU in the replica's placement group, which would never be scheduled; give at least %d" $name $cpuKey $cpuText (int $cpus) $name $gpp $gpp) }}
 {{- end }}
 {{- $b := include "moecluster.bounds" $p | fromJson }}
 {{- range list (list "replicas" (int $b.replicas)) (list "minReplicas" (int $b.min)) (list "maxReplicas" (int $b.max)) }}
