@@ -503,7 +503,7 @@ def _add_bench_serve(targets: argparse._SubParsersAction) -> None:
     s.add_argument("--no-baseline", action="store_true", help="skip the transformers eager baseline")
     s.add_argument("--no-roofline", action="store_true", help="skip the copy bandwidth, roofline and MoE layer step")
     s.add_argument("--no-warmup", action="store_true")
-    s.add_argument("--cuda-graph-max-batch", type=int, default=256, help="decode CUDA graphs up to this batch (0: eager)")
+    s.add_argument("--cuda-graph-max-batch", type=int, default=512, help="decode CUDA graphs up to this batch (0: eager)")
     s.add_argument("--no-async-scheduling", action="store_true",
                    help="read each decode step's samples before scheduling the next (no host/GPU overlap)")
     s.add_argument("--decode-experts-w16", action="store_true",

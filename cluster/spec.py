@@ -80,7 +80,7 @@ class EngineSpec(_Strict):
         "auto", description="prefill -> decode KV blocks: p2p (NCCL between GPUs, gloo on CPUs) or Ray's object "
                             "store; auto: p2p on cuda, object_store on cpu")
     cuda_graph_max_batch: int = Field(
-        256, ge=0, description="GPU decode steps of up to this many sequences replay CUDA graphs (0: always eager)")
+        512, ge=0, description="GPU decode steps of up to this many sequences replay CUDA graphs (0: always eager)")
     async_scheduling: bool = Field(
         True, description="launch each graph-replayed decode step before reading the previous step's samples, so "
                           "the host's scheduling and outputs overlap the GPU (outputs reach clients a step later)")

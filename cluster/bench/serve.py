@@ -58,7 +58,7 @@ class ServeBenchConfig:
     baseline_concurrency: int = 64
     baseline_steps: int = 8
     roofline: bool = True
-    cuda_graph_max_batch: int = 256  # 0: eager decode steps
+    cuda_graph_max_batch: int = 512  # 0: eager decode steps (capped at the largest concurrency)
     async_scheduling: bool = True
     decode_experts_w8a8: bool = True
     decode_linears_w8a8: bool = True

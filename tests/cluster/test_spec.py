@@ -46,7 +46,7 @@ def test_engine_settings_reach_the_engine_config(tiny_checkpoint) -> None:
     assert (cfg.async_scheduling, cfg.decode_experts_w8a8, cfg.decode_linears_w8a8) == (False, False, False)
     default = engine_config(DeploymentSpec.parse({"model": "/m"}), spec.decode)
     assert (default.cuda_graph_max_batch, default.async_scheduling, default.decode_experts_w8a8,
-            default.decode_linears_w8a8) == (256, True, True, True)
+            default.decode_linears_w8a8) == (512, True, True, True)
 
 
 @pytest.mark.parametrize(
