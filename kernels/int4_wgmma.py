@@ -408,9 +408,12 @@ def default_tiles(rows_per_expert: float, gated: bool) -> WgmmaTiles:
     rows and 128 over 8 above (4.5% faster at 512; where between 64 and 512 rows the two cross was
     not measured), the down GEMM (N 7168) 128 columns over 4 warps
     (4% faster than 8 at 64 rows, 11% at 512); 2 stages throughout (a third costs occupancy and
-    was slower everywhere)."""
+    was slower everywhere). Up to 16 rows (session 17, `scripts/time_int4_wgmma.py 2,6,11,16 384` on an
+    H200, `docs/results/int4-wgmma-h200-384experts-session17.json`): the down GEMM takes 128 columns
+    over 4 warps (two wgmma M blocks a warp group), 2-20% faster than 64 at 2 to 16 rows; gate_up
+    keeps 64 columns to 12 rows (128 was 5-8% slower at 2 to 11 rows, 7% faster at 16)."""
     if rows_per_expert <= 16:
-        return WgmmaTiles(16, 64, 4, 2)
+        return WgmmaTiles(16, 128 if not gated or rows_per_expert > 12 else 64, 4, 2)
     if rows_per_expert <= 32:
         return WgmmaTiles(32, 64, 4, 2)
     if gated:

@@ -23,6 +23,7 @@ from moecluster.kernels.fused_moe_ref import grouped_mlp_reference
 
 E, H, I = int(sys.argv[2]) if len(sys.argv) > 2 else 32, 7168, 2048  # noqa: E741
 SWEEP = [iw.WgmmaTiles(*t) for t in ((16, 64, 4, 2), (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 8, 2), (16, 128, 8, 3),
+                                     (16, 128, 4, 2), (16, 256, 8, 2),
                                      (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2))]
 
 
