@@ -43,6 +43,7 @@ from moecluster.workers.engine.async_engine import EngineDead, Sink, _notify
 from moecluster.workers.engine.engine_config import EngineConfig
 from moecluster.workers.engine.outputs import CompletionOutput, RequestOutput
 from moecluster.workers.engine.request_limits import RequestLimits
+from moecluster.workers.engine.sampler import GREEDY_BELOW  # temperatures below it are greedy
 from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.workers.transfer.handoff import KVHandoff
 
@@ -51,9 +52,6 @@ log = logging.getLogger(__name__)
 # A seed seeds one torch generator per sample (seed + sample index): torch takes 64 bits, the API
 # (generation.proto) an int64. Outside that range the engine step itself would fail.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-# Below this a temperature is greedy (vLLM's _SAMPLING_EPS): the sampler divides the logits by it,
-# and a tiny one (1e-38) overflows them to inf, whose softmax is NaN: every draw would be token 0.
-GREEDY_BELOW = 1e-5
 
 
 def engine_config(spec: DeploymentSpec, pool: PoolSpec) -> EngineConfig:

@@ -16,6 +16,7 @@ from moecluster.workers.engine.sampling_params import SamplingParams
 from moecluster.text.tokenizer import load_tokenizer
 
 PromptType = str | dict[str, Any]
+_PROMPT_KEYS = frozenset({"prompt_token_ids", "prompt"})
 
 
 class LLM:
@@ -66,10 +67,19 @@ class LLM:
         if not isinstance(prompts, Sequence):
             raise ValueError(f"prompts must be a string, a dict or a list of them, got {type(prompts).__name__}")
         prompts = list(prompts)
-        params = sampling_params or SamplingParams()
-        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        # None (not an empty list, which is a list of the wrong length) means the defaults
+        params = SamplingParams() if sampling_params is None else sampling_params
+        if isinstance(params, SamplingParams):
+            per_prompt = [params] * len(prompts)
+        elif isinstance(params, Sequence) and not isinstance(params, str):
+            per_prompt = list(params)
+        else:
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
+        wrong = [type(p).__name__ for p in per_prompt if not isinstance(p, SamplingParams)]
+        if wrong:
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got a {wrong[0]} in it")
         tokenized = [self._tokenize(p) for p in prompts]
         for (_, ids), p in zip(tokenized, per_prompt):
             self.engine.check(ids, p)  # refuse the whole batch before anything runs
@@ -96,10 +106,17 @@ class LLM:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            unknown = sorted(map(str, prompt.keys() - _PROMPT_KEYS))
+            if unknown:  # e.g. vLLM's multi_modal_data: refused, not silently dropped
+                raise ValueError(f"unsupported prompt keys {unknown}: a dict prompt takes only 'prompt_token_ids' "
+                                 "and an optional 'prompt' (its text)")
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise ValueError("prompt_token_ids must be a list of ints")
-            return prompt.get("prompt"), list(ids)
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"a dict prompt's 'prompt' must be its text (a string), got {type(text).__name__}")
+            return text, list(ids)
         raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
 

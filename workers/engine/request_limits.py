@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from moecluster.workers.engine.sampling_params import SamplingParams
 
+GENERATOR_SEED_MIN, GENERATOR_SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
 
 class RequestError(ValueError):
     """A request the engine refuses before it costs anything; the message says why."""
@@ -29,6 +31,13 @@ class RequestLimits:
         bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        # Sample i seeds its generator with seed + i inside a step, in the engine's thread: a value
+        # the generator refuses would fail there, and with it every request of the engine.
+        if params.seed is not None and not (
+            GENERATOR_SEED_MIN <= params.seed and params.seed + params.n - 1 <= GENERATOR_SEED_MAX
+        ):
+            raise RequestError(f"seed {params.seed} (+ up to {params.n - 1} for the samples) is outside "
+                               f"[{GENERATOR_SEED_MIN}, {GENERATOR_SEED_MAX}]")
         if params.n > self.max_num_seqs:
             raise RequestError(f"n={params.n} samples exceed max_num_seqs {self.max_num_seqs}")
         if params.max_tokens is None:  # "as long as it fits": the context length, or what one cache holds

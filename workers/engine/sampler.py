@@ -14,6 +14,9 @@ import torch
 from moecluster.kernels.greedy_sample import greedy_logprobs, greedy_logprobs_reference
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+
+
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A host tensor on `device` without the host waiting for the device: on a GPU through pinned
     memory and a non-blocking copy (a step may still be in flight), elsewhere a plain copy."""
@@ -48,6 +51,9 @@ class SamplingBatch:
         device: torch.device | str,
     ) -> SamplingBatch:
         k = [vocab_size if v <= 0 else min(v, vocab_size) for v in top_k]
+        # A vanishing temperature is greedy, as in vLLM: dividing the logits by one (1e-38)
+        # overflows them to inf, and the NaN softmax would draw token 0 every time.
+        temperature = [0.0 if t < GREEDY_BELOW else t for t in temperature]
         # One (4, rows) float32 block, one copy: on a GPU from pinned memory without blocking, so
         # building the batch after the forward was launched does not wait for it (top-k values are
         # exact in float32 up to 2^24, far above any vocabulary).
