@@ -160,7 +160,10 @@ class RankActor:
         """Per-phase step times of the recent steps (`workers/engine/step_timer.py`); clear starts afresh."""
         if self._core is None:
             return {}
-        snapshot = self._core.timer.snapshot()
+        snapshot: dict[str, dict[str, float]] = self._core.timer.snapshot()
+        totals = self._core.timer.decode_only()
+        if totals is not None:  # not a phase: `bench serve` reads it for its rank-side decode rate
+            snapshot["decode_only"] = totals
         if clear:
             self._core.timer.clear()
         return snapshot

@@ -6,7 +6,7 @@ behind it); `gpu_wait` (waiting for the sampled tokens: how far the GPU was behi
 (tokens appended, stop checks, detokenization, deltas); `step` (the whole iteration). Only
 steps that ran a forward are recorded. Read through a rank actor's `step_profile` (`bench serve`).
 
-Beside the phases, `decode_only` totals the steps that only decoded (every scheduled sequence
+Beside the phases, `decode_only()` totals the steps that only decoded (every scheduled sequence
 computed one token) since the last `clear`: how many, the rows they sampled and their seconds.
 Their ratio is the rank's decode rate at the batch it really ran, where a median step over the
 last few hundred steps would assume every stream was in each of them.
@@ -34,17 +34,18 @@ class StepTimer:
         self._phases.setdefault(phase, deque(maxlen=self.window)).append(seconds)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """Per phase over the window: p50 and mean in ms and the count; `decode_only` (if any such
-        step ran since the last clear): its steps, rows and seconds."""
+        """Per phase over the window: p50 and mean in ms and the count."""
         out: dict[str, dict[str, float]] = {}
         for phase, values in list(self._phases.items()):
             v = sorted(values)
             if v:  # a snapshot from another thread can see a phase's deque before its first value
                 out[phase] = {"p50_ms": v[len(v) // 2] * 1e3, "mean_ms": sum(v) / len(v) * 1e3, "n": len(v)}
-        steps, rows, seconds = self._decode
-        if steps:
-            out["decode_only"] = {"steps": steps, "rows": rows, "seconds": seconds}
         return out
+
+    def decode_only(self) -> dict[str, float] | None:
+        """The decode-only steps since the last clear: their count, rows and seconds (None: none ran)."""
+        steps, rows, seconds = self._decode
+        return {"steps": steps, "rows": rows, "seconds": seconds} if steps else None
 
     def clear(self) -> None:
         self._phases.clear()
