@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 PLANNED: dict[str, str] = {}
@@ -30,16 +34,54 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
-        print(f"moecluster {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"moecluster {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         import grpc
 
         if isinstance(e, grpc.RpcError):  # a call to a running router failed
             print(f"moecluster {args.command}: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
             return 1
-        raise
+        known = _user_error(e)
+        if known is not None:
+            print(f"moecluster {args.command}: error: {known}", file=sys.stderr)
+            return 2
+        if args.verbose:
+            raise
+        print(f"moecluster {args.command}: internal error: {type(e).__name__}: {_one_line(str(e))} "
+              "(rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _user_error(e: BaseException) -> str | None:
+    """One line for a failure the user can act on (bad input, a file, a port, a rank that could
+    not start); None for anything else (a bug: shown with its type, and its traceback under -v)."""
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        from ray import exceptions as rx
+
+        if isinstance(e, rx.RayTaskError):  # raised in an actor: the remote cause, not Ray's wrapper and traceback
+            cause = e.cause if isinstance(e.cause, BaseException) else None
+            inner = _user_error(cause) if cause is not None else None
+            what = inner or (f"{type(cause).__name__}: {_one_line(str(cause))}" if cause is not None else "failed")
+            return f"{e.function_name} failed: {what}" if getattr(e, "function_name", None) else what
+        if isinstance(e, rx.RayError):  # an actor died, a timeout: Ray's first line says which
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            return f"{type(e).__name__}: {lines[0].strip() if lines else ''}"
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(str(part) for part in err['loc']) or e.title}: {err['msg']}" for err in e.errors())
+    if type(e).__name__ == "SafetensorError":  # safetensors' Rust error: no file name of its own
+        return f"a safetensors file is unreadable: {_one_line(str(e))}"
+    if isinstance(e, (ValueError, OSError, NotImplementedError, RuntimeError)):  # OSError: files, sockets, Ray's ConnectionError
+        return _one_line(str(e)) or type(e).__name__
+    return None
 
 
 def _planned(name: str, what: str):  # noqa: ANN202
@@ -73,7 +115,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
         num_experts=args.experts, num_heads=args.heads, q_lora_rank=args.q_lora_rank or None,
         vocab_size=args.vocab_size, seed=args.seed,
     )
-    out = make_tiny(args.out, spec)
+    with _output_dir(args.out, "make-tiny", TINY_FILES):
+        out = make_tiny(args.out, spec)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {spec.arch} ({spec.quant}) to {out} ({size / 2**20:.1f} MiB)")
     return 0
@@ -92,9 +135,38 @@ def _add_make_slice(sub: argparse._SubParsersAction) -> None:
 def _make_slice(args: argparse.Namespace) -> int:
     from moecluster.cluster.bench.slice_model import make_slice
 
-    out = make_slice(args.out, args.model, args.layers, args.dense_layers)
+    with _output_dir(args.out, "make-slice", SLICE_FILES):
+        out = make_slice(args.out, args.model, args.layers, args.dense_layers)
     print(f"wrote a {args.layers}-layer slice of {args.model} to {out} (serve it with engine.load_format: random)")
     return 0
+
+
+SLICE_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"})
+TINY_FILES = SLICE_FILES | {"model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                            "model-00002-of-00002.safetensors"}
+
+
+@contextmanager
+def _output_dir(out: Path, command: str, writes: frozenset[str]) -> Iterator[None]:
+    """The directory a checkpoint writer fills: new, empty, or what the same command wrote before
+    (rewritten whole). Anything else is refused rather than overwritten in part (a real checkpoint's
+    config.json, or a tiny checkpoint's shards left beside a slice's config). A directory this
+    command created is removed again when it fails."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    existed = out.exists()
+    if existed:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in writes)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise FileExistsError(f"{out} is not empty and holds files {command} does not write ({shown}); "
+                                  "choose a new or empty directory")
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -113,9 +185,24 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from moecluster.cluster.serve import load_spec, run_forever, start
 
-    run_forever(start(load_spec(args.spec, args.model), address=args.address))
+    spec = load_spec(args.spec, args.model)
+    stop = threading.Event()
+
+    def interrupt(*_: object) -> None:
+        # Ctrl-C / SIGTERM while Ray starts and ranks load: abandon the start (it cleans up after
+        # itself); should Ray's waits swallow the KeyboardInterrupt, `stop` still ends the serve.
+        if not stop.is_set():
+            stop.set()
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, interrupt)
+    run_forever(start(spec, address=args.address), stop)
     return 0
 
 
@@ -124,10 +211,10 @@ def _status(args: argparse.Namespace) -> int:
 
     from google.protobuf.json_format import MessageToDict
 
-    from moecluster.cluster.serve import API_KEY_ENV, read_state
+    from moecluster.cluster.serve import API_KEY_ENV, live_state
     from moecluster.router.requests.client import Client
 
-    with Client(args.url or read_state()["grpc"], api_key=os.environ.get(API_KEY_ENV)) as client:
+    with Client(args.url or live_state()["grpc"], api_key=os.environ.get(API_KEY_ENV)) as client:
         status = client.status()
     if args.json:
         print(json.dumps(MessageToDict(status, always_print_fields_with_no_presence=True)))
@@ -147,13 +234,14 @@ def _down(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from moecluster.cluster.serve import read_state, state_path
+    from moecluster.cluster.serve import check_ray_reachable, read_state, recorded_server_running, state_path
 
     if args.address:
         import ray
 
         from moecluster.cluster.replica import NAMESPACE
 
+        check_ray_reachable(args.address)
         ray.init(address=args.address, namespace=NAMESPACE)
         actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
         for a in actors:
@@ -163,6 +251,8 @@ def _down(args: argparse.Namespace) -> int:
     state = read_state()
     pid = state["pid"]
     try:
+        if not recorded_server_running(state):  # gone, or its pid now another process's: never signal that
+            raise ProcessLookupError
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         state_path().unlink(missing_ok=True)
@@ -249,9 +339,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="a running router's gRPC address host:port ('auto': from the state file)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=_positive_int, default=32)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    p.add_argument("--top-p", type=_probability, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto")
@@ -260,12 +350,56 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_generate)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def _require_cuda(device: str | None, what: str) -> None:
+    """A CUDA device asked for on a machine without one: say so, before anything loads."""
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{what} --device {device}: no CUDA GPU is available here "
+                           f"({'torch was built without CUDA' if torch.version.cuda is None else 'none visible'})")
+
+
 def _generate(args: argparse.Namespace) -> int:
+    if args.url and args.model is not None:
+        raise ValueError("give --model DIR (offline) or --url HOST:PORT (a running server), not both")
     if args.url:
         return _generate_remote(args)
     if args.model is None:
         raise ValueError("give --model DIR (offline) or --url HOST:PORT (a running server)")
     from moecluster import LLM, SamplingParams
+    from moecluster.cluster.spec import check_checkpoint
+
+    _require_cuda(args.device, "generate")
+    check_checkpoint(args.model)
 
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     params = SamplingParams(
@@ -288,10 +422,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _generate_remote(args: argparse.Namespace) -> int:
     import os
 
-    from moecluster.cluster.serve import API_KEY_ENV, read_state
+    from moecluster.cluster.serve import API_KEY_ENV, live_state
     from moecluster.router.requests.client import Client
 
-    target = read_state()["grpc"] if args.url == "auto" else args.url
+    target = live_state()["grpc"] if args.url == "auto" else args.url
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_tokens": args.max_tokens}
     if args.seed is not None:
         sampling["seed"] = args.seed
@@ -380,12 +514,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--quick", action="store_true", help="small sizes (for tests)")
     ep.set_defaults(func=_bench_eplb)
     a = targets.add_parser("a2a", help="expert-parallel dispatch + combine time and bandwidth between local GPUs")
-    a.add_argument("--tokens", type=int, default=4096)
-    a.add_argument("--hidden", type=int, default=7168)
-    a.add_argument("--top-k", type=int, default=8)
-    a.add_argument("--experts", type=int, default=256)
+    a.add_argument("--tokens", type=_positive_int, default=4096)
+    a.add_argument("--hidden", type=_positive_int, default=7168)
+    a.add_argument("--top-k", type=_positive_int, default=8)
+    a.add_argument("--experts", type=_positive_int, default=256)
     a.add_argument("--world", type=int, default=0, help="ranks (default: every visible GPU)")
-    a.add_argument("--iters", type=int, default=20)
+    a.add_argument("--iters", type=_positive_int, default=20)
     a.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a gloo smoke run")
     a.add_argument("--out", type=Path, default=Path("bench-a2a.json"), help="JSON result file")
     a.set_defaults(func=_bench_a2a)
@@ -397,10 +531,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     k.set_defaults(func=_bench_kernels)
     r = targets.add_parser("router", help="what the router adds per streamed delta, over a fast fake engine")
     r.add_argument("--tokenizer", type=Path, required=True, help="a checkpoint directory to take the tokenizer from")
-    r.add_argument("--concurrency", type=int, default=256)
-    r.add_argument("--requests", type=int, default=2048)
-    r.add_argument("--tokens", type=int, default=32, help="tokens per request")
-    r.add_argument("--step-ms", type=float, default=20.0, help="the fake engine's step time")
+    r.add_argument("--concurrency", type=_positive_int, default=256)
+    r.add_argument("--requests", type=_positive_int, default=2048)
+    r.add_argument("--tokens", type=_positive_int, default=32, help="tokens per request")
+    r.add_argument("--step-ms", type=_non_negative_float, default=20.0, help="the fake engine's step time")
     r.add_argument("--out", type=Path, default=Path("bench-router.json"), help="JSON result file")
     r.set_defaults(func=_bench_router)
     _add_bench_serve(targets)
@@ -464,6 +598,8 @@ def _bench_eplb(args: argparse.Namespace) -> int:
 def _bench_a2a(args: argparse.Namespace) -> int:
     from moecluster.cluster.bench.all_to_all import A2ABenchConfig, run
 
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k {args.top_k} exceeds --experts {args.experts}: each token picks top-k distinct experts")
     run(A2ABenchConfig(tokens=args.tokens, hidden=args.hidden, top_k=args.top_k, experts=args.experts,
                        world=args.world, iters=args.iters, device=args.device), args.out)
     return 0

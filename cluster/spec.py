@@ -20,6 +20,7 @@ Every error names the field (`decode.ep`, `router.http_port`) and the reason.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -200,9 +201,18 @@ class DeploymentSpec(_Strict):
         return {"decode": self.decode} | ({"prefill": self.prefill} if self.prefill is not None else {})
 
     def check_paths(self) -> None:
-        """For a local deployment: the checkpoint must be where the spec says."""
+        """For a local deployment: the checkpoint must be where the spec says, with a config the
+        model supports and (unless `engine.load_format: random`) readable safetensors holding every
+        tensor its index names; checked here, before Ray starts and ranks load it."""
         if not (self.model / "config.json").is_file():
             raise SpecError(f"spec field 'model': no config.json in {self.model}")
+        try:
+            cfg = check_checkpoint(self.model, weights=self.engine.load_format == "safetensors")
+        except ValueError as e:
+            raise SpecError(f"spec field 'model': {e}") from None
+        if self.engine.max_model_len is not None and self.engine.max_model_len > cfg.max_position_embeddings:
+            raise SpecError(f"spec field 'engine.max_model_len': {self.engine.max_model_len} exceeds the checkpoint's "
+                            f"max_position_embeddings {cfg.max_position_embeddings}")
 
     @classmethod
     def parse(cls, data: Any) -> DeploymentSpec:
@@ -217,12 +227,121 @@ class DeploymentSpec(_Strict):
     def from_yaml(cls, path: str | Path) -> DeploymentSpec:
         p = Path(path)
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SpecError(f"spec file {p} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise SpecError(f"spec file {p}: not UTF-8 text (byte {e.start}); expected YAML") from None
+        except OSError as e:  # a directory, no permission
+            raise SpecError(f"spec file {p}: cannot read it: {e.strerror or e}") from None
         except yaml.YAMLError as e:
-            raise SpecError(f"spec file {p} is not valid YAML: {e}") from None
+            raise SpecError(f"spec file {p} is not valid YAML: {_yaml_problem(e)}") from None
         return cls.parse(data)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: where and what (PyYAML's own message spans several lines with the source quoted)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or str(error)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # as the safetensors library limits it
+
+
+def check_checkpoint(model_dir: str | Path, weights: bool = True) -> Any:
+    """What can be checked of a checkpoint without reading its weights: config.json is an object the
+    model supports, and every safetensors file has a whole header, data that is all there, and
+    every tensor that model.safetensors.index.json places in it. Returns the `ModelConfig`;
+    raises ValueError (or FileNotFoundError) naming the file and the problem."""
+    from moecluster.workers.config import ModelConfig
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist" if not root.exists()
+                                else f"{root} is not a directory (give the checkpoint directory)")
+    config = root / "config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{root}: no config.json (is this a Hugging Face checkpoint directory?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config}: must hold a JSON object of fields, got {type(raw).__name__}")
+    try:
+        cfg = ModelConfig.from_hf(raw)
+    except (TypeError, AttributeError, KeyError, IndexError) as e:  # a field of an unexpected shape
+        raise ValueError(f"{config}: a field has an unsupported form ({type(e).__name__}: {e})") from None
+    if weights:
+        _check_safetensors(root)
+    return cfg
+
+
+def _check_safetensors(root: Path) -> None:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            wanted: dict[str, list[str]] = {}
+            for name, file in weight_map.items():
+                wanted.setdefault(file, []).append(name)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        for file, names in sorted(wanted.items()):
+            path = root / file
+            if not path.is_file():
+                raise ValueError(f"{index} names shard {file}, which does not exist")
+            held = _safetensors_header(path)
+            missing = [n for n in names if n not in held]
+            if missing:
+                raise ValueError(f"{path} does not hold tensor '{missing[0]}'" +
+                                 (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "") +
+                                 f", which {index.name} places there")
+        return
+    shards = sorted(root.glob("*.safetensors"))
+    if not shards:
+        raise ValueError(f"{root}: no *.safetensors files and no {index.name} (only safetensors checkpoints "
+                         "are supported; engine.load_format: random serves without weights)")
+    for path in shards:
+        _safetensors_header(path)
+
+
+def _safetensors_header(path: Path) -> set[str]:
+    """The tensor names of a safetensors file, after checking its header is whole and its data
+    region covers every tensor (a truncated download fails here, by name, not in a rank)."""
+    bad = f"{path} is not a valid safetensors file"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{bad} ({size} bytes: too short for a header)")
+            n = int.from_bytes(head, "little")
+            if n > min(MAX_SAFETENSORS_HEADER, size - 8):
+                raise ValueError(f"{bad} (its header claims {n} bytes; the file has {size})")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{bad} (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad} (its header is not a JSON object)")
+    data = size - 8 - n
+    names = set()
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = int(info["data_offsets"][1])
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise ValueError(f"{bad} (tensor '{name}' has no data_offsets)") from None
+        if end > data:
+            raise ValueError(f"{path} is truncated: tensor '{name}' ends at byte {end} of a "
+                             f"{data}-byte data section (an incomplete download?)")
+        names.add(name)
+    return names
 
 
 def _describe(error: ValidationError) -> str:

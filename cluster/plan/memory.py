@@ -18,6 +18,7 @@ KV tokens are counted in whole blocks (block_size, default 64 as the engine's).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from moecluster.cluster.plan.weights import KV_DTYPE_BYTES, WeightBreakdown, cdiv
@@ -78,6 +79,8 @@ class PlanConfig:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if self.ep is not None and self.ep > self.total_gpus:
             raise ValueError(f"--ep {self.ep} exceeds the {self.total_gpus} GPUs of {self.nodes} node(s)")
+        if not math.isfinite(self.reserve_gib):
+            raise ValueError(f"--reserve-gib must be a finite number of GiB, got {self.reserve_gib}")
         if self.reserve_gib < 0 or self.activation_bytes_per_hidden < 0 or self.redundant_experts < 0:
             raise ValueError("--reserve-gib, the activation factor and --redundant-experts must not be negative")
 

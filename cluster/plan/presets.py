@@ -92,12 +92,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 def resolve_model(model: str | Path) -> tuple[str, ModelConfig]:
     """A preset name or a checkpoint directory -> (display name, config)."""
     key = str(model)
+    path = Path(model)
+    if key.lower() in PRESETS and not path.exists():  # DeepSeek-V3 as the model card spells it
+        key = key.lower()
     if key in PRESETS:
         return key, ModelConfig.from_hf(PRESETS[key])
-    path = Path(model)
     if not path.exists():
         raise ValueError(f"unknown model {key!r}: not a preset ({', '.join(PRESETS)}) and no such directory")
-    return str(path), ModelConfig.from_dir(path)
+    from moecluster.cluster.spec import check_checkpoint
+
+    return str(path), check_checkpoint(path, weights=False)  # a config.json of any shape: one clear error
 
 
 def format_label(cfg: ModelConfig) -> str:
