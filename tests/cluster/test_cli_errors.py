@@ -28,6 +28,19 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 @pytest.fixture
+def ray_never_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if the call reaches Ray or builds a deployment (an earlier test of the same
+    process may have left Ray initialized, so `ray.is_initialized()` cannot tell)."""
+    import ray
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the refused request reached Ray")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(serve_mod, "Deployment", refuse)
+
+
+@pytest.fixture
 def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "state.json"
     monkeypatch.setenv("MOECLUSTER_STATE", str(path))
@@ -93,10 +106,8 @@ def test_spec_max_model_len_beyond_the_checkpoint(ckpt: Path) -> None:
         spec.check_paths()
 
 
-def test_serve_refuses_bad_input_before_ray(ckpt: Path, tmp_path: Path, state: Path,
+def test_serve_refuses_bad_input_before_ray(ckpt: Path, tmp_path: Path, state: Path, ray_never_started: None,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import ray
-
     (ckpt / "config.json").write_text(json.dumps({**json.loads((ckpt / "config.json").read_text()),
                                                   "model_type": "llama"}))
     assert main(["serve", "--model", str(ckpt)]) == 2
@@ -106,12 +117,9 @@ def test_serve_refuses_bad_input_before_ray(ckpt: Path, tmp_path: Path, state: P
     spec.write_text(f"model: {ckpt}\n")
     assert main(["serve", "--spec", str(spec), "--model", str(ckpt)]) == 2
     assert "not both" in one_error_line(capsys)
-    assert not ray.is_initialized()
 
 
-def test_port_in_use_is_refused_before_ray(tiny_checkpoint, state: Path) -> None:
-    import ray
-
+def test_port_in_use_is_refused_before_ray(tiny_checkpoint, state: Path, ray_never_started: None) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -120,7 +128,7 @@ def test_port_in_use_is_refused_before_ray(tiny_checkpoint, state: Path) -> None
                                      "router": {"grpc_port": 0, "http_port": port, "metrics_port": 0}})
         with pytest.raises(SpecError, match=f"'router.http_port': port {port} on 127.0.0.1 is already in use"):
             serve_mod.start(spec)
-    assert not ray.is_initialized() and not state.exists()
+    assert not state.exists()
 
 
 def test_unreachable_ray_address_fails_in_seconds() -> None:
@@ -150,15 +158,14 @@ def test_down_never_signals_a_process_that_reused_the_pid(state: Path, sleeper, 
     assert sleeper.poll() is None and not state.exists()
 
 
-def test_a_second_server_on_the_same_state_is_refused(state: Path, sleeper, tiny_checkpoint) -> None:
-    import ray
-
+def test_a_second_server_on_the_same_state_is_refused(state: Path, sleeper, tiny_checkpoint,
+                                                      ray_never_started: None) -> None:
     started = serve_mod.process_started(sleeper.pid)
     state.write_text(json.dumps({"pid": sleeper.pid, "started": started, "grpc": "127.0.0.1:1", "model": "x"}))
     spec = DeploymentSpec.parse({"model": str(tiny_checkpoint(num_layers=2)), "decode": {"device": "cpu"}})
     with pytest.raises(RuntimeError, match=f"already runs \\(pid {sleeper.pid}"):
         serve_mod.start(spec)
-    assert not ray.is_initialized() and json.loads(state.read_text())["pid"] == sleeper.pid
+    assert json.loads(state.read_text())["pid"] == sleeper.pid
 
 
 @pytest.mark.parametrize("content", ["garbage", "[1]", "{}"])

@@ -93,11 +93,15 @@ def test_bad_requests_fail_in_the_caller(engine: AsyncEngine) -> None:
 
 def test_duplicate_request_id_fails_only_that_request(engine: AsyncEngine) -> None:
     async def run() -> None:
-        first = asyncio.ensure_future(collect(engine, "dup", list(range(2, 30)), greedy(40)))
-        await asyncio.sleep(0.05)
+        # the duplicate arrives once the first has produced a token and has 199 to go (a fixed
+        # sleep raced a fast machine: the first could finish before the duplicate came)
+        first = engine.generate("dup", list(range(2, 30)), greedy(200))
+        tokens = list((await anext(first)).outputs[0].token_ids)
         with pytest.raises(RequestError, match="already running"):
             await collect(engine, "dup", [3, 4], greedy(2))
-        assert len(await first) == 40
+        async for delta in first:
+            tokens += delta.outputs[0].token_ids
+        assert len(tokens) == 200
 
     asyncio.run(run())
 
