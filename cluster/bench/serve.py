@@ -94,6 +94,10 @@ def summarize_level(records: list[RequestRecord], start: float, end: float, gpus
     in_tokens = sum(r.prompt_tokens for r in ok)
     wall = max(end - start, 1e-9)
     itl_p50 = percentile(steps, 0.5)
+    # time per output token of each request after its first ((last - first) / (tokens - 1), as vLLM's
+    # benchmark reports TPOT): unlike the gaps, it holds when tokens reach the client merged
+    tpot = [(r.token_times[-1] - r.token_times[0]) * 1e3 / (len(r.token_times) - 1) for r in ok if len(r.token_times) > 1]
+    tpot_p50 = percentile(tpot, 0.5)
     streams = min(concurrency, len(ok))
     return {
         "requests": len(records), "errors": len(records) - len(ok),
@@ -104,6 +108,10 @@ def summarize_level(records: list[RequestRecord], start: float, end: float, gpus
         "itl_ms_p50": percentile(itl, 0.5), "itl_ms_p99": percentile(itl, 0.99),
         "step_ms_p50": itl_p50,
         "decode_tok_s_per_gpu": (streams / (itl_p50 * 1e-3) / gpus) if itl_p50 else None,
+        "tpot_ms_p50": tpot_p50,
+        # streams over the median TPOT: the client-side rate that merged deliveries do not distort
+        # (it includes the stalls when other streams' prefills run between decode steps)
+        "tpot_decode_tok_s_per_gpu": (streams / (tpot_p50 * 1e-3) / gpus) if tpot_p50 else None,
     }
 
 
@@ -325,7 +333,8 @@ def _print_level(row: dict[str, Any]) -> None:
     print(f"{row['kind']:>7} {row['input_len']:>6}/{row['output_len']:<5} c={row['concurrency']:<4} "
           f"in {row['input_tok_s_per_gpu']:9.0f} out {row['output_tok_s_per_gpu']:8.0f} tok/s/GPU  "
           f"TTFT p50 {_f(row['ttft_ms_p50'], '8.1f')} p99 {_f(row['ttft_ms_p99'], '8.1f')}  "
-          f"ITL p50 {_f(row['itl_ms_p50'], '7.2f')} p99 {_f(row['itl_ms_p99'], '7.2f')} ms  errors {row['errors']} "
+          f"ITL p50 {_f(row['itl_ms_p50'], '7.2f')} p99 {_f(row['itl_ms_p99'], '7.2f')} ms  "
+          f"TPOT p50 {_f(row.get('tpot_ms_p50'), '7.2f')} ms  errors {row['errors']} "
           f"{' '.join(row['error_examples'])}", flush=True)
     if row.get("rank_step_ms"):
         print("        rank step p50 ms: " + ", ".join(f"{k} {v:.2f}" for k, v in row["rank_step_ms"].items()), flush=True)
@@ -349,7 +358,7 @@ def print_tables(result: ServeBenchResult) -> None:
     table = Table(title=f"bench serve: {m.get('model_type')} {m.get('layers')} layers ({m.get('moe_layers')} MoE, "
                         f"{m.get('experts')} experts, {m.get('quant')}), {result.config['gpus_total']} GPU(s)")
     for col in ("kind", "in/out", "conc", "in tok/s/GPU", "out tok/s/GPU", "decode tok/s/GPU", "rank-side",
-                "TTFT p50/p99 ms", "ITL p50/p99 ms", "roofline ms", "step/roofline", "errors"):
+                "TTFT p50/p99 ms", "ITL p50/p99 ms", "TPOT p50 ms", "roofline ms", "step/roofline", "errors"):
         table.add_column(col, justify="right")
     for r in result.levels:
         table.add_row(r["kind"], f"{r['input_len']}/{r['output_len']}", str(r["concurrency"]),
@@ -358,6 +367,7 @@ def print_tables(result: ServeBenchResult) -> None:
                       _rank_cell(r),
                       f"{_f(r['ttft_ms_p50'], '.0f')} / {_f(r['ttft_ms_p99'], '.0f')}",
                       f"{_f(r['itl_ms_p50'], '.2f')} / {_f(r['itl_ms_p99'], '.2f')}",
+                      _f(r.get("tpot_ms_p50"), ".2f"),
                       _f(r.get("roofline_step_ms"), ".2f"), _f(r.get("step_vs_roofline"), ".2f"), str(r["errors"]))
     console = Console(width=200)
     console.print(table)

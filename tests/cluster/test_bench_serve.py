@@ -97,6 +97,21 @@ def test_summarize_level_counts_and_percentiles() -> None:
     assert row["itl_ms_p99"] == pytest.approx(200.0)
     # one stream open at a time (two waves of one): the decode rate counts one stream, not two
     assert row["decode_tok_s_per_gpu"] == pytest.approx(1 / (row["step_ms_p50"] * 1e-3) / 2)
+    # TPOT per request: (0.7 - 0.5) / 2 = 100 ms and (0.8 - 0.4) / 2 = 200 ms; the median of two is the upper
+    assert row["tpot_ms_p50"] == pytest.approx(200.0)
+    assert row["tpot_decode_tok_s_per_gpu"] == pytest.approx(1 / 0.2 / 2)
+
+
+def test_tpot_holds_when_tokens_arrive_merged() -> None:
+    """Tokens read together give 0 ms gaps (dropped from the step median, which then counts a
+    three-token message as one step); the TPOT still reads the true pace, one token per 10 ms."""
+    times = [0.0, 0.03, 0.03, 0.03, 0.06, 0.06, 0.06, 0.09, 0.09, 0.09]  # 10 tokens, read in threes
+    records = [RequestRecord(sent=-0.1, token_times=times, prompt_tokens=4, output_tokens=10)]
+    row = summarize_level(records, -0.1, 0.1, gpus=1, concurrency=1)
+    assert row["itl_ms_p50"] == pytest.approx(0.0) and row["step_ms_p50"] == pytest.approx(30.0)
+    assert row["decode_tok_s_per_gpu"] == pytest.approx(1 / 0.03)  # a third of the pace
+    assert row["tpot_ms_p50"] == pytest.approx(10.0)
+    assert row["tpot_decode_tok_s_per_gpu"] == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize("quant", ["fp8", "int4", "none"])
