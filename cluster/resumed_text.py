@@ -7,7 +7,7 @@ tokens), and the text held back because it might begin a stop string. Its stop-s
 sees only the new text, so a stop string straddling the resume point would be missed.
 
 `ResumedText` rebuilds that state on the driver from the delivered tokens and the text already sent
-(the same incremental detokenizer as the engine's `SeqOutputState`), then turns the new replica's
+(the engine's own `StopText`, primed with them), then turns the new replica's
 tokens into the text the client would have seen without the failure, finishing the sample itself
 when a stop string completes across the resume point.
 """
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moecluster.text.detokenizer import Decoder, IncrementalDetokenizer
+from moecluster.text.detokenizer import Decoder
+from moecluster.workers.engine.output_processor import StopText
 from moecluster.workers.engine.sampling_params import SamplingParams
 
 
@@ -30,37 +31,19 @@ class Piece:
 
 class ResumedText:
     def __init__(self, decoder: Decoder, params: SamplingParams, delivered: list[int], sent: str) -> None:
-        self.params = params
-        self.detok = IncrementalDetokenizer(decoder, skip_special_tokens=params.skip_special_tokens)
-        self.detok.add_many(delivered)
-        decoded = self.detok.text
+        self.text = StopText(decoder, params)
+        self.text.detok.add_many(delivered)
+        decoded = self.text.detok.text
         # What the failed replica had decoded and not sent (held back): the client still needs it.
-        self.pending = decoded[len(sent):] if decoded.startswith(sent) else ""
-        self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.text.pending = decoded[len(sent):] if decoded.startswith(sent) else ""
 
     def feed(self, token_ids: list[int], finish_reason: str | None, stop_reason: int | str | None) -> Piece:
         """The text of these new tokens; `finish_reason` / `stop_reason` are the engine's for the last."""
-        p, out = self.params, []
+        out = []
         for k, token in enumerate(token_ids):
-            self.pending += self.detok.add(token)
             last = k == len(token_ids) - 1
-            reason, why = (finish_reason, stop_reason) if last else (None, None)
-            if reason is not None:
-                self.pending += self.detok.flush()
-            if p.stop and (hit := self._find_stop()) is not None:
-                index, stop = hit
-                reason, why = "stop", stop
-                self.pending = self.pending[: index + len(stop) if p.include_stop_str_in_output else index]
-            if reason is not None or self.hold == 0:
-                delta, self.pending = self.pending, ""
-            else:
-                cut = max(0, len(self.pending) - self.hold)
-                delta, self.pending = self.pending[:cut], self.pending[cut:]
+            delta, reason, why = self.text.add(token, *((finish_reason, stop_reason) if last else (None, None)))
             out.append(delta)
             if reason is not None:
                 return Piece("".join(out), k + 1, reason, why)
         return Piece("".join(out), len(token_ids), finish_reason, stop_reason)
-
-    def _find_stop(self) -> tuple[int, str] | None:
-        hits = [(i, s) for s in self.params.stop if (i := self.pending.find(s)) >= 0]
-        return min(hits) if hits else None
