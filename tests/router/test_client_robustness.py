@@ -12,26 +12,13 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from moecluster.cluster.bench.fake_engine import FakeEngine  # noqa: E402
 from moecluster.proto.v1 import generation_pb2 as pb  # noqa: E402
 from moecluster.router.requests.client import Client  # noqa: E402
-from moecluster.router.requests.server import RouterConfig, RouterServer  # noqa: E402
+from moecluster.router.requests.server import RouterServer  # noqa: E402
 from moecluster.router.requests.service import _field_of  # noqa: E402
-from moecluster.text.tokenizer import load_tokenizer  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-
-
-@pytest.fixture(scope="module")
-def router(tiny_checkpoint):
-    engine = FakeEngine(vocab_size=500, step_s=0.001, max_model_len=256)
-    server = RouterServer(engine, load_tokenizer(tiny_checkpoint(num_layers=2)),
-                          RouterConfig(grpc_port=0, http_port=0, policy="cache_aware"))
-    server.start()
-    yield server
-    server.stop()
-    engine.close()
 
 
 def send(router: RouterServer, path: str, data: bytes, method: str = "POST") -> tuple[int, dict]:

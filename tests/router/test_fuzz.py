@@ -13,11 +13,9 @@ from hypothesis import strategies as st
 
 grpc = pytest.importorskip("grpc")
 
-from moecluster.cluster.bench.fake_engine import FakeEngine  # noqa: E402
 from moecluster.proto.v1 import generation_pb2 as pb  # noqa: E402
 from moecluster.router.requests.client import Client  # noqa: E402
-from moecluster.router.requests.server import RouterConfig, RouterServer  # noqa: E402
-from moecluster.text.tokenizer import load_tokenizer  # noqa: E402
+from moecluster.router.requests.server import RouterServer  # noqa: E402
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "n", "stop", "seed", "logprobs", "top_logprobs", "stream", "stream_options", "tools", "tool_choice",
@@ -30,17 +28,6 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 good_messages = st.just([{"role": "user", "content": "hello"}])
 bodies = st.dictionaries(st.sampled_from(FIELDS), st.one_of(values, good_messages, st.just("fake"), st.integers(1, 4)),
                          max_size=8)
-
-
-@pytest.fixture(scope="module")
-def router(tiny_checkpoint):
-    engine = FakeEngine(vocab_size=500, step_s=0.001, max_model_len=256)
-    server = RouterServer(engine, load_tokenizer(tiny_checkpoint(num_layers=2)),
-                          RouterConfig(grpc_port=0, http_port=0, policy="cache_aware"))
-    server.start()
-    yield server
-    server.stop()
-    engine.close()
 
 
 def post(router: RouterServer, path: str, data: bytes) -> tuple[int, bytes]:
