@@ -76,3 +76,17 @@ def greedy_reference(model: torch.nn.Module, prompt: list[int], new_tokens: int)
         logprobs.append(float(lp[tok]))
         out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
     return tokens, logprobs
+
+
+def assert_greedy_matches(reference: torch.nn.Module, prompts: list[list[int]], outputs: list, new_tokens: int,
+                          logprob_tol: float) -> None:
+    """Each output's first sample: greedy tokens equal to the reference's, their logprobs within
+    `logprob_tol` (the engine must have been asked for logprobs)."""
+    import pytest
+
+    for prompt, out in zip(prompts, outputs):
+        ref_tokens, ref_logprobs = greedy_reference(reference, prompt, new_tokens)
+        got = out.outputs[0] if hasattr(out, "outputs") else out
+        assert got.token_ids == ref_tokens, f"prompt of {len(prompt)} tokens diverged"
+        ours = [step[tok].logprob for step, tok in zip(got.logprobs, got.token_ids)]
+        assert ours == pytest.approx(ref_logprobs, abs=logprob_tol)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from moecluster import LLM, SamplingParams
-from tests.reference import greedy_reference, load_reference
+from tests.reference import assert_greedy_matches, load_reference
 from tests.workers.test_config_variants import VARIANTS, _variant_checkpoint
 
 NEW_TOKENS = 8
@@ -51,12 +51,7 @@ def _generate(ckpt: Path, prompts: list[list[int]], dtype: str) -> list:
 def _fp32_matches(ckpt: Path, tmp: Path, seed: str) -> None:
     prompts = _prompts(ckpt, seed)
     outs = _generate(ckpt, prompts, "float32")
-    reference = load_reference(ckpt, tmp / "ref")
-    for prompt, got in zip(prompts, outs):
-        ref_tokens, ref_logprobs = greedy_reference(reference, prompt, NEW_TOKENS)
-        assert got.token_ids == ref_tokens, f"prompt of {len(prompt)} tokens diverged"
-        ours = [step[tok].logprob for step, tok in zip(got.logprobs, got.token_ids)]
-        assert ours == pytest.approx(ref_logprobs, abs=1e-3)
+    assert_greedy_matches(load_reference(ckpt, tmp / "ref"), prompts, outs, NEW_TOKENS, 1e-3)
 
 
 @torch.no_grad()

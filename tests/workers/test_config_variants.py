@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from moecluster import LLM, SamplingParams
 from moecluster.workers.checkpoint.tiny import TinySpec, make_tiny
-from tests.reference import greedy_reference, load_reference
+from tests.reference import assert_greedy_matches, load_reference
 
 NEW_TOKENS = 8
 PROMPT_LENGTHS = (5, 21, 70)  # block size 16: one block, two, and past YaRN's original window (64)
@@ -82,13 +82,7 @@ def _compare(ckpt: Path, tmp: Path, seed: str, **options: object) -> None:
     finally:
         if options.get("expert_parallel_size", 1) != 1:
             llm.engine.shutdown()
-    reference = load_reference(ckpt, tmp / "ref")
-    for prompt, out in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = greedy_reference(reference, prompt, NEW_TOKENS)
-        got = out.outputs[0]
-        assert got.token_ids == ref_tokens, f"prompt of {len(prompt)} tokens diverged"
-        ours = [step[tok].logprob for step, tok in zip(got.logprobs, got.token_ids)]
-        assert ours == pytest.approx(ref_logprobs, abs=1e-4)
+    assert_greedy_matches(load_reference(ckpt, tmp / "ref"), prompts, outputs, NEW_TOKENS, 1e-4)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -191,19 +185,19 @@ _FULL_SIZE = dict(
     v_head_dim=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
     routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=3,
 )
+def _published_yarn(max_positions: int, theta: float, factor: float, beta_fast: float, beta_slow: float,
+                    mscale: float = 1.0) -> dict:
+    """A published checkpoint's rope fields: YaRN from an original window of 4096 positions."""
+    return dict(max_position_embeddings=max_positions, rope_theta=theta, rope_scaling=dict(
+        type="yarn", factor=factor, original_max_position_embeddings=4096, beta_fast=beta_fast, beta_slow=beta_slow,
+        mscale=mscale, mscale_all_dim=mscale))
+
+
 _PUBLISHED_ROPE = {
-    "deepseek-v3": dict(max_position_embeddings=163840, rope_theta=10000, rope_scaling=dict(
-        type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0,
-        mscale_all_dim=1.0)),
-    "kimi-k2": dict(max_position_embeddings=131072, rope_theta=50000.0, rope_scaling=dict(
-        type="yarn", factor=32.0, original_max_position_embeddings=4096, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
-        mscale_all_dim=1.0)),
-    "kimi-k2-thinking": dict(max_position_embeddings=262144, rope_theta=50000.0, rope_scaling=dict(
-        type="yarn", factor=64.0, original_max_position_embeddings=4096, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
-        mscale_all_dim=1.0)),
-    "deepseek-v2-lite-rope": dict(max_position_embeddings=163840, rope_theta=10000, rope_scaling=dict(
-        type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=0.707,
-        mscale_all_dim=0.707)),
+    "deepseek-v3": _published_yarn(163840, 10000, 40, 32, 1),
+    "kimi-k2": _published_yarn(131072, 50000.0, 32.0, 1.0, 1.0),
+    "kimi-k2-thinking": _published_yarn(262144, 50000.0, 64.0, 1.0, 1.0),
+    "deepseek-v2-lite-rope": _published_yarn(163840, 10000, 40, 32, 1, mscale=0.707),
     "moonlight": dict(max_position_embeddings=8192, rope_theta=50000, rope_scaling=None),
 }
 
