@@ -118,7 +118,7 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             _emit(core, rank, outbox, outs)
             took = time.perf_counter() - t0
             core.timer.record("step", took)
-            if sched is not None and sched.scheduled and sched.num_tokens == len(sched.scheduled):
+            if sched is not None and sched.scheduled and mine[0] == len(sched.scheduled):  # mine[0]: its tokens
                 core.timer.record_decode(len(sched.samplers), took)  # only decoded: one token a sequence
         else:  # no rank computes a token this step: no forward; the step in flight, if any, is read
             _emit(core, rank, outbox, core.flush())
