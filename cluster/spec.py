@@ -280,32 +280,26 @@ def check_checkpoint(model_dir: str | Path, weights: bool = True) -> Any:
 
 
 def _check_safetensors(root: Path) -> None:
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            wanted: dict[str, list[str]] = {}
-            for name, file in weight_map.items():
-                wanted.setdefault(file, []).append(name)
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
-        for file, names in sorted(wanted.items()):
-            path = root / file
-            if not path.is_file():
-                raise ValueError(f"{index} names shard {file}, which does not exist")
-            held = _safetensors_header(path)
-            missing = [n for n in names if n not in held]
-            if missing:
-                raise ValueError(f"{path} does not hold tensor '{missing[0]}'" +
-                                 (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "") +
-                                 f", which {index.name} places there")
-        return
-    shards = sorted(root.glob("*.safetensors"))
-    if not shards:
-        raise ValueError(f"{root}: no *.safetensors files and no {index.name} (only safetensors checkpoints "
+    """Every shard's header whole, and every tensor the index places in a shard there. The
+    name -> shard map is the loader's own (`checkpoint_files`), read after the headers are checked:
+    it opens unindexed shards with safetensors, whose error on a corrupt file names no file."""
+    from moecluster.workers.checkpoint.loader import INDEX_FILE, checkpoint_files
+
+    indexed = (root / INDEX_FILE).is_file()
+    if not indexed and not any(root.glob("*.safetensors")):
+        raise ValueError(f"{root}: no *.safetensors files and no {INDEX_FILE} (only safetensors checkpoints "
                          "are supported; engine.load_format: random serves without weights)")
-    for path in shards:
-        _safetensors_header(path)
+    held = {path: _safetensors_header(path) for path in sorted(root.glob("*.safetensors")) if not indexed}
+    wanted: dict[Path, list[str]] = {}
+    for name, path in checkpoint_files(root).items():  # CheckpointError (a ValueError): bad index, missing shard
+        wanted.setdefault(path, []).append(name)
+    for path, names in sorted(wanted.items()):
+        have = held[path] if path in held else _safetensors_header(path)
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ValueError(f"{path} does not hold tensor '{missing[0]}'" +
+                             (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "") +
+                             f", which {INDEX_FILE} places there")
 
 
 def _safetensors_header(path: Path) -> set[str]:

@@ -38,11 +38,10 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
     root = Path(model_dir)
     index = root / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        try:  # ValueError covers bad JSON and bytes that are not UTF-8; the others, fields of the wrong shape
+            files = {name: root / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
-        files = {name: root / file for name, file in weight_map.items()}
         for path in set(files.values()):
             if not path.is_file():
                 raise CheckpointError(f"{index} names shard {path.name}, which does not exist")
