@@ -61,8 +61,9 @@ class EngineConfig(BaseModel):
     eplb_interval_steps: int | None = Field(None, ge=1)
     # CUDA graphs of decode steps for batches up to this many sequences (capped at max_num_seqs;
     # 0: every step runs eagerly). GPU only; not on a prefill-only engine. 512, vLLM's largest
-    # capture size: K2-Thinking's slice on one H200 decoded 12.2k tok/s in eager steps of 378 sequences
-    # against 17.0k in graphs of 224 (docs/performance.md, session 17).
+    # capture size: at 512 streams K2-Thinking's slice on one H200 decoded 12.2k tok/s
+    # with graphs to 256 (its steps of 378 sequences eager) and 18.3k with graphs to 512
+    # (docs/performance.md, session 17).
     cuda_graph_max_batch: int = Field(512, ge=0)
     # Asynchronous scheduling: a decode step replayed from a graph is launched before the host
     # reads the samples of the step before it, so the host's work for one step (outputs,
