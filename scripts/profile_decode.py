@@ -28,6 +28,9 @@ def main() -> None:
     p.add_argument("--trace", default="", help="also write the profiled steps as a Chrome trace here")
     p.add_argument("--decode-experts-w16", action="store_true", help="FP8 routed experts run W8A16 in decode graphs")
     p.add_argument("--decode-linears-w16", action="store_true", help="FP8 dense linears run W8A16 in decode graphs")
+    p.add_argument("--memory-utilization", type=float, default=0.8, help="share of GPU memory for weights + cache")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="print where torch synchronizes the host in two asynchronous steps, and allocator retries")
     args = p.parse_args()
 
     from moecluster.cluster.bench.slice_model import make_slice
@@ -38,7 +41,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     model = make_slice(tmp / args.preset, args.preset, args.layers)
     core, _ = build_engine(EngineConfig(model=model, load_format="random", dtype="bfloat16", device="cuda",
-                                        gpu_memory_utilization=0.8, max_model_len=args.context + 256,
+                                        gpu_memory_utilization=args.memory_utilization, max_model_len=args.context + 256,
                                         max_num_seqs=args.concurrency, async_scheduling=False,
                                         decode_experts_w8a8=not args.decode_experts_w16,
                                         decode_linears_w8a8=not args.decode_linears_w16))
@@ -82,6 +85,8 @@ def main() -> None:
     for _ in range(args.steps):
         core.step()
     print("engine step phases (p50 ms):", {k: round(v["p50_ms"], 2) for k, v in core.timer.snapshot().items()})
+    if args.sync_debug:
+        _sync_report(core)
     if args.pstats:
         _host_profile(core, args.steps, args.pstats)
     from torch.profiler import ProfilerActivity, profile
@@ -102,6 +107,37 @@ def main() -> None:
     print(f"host time per step: {sum(e.self_cpu_time_total for e in events) / 1e3 / 3:.2f} ms; top:")
     for e in cpu:
         print(f"  {e.self_cpu_time_total / 1e3 / 3:7.3f} ms/step  x{e.count // 3:<4} {e.key[:70]}")
+
+
+def _sync_report(core) -> None:  # noqa: ANN001
+    """Which host calls wait for the GPU in asynchronous steps: torch's synchronizing operations
+    (with their stacks), and the caching allocators' retries and fresh allocations (a cudaFree or
+    a pinned cudaHostAlloc also waits for the device, and the sync debug mode does not see those)."""
+    import traceback
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        print(f"SYNC: {message}")
+        print("".join(traceback.format_stack(limit=12)[:-2]))
+
+    before = torch.cuda.memory_stats()
+    host_before = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    old = warnings.showwarning
+    warnings.showwarning = show
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for _ in range(4):
+            core.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old
+    after = torch.cuda.memory_stats()
+    for key in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams"):
+        print(f"allocator {key}: +{after.get(key, 0) - before.get(key, 0)} in 4 steps")
+    if host_before:
+        host_after = torch.cuda.host_memory_stats()
+        for key in ("num_host_alloc", "num_host_free"):
+            print(f"host allocator {key}: +{host_after.get(key, 0) - host_before.get(key, 0)} in 4 steps")
 
 
 def _host_profile(core, steps: int, path: str) -> None:  # noqa: ANN001

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,8 @@ class ServeBenchResult:
     baseline: dict[str, Any] | None = None
     kv_transfers: dict[str, int] = field(default_factory=dict)  # prefill -> decode handoffs by outcome
     kv_cache: dict[str, Any] = field(default_factory=dict)  # capacity per decode rank, sequences at long contexts
+    startup_s: float | None = None  # Ray, actors, weights, cache and graph capture until the router serves
+    warmup_s: float | None = None  # the warm-up levels (kernel compiles)
     summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -157,15 +160,20 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
                     "quant": type(mcfg.quant).__name__ if mcfg.quant else "none", "vocab": mcfg.vocab_size}
     max_len = max(i + o for i, o in cfg.mixes) + cfg.block_size
     max_seqs = max(cfg.concurrency)
+    t_start = time.monotonic()
     serving = start(_spec(cfg, model_dir, max_len, max_seqs), write_state=False)
+    result.startup_s = time.monotonic() - t_start
+    print(f"serving after {result.startup_s:.1f} s (Ray, actors, weights, cache, decode graphs)", flush=True)
     try:
         result.kv_cache = kv_capacity(serving.deployment.status())
         target = serving.grpc_target
+        t_warm = time.monotonic()
         if cfg.warmup:  # compiles every kernel shape the levels use: prefill chunks, decode batches
             i, _ = cfg.mixes[0]
             for c, out_len in [(max_seqs, 1)] + [(c, 4) for c in sorted({1, max_seqs})]:
                 run_level(target, LoadLevel(i, out_len, c, c, mcfg.vocab_size, seed=10_000 + c + out_len,
                                             clients=cfg.client_procs))
+            result.warmup_s = time.monotonic() - t_warm
         for i, o in cfg.mixes:
             levels = [("prefill", max_seqs, 1)] + [("serve", c, o) for c in cfg.concurrency]
             for kind, c, out_len in levels:
@@ -180,9 +188,10 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
                        "rank_step_ms": _decode_step_profile(profiles)}
                 # the same rate from the decode ranks' side (the client's ITLs also carry output delivery, and
                 # tokens read together show as a 0 ms gap): rows sampled over seconds in their decode-only steps
-                rate, rows = _rank_decode_rate(profiles)
+                rate, rows, replayed = _rank_decode_rate(profiles)
                 row["rank_decode_tok_s_per_gpu"] = rate / cfg.gpus if kind == "serve" and rate else None
                 row["rank_decode_rows_mean"] = rows if kind == "serve" else None
+                row["rank_decode_graph_share"] = replayed if kind == "serve" else None
                 result.levels.append(row)
                 _print_level(row)
                 checkpoint(result)
@@ -232,16 +241,19 @@ def _decode_step_profile(profiles: dict[str, list[dict[str, Any]]]) -> dict[str,
     return {k: sum(p[k]["p50_ms"] for p in ranks if k in p) / sum(1 for p in ranks if k in p) for k in phases}
 
 
-def _rank_decode_rate(profiles: dict[str, list[dict[str, Any]]]) -> tuple[float | None, float | None]:
+def _rank_decode_rate(profiles: dict[str, list[dict[str, Any]]]) -> tuple[float | None, float | None, float | None]:
     """Tokens a second the decode ranks sampled in their decode-only steps (summed over ranks, each at
-    its own rows over its own seconds), and the mean rows a rank sampled in such a step: the batch the
-    rate was measured at, which can fall short of the level's streams (prefills, stragglers)."""
+    its own rows over its own seconds); the mean rows a rank sampled in such a step: the batch the
+    rate was measured at, which can fall short of the level's streams (prefills, stragglers); and the
+    share of those steps that replayed a captured decode graph (None where the ranks do not say)."""
     totals = [p["decode_only"] for p in _decode_ranks(profiles) if "decode_only" in p]
     totals = [t for t in totals if t["seconds"] > 0]
     if not totals:
-        return None, None
+        return None, None, None
     rate = sum(t["rows"] / t["seconds"] for t in totals)
-    return rate, sum(t["rows"] for t in totals) / sum(t["steps"] for t in totals)
+    steps = sum(t["steps"] for t in totals)
+    replayed = sum(t["replayed"] for t in totals) / steps if all("replayed" in t for t in totals) else None
+    return rate, sum(t["rows"] for t in totals) / steps, replayed
 
 
 def _wait_gpu_released(device: Any, timeout_s: float = 120.0) -> None:
@@ -339,8 +351,10 @@ def _print_level(row: dict[str, Any]) -> None:
     if row.get("rank_step_ms"):
         print("        rank step p50 ms: " + ", ".join(f"{k} {v:.2f}" for k, v in row["rank_step_ms"].items()), flush=True)
     if row.get("rank_decode_tok_s_per_gpu"):
+        share = row.get("rank_decode_graph_share")
         print(f"        rank-side decode {row['rank_decode_tok_s_per_gpu']:.0f} tok/s/GPU in decode-only steps of "
-              f"{row['rank_decode_rows_mean']:.1f} rows a rank on average", flush=True)
+              f"{row['rank_decode_rows_mean']:.1f} rows a rank on average"
+              + (f", {share:.0%} of them graph replays" if share is not None else ""), flush=True)
 
 
 def _rank_cell(r: dict[str, Any]) -> str:

@@ -47,8 +47,10 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
             rows = row["rank_decode_rows_mean"]
             assert 1 <= rows <= row["concurrency"]
             assert row["rank_decode_tok_s_per_gpu"] > 0
+            assert row["rank_decode_graph_share"] == 0  # no graph is captured on the CPU: every step ran eagerly
         else:
             assert row["rank_decode_tok_s_per_gpu"] is None and row["rank_decode_rows_mean"] is None
+    assert saved["startup_s"] > 0 and saved["warmup_s"] > 0
     kv = saved["kv_cache"]
     assert kv["decode_ranks"] == 1 and kv["tokens_per_rank"] > 0
     assert kv["sequences_per_rank_at_128k"] == kv["tokens_per_rank"] // 131072
@@ -106,14 +108,17 @@ def test_rank_decode_rate_from_decode_only_totals() -> None:
 
     step = {"step": {"p50_ms": 5.0, "mean_ms": 5.0, "n": 10}}
     profiles = {
-        "decode-0": [{**step, "decode_only": {"steps": 10, "rows": 640, "seconds": 0.05}},  # 64 rows, 5 ms
-                     {**step, "decode_only": {"steps": 10, "rows": 320, "seconds": 0.05}}],  # its DP peer: 32
+        "decode-0": [{**step, "decode_only": {"steps": 10, "rows": 640, "seconds": 0.05, "replayed": 10}},  # 64, 5 ms
+                     {**step, "decode_only": {"steps": 10, "rows": 320, "seconds": 0.05, "replayed": 4}}],  # DP peer
         "decode-1": [step],  # ran no decode-only step
         "prefill-0": [{**step, "decode_only": {"steps": 1, "rows": 1, "seconds": 1.0}}],  # not a decode pool
     }
-    rate, rows = _rank_decode_rate(profiles)
+    rate, rows, replayed = _rank_decode_rate(profiles)
     assert rate == pytest.approx(640 / 0.05 + 320 / 0.05) and rows == pytest.approx(48.0)
-    assert _rank_decode_rate({"decode-0": [step]}) == (None, None)
+    assert replayed == pytest.approx(14 / 20)  # 14 of the 20 decode-only steps replayed a graph
+    assert _rank_decode_rate({"decode-0": [step]}) == (None, None, None)
+    older = {"decode-0": [{**step, "decode_only": {"steps": 2, "rows": 8, "seconds": 0.01}}]}  # no replay count
+    assert _rank_decode_rate(older)[2] is None
 
 
 def test_tpot_holds_when_tokens_arrive_merged() -> None:

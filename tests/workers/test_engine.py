@@ -600,9 +600,9 @@ def test_step_timer_keeps_a_window_per_phase() -> None:
     snap = t.snapshot()["launch"]
     assert snap["n"] == 3 and snap["p50_ms"] == pytest.approx(3.0) and snap["mean_ms"] == pytest.approx(5.0)
     assert t.decode_only() is None  # no decode-only step yet
-    t.record_decode(64, 0.005)
+    t.record_decode(64, 0.005, replayed=True)
     t.record_decode(32, 0.003)
-    assert t.decode_only() == {"steps": 2, "rows": 96, "seconds": pytest.approx(0.008)}
+    assert t.decode_only() == {"steps": 2, "rows": 96, "seconds": pytest.approx(0.008), "replayed": 1}
     assert set(t.snapshot()) == {"launch"}  # phases only
     t.clear()
     assert t.snapshot() == {} and t.decode_only() is None

@@ -131,6 +131,11 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     @property
+    def captured(self) -> bool:
+        """Whether replays run captured graphs (else the same padded batch runs eagerly)."""
+        return bool(self._graphs)
+
+    @property
     def grouped(self) -> bool:
         """Whether replays run collectives with other ranks (then the group picks every step's size)."""
         return bool(self._gather)

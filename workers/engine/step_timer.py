@@ -7,8 +7,8 @@ behind it); `gpu_wait` (waiting for the sampled tokens: how far the GPU was behi
 steps that ran a forward are recorded. Read through a rank actor's `step_profile` (`bench serve`).
 
 Beside the phases, `decode_only()` totals the steps that only decoded (every scheduled sequence
-computed one token) since the last `clear`: how many, the rows they sampled and their seconds.
-Their ratio is the rank's decode rate at the batch it really ran, where a median step over the
+computed one token) since the last `clear`: how many, the rows they sampled, their seconds and
+how many replayed a captured decode graph (the rest ran eagerly). Rows over seconds is the rank's decode rate at the batch it really ran, where a median step over the
 last few hundred steps would assume every stream was in each of them.
 """
 
@@ -23,12 +23,13 @@ class StepTimer:
     def __init__(self, window: int = WINDOW) -> None:
         self._phases: dict[str, deque[float]] = {}
         self.window = window
-        self._decode = [0, 0, 0.0]  # decode-only steps, rows sampled in them, their seconds
+        self._decode = [0, 0, 0.0, 0]  # decode-only steps, rows sampled in them, their seconds, graph replays
 
-    def record_decode(self, rows: int, seconds: float) -> None:
-        """One step that only decoded: `rows` tokens sampled in `seconds` (its whole iteration)."""
+    def record_decode(self, rows: int, seconds: float, replayed: bool = False) -> None:
+        """One step that only decoded: `rows` tokens sampled in `seconds` (its whole iteration);
+        `replayed`: from a captured decode graph."""
         d = self._decode
-        d[0], d[1], d[2] = d[0] + 1, d[1] + rows, d[2] + seconds
+        d[0], d[1], d[2], d[3] = d[0] + 1, d[1] + rows, d[2] + seconds, d[3] + int(replayed)
 
     def record(self, phase: str, seconds: float) -> None:
         self._phases.setdefault(phase, deque(maxlen=self.window)).append(seconds)
@@ -43,10 +44,11 @@ class StepTimer:
         return out
 
     def decode_only(self) -> dict[str, float] | None:
-        """The decode-only steps since the last clear: their count, rows and seconds (None: none ran)."""
-        steps, rows, seconds = self._decode
-        return {"steps": steps, "rows": rows, "seconds": seconds} if steps else None
+        """The decode-only steps since the last clear: their count, rows, seconds and graph replays
+        (None: none ran)."""
+        steps, rows, seconds, replayed = self._decode
+        return {"steps": steps, "rows": rows, "seconds": seconds, "replayed": replayed} if steps else None
 
     def clear(self) -> None:
         self._phases.clear()
-        self._decode = [0, 0, 0.0]
+        self._decode = [0, 0, 0.0, 0]
