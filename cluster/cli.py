@@ -129,6 +129,8 @@ def _add_make_slice(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="deepseek-v3", help="deepseek-v3 (FP8), kimi-k2 (FP8), kimi-k2-thinking (INT4)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--dense-layers", type=int, default=1, help="how many of them are dense (the rest MoE)")
+    p.add_argument("--routed-experts", type=int, default=None,
+                   help="fewer routed experts (top-k and groups unchanged): one EP rank's share on one GPU")
     p.set_defaults(func=_make_slice)
 
 
@@ -136,7 +138,7 @@ def _make_slice(args: argparse.Namespace) -> int:
     from moecluster.cluster.bench.slice_model import make_slice
 
     with _output_dir(args.out, "make-slice", SLICE_FILES):
-        out = make_slice(args.out, args.model, args.layers, args.dense_layers)
+        out = make_slice(args.out, args.model, args.layers, args.dense_layers, args.routed_experts)
     print(f"wrote a {args.layers}-layer slice of {args.model} to {out} (serve it with engine.load_format: random)")
     return 0
 
@@ -623,6 +625,9 @@ def _add_bench_serve(targets: argparse._SubParsersAction) -> None:
     s.add_argument("--preset", default="deepseek-v3", help="slice of deepseek-v3, kimi-k2 or kimi-k2-thinking")
     s.add_argument("--layers", type=int, default=4)
     s.add_argument("--dense-layers", type=int, default=1)
+    s.add_argument("--routed-experts", type=int, default=None,
+                   help="a slice with this many routed experts: on one GPU, an EP rank's share at full depth "
+                        "(e.g. 48 of K2-Thinking's 384 for EP=8)")
     s.add_argument("--load-format", choices=["random", "safetensors"], default=None,
                    help="default: random for a slice, safetensors for --model")
     s.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -639,6 +644,9 @@ def _add_bench_serve(targets: argparse._SubParsersAction) -> None:
     s.add_argument("--no-baseline", action="store_true", help="skip the transformers eager baseline")
     s.add_argument("--no-roofline", action="store_true", help="skip the copy bandwidth, roofline and MoE layer step")
     s.add_argument("--no-warmup", action="store_true")
+    s.add_argument("--warmup-streams", type=int, default=None,
+                   help="streams of the warm-up levels (default: the largest level's; fewer saves a long prefill)")
+    s.add_argument("--no-prefill-level", action="store_true", help="skip the prefill-only level before each mix")
     s.add_argument("--cuda-graph-max-batch", type=int, default=512, help="decode CUDA graphs up to this batch (0: eager)")
     s.add_argument("--no-async-scheduling", action="store_true",
                    help="read each decode step's samples before scheduling the next (no host/GPU overlap)")
@@ -663,11 +671,11 @@ def _bench_serve(args: argparse.Namespace) -> int:
     load_format = args.load_format or ("safetensors" if args.model else "random")
     cfg = ServeBenchConfig(
         model=args.model, preset=args.preset, layers=args.layers, dense_layers=args.dense_layers,
-        load_format=load_format, device=args.device, dtype=args.dtype, ep=args.ep, replicas=args.replicas,
+        routed_experts=args.routed_experts, load_format=load_format, device=args.device, dtype=args.dtype, ep=args.ep, replicas=args.replicas,
         prefill_ep=args.prefill_ep, mixes=args.mix, concurrency=tuple(args.concurrency), waves=args.waves,
         memory_fraction=args.memory_fraction, baseline=not args.no_baseline, roofline=not args.no_roofline,
         baseline_concurrency=args.baseline_concurrency, baseline_steps=args.baseline_steps, warmup=not args.no_warmup,
-        cuda_graph_max_batch=args.cuda_graph_max_batch, async_scheduling=not args.no_async_scheduling,
+        warmup_streams=args.warmup_streams, prefill_level=not args.no_prefill_level, cuda_graph_max_batch=args.cuda_graph_max_batch, async_scheduling=not args.no_async_scheduling,
         decode_experts_w8a8=not args.decode_experts_w16, decode_linears_w8a8=not args.decode_linears_w16,
         client_procs=args.client_procs,
     )

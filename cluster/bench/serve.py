@@ -42,6 +42,7 @@ class ServeBenchConfig:
     preset: str = "deepseek-v3"
     layers: int = 4
     dense_layers: int = 1
+    routed_experts: int | None = None  # a slice with fewer experts: one EP rank's share (slice_model.py)
     load_format: str = "random"
     device: str = "cuda"
     dtype: str = "bfloat16"
@@ -55,6 +56,8 @@ class ServeBenchConfig:
     memory_fraction: float = 0.9
     max_num_batched_tokens: int = 8192
     warmup: bool = True
+    warmup_streams: int | None = None  # the warm-up levels' streams (default: the largest level's)
+    prefill_level: bool = True  # a prefill-only level (max_tokens 1) before each mix's levels
     baseline: bool = True
     baseline_concurrency: int = 64
     baseline_steps: int = 8
@@ -65,6 +68,12 @@ class ServeBenchConfig:
     decode_linears_w8a8: bool = True
     client_procs: int = 0  # load-generator processes per level; 0: one per 32 streams (serve_load.py)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.routed_experts is not None and self.model is not None:
+            raise ValueError("routed_experts shapes a slice of a preset; it does not apply to a checkpoint (model)")
+        if self.warmup_streams is not None and self.warmup_streams < 1:
+            raise ValueError(f"warmup_streams must be at least 1, got {self.warmup_streams}")
 
     @property
     def gpus(self) -> int:
@@ -152,7 +161,8 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
     result.config["gpus_total"] = cfg.gpus
     checkpoint = save or (lambda r: None)
     tmp = tempfile.TemporaryDirectory(prefix="moecluster-slice-")
-    model_dir = cfg.model or make_slice(Path(tmp.name) / cfg.preset, cfg.preset, cfg.layers, cfg.dense_layers)
+    model_dir = cfg.model or make_slice(Path(tmp.name) / cfg.preset, cfg.preset, cfg.layers, cfg.dense_layers,
+                                        cfg.routed_experts)
     mcfg = ModelConfig.from_dir(model_dir)
     result.model = {"dir": str(model_dir), "model_type": mcfg.model_type, "layers": mcfg.num_hidden_layers,
                     "moe_layers": sum(mcfg.is_moe_layer(i) for i in range(mcfg.num_hidden_layers)),
@@ -170,12 +180,13 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
         t_warm = time.monotonic()
         if cfg.warmup:  # compiles every kernel shape the levels use: prefill chunks, decode batches
             i, _ = cfg.mixes[0]
-            for c, out_len in [(max_seqs, 1)] + [(c, 4) for c in sorted({1, max_seqs})]:
+            top = min(cfg.warmup_streams or max_seqs, max_seqs)
+            for c, out_len in [(top, 1)] + [(c, 4) for c in sorted({1, top})]:
                 run_level(target, LoadLevel(i, out_len, c, c, mcfg.vocab_size, seed=10_000 + c + out_len,
                                             clients=cfg.client_procs))
             result.warmup_s = time.monotonic() - t_warm
         for i, o in cfg.mixes:
-            levels = [("prefill", max_seqs, 1)] + [("serve", c, o) for c in cfg.concurrency]
+            levels = [("prefill", max_seqs, 1)] * cfg.prefill_level + [("serve", c, o) for c in cfg.concurrency]
             for kind, c, out_len in levels:
                 level = LoadLevel(i, out_len, c, c * (1 if kind == "prefill" else cfg.waves), mcfg.vocab_size,
                                   seed=cfg.seed + len(result.levels) + 1, clients=cfg.client_procs)

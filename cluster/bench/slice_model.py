@@ -8,6 +8,13 @@ with `engine.load_format: random` and every rank draws its weights on its GPU in
 config declares (`workers/checkpoint/random_weights.py`), so kernels, memory and the data plane
 see what the full model gives them per layer.
 
+`routed_experts` keeps fewer routed experts (top-k, groups and every width unchanged): the rank
+proxy of expert parallelism on one GPU. A model with E / N experts at B sequences gives each expert
+the rows that one of N EP ranks gives its E / N experts at B sequences a rank (B x k / (E / N) under
+uniform routing, as the rank then runs the N x B gathered tokens) and holds what such a rank holds:
+every attention, dense, shared and embedding weight and its share of experts. So its memory, its
+cache capacity and its decode step are an EP rank's at full depth, less the dispatch collectives.
+
 The tokenizer is the toy BPE of `make-tiny` (trained on a built-in corpus) padded with filler
 tokens up to the published vocabulary size: every id the model can emit decodes to text, and
 prompts given as token ids may use the whole range.
@@ -26,8 +33,9 @@ from moecluster.workers.config import ModelConfig
 TRAINED_VOCAB = 2048  # the BPE part of the tokenizer; the rest of the vocabulary is fillers
 
 
-def slice_config(preset: str, layers: int, dense_layers: int = 1) -> dict[str, Any]:
-    """The preset's config.json with `layers` decoder layers, the first `dense_layers` dense."""
+def slice_config(preset: str, layers: int, dense_layers: int = 1, routed_experts: int | None = None) -> dict[str, Any]:
+    """The preset's config.json with `layers` decoder layers, the first `dense_layers` dense, and
+    `routed_experts` routed experts (default: the published count)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model {preset!r}: choose one of {', '.join(PRESETS)}")
     if not 0 <= dense_layers < layers:
@@ -38,14 +46,32 @@ def slice_config(preset: str, layers: int, dense_layers: int = 1) -> dict[str, A
     raw = {**full, "num_hidden_layers": layers, "first_k_dense_replace": dense_layers, "num_nextn_predict_layers": 0,
            "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False,
            "initializer_range": 0.02, "use_cache": True}
+    if routed_experts is not None:
+        _check_routed_experts(preset, full, routed_experts)
+        raw["n_routed_experts"] = routed_experts
     ModelConfig.from_hf(raw)  # only write what the loader accepts
     return raw
 
 
-def make_slice(out_dir: str | Path, preset: str = "deepseek-v3", layers: int = 4, dense_layers: int = 1) -> Path:
+def _check_routed_experts(preset: str, full: dict[str, Any], n: int) -> None:
+    """Fewer experts must still route as the preset does: top-k of them, in whole groups of at least two."""
+    top_k, groups = full["num_experts_per_tok"], full.get("n_group") or 1
+    if n > full["n_routed_experts"] or n < top_k:
+        raise ValueError(f"routed_experts {n}: {preset} routes each token to {top_k} of {full['n_routed_experts']} "
+                         f"experts; keep between {top_k} and {full['n_routed_experts']}")
+    if n % groups or n // groups < 2:
+        raise ValueError(f"routed_experts {n}: {preset} splits its experts into {groups} groups (scored by their "
+                         f"top two); use a multiple of {groups} with at least 2 a group")
+    if (full.get("topk_group") or groups) * (n // groups) < top_k:
+        raise ValueError(f"routed_experts {n}: the {full.get('topk_group')} groups a token may use would hold fewer "
+                         f"than its {top_k} experts")
+
+
+def make_slice(out_dir: str | Path, preset: str = "deepseek-v3", layers: int = 4, dense_layers: int = 1,
+               routed_experts: int | None = None) -> Path:
     """Write config, generation config and a full-vocabulary tokenizer to out_dir."""
     out = Path(out_dir)
-    raw = slice_config(preset, layers, dense_layers)
+    raw = slice_config(preset, layers, dense_layers, routed_experts)
     out.mkdir(parents=True, exist_ok=True)
     arch = raw["model_type"].replace("_", "-")  # deepseek-v3 or kimi-k2 (K2-Thinking's too)
     write_tiny_tokenizer(out, arch, TRAINED_VOCAB, model_max_length=raw["max_position_embeddings"])

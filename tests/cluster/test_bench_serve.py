@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +188,45 @@ def test_slice_refuses_bad_depths() -> None:
         slice_config("llama", layers=2)
     with pytest.raises(ValueError, match="not a slice"):
         slice_config("kimi-k2", layers=99)
+
+
+@pytest.mark.parametrize(("preset", "ranks"), [("kimi-k2-thinking", 8), ("deepseek-v3", 8), ("deepseek-v3", 2)])
+def test_rank_proxy_slice_holds_what_an_ep_rank_holds(tmp_path, preset, ranks) -> None:
+    """A slice with 1/N of the experts at full depth: every weight an EP=N rank of the full model
+    holds, byte for byte, except the router's rows for the experts it lacks (float32, every layer)."""
+    full = ModelConfig.from_hf(slice_config(preset, layers=61, dense_layers=3))
+    n = full.n_routed_experts // ranks
+    out = make_slice(tmp_path / "proxy", preset, layers=61, dense_layers=3, routed_experts=n)
+    proxy = ModelConfig.from_dir(out)
+    assert proxy.n_routed_experts == n
+    same = ("num_experts_per_tok", "n_group", "topk_group", "hidden_size", "moe_intermediate_size", "vocab_size",
+            "num_attention_heads", "num_hidden_layers", "routed_scaling_factor")
+    assert all(getattr(proxy, f) == getattr(full, f) for f in same)
+    rank, alone = layer_bytes(full, torch.bfloat16, n), layer_bytes(proxy, torch.bfloat16, n)
+    assert alone["per_expert"] == rank["per_expert"] and alone["attention"] == rank["attention"]
+    assert alone["lm_head"] == rank["lm_head"]
+    moe_layers = 61 - 3
+    assert rank["dense_and_shared"] - alone["dense_and_shared"] == moe_layers * (full.n_routed_experts - n) * 7168 * 4
+
+
+def test_rank_proxy_slice_refuses_expert_counts_that_cannot_route() -> None:
+    with pytest.raises(ValueError, match="between 8 and 256"):
+        slice_config("deepseek-v3", layers=2, routed_experts=4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        slice_config("deepseek-v3", layers=2, routed_experts=36)
+    with pytest.raises(ValueError, match="between 8 and 384"):
+        slice_config("kimi-k2-thinking", layers=2, routed_experts=512)
+    assert slice_config("kimi-k2-thinking", layers=2, routed_experts=48)["n_routed_experts"] == 48
+    with pytest.raises(ValueError, match="does not apply to a checkpoint"):
+        ServeBenchConfig(model=Path("ckpt"), routed_experts=32)
+    with pytest.raises(ValueError, match="warmup_streams"):
+        ServeBenchConfig(warmup_streams=0)
+
+
+def test_cli_make_slice_writes_a_rank_proxy(tmp_path) -> None:
+    assert cli(["make-slice", str(tmp_path / "s"), "--model", "deepseek-v3", "--layers", "4",
+                "--routed-experts", "32"]) == 0
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["n_routed_experts"] == 32
 
 
 def test_roofline_bytes_follow_the_formats(tmp_path) -> None:
