@@ -458,8 +458,11 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ep", type=int, default=None, help="EP ranks per replica (default: every GPU, one replica)")
     p.add_argument("--kv-dtype", default="bf16", help="latent cache dtype: bf16 or fp8")
     p.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per forward, sizes the activation headroom")
-    p.add_argument("--reserve-gib", type=float, default=4.0,
-                   help="fixed headroom per GPU: CUDA context, NCCL / all-to-all buffers, graphs, fragmentation")
+    p.add_argument("--reserve-gib", type=float, default=3.0,
+                   help="memory in use per GPU before the engine sizes its cache (CUDA context, loading's cached "
+                        "blocks)")
+    p.add_argument("--memory-fraction", type=float, default=0.9,
+                   help="the spec's cache.memory_fraction: the share of the GPU for weights, cache and activations")
     p.add_argument("--redundant-experts", type=int, default=0, help="EPLB expert slots per replica beyond one per expert")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
@@ -478,6 +481,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     cfg = PlanConfig(gpu=args.gpu, gpus_per_node=args.gpus_per_node, nodes=args.nodes, context=args.context, ep=args.ep,
                      kv_dtype=args.kv_dtype, max_batched_tokens=args.max_batched_tokens, reserve_gib=args.reserve_gib,
+                     memory_fraction=args.memory_fraction,
                      redundant_experts=args.redundant_experts)
     plan = make_plan(args.model, cfg)
     if args.json:

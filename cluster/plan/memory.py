@@ -6,13 +6,17 @@ embedding, lm_head, MLA's absorbed copies) and ceil(expert slots / EP) routed ex
 MoE layer; its latent cache holds only its own sequences, so a sequence must fit on one rank.
 
     KV bytes per rank = capacity - replicated - routed share - headroom
-    headroom          = reserve + max_batched_tokens * hidden * activation_bytes_per_hidden
+    headroom          = (1 - memory_fraction) * capacity + reserve + activations(max_batched_tokens, context)
 
-The reserve (default 4 GiB) covers the CUDA context (527 MiB measured on an H100), NCCL and
-all-to-all buffers, CUDA graphs and allocator fragmentation. The activation term covers one
-forward of max_batched_tokens tokens: per token and hidden unit, the all-to-all send and receive
-buffers at top-8 in bf16 (2 x 8 x 2 B) plus the residual stream, its normed copy and the
-attention / expert intermediates (about 16 B): 48 B by default, 2.6 GiB at 8192 tokens x 7168.
+which is how the engine sizes its cache (`workers/engine/engine_config.py`): the free memory after
+the weights, less the share of the GPU the memory fraction keeps back (0.9 by default, as the
+spec's `cache.memory_fraction`: CUDA graphs, NCCL's buffers and the allocator work in it), less one
+full step's activations (`workers/engine/kv_cache.activation_bytes`, the engine's own count: the
+routed copies of a prefill chunk, and the keys and values its attention expands, up to MLA's
+context segment). The reserve (default 3 GiB) is what is already in use when the engine measures
+the free memory: the CUDA context and the cached blocks of loading. Served on an H200, the
+engine's cache came to within 0 (K2-Thinking) and 1.7 GiB (DeepSeek-V3) of this count with a
+3 GiB reserve (full-depth rank proxies, `docs/performance.md`, session 18).
 KV tokens are counted in whole blocks (block_size, default 64 as the engine's).
 """
 
@@ -57,8 +61,8 @@ class PlanConfig:
     kv_dtype: str = "bf16"
     block_size: int = 64
     max_batched_tokens: int = 8192
-    reserve_gib: float = 4.0
-    activation_bytes_per_hidden: int = 48
+    reserve_gib: float = 3.0
+    memory_fraction: float = 0.9  # the spec's cache.memory_fraction
     redundant_experts: int = 0  # EPLB slots for replicas of hot experts, over the whole replica
     comfortable_seqs: int = 32  # per replica, for the "comfortable" layout
 
@@ -81,8 +85,10 @@ class PlanConfig:
             raise ValueError(f"--ep {self.ep} exceeds the {self.total_gpus} GPUs of {self.nodes} node(s)")
         if not math.isfinite(self.reserve_gib):
             raise ValueError(f"--reserve-gib must be a finite number of GiB, got {self.reserve_gib}")
-        if self.reserve_gib < 0 or self.activation_bytes_per_hidden < 0 or self.redundant_experts < 0:
-            raise ValueError("--reserve-gib, the activation factor and --redundant-experts must not be negative")
+        if self.reserve_gib < 0 or self.redundant_experts < 0:
+            raise ValueError("--reserve-gib and --redundant-experts must not be negative")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"--memory-fraction must be in (0, 1], got {self.memory_fraction}")
 
     @property
     def total_gpus(self) -> int:
@@ -121,15 +127,18 @@ class RankMemory:
         return self.seqs_per_gpu * self.ep
 
 
-def headroom_bytes(cfg: PlanConfig, hidden: int) -> int:
-    return round(cfg.reserve_gib * GiB) + cfg.max_batched_tokens * hidden * cfg.activation_bytes_per_hidden
+def headroom_bytes(cfg: PlanConfig, activation_bytes: int) -> int:
+    """What the engine keeps out of the cache beside the weights (`activation_bytes`: one step's)."""
+    held_back = round((1 - cfg.memory_fraction) * cfg.spec.capacity_bytes)
+    return held_back + round(cfg.reserve_gib * GiB) + activation_bytes
 
 
-def rank_memory(w: WeightBreakdown, cfg: PlanConfig, ep: int, hidden: int, kv_per_token: int, context: int) -> RankMemory:
+def rank_memory(w: WeightBreakdown, cfg: PlanConfig, ep: int, activation_bytes: int, kv_per_token: int,
+                context: int) -> RankMemory:
     slots = w.n_routed_experts + cfg.redundant_experts
     experts = cdiv(slots, ep) if slots else 0
     routed = experts * w.expert_slot_bytes
-    headroom = headroom_bytes(cfg, hidden)
+    headroom = headroom_bytes(cfg, activation_bytes)
     capacity = cfg.spec.capacity_bytes
     kv = capacity - w.replicated_bytes - routed - headroom
     blocks = max(kv, 0) // (cfg.block_size * kv_per_token)
@@ -147,11 +156,11 @@ def candidate_eps(gpus_per_node: int, max_nodes: int = MAX_SEARCH_NODES) -> list
     return eps + [gpus_per_node * n for n in range(1, max_nodes + 1)]
 
 
-def smallest(w: WeightBreakdown, cfg: PlanConfig, hidden: int, kv_per_token: int, context: int,
+def smallest(w: WeightBreakdown, cfg: PlanConfig, activation_bytes: int, kv_per_token: int, context: int,
              min_seqs_per_replica: int) -> RankMemory | None:
     """The smallest EP whose every rank holds one full sequence and whose replica holds min_seqs."""
     for ep in candidate_eps(cfg.gpus_per_node, max(MAX_SEARCH_NODES, cfg.nodes)):
-        r = rank_memory(w, cfg, ep, hidden, kv_per_token, context)
+        r = rank_memory(w, cfg, ep, activation_bytes, kv_per_token, context)
         if r.seqs_per_gpu >= 1 and r.seqs_per_replica >= min_seqs_per_replica:
             return r
     return None

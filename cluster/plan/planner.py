@@ -34,12 +34,21 @@ def make_plan(model: str | Path, config: PlanConfig) -> Plan:
     w = weight_breakdown(cfg)
     kv = kv_bytes_per_token(cfg, config.kv_dtype)
     ep = config.ep or config.total_gpus
-    h = cfg.hidden_size
-    rank = rank_memory(w, config, ep, h, kv, context)
-    minimal = smallest(w, config, h, kv, context, 1)
-    comfortable = smallest(w, config, h, kv, context, config.comfortable_seqs)
+    act = step_activation_bytes(cfg, config, context)
+    rank = rank_memory(w, config, ep, act, kv, context)
+    minimal = smallest(w, config, act, kv, context, 1)
+    comfortable = smallest(w, config, act, kv, context, config.comfortable_seqs)
     return Plan(name, cfg, config, context, w, kv, rank, minimal, comfortable,
                 verdict(config, context, rank, minimal), tuple(_notes(cfg, w, config, rank)))
+
+
+def step_activation_bytes(cfg: ModelConfig, config: PlanConfig, context: int) -> int:
+    """The engine's reserve for one step (a full prefill chunk at the longest context), in bf16."""
+    import torch
+
+    from moecluster.workers.engine.kv_cache import activation_bytes
+
+    return activation_bytes(cfg, config.max_batched_tokens, torch.bfloat16, context=context)
 
 
 def gib(n: int) -> str:

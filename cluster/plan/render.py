@@ -97,8 +97,9 @@ def print_plan(p: Plan, console: Console | None = None) -> None:
     console.print(f"[bold]verdict:[/bold] {p.verdict}")
     for note in p.notes:
         console.print(f"note: {note}")
-    console.print(f"[dim]capacity: {cfg.spec.source}; headroom = {cfg.reserve_gib:g} GiB + {cfg.max_batched_tokens} "
-                  f"tokens x {c.hidden_size} x {cfg.activation_bytes_per_hidden} B[/dim]")
+    console.print(f"[dim]capacity: {cfg.spec.source}; headroom = {1 - cfg.memory_fraction:.0%} of it held back "
+                  f"(memory fraction {cfg.memory_fraction:g}) + {cfg.reserve_gib:g} GiB in use before the cache is sized "
+                  f"+ one {cfg.max_batched_tokens}-token step's activations at this context[/dim]")
 
 
 def _gib(n: int) -> str:

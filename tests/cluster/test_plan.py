@@ -21,7 +21,6 @@ from moecluster.workers.config import ModelConfig
 
 MiB, GiB = 2**20, 2**30
 H100, H200 = 81_079 * MiB, 143_155 * MiB  # the capacities the planner documents
-HEADROOM = 4 * GiB + 8192 * 7168 * 48  # default reserve + max_batched_tokens x hidden x 48 B
 KV_BF16_61 = 61 * (512 + 64) * 2  # bytes per token: 61 layers x 576 latent values x bf16
 
 
@@ -37,6 +36,20 @@ def int4(o: int, i: int) -> int:
 
 def bf16(o: int, i: int) -> int:
     return o * i * 2
+
+
+def headroom(capacity: int, heads: int, context: int) -> int:
+    """What the engine keeps out of its cache beside the weights, for these models' shapes (hidden
+    7168, MoE width 2048 top-8, dense width 18432, MLA 192 / 128 head dims, latent 576) with the
+    defaults: 10% of the GPU held back, 3 GiB in use before sizing, and one 8192-token prefill
+    chunk's activations at `context`, expanded keys and values up to MLA's 16384-token segment."""
+    moe = 8 * (7168 * (3 * 2 + 4) + 2048 * 2)  # routed copies: gathered, output, fp32 weighted, cast; intermediate
+    per_token = max(moe, 3 * 18432 * 2) + heads * (2 * 192 + 128) * 2 + 4 * 7168 * 2
+    expanded = min(context, 16384) * heads * (2 * 192 + 128) * 2
+    latent = 2 * context * 576 * 2
+    merged = 8192 * heads * 128 * (8 + 2) if context > 16384 else 0
+    activations = int(1.25 * (8192 * per_token + expanded + latent + merged))
+    return round(0.1 * capacity) + 3 * GiB + activations
 
 
 def seqs(kv_bytes: int, context: int, block: int = 64) -> int:
@@ -73,15 +86,18 @@ def test_deepseek_v3_by_hand() -> None:
     assert w.replicated_bytes == replicated
     assert w.expert_slot_bytes == moe * expert_bytes
 
-    # 2 nodes x 8 H100 at 128K: EP 16, 16 experts per rank
+    # 2 nodes x 8 H100 at 128K: EP 16, 16 experts per rank: the weights fit, the engine's headroom
+    # (7.9 GiB held back, 3 in use, 12 of activations) does not
     p = make_plan("deepseek-v3", PlanConfig(gpu="h100", nodes=2, context=131072))
     weights = replicated + 16 * moe * expert_bytes
     assert p.rank.ep == 16 and p.rank.experts_per_rank == 16 and p.rank.weights_bytes == weights
-    kv = H100 - weights - HEADROOM
-    assert p.rank.kv_bytes == kv and p.rank.seqs_per_gpu == seqs(kv, 131072) == 1
-    assert p.verdict.startswith("fits at EP 16: 1 sequence(s) of 131,072 tokens per GPU")
-    assert p.comfortable is not None and p.comfortable.ep == 24  # 256 / 24 -> 11 experts per rank
-    assert p.comfortable.experts_per_rank == 11
+    kv = H100 - weights - headroom(H100, heads, 131072)
+    assert p.rank.kv_bytes == kv < 0 and p.rank.seqs_per_gpu == 0
+    assert p.verdict.startswith("does not fit at EP 16") and "fit alone but not with" in p.verdict
+    assert p.minimal is not None and p.minimal.ep == 24  # 256 / 24 -> 11 experts per rank
+    kv24 = H100 - (replicated + 11 * moe * expert_bytes) - headroom(H100, heads, 131072)
+    assert p.minimal.experts_per_rank == 11 and p.minimal.seqs_per_gpu == seqs(kv24, 131072) == 1
+    assert p.comfortable is not None and p.comfortable.ep == 32 and p.comfortable.experts_per_rank == 8
 
 
 def test_kimi_k2_by_hand() -> None:
@@ -101,12 +117,16 @@ def test_kimi_k2_by_hand() -> None:
     replicated = (61 * attn_bytes + 2 * fp8(18432, h) + fp8(h, 18432) + moe * ((experts * h + experts) * 4 + expert_bytes)
                   + 2 * bf16(vocab, h) + 2 * h)
     weights = replicated + 48 * moe * expert_bytes  # one node of 8: 384 / 8 = 48 experts per rank
-    assert p.rank.weights_bytes == weights
-    kv = H200 - weights - HEADROOM
-    assert p.rank.kv_bytes == kv and p.rank.seqs_per_gpu == seqs(kv, 131072)
-    # 16 H100s hold the weights but not with the headroom: 73.6 GiB + 6.6 GiB > 79.2 GiB
+    assert p.rank.weights_bytes == weights < H200
+    kv = H200 - weights - headroom(H200, heads, 131072)  # 132.7 GiB of weights + 26 of headroom
+    assert p.rank.kv_bytes == kv < 0 and not p.rank.fits
+    assert p.minimal is not None and p.minimal.ep == 16
+    kv16 = H200 - (replicated + 24 * moe * expert_bytes) - headroom(H200, heads, 131072)
+    assert p.minimal.seqs_per_gpu == seqs(kv16, 131072) == 4
+    # 16 H100s hold the weights but not with the headroom: 73.6 GiB + 20.3 GiB > 79.2 GiB
     p16 = make_plan("kimi-k2", PlanConfig(gpu="h100", nodes=2, context=131072))
     assert p16.rank.weights_bytes == replicated + 24 * moe * expert_bytes < H100
+    assert p16.rank.kv_bytes == H100 - p16.rank.weights_bytes - headroom(H100, heads, 131072) < 0
     assert not p16.rank.fits and p16.verdict.startswith("does not fit at EP 16")
 
 
@@ -125,8 +145,8 @@ def test_kimi_k2_thinking_on_4_h200_at_256k() -> None:
     assert not p.rank.fits and p.rank.seqs_per_gpu == 0
     assert p.verdict.startswith("does not fit at EP 4") and "alone exceed it" in p.verdict
     assert p.minimal is not None and p.minimal.ep == 8 and p.minimal.replicas == 0  # needs 8 H200s
-    kv8 = H200 - (replicated + 48 * moe * expert_bytes) - HEADROOM
-    assert p.minimal.seqs_per_gpu == seqs(kv8, 262144) == 2
+    kv8 = H200 - (replicated + 48 * moe * expert_bytes) - headroom(H200, heads, 262144)
+    assert p.minimal.seqs_per_gpu == seqs(kv8, 262144) == 1
 
 
 def test_context_defaults_to_the_models_max() -> None:

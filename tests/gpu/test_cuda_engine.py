@@ -77,3 +77,33 @@ def _nccl_worker(rank: int, port: int, queue) -> None:  # noqa: ANN001
 def test_nccl_kv_transfer_between_gpus() -> None:
     a, b = run_two_ranks(_nccl_worker, results=2, timeout=240)
     assert a == b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_prefill_over_context_segments(dtype: str) -> None:
+    """On CUDA the segmented prefill attention takes the fused kernels' log-sum-exps (flash for
+    bf16, memory-efficient for fp32): equal to the one-pass attention over the whole context, at
+    K2-Thinking's MLA shapes (64 heads, 192 / 128 head dims, latent 512 + 64), 600 rows over 2600
+    tokens in segments of 512."""
+    from moecluster.cluster.bench.slice_model import slice_config
+    from moecluster.workers.config import ModelConfig
+    from moecluster.workers.model.mla import MLA
+
+    cfg = ModelConfig.from_hf(slice_config("kimi-k2-thinking", layers=2))
+    dt = getattr(torch, dtype)
+    with torch.device("cuda"):
+        mla = MLA(cfg, "model.layers.0.self_attn", None, dt)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for w in (mla.w_uk, mla.w_uv):
+        w.copy_(torch.randn(w.shape, generator=g, device="cuda") * 0.05)
+    n_q, n_ctx = 600, 2600
+    q_nope = torch.randn(n_q, mla.heads, mla.nope, dtype=dt, device="cuda", generator=g)
+    q_pe = torch.randn(n_q, mla.heads, mla.rope_dim, dtype=dt, device="cuda", generator=g)
+    context = torch.randn(n_ctx, mla.kv_lora + mla.rope_dim, dtype=dt, device="cuda", generator=g)
+    whole = mla.attend_naive(q_nope, q_pe, context).float()
+    mla.context_chunk = 512
+    parts = mla.attend_naive(q_nope, q_pe, context).float()
+    assert torch.isfinite(parts).all()
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    assert torch.allclose(parts, whole, rtol=tol, atol=tol * whole.abs().max().item())

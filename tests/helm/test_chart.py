@@ -435,14 +435,18 @@ def test_notes_tell_how_to_reach_the_api(run_helm):
     (KIMI_PRESET, "kimi-k2-thinking", "h200", 1),
 ])
 def test_presets_fit_per_moecluster_plan(preset, model, gpu, nodes):
-    """The preset's decode layout holds its weights and at least one max-length sequence per GPU."""
+    """The preset's decode layout holds its weights and at least one max-length sequence per GPU,
+    with the cache sized as the engine sizes it under the preset's memory fraction and batch."""
     from moecluster.cluster.plan.memory import PlanConfig
     from moecluster.cluster.plan.planner import make_plan
 
     values = _merge(yaml.safe_load((CHART / "values.yaml").read_text()), yaml.safe_load((CHART / preset).read_text()))
     d = values["decode"]
     assert d["replicas"] * d["ep"] == nodes * d["gpusPerPod"] == nodes * 8
-    plan = make_plan(model, PlanConfig(gpu=gpu, nodes=nodes, ep=d["ep"], context=values["engine"]["maxModelLen"]))
+    engine = values["engine"]  # the plan sizes the cache as the engine will with these settings
+    plan = make_plan(model, PlanConfig(gpu=gpu, nodes=nodes, ep=d["ep"], context=engine["maxModelLen"],
+                                       max_batched_tokens=engine["maxNumBatchedTokens"],
+                                       memory_fraction=values["cache"]["memoryFraction"]))
     assert plan.rank.fits and plan.rank.seqs_per_gpu >= 1, plan.verdict
 
 

@@ -571,13 +571,16 @@ def test_queue_time_is_recorded_once_per_sequence(tiny_checkpoint) -> None:
 
 def test_activation_reserve_scales_with_the_step_and_the_context(tiny_checkpoint) -> None:
     """The KV budget on GPUs leaves room for one full step: top_k routed copies of every token's
-    hidden state dominate a DeepSeek-V3 chunk (about 8 GiB for 8192 tokens), and prefill's keys and
-    values expanded to 128 heads add about 100 KB per context token (13 GiB more at 128K)."""
+    hidden state dominate a DeepSeek-V3 chunk (about 8 GiB for 8192 tokens); prefill's keys and
+    values expanded to 128 heads add about 100 KB per context token, but only up to the segment
+    the attention expands at once (mla.CONTEXT_CHUNK); past it, the latent rows and the merge's
+    fp32 outputs grow with the context."""
     import torch
 
     from moecluster.cluster.plan.presets import DEEPSEEK_V3
     from moecluster.workers.config import ModelConfig
     from moecluster.workers.engine.kv_cache import activation_bytes
+    from moecluster.workers.model.mla import CONTEXT_CHUNK
 
     cfg = ModelConfig.from_hf(DEEPSEEK_V3)
     one = activation_bytes(cfg, 1, torch.bfloat16)
@@ -586,9 +589,14 @@ def test_activation_reserve_scales_with_the_step_and_the_context(tiny_checkpoint
     assert one > routed_copies
     chunk = activation_bytes(cfg, 8192, torch.bfloat16)
     assert 6 << 30 < chunk < 12 << 30
+    expanded = 128 * (192 + 192 + 128) * 2  # keys, padded values, values: per expanded context token
+    latent = 2 * 576 * 2  # the gathered latent row and its cast
+    at_chunk = activation_bytes(cfg, 8192, torch.bfloat16, context=CONTEXT_CHUNK)
+    assert at_chunk - chunk == pytest.approx(1.25 * (CONTEXT_CHUNK - 8192) * (expanded + latent), rel=1e-6)
     long = activation_bytes(cfg, 8192, torch.bfloat16, context=131072)
-    expanded = 128 * (192 + 192 + 128) * 2  # keys, padded values, values: per context token
-    assert long - chunk == pytest.approx(1.25 * (131072 - 8192) * (expanded + 576 * 2), rel=1e-6)
+    merged = 8192 * 128 * 128 * (8 + 2)  # fp32 merged output, one segment's output and its fp32 copy
+    assert long - at_chunk == pytest.approx(1.25 * ((131072 - CONTEXT_CHUNK) * latent + merged), rel=1e-6)
+    assert long < chunk + (4 << 30)  # a 128K context costs under 4 GiB more than a chunk alone (was 13)
 
 
 def test_step_timer_keeps_a_window_per_phase() -> None:
@@ -606,3 +614,30 @@ def test_step_timer_keeps_a_window_per_phase() -> None:
     assert set(t.snapshot()) == {"launch"}  # phases only
     t.clear()
     assert t.snapshot() == {} and t.decode_only() is None
+
+
+def test_a_cache_shorter_than_max_model_len_is_warned_and_long_requests_refused(tiny_checkpoint, caplog) -> None:
+    """A memory budget that leaves fewer cached tokens than max_model_len: the engine starts, says
+    so once, and refuses by name a request that could not fit (the rest are served)."""
+    import logging
+
+    import torch
+
+    from moecluster.workers.engine.engine_config import EngineConfig, build_engine
+    from moecluster.workers.engine.kv_cache import bytes_per_block
+    from moecluster.workers.engine.request_limits import RequestError
+    from moecluster.workers.engine.sampling_params import SamplingParams
+    from moecluster.workers.config import ModelConfig
+
+    ckpt = tiny_checkpoint(num_layers=2)
+    block = bytes_per_block(ModelConfig.from_dir(ckpt), 16, torch.float32)
+    with caplog.at_level(logging.WARNING, logger="moecluster.workers.engine.engine_config"):
+        core, _ = build_engine(EngineConfig(model=ckpt, dtype="float32", device="cpu", block_size=16,
+                                            max_model_len=256, kv_cache_memory_bytes=4 * block))
+    assert core.limits.capacity_tokens == 64
+    assert "holds 64 tokens, fewer than max_model_len 256" in caplog.text
+    with pytest.raises(RequestError, match="needs more than the 64 tokens the KV cache holds"):
+        core.limits.check([5] * 40, SamplingParams(max_tokens=40))
+    core.add_request("short", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while core.has_unfinished():
+        core.step()

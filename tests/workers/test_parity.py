@@ -45,3 +45,22 @@ def test_without_q_compression(tiny_checkpoint, tmp_path) -> None:
     reference = load_reference(ckpt, tmp_path / "ref")
     for prompt, out in zip(prompts, outputs):
         assert out.outputs[0].token_ids == greedy_reference(reference, prompt, 16)[0]
+
+
+def test_prefill_chunks_over_context_segments_match_transformers(tiny_checkpoint, tmp_path) -> None:
+    """Prompts prefilled 24 tokens a step, each chunk's attention expanding the context 8 tokens at
+    a time: the same greedy tokens and logprobs as transformers (the long-context memory bound)."""
+    from moecluster.workers.model.mla import MLA
+
+    ckpt = tiny_checkpoint(arch="deepseek-v3", quant="fp8")
+    llm = LLM(model=ckpt, dtype="float32", device="cpu", block_size=16, num_kv_blocks=64, max_num_batched_tokens=24)
+    layers = [m for m in llm.model.modules() if isinstance(m, MLA)]
+    assert layers
+    for m in layers:
+        m.context_chunk = 8
+    rng = random.Random("segments")
+    vocab = llm.model.cfg.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (9, 50, 90)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert_greedy_matches(load_reference(ckpt, tmp_path / "ref"), prompts, outputs, 12, 1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,8 @@ from moecluster.workers.engine.expert_parallel import ExpertParallel
 from moecluster.workers.model_loader import load_model
 from moecluster.text.tokenizer import Tokenizer, load_tokenizer
 from moecluster.workers.transfer.kv_transfer import InProcessTransfer, KVTransfer
+
+log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU; on a GPU a fraction of free memory
 
@@ -127,6 +130,10 @@ def build_core(
             raise ValueError(f"no GPU memory left for the KV cache after the weights and the activations of "
                              f"{batched}-token steps: lower max_num_batched_tokens or raise the memory fraction")
         num_blocks = max(1, budget // bytes_per_block(mcfg, cfg.block_size, model.dtype) - int(graphs))
+        if num_blocks * cfg.block_size < max_model_len:  # requests longer than the cache are refused by name
+            log.warning("the KV cache holds %d tokens, fewer than max_model_len %d: longer requests are refused; "
+                        "lower max_model_len or max_num_batched_tokens, or raise the memory fraction "
+                        "(`moecluster plan` sizes the cache the same way)", num_blocks * cfg.block_size, max_model_len)
     scheduler = Scheduler(
         SchedulerConfig(max_model_len, cfg.max_num_seqs, batched, cfg.enable_chunked_prefill),
         BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from moecluster.workers.config import ModelConfig
+from moecluster.workers.model.mla import CONTEXT_CHUNK
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -21,20 +22,25 @@ def allocate_kv_cache(
     ]
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype, context: int = 0) -> int:
+def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype, context: int = 0,
+                     context_chunk: int = CONTEXT_CHUNK) -> int:
     """Peak memory of one forward over `tokens` new tokens (a full prefill chunk) of a sequence
     whose context reaches `context` tokens, reserved before the cache is sized. Per new token,
     the larger of the MoE layer (top_k routed copies of the hidden state: gathered input, expert
     output, the fp32 weighted copy and its cast, plus the intermediate) and the dense MLP (gate,
-    up, product), plus attention's projections (q, output); per context token, prefill's keys and
-    values expanded to every head (keys and head-dim-padded values, one copy each, plus one more
-    of the values while they are padded) and the gathered latent row. A quarter on top for the
-    allocator's rounding and what this count leaves out."""
+    up, product), plus attention's projections (q, output); per context token, the gathered latent
+    row and its cast; per expanded context token (at most `context_chunk` of them, or the chunk's
+    own rows: `workers/model/mla.py` expands a longer context a segment at a time), keys and
+    head-dim-padded values for every head, plus one more copy of the values while they are padded;
+    when segmented, the fp32 merged output and one segment's. A quarter on top for the allocator's
+    rounding and what this count leaves out."""
     b = torch.finfo(dtype).bits // 8
     h, k = cfg.hidden_size, cfg.num_experts_per_tok
     moe = k * (h * (3 * b + 4) + cfg.moe_intermediate_size * b) if cfg.n_routed_experts else 0
     dense = 3 * cfg.intermediate_size * b
     attention = cfg.num_attention_heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * b  # per token, all heads
     per_token = max(moe, dense) + attention + 4 * h * b
-    per_context = attention + cfg.latent_dim * b
-    return int(1.25 * (tokens * per_token + max(context, tokens) * per_context))
+    seen = max(context, tokens)
+    expanded = min(seen, max(context_chunk, tokens))
+    merged = tokens * cfg.num_attention_heads * cfg.v_head_dim * (8 + b) if seen > expanded else 0
+    return int(1.25 * (tokens * per_token + expanded * attention + 2 * seen * cfg.latent_dim * b + merged))

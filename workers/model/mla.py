@@ -5,7 +5,10 @@ shared rope key k_pe (qk_rope_head_dim values): 576 values for DeepSeek-V3 and K
 
 Two paths compute the same attention:
 - naive (prefill chunks, and the oracle): expand the context's latents into per-head keys and
-  values with kv_b_proj, then ordinary causal attention;
+  values with kv_b_proj, then ordinary causal attention; a context longer than `context_chunk`
+  is expanded a segment at a time and the segments' outputs are merged by their log-sum-exps, so
+  a 128K-token context never holds every head's keys and values at once (that would take 17 GB
+  for DeepSeek-V3's 128 heads, reserved before the cache is sized);
 - absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs
   directly over the latent cache. W_UK / W_UV are split out of kv_b_proj once, at load time.
 """
@@ -25,6 +28,10 @@ from moecluster.workers.model.attention_metadata import AttentionMetadata
 from moecluster.workers.model.rope import RotaryEmbedding
 from moecluster.workers.model.weights import Linear, RMSNorm, Slot, scheme_for
 
+# context tokens whose per-head keys and values a prefill chunk's attention expands at once
+# (`workers/engine/kv_cache.activation_bytes` reserves memory for this many)
+CONTEXT_CHUNK = 16384
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
@@ -33,6 +40,7 @@ class MLA(nn.Module):
         self.heads, self.nope, self.rope_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.v_dim, self.kv_lora = cfg.v_head_dim, cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
+        self.context_chunk = CONTEXT_CHUNK  # context tokens expanded per head at once in a prefill chunk
         q_out = self.heads * cfg.qk_head_dim
 
         def linear(name: str, i: int, o: int) -> Linear:
@@ -111,19 +119,42 @@ class MLA(nn.Module):
         Keys and values are expanded per head (prefill is compute bound: the expanded form is the
         cheaper one) and attention runs through `scaled_dot_product_attention` with a
         bottom-right causal mask (a chunk's rows are the context's last rows): flash or
-        memory-efficient kernels on GPUs, so no (H, q, ctx) score tensor is ever materialized."""
+        memory-efficient kernels on GPUs, so no (H, q, ctx) score tensor is ever materialized.
+        Past `context_chunk` tokens, the context before the rows goes in segments of that many
+        (every row sees all of them), then the rows' own keys (causal), each with its log-sum-exp,
+        and the outputs are merged in fp32."""
         n_q, n_ctx = q_nope.shape[0], context.shape[0]
-        c_kv, k_pe = context.to(q_nope.dtype).split([self.kv_lora, self.rope_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # (H, q, nope + rope)
+        if n_ctx <= max(self.context_chunk, n_q):
+            k, v = self._expand(context.to(q.dtype))
+            mask = causal_lower_right(n_q, n_ctx)
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.scale)[0]
+            return out[..., : self.v_dim].transpose(0, 1)  # (q, H, v)
+        past = n_ctx - n_q
+        acc = q.new_zeros(self.heads, n_q, self.v_dim, dtype=torch.float32)  # merged output so far
+        lse = q.new_full((self.heads, n_q), float("-inf"), dtype=torch.float32)  # its log-sum-exp
+        bounds = [(s, min(s + self.context_chunk, past), False) for s in range(0, past, self.context_chunk)]
+        for start, end, causal in bounds + [(past, n_ctx, True)]:  # the rows' own keys: a square, causal
+            k, v = self._expand(context[start:end].to(q.dtype))
+            part, part_lse = attention_with_lse(q, k, v, causal, self.scale)
+            del k, v
+            merged = torch.logaddexp(lse, part_lse)
+            acc = acc * torch.exp(lse - merged)[..., None] + part[..., : self.v_dim].float() * torch.exp(
+                part_lse - merged)[..., None]
+            lse = merged
+        return acc.to(q.dtype).transpose(0, 1)  # (q, H, v)
+
+    def _expand(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent rows (ctx, c + rope) -> per-head keys (H, ctx, nope + rope) and values padded to
+        the keys' head dim (H, ctx, nope + rope; the fused kernels want one head dim)."""
+        c_kv, k_pe = context.split([self.kv_lora, self.rope_dim], dim=-1)
         k_nope = torch.einsum("lc,hnc->hln", c_kv, self.w_uk)  # (H, ctx, nope)
         v = torch.einsum("lc,hvc->hlv", c_kv, self.w_uv)  # (H, ctx, v)
         k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(self.heads, -1, -1)], dim=-1)  # (H, ctx, nope + rope)
         del k_nope  # the expanded keys and values are the peak of a long prefill: hold one copy each
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # (H, q, nope + rope)
-        if v.shape[-1] < k.shape[-1]:  # the fused kernels want one head dim: pad V, slice the output
+        if v.shape[-1] < k.shape[-1]:
             v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
-        mask = causal_lower_right(n_q, n_ctx)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.scale)[0]
-        return out[..., : self.v_dim].transpose(0, 1)  # (q, H, v)
+        return k, v
 
     def attend_absorbed(
         self,
@@ -141,6 +172,24 @@ class MLA(nn.Module):
         decode = mla_decode if q.is_cuda else mla_decode_reference  # the Triton kernel on GPUs
         o_latent = decode(q, kv_cache, block_tables, seq_lens, self.scale, self.kv_lora)
         return torch.einsum("bhc,hvc->bhv", o_latent, self.w_uv)  # (batch, H, v)
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of (H, q, d) over (H, ctx, d) keys and values (causal: top-left, for a square)
+    -> the output (H, q, d) and each row's log-sum-exp of its scaled scores (H, q) in fp32: the
+    fused kernels' own (flash for 16-bit on GPUs, memory-efficient for fp32, the CPU's flash)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
+    elif q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q[None], k[None], v[None], None, True, 0.0, causal, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, causal, scale=scale)[:2]
+    return out[0], lse[0, :, : q.shape[1]].float()  # the memory-efficient kernel pads the rows of its lse
 
 
 def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
