@@ -176,6 +176,7 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
     print(f"serving after {result.startup_s:.1f} s (Ray, actors, weights, cache, decode graphs)", flush=True)
     try:
         result.kv_cache = kv_capacity(serving.deployment.status())
+        checkpoint(result)  # the capacity and start-up time survive a run cut short
         target = serving.grpc_target
         t_warm = time.monotonic()
         if cfg.warmup:  # compiles every kernel shape the levels use: prefill chunks, decode batches
