@@ -20,6 +20,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="deepseek-v3")
     p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--dense-layers", type=int, default=1)
+    p.add_argument("--routed-experts", type=int, default=None,
+                   help="one EP rank's share of the experts (the rank proxy, cluster/bench/slice_model.py)")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--context", type=int, default=2000)
     p.add_argument("--steps", type=int, default=20)
@@ -39,7 +42,7 @@ def main() -> None:
     from moecluster.workers.engine.sampling_params import SamplingParams
 
     tmp = Path(tempfile.mkdtemp())
-    model = make_slice(tmp / args.preset, args.preset, args.layers)
+    model = make_slice(tmp / args.preset, args.preset, args.layers, args.dense_layers, args.routed_experts)
     core, _ = build_engine(EngineConfig(model=model, load_format="random", dtype="bfloat16", device="cuda",
                                         gpu_memory_utilization=args.memory_utilization, max_model_len=args.context + 256,
                                         max_num_seqs=args.concurrency, async_scheduling=False,
@@ -97,7 +100,8 @@ def main() -> None:
         torch.cuda.synchronize()
     events = prof.key_averages()
     cuda_total = sum(e.self_device_time_total for e in events) / 1e3 / 3
-    print(f"GPU busy per step (sum of kernel time): {cuda_total:.2f} ms")
+    kernels = sum(e.count for e in events if e.self_device_time_total > 0) / 3
+    print(f"GPU busy per step (sum of kernel time): {cuda_total:.2f} ms in {kernels:.0f} kernels")
     top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:args.top]
     for e in top:
         print(f"  {e.self_device_time_total / 1e3 / 3:7.3f} ms/step  x{e.count // 3:<4} {e.key[:110]}")
