@@ -8,6 +8,7 @@ local); the expert-parallel all-to-all implements the same interface.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +43,17 @@ def inverse_order(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
+# ids (n,) -> (order: sorted row -> pair, stable; inverse: pair -> sorted row). The workers pass
+# kernels.stable_argsort (one launch at decode sizes on GPUs); this module cannot import kernels.
+ArgSort = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def argsort_with_inverse(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default ArgSort: torch's stable argsort and a scatter for its inverse."""
+    order = torch.argsort(ids, stable=True)
+    return order, inverse_order(order)
+
+
 def weighted_sum(rows: torch.Tensor, slot_row: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """rows (pairs, H) in sorted order, slot_row (pairs,) each (token, choice) pair's row, weights
     (tokens, top_k) -> (tokens, H): each token's rows times its weights, added in fp32 by one
@@ -65,14 +77,15 @@ class LocalDispatch:
     dtype, as transformers' fp32 accumulation): no atomics (`index_add_` on 16-bit rows was
     about 27 us a layer at 64 tokens on an H200, and its order of additions varies run to run)."""
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, argsort: ArgSort = argsort_with_inverse) -> None:
         self.num_experts = num_experts
+        self.argsort = argsort
 
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Dispatched:
         top_k = expert_ids.shape[1]
         flat_ids = expert_ids.reshape(-1)  # (tokens * top_k,)
-        order = torch.argsort(flat_ids, stable=True)  # sorted row -> slot
-        handle = _LocalHandle(inverse_order(order), weights)
+        order, inverse = self.argsort(flat_ids)  # sorted row -> slot, slot -> sorted row
+        handle = _LocalHandle(inverse, weights)
         return Dispatched(hidden[order // top_k], count_ids(flat_ids, self.num_experts), handle)
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:

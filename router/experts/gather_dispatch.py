@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from moecluster.router.experts.all_to_all import pick_slots, replica_tables
-from moecluster.router.experts.dispatch import Dispatched, count_ids
+from moecluster.router.experts.dispatch import ArgSort, Dispatched, argsort_with_inverse, count_ids
 from moecluster.router.experts.placement import ExpertPlacement
 
 
@@ -44,8 +44,9 @@ class _GatherHandle:
 
 class GatherDispatch:
     def __init__(self, placement: ExpertPlacement, rank: int, group: Any = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", argsort: ArgSort = argsort_with_inverse) -> None:
         self.rank, self.group = rank, group
+        self.argsort = argsort
         self.world, self.slots_per_rank = placement.num_ranks, placement.slots_per_rank
         experts = len(placement.log2phy)
         widest = self.world * self.slots_per_rank - experts + 1  # every spare slot on one expert
@@ -73,7 +74,7 @@ class GatherDispatch:
         slot = pick_slots(flat, self.slot_table, self.num_replicas, num_tokens * top_k)  # (pairs,) physical slots
         mine = slot // self.slots_per_rank == self.rank
         local = torch.where(mine, slot % self.slots_per_rank, self.slots_per_rank)  # others: one bin past the end
-        order = torch.argsort(local, stable=True)
+        order, _ = self.argsort(local)  # stable: pairs of one slot keep the gathered order
         counts = count_ids(local, self.slots_per_rank + 1)[:-1]
         handle = _GatherHandle(order, w.reshape(-1)[order], mine[order], num_tokens, top_k)
         return Dispatched(tokens[order // top_k], counts, handle)

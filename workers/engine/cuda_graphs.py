@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from moecluster.kernels.fp8_quant import w8a16_only
+from moecluster.kernels.stable_argsort import stable_argsort
 from moecluster.router.experts.all_to_all import AllToAllDispatch
 from moecluster.router.experts.dispatch import LocalDispatch
 from moecluster.router.experts.gather_dispatch import GatherDispatch
@@ -121,7 +122,7 @@ class DecodeGraphs:
         self._outputs: dict[int, torch.Tensor] = {}
         # expert-parallel MoE layers: the sync-free dispatcher the graphs run with, per layer
         self._gather = {
-            m: GatherDispatch(m.dispatcher.placement, m.dispatcher.rank, m.dispatcher.group, device)
+            m: GatherDispatch(m.dispatcher.placement, m.dispatcher.rank, m.dispatcher.group, device, stable_argsort)
             for m in model.modules() if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatch)
         }
         self.fill([], n)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from moecluster.kernels.stable_argsort import stable_argsort
 from moecluster.router.experts.all_to_all import AllToAllDispatch
 from moecluster.router.experts.dispatch import Dispatcher, LocalDispatch
 from moecluster.router.experts.placement import ExpertPlacement
@@ -25,6 +26,6 @@ class ExpertParallel:
         expert and dispatches locally (no collectives, no host sync: its decode steps can run as
         CUDA graphs)."""
         if self.world == 1 and not self.redundant_slots:
-            return list(range(cfg.n_routed_experts)), LocalDispatch(cfg.n_routed_experts)
+            return list(range(cfg.n_routed_experts)), LocalDispatch(cfg.n_routed_experts, stable_argsort)
         placement = ExpertPlacement.contiguous(cfg.n_routed_experts, self.world, self.redundant_slots)
         return placement.local_experts(self.rank), AllToAllDispatch(placement, self.rank, self.group, device)

@@ -16,6 +16,7 @@ from moecluster.kernels.fused_moe import (
     DenseExperts, ExpertWeights, Fp8Experts, Int4Experts, grouped_mlp, repack_int4,
 )
 from moecluster.kernels.moe_gate import fusable, fused_select_experts
+from moecluster.kernels.stable_argsort import stable_argsort
 from moecluster.router.experts.dispatch import Dispatcher, LocalDispatch, count_ids
 from moecluster.router.experts.gate import GateConfig, select_experts
 from moecluster.workers.config import ModelConfig
@@ -152,7 +153,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
         ids = list(range(cfg.n_routed_experts)) if expert_ids is None else expert_ids
         self.experts = Experts(cfg, f"{prefix}.experts", ids, dtype)
-        self.dispatcher: Dispatcher = dispatcher or LocalDispatch(cfg.n_routed_experts)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatch(cfg.n_routed_experts, stable_argsort)
         self.shared_experts = (
             MLP(cfg, f"{prefix}.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
             if cfg.n_shared_experts
