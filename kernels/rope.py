@@ -5,7 +5,8 @@ checkpoints) or split in halves. Computed in fp32 and rounded once to x's dtype;
 in bf16 the two differ by one unit in the last place in some values (about a quarter at random
 inputs on an H200: the compiler also fuses the products into FMAs, so rounding each product in
 the kernel did not reproduce the torch form either). The torch form is eight launches a rotation
-(two products, a difference, a strided copy, twice). One program per token, all heads.
+(two products, a difference, a strided copy, twice). One program per token and block of up to
+`HEAD_BLOCK` heads (one per token and all 128 heads took about 9 us at 64 tokens on an H200).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from moecluster.kernels.jit import jit, triton, uses_triton
 
 if triton is not None:
     import triton.language as tl
+
+HEAD_BLOCK = 16  # heads per program
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -35,7 +38,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interl
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, heads, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, stride_st,
                  HALF: tl.constexpr, HEADS: tl.constexpr, INTERLEAVED: tl.constexpr):
     t = tl.program_id(0)
-    h = tl.arange(0, HEADS)[:, None]
+    h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]
     i = tl.arange(0, HALF)[None, :]
     inside = h < heads
     if INTERLEAVED:
@@ -68,6 +71,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
             or c.dtype != x.dtype or s.dtype != x.dtype or c.stride(-1) != 1 or s.stride(-1) != 1):
         return rope_reference(x, cos, sin, interleaved)
     y = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
-    _rope_kernel[(tokens,)](x, c, s, y, heads, x.stride(0), x.stride(1), y.stride(0), y.stride(1), c.stride(0),
-                            s.stride(0), HALF=half, HEADS=triton.next_power_of_2(heads), INTERLEAVED=interleaved)
+    block = min(HEAD_BLOCK, triton.next_power_of_2(heads))
+    _rope_kernel[(tokens, triton.cdiv(heads, block))](
+        x, c, s, y, heads, x.stride(0), x.stride(1), y.stride(0), y.stride(1), c.stride(0), s.stride(0),
+        HALF=half, HEADS=block, INTERLEAVED=interleaved)
     return y

@@ -41,11 +41,23 @@ def _angles(tokens: int, half: int, dtype: torch.dtype, device, gen) -> tuple[to
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rope_matches_the_torch_form(device, interleaved, dtype) -> None:
     gen = torch.Generator().manual_seed(3)
-    for tokens, heads, dim in ((1, 1, 8), (5, 3, 16), (4, 6, 64), (0, 4, 16)):
+    for tokens, heads, dim in ((1, 1, 8), (5, 3, 16), (4, 6, 64), (0, 4, 16), (3, 37, 16)):  # 37: 3 head blocks
         proj = torch.randn(tokens, heads, 24 + dim, generator=gen).to(device, dtype)
         x = proj[..., 24:]  # the rope part of a projection: rows strided, values contiguous
         cos, sin = _angles(tokens, dim // 2, dtype, device, gen)
         _check(x, cos, sin, interleaved)
+
+
+def test_rope_head_blocks_cover_every_head(device, monkeypatch) -> None:
+    """Blocks of 4 heads over 6 and 9 heads: each token's programs split the heads, the last block partial."""
+    from moecluster.kernels import rope as rope_module
+
+    monkeypatch.setattr(rope_module, "HEAD_BLOCK", 4)
+    gen = torch.Generator().manual_seed(5)
+    for tokens, heads in ((4, 6), (2, 9)):
+        x = torch.randn(tokens, heads, 16, generator=gen).to(device)
+        cos, sin = _angles(tokens, 8, torch.float32, device, gen)
+        _check(x, cos, sin, True)
 
 
 def test_rope_rejects_bad_shapes(device) -> None:
