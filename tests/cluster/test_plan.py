@@ -47,7 +47,7 @@ def headroom(capacity: int, heads: int, context: int) -> int:
     per_token = max(moe, 3 * 18432 * 2) + heads * (2 * 192 + 128) * 2 + 4 * 7168 * 2
     expanded = min(context, 16384) * heads * (2 * 192 + 128) * 2
     latent = 2 * context * 576 * 2
-    merged = 8192 * heads * 128 * (8 + 2) if context > 16384 else 0
+    merged = 8192 * heads * (8 * 128 + 2 * 192) if context > 16384 else 0  # fp32 output + temporary, a segment's output
     activations = int(1.25 * (8192 * per_token + expanded + latent + merged))
     return round(0.1 * capacity) + 3 * GiB + activations
 

@@ -594,7 +594,7 @@ def test_activation_reserve_scales_with_the_step_and_the_context(tiny_checkpoint
     at_chunk = activation_bytes(cfg, 8192, torch.bfloat16, context=CONTEXT_CHUNK)
     assert at_chunk - chunk == pytest.approx(1.25 * (CONTEXT_CHUNK - 8192) * (expanded + latent), rel=1e-6)
     long = activation_bytes(cfg, 8192, torch.bfloat16, context=131072)
-    merged = 8192 * 128 * 128 * (8 + 2)  # fp32 merged output, one segment's output and its fp32 copy
+    merged = 8192 * 128 * (8 * 128 + 2 * 192)  # fp32 merged output and a temporary; a segment's output
     assert long - at_chunk == pytest.approx(1.25 * ((131072 - CONTEXT_CHUNK) * latent + merged), rel=1e-6)
     assert long < chunk + (4 << 30)  # a 128K context costs under 4 GiB more than a chunk alone (was 13)
 

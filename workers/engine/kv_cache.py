@@ -32,7 +32,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype, context:
     row and its cast; per expanded context token (at most `context_chunk` of them, or the chunk's
     own rows: `workers/model/mla.py` expands a longer context a segment at a time), keys and
     head-dim-padded values for every head, plus one more copy of the values while they are padded;
-    when segmented, the fp32 merged output and one segment's. A quarter on top for the allocator's
+    when segmented, the fp32 merged output, an fp32 temporary and one segment's output. A quarter on top for the allocator's
     rounding and what this count leaves out."""
     b = torch.finfo(dtype).bits // 8
     h, k = cfg.hidden_size, cfg.num_experts_per_tok
@@ -42,5 +42,6 @@ def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype, context:
     per_token = max(moe, dense) + attention + 4 * h * b
     seen = max(context, tokens)
     expanded = min(seen, max(context_chunk, tokens))
-    merged = tokens * cfg.num_attention_heads * cfg.v_head_dim * (8 + b) if seen > expanded else 0
+    # segmented: the fp32 merged output and one fp32 temporary, and a segment's output (keys' head dim)
+    merged = tokens * cfg.num_attention_heads * (8 * cfg.v_head_dim + b * cfg.qk_head_dim) if seen > expanded else 0
     return int(1.25 * (tokens * per_token + expanded * attention + 2 * seen * cfg.latent_dim * b + merged))

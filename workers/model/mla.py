@@ -139,8 +139,8 @@ class MLA(nn.Module):
             part, part_lse = attention_with_lse(q, k, v, causal, self.scale)
             del k, v
             merged = torch.logaddexp(lse, part_lse)
-            acc = acc * torch.exp(lse - merged)[..., None] + part[..., : self.v_dim].float() * torch.exp(
-                part_lse - merged)[..., None]
+            acc.mul_(torch.exp(lse - merged)[..., None])  # in place: one fp32 temporary beside acc
+            acc.add_(part[..., : self.v_dim].float().mul_(torch.exp(part_lse - merged)[..., None]))
             lse = merged
         return acc.to(q.dtype).transpose(0, 1)  # (q, H, v)
 
