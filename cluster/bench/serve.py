@@ -187,7 +187,8 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
                                             clients=cfg.client_procs))
             result.warmup_s = time.monotonic() - t_warm
         for i, o in cfg.mixes:
-            levels = [("prefill", max_seqs, 1)] * cfg.prefill_level + [("serve", c, o) for c in cfg.concurrency]
+            levels = [("prefill", max_seqs, 1)] if cfg.prefill_level else []
+            levels += [("serve", c, o) for c in cfg.concurrency]
             for kind, c, out_len in levels:
                 level = LoadLevel(i, out_len, c, c * (1 if kind == "prefill" else cfg.waves), mcfg.vocab_size,
                                   seed=cfg.seed + len(result.levels) + 1, clients=cfg.client_procs)

@@ -67,6 +67,19 @@ def test_bench_serve_on_cpu_measures_every_level(local_ray, tiny_checkpoint, tmp
     assert result.summary["speedup_at_roofline"] == pytest.approx(3 / (at3["roofline_step_ms"] * 1e-3) / base["decode_tok_s"])
 
 
+def test_bench_serve_without_the_prefill_level_and_a_small_warmup(local_ray, tiny_checkpoint, tmp_path) -> None:
+    """--no-prefill-level runs only the serve levels; --warmup-streams caps the warm-up's streams."""
+    out = tmp_path / "serve.json"
+    cfg = ServeBenchConfig(model=tiny_checkpoint(), load_format="safetensors", device="cpu", dtype="float32",
+                           mixes=((16, 3),), concurrency=(2,), waves=1, baseline=False, roofline=False,
+                           prefill_level=False, warmup_streams=1, client_procs=1)
+    main(cfg, out, None)
+    saved = json.loads(out.read_text())
+    assert [(r["kind"], r["concurrency"]) for r in saved["levels"]] == [("serve", 2)]
+    assert saved["levels"][0]["errors"] == 0 and saved["warmup_s"] > 0 and saved["startup_s"] > 0
+    assert saved["kv_cache"]["tokens_per_rank"] > 0
+
+
 def test_client_processes_split_the_streams() -> None:
     from moecluster.cluster.bench.serve_load import STREAMS_PER_CLIENT, LoadLevel, client_processes, stream_slots
 
