@@ -14,6 +14,8 @@ the rows that one of N EP ranks gives its E / N experts at B sequences a rank (B
 uniform routing, as the rank then runs the N x B gathered tokens) and holds what such a rank holds:
 every attention, dense, shared and embedding weight and its share of experts. So its memory, its
 cache capacity and its decode step are an EP rank's at full depth, less the dispatch collectives.
+(With limited groups, as DeepSeek-V3's, an expert count that is not a power of two runs the torch
+gate, not the fused one a rank of 256 experts runs; 32 and 16, for EP=8 and 16, are powers of two.)
 
 The tokenizer is the toy BPE of `make-tiny` (trained on a built-in corpus) padded with filler
 tokens up to the published vocabulary size: every id the model can emit decodes to text, and

@@ -95,6 +95,6 @@ def _notes(cfg: ModelConfig, w: WeightBreakdown, config: PlanConfig, r: RankMemo
     if config.total_gpus % r.ep:
         notes.append(f"{config.total_gpus % r.ep} GPU(s) of the cluster are left over at EP {r.ep}")
     if config.kv_dtype == "fp8":
-        notes.append("fp8 cache counted at 1 B per value; FlashMLA's FP8 layout (bf16 rope + scales) "
-                     "takes 656 B per layer instead of 576")
+        notes.append("fp8 cache counted at 1 B per value: a what-if, the engine keeps its cache in the model's "
+                     "dtype (bf16); FlashMLA's FP8 layout (bf16 rope + scales) takes 656 B per layer instead of 576")
     return notes

@@ -104,3 +104,12 @@ def test_attention_with_lse_matches_the_definition() -> None:
     s = (q @ square.transpose(-1, -2) * 0.2).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
     assert torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)
     assert torch.allclose(out, torch.softmax(s, -1) @ square, atol=1e-5)
+
+
+def test_prefill_of_no_rows_is_empty(tiny_checkpoint) -> None:
+    model = load_model(tiny_checkpoint(arch="deepseek-v3", quant="fp8"), dtype="float32")
+    mla = model.layers[1].self_attn
+    mla.context_chunk = 4
+    out = mla.attend_naive(torch.empty(0, mla.heads, mla.nope), torch.empty(0, mla.heads, mla.rope_dim),
+                           torch.randn(20, mla.kv_lora + mla.rope_dim))
+    assert out.shape == (0, mla.heads, mla.v_dim)

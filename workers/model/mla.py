@@ -124,6 +124,8 @@ class MLA(nn.Module):
         (every row sees all of them), then the rows' own keys (causal), each with its log-sum-exp,
         and the outputs are merged in fp32."""
         n_q, n_ctx = q_nope.shape[0], context.shape[0]
+        if n_q == 0:  # (the CPU's flash kernel divides by the row count)
+            return q_nope.new_empty(0, self.heads, self.v_dim)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # (H, q, nope + rope)
         if n_ctx <= max(self.context_chunk, n_q):
             k, v = self._expand(context.to(q.dtype))
@@ -179,11 +181,17 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of (H, q, d) over (H, ctx, d) keys and values (causal: top-left, for a square)
     -> the output (H, q, d) and each row's log-sum-exp of its scaled scores (H, q) in fp32: the
-    fused kernels' own (flash for 16-bit on GPUs, memory-efficient for fp32, the CPU's flash)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
-    elif q.is_cuda:
+    fused kernels' own (flash for 16-bit on GPUs, memory-efficient for fp32 and where flash cannot
+    run: before sm80, flash disabled, a head dim it does not take; the CPU's flash)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.flash_sdp_enabled():
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
+            return out[0], lse[0, :, : q.shape[1]].float()
+        except RuntimeError as e:  # this GPU or shape has no flash kernel: the memory-efficient one below
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+    if q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q[None], k[None], v[None], None, True, 0.0, causal, scale=scale)[:2]
     else:
