@@ -205,6 +205,7 @@ def run(cfg: ServeBenchConfig, save: Any = None) -> ServeBenchResult:
                 row["rank_decode_tok_s_per_gpu"] = rate / cfg.gpus if kind == "serve" and rate else None
                 row["rank_decode_rows_mean"] = rows if kind == "serve" else None
                 row["rank_decode_graph_share"] = replayed if kind == "serve" else None
+                row["rank_decode_eager_reasons"] = _eager_reasons(profiles) if kind == "serve" else None
                 result.levels.append(row)
                 _print_level(row)
                 checkpoint(result)
@@ -267,6 +268,15 @@ def _rank_decode_rate(profiles: dict[str, list[dict[str, Any]]]) -> tuple[float 
     steps = sum(t["steps"] for t in totals)
     replayed = sum(t["replayed"] for t in totals) / steps if all("replayed" in t for t in totals) else None
     return rate, sum(t["rows"] for t in totals) / steps, replayed
+
+
+def _eager_reasons(profiles: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """The decode ranks' decode-only steps that ran eagerly, by reason, summed over ranks."""
+    out: dict[str, int] = {}
+    for p in _decode_ranks(profiles):
+        for reason, n in (p.get("decode_only") or {}).get("eager", {}).items():
+            out[reason] = out.get(reason, 0) + n
+    return out
 
 
 def _wait_gpu_released(device: Any, timeout_s: float = 120.0) -> None:
@@ -368,6 +378,8 @@ def _print_level(row: dict[str, Any]) -> None:
         print(f"        rank-side decode {row['rank_decode_tok_s_per_gpu']:.0f} tok/s/GPU in decode-only steps of "
               f"{row['rank_decode_rows_mean']:.1f} rows a rank on average"
               + (f", {share:.0%} of them graph replays" if share is not None else ""), flush=True)
+        for reason, n in (row.get("rank_decode_eager_reasons") or {}).items():
+            print(f"          eager: {n} steps: {reason}", flush=True)
 
 
 def _rank_cell(r: dict[str, Any]) -> str:

@@ -77,6 +77,8 @@ def test_bench_serve_without_the_prefill_level_and_a_small_warmup(local_ray, tin
     saved = json.loads(out.read_text())
     assert [(r["kind"], r["concurrency"]) for r in saved["levels"]] == [("serve", 2)]
     assert saved["levels"][0]["errors"] == 0 and saved["warmup_s"] > 0 and saved["startup_s"] > 0
+    reasons = saved["levels"][0]["rank_decode_eager_reasons"]  # on the CPU no graph is captured, and it says so
+    assert sum(reasons.values()) > 0 and all("CPU" in r for r in reasons)
     assert saved["kv_cache"]["tokens_per_rank"] > 0
 
 

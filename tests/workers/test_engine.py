@@ -609,8 +609,9 @@ def test_step_timer_keeps_a_window_per_phase() -> None:
     assert snap["n"] == 3 and snap["p50_ms"] == pytest.approx(3.0) and snap["mean_ms"] == pytest.approx(5.0)
     assert t.decode_only() is None  # no decode-only step yet
     t.record_decode(64, 0.005, replayed=True)
-    t.record_decode(32, 0.003)
-    assert t.decode_only() == {"steps": 2, "rows": 96, "seconds": pytest.approx(0.008), "replayed": 1}
+    t.record_decode(32, 0.003, eager_reason="a rank of the group ran a prefill or mixed step")
+    assert t.decode_only() == {"steps": 2, "rows": 96, "seconds": pytest.approx(0.008), "replayed": 1,
+                               "eager": {"a rank of the group ran a prefill or mixed step": 1}}
     assert set(t.snapshot()) == {"launch"}  # phases only
     t.clear()
     assert t.snapshot() == {} and t.decode_only() is None
@@ -641,3 +642,16 @@ def test_a_cache_shorter_than_max_model_len_is_warned_and_long_requests_refused(
     core.add_request("short", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while core.has_unfinished():
         core.step()
+
+
+def test_eager_decode_steps_name_their_reason() -> None:
+    """A rank's decode-only step that did not replay a graph says why (bench serve prints it)."""
+    from types import SimpleNamespace
+
+    from moecluster.workers.engine.ep_rank import _eager_reason
+
+    graphs = SimpleNamespace(max_batch=256)
+    assert _eager_reason(None, None, False, 64).startswith("no decode graphs")
+    assert _eager_reason(graphs, 64, False, 64) == "graphs not captured (CPU)"
+    assert _eager_reason(graphs, None, True, 64) == "a rank of the group ran a prefill or mixed step"
+    assert _eager_reason(graphs, None, False, 300) == "the group's largest batch (300) is over the largest graph (256)"

@@ -120,7 +120,8 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             core.timer.record("step", took)
             if sched is not None and sched.scheduled and mine[0] == len(sched.scheduled):  # mine[0]: its tokens
                 replayed = size is not None and graphs is not None and graphs.captured
-                core.timer.record_decode(len(sched.samplers), took, replayed)  # only decoded: one token a sequence
+                reason = None if replayed else _eager_reason(graphs, size, bool(flags[4]), max_tokens)
+                core.timer.record_decode(len(sched.samplers), took, replayed, reason)  # one token a sequence
         else:  # no rank computes a token this step: no forward; the step in flight, if any, is read
             _emit(core, rank, outbox, core.flush())
         due = cfg.eplb_interval_steps and ran and steps % cfg.eplb_interval_steps == 0
@@ -131,6 +132,17 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             if graphs is not None:
                 graphs.sync_placement()  # the captured dispatchers follow the moved experts
             outbox.put(("eplb", rank, report))
+
+
+def _eager_reason(graphs: Any, size: int | None, group_eager: bool, max_tokens: int) -> str:
+    """Why a step that only decoded here did not replay a captured graph."""
+    if graphs is None:
+        return "no decode graphs (CPU, graphs off, or a dispatcher graphs cannot hold)"
+    if size is not None:
+        return "graphs not captured (CPU)"
+    if group_eager:
+        return "a rank of the group ran a prefill or mixed step"
+    return f"the group's largest batch ({max_tokens}) is over the largest graph ({graphs.max_batch})"
 
 
 def _emit(core: EngineCore, rank: int, outbox: Any, outs: list[RequestOutput]) -> None:

@@ -8,7 +8,7 @@ steps that ran a forward are recorded. Read through a rank actor's `step_profile
 
 Beside the phases, `decode_only()` totals the steps that only decoded (every scheduled sequence
 computed one token) since the last `clear`: how many, the rows they sampled, their seconds and
-how many replayed a captured decode graph (the rest ran eagerly). Rows over seconds is the rank's decode rate at the batch it really ran, where a median step over the
+how many replayed a captured decode graph, and why the others ran eagerly. Rows over seconds is the rank's decode rate at the batch it really ran, where a median step over the
 last few hundred steps would assume every stream was in each of them.
 """
 
@@ -24,12 +24,15 @@ class StepTimer:
         self._phases: dict[str, deque[float]] = {}
         self.window = window
         self._decode = [0, 0, 0.0, 0]  # decode-only steps, rows sampled in them, their seconds, graph replays
+        self._eager: dict[str, int] = {}  # decode-only steps run eagerly, by reason
 
-    def record_decode(self, rows: int, seconds: float, replayed: bool = False) -> None:
+    def record_decode(self, rows: int, seconds: float, replayed: bool = False, eager_reason: str | None = None) -> None:
         """One step that only decoded: `rows` tokens sampled in `seconds` (its whole iteration);
-        `replayed`: from a captured decode graph."""
+        `replayed`: from a captured decode graph, else `eager_reason` says why not."""
         d = self._decode
         d[0], d[1], d[2], d[3] = d[0] + 1, d[1] + rows, d[2] + seconds, d[3] + int(replayed)
+        if not replayed and eager_reason:
+            self._eager[eager_reason] = self._eager.get(eager_reason, 0) + 1
 
     def record(self, phase: str, seconds: float) -> None:
         self._phases.setdefault(phase, deque(maxlen=self.window)).append(seconds)
@@ -44,11 +47,14 @@ class StepTimer:
         return out
 
     def decode_only(self) -> dict[str, float] | None:
-        """The decode-only steps since the last clear: their count, rows, seconds and graph replays
-        (None: none ran)."""
+        """The decode-only steps since the last clear: their count, rows, seconds, graph replays and
+        the eager ones by reason (None: none ran)."""
         steps, rows, seconds, replayed = self._decode
-        return {"steps": steps, "rows": rows, "seconds": seconds, "replayed": replayed} if steps else None
+        if not steps:
+            return None
+        return {"steps": steps, "rows": rows, "seconds": seconds, "replayed": replayed, "eager": dict(self._eager)}
 
     def clear(self) -> None:
         self._phases.clear()
         self._decode = [0, 0, 0.0, 0]
+        self._eager = {}
