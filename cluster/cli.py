@@ -108,14 +108,14 @@ def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from moecluster.workers.checkpoint.tiny import TinySpec, make_tiny
+    from moecluster.workers.checkpoint.tiny import INDEX_FILE, SHARD_FILES, TinySpec, make_tiny
 
     spec = TinySpec(
         arch=args.arch, quant=args.quant, hidden_size=args.hidden_size, num_layers=args.layers,
         num_experts=args.experts, num_heads=args.heads, q_lora_rank=args.q_lora_rank or None,
         vocab_size=args.vocab_size, seed=args.seed,
     )
-    with _output_dir(args.out, "make-tiny", TINY_FILES):
+    with _output_dir(args.out, "make-tiny", SLICE_FILES | {INDEX_FILE, *SHARD_FILES}):
         out = make_tiny(args.out, spec)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {spec.arch} ({spec.quant}) to {out} ({size / 2**20:.1f} MiB)")
@@ -144,8 +144,6 @@ def _make_slice(args: argparse.Namespace) -> int:
 
 
 SLICE_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"})
-TINY_FILES = SLICE_FILES | {"model.safetensors.index.json", "model-00001-of-00002.safetensors",
-                            "model-00002-of-00002.safetensors"}
 
 
 @contextmanager
@@ -481,8 +479,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     cfg = PlanConfig(gpu=args.gpu, gpus_per_node=args.gpus_per_node, nodes=args.nodes, context=args.context, ep=args.ep,
                      kv_dtype=args.kv_dtype, max_batched_tokens=args.max_batched_tokens, reserve_gib=args.reserve_gib,
-                     memory_fraction=args.memory_fraction,
-                     redundant_experts=args.redundant_experts)
+                     memory_fraction=args.memory_fraction, redundant_experts=args.redundant_experts)
     plan = make_plan(args.model, cfg)
     if args.json:
         print(json.dumps(plan_to_dict(plan), indent=2))
@@ -675,11 +672,13 @@ def _bench_serve(args: argparse.Namespace) -> int:
     load_format = args.load_format or ("safetensors" if args.model else "random")
     cfg = ServeBenchConfig(
         model=args.model, preset=args.preset, layers=args.layers, dense_layers=args.dense_layers,
-        routed_experts=args.routed_experts, load_format=load_format, device=args.device, dtype=args.dtype, ep=args.ep, replicas=args.replicas,
+        routed_experts=args.routed_experts, load_format=load_format, device=args.device, dtype=args.dtype,
+        ep=args.ep, replicas=args.replicas,
         prefill_ep=args.prefill_ep, mixes=args.mix, concurrency=tuple(args.concurrency), waves=args.waves,
         memory_fraction=args.memory_fraction, baseline=not args.no_baseline, roofline=not args.no_roofline,
         baseline_concurrency=args.baseline_concurrency, baseline_steps=args.baseline_steps, warmup=not args.no_warmup,
-        warmup_streams=args.warmup_streams, prefill_level=not args.no_prefill_level, cuda_graph_max_batch=args.cuda_graph_max_batch, async_scheduling=not args.no_async_scheduling,
+        warmup_streams=args.warmup_streams, prefill_level=not args.no_prefill_level,
+        cuda_graph_max_batch=args.cuda_graph_max_batch, async_scheduling=not args.no_async_scheduling,
         decode_experts_w8a8=not args.decode_experts_w16, decode_linears_w8a8=not args.decode_linears_w16,
         client_procs=args.client_procs,
     )

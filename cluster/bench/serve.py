@@ -281,8 +281,6 @@ def _eager_reasons(profiles: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
 
 def _wait_gpu_released(device: Any, timeout_s: float = 120.0) -> None:
     """The rank actors' processes free their GPU memory some seconds after the deployment stops."""
-    import time
-
     import torch
 
     deadline = time.monotonic() + timeout_s

@@ -14,9 +14,10 @@ spec's `cache.memory_fraction`: CUDA graphs, NCCL's buffers and the allocator wo
 full step's activations (`workers/engine/kv_cache.activation_bytes`, the engine's own count: the
 routed copies of a prefill chunk, and the keys and values its attention expands, up to MLA's
 context segment). The reserve (default 3 GiB) is what is already in use when the engine measures
-the free memory: the CUDA context and the cached blocks of loading. Served on an H200, the
-engine's cache came to within 0 (K2-Thinking) and 1.7 GiB (DeepSeek-V3) of this count with a
-3 GiB reserve (full-depth rank proxies, `docs/performance.md`, session 18).
+the free memory: the CUDA context and the cached blocks of loading. Served on an H200 (full-depth
+rank proxies, `docs/performance.md`, session 18), the engine's cache came out 0.6 GiB
+(K2-Thinking, 0.7 at a 131K context) and 2.1 GiB (DeepSeek-V3) larger than this count with a
+3 GiB reserve.
 KV tokens are counted in whole blocks (block_size, default 64 as the engine's).
 """
 

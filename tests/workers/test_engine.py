@@ -608,7 +608,7 @@ def test_step_timer_keeps_a_window_per_phase() -> None:
     snap = t.snapshot()["launch"]
     assert snap["n"] == 3 and snap["p50_ms"] == pytest.approx(3.0) and snap["mean_ms"] == pytest.approx(5.0)
     assert t.decode_only() is None  # no decode-only step yet
-    t.record_decode(64, 0.005, replayed=True)
+    t.record_decode(64, 0.005)  # replayed a graph
     t.record_decode(32, 0.003, eager_reason="a rank of the group ran a prefill or mixed step")
     assert t.decode_only() == {"steps": 2, "rows": 96, "seconds": pytest.approx(0.008), "replayed": 1,
                                "eager": {"a rank of the group ran a prefill or mixed step": 1}}

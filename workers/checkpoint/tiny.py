@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping
 import torch
 from safetensors.torch import save_file
 
+from moecluster.workers.checkpoint.loader import INDEX_FILE
 from moecluster.workers.checkpoint.tiny_tokenizer import special_token_ids, write_generation_config, write_tiny_tokenizer
 from moecluster.workers.config import ModelConfig
 from moecluster.workers.quant import quantize_fp8_block, quantize_int4_group
@@ -196,6 +197,9 @@ def _random_weights(cfg: ModelConfig, spec: TinySpec) -> dict[str, torch.Tensor]
     return t
 
 
+SHARD_FILES = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
 def _write_shards(out: Path, tensors: dict[str, torch.Tensor], num_layers: int) -> None:
     """Two shards split at the middle layer, plus model.safetensors.index.json."""
     def shard_of(name: str) -> int:
@@ -204,7 +208,7 @@ def _write_shards(out: Path, tensors: dict[str, torch.Tensor], num_layers: int) 
             return 1 if int(parts[2]) < num_layers // 2 + 1 else 2
         return 1 if name.startswith("model.embed") else 2
 
-    files = {1: "model-00001-of-00002.safetensors", 2: "model-00002-of-00002.safetensors"}
+    files = dict(enumerate(SHARD_FILES, start=1))
     weight_map, total = {}, 0
     for shard, file in files.items():
         part = {k: v.contiguous() for k, v in tensors.items() if shard_of(k) == shard}
@@ -213,4 +217,4 @@ def _write_shards(out: Path, tensors: dict[str, torch.Tensor], num_layers: int) 
             weight_map[k] = file
             total += v.numel() * v.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

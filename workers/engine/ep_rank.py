@@ -119,9 +119,9 @@ def lockstep_loop(core: EngineCore, rank: int, device: torch.device, cfg: Engine
             took = time.perf_counter() - t0
             core.timer.record("step", took)
             if sched is not None and sched.scheduled and mine[0] == len(sched.scheduled):  # mine[0]: its tokens
-                replayed = size is not None and graphs is not None and graphs.captured
+                replayed = size is not None and graphs.captured  # a size is agreed only where graphs exist
                 reason = None if replayed else _eager_reason(graphs, size, bool(flags[4]), max_tokens)
-                core.timer.record_decode(len(sched.samplers), took, replayed, reason)  # one token a sequence
+                core.timer.record_decode(len(sched.samplers), took, reason)  # one token a sequence
         else:  # no rank computes a token this step: no forward; the step in flight, if any, is read
             _emit(core, rank, outbox, core.flush())
         due = cfg.eplb_interval_steps and ran and steps % cfg.eplb_interval_steps == 0

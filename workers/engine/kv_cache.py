@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moecluster.workers.config import ModelConfig
-from moecluster.workers.model.mla import CONTEXT_CHUNK
+from moecluster.workers.model.mla import CONTEXT_CHUNK, segmented
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -32,8 +32,8 @@ def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype, context:
     row and its cast; per expanded context token (at most `context_chunk` of them, or the chunk's
     own rows: `workers/model/mla.py` expands a longer context a segment at a time), keys and
     head-dim-padded values for every head, plus one more copy of the values while they are padded;
-    when segmented, the fp32 merged output, an fp32 temporary and one segment's output. A quarter on top for the allocator's
-    rounding and what this count leaves out."""
+    when segmented, the fp32 merged output, an fp32 temporary and one segment's output. A quarter
+    on top for the allocator's rounding and what this count leaves out."""
     b = torch.finfo(dtype).bits // 8
     h, k = cfg.hidden_size, cfg.num_experts_per_tok
     moe = k * (h * (3 * b + 4) + cfg.moe_intermediate_size * b) if cfg.n_routed_experts else 0
@@ -43,5 +43,6 @@ def activation_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype, context:
     seen = max(context, tokens)
     expanded = min(seen, max(context_chunk, tokens))
     # segmented: the fp32 merged output and one fp32 temporary, and a segment's output (keys' head dim)
-    merged = tokens * cfg.num_attention_heads * (8 * cfg.v_head_dim + b * cfg.qk_head_dim) if seen > expanded else 0
+    merged = (tokens * cfg.num_attention_heads * (8 * cfg.v_head_dim + b * cfg.qk_head_dim)
+              if segmented(tokens, seen, context_chunk) else 0)
     return int(1.25 * (tokens * per_token + expanded * attention + 2 * seen * cfg.latent_dim * b + merged))

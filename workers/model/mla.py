@@ -33,6 +33,12 @@ from moecluster.workers.model.weights import Linear, RMSNorm, Slot, scheme_for
 CONTEXT_CHUNK = 16384
 
 
+def segmented(rows: int, context: int, chunk: int) -> bool:
+    """Whether a prefill chunk of `rows` over `context` tokens expands its context in segments of
+    `chunk` (else all of it at once; the chunk's own rows are always expanded together)."""
+    return context > max(chunk, rows)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
         super().__init__()
@@ -127,7 +133,7 @@ class MLA(nn.Module):
         if n_q == 0:  # (the CPU's flash kernel divides by the row count)
             return q_nope.new_empty(0, self.heads, self.v_dim)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # (H, q, nope + rope)
-        if n_ctx <= max(self.context_chunk, n_q):
+        if not segmented(n_q, n_ctx, self.context_chunk):
             k, v = self._expand(context.to(q.dtype))
             mask = causal_lower_right(n_q, n_ctx)
             out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.scale)[0]
