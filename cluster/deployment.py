@@ -113,7 +113,7 @@ class _Stream:
     # still on their way from a rank; they must not reach the new stream.
     inner: str
     delivered: dict[int, list[int]] = field(default_factory=dict)  # sample index -> tokens sent
-    sent: dict[int, list[str]] = field(default_factory=dict)  # sample index -> text sent
+    sent_chars: dict[int, int] = field(default_factory=dict)  # sample index -> characters of text sent
     resumed: dict[int, ResumedText] = field(default_factory=dict)  # samples that failed over: their text
     resumes: dict[int, int] = field(default_factory=dict)  # sample index -> times it failed over
     finished: set[int] = field(default_factory=set)
@@ -236,7 +236,7 @@ class Deployment:
             decoder = self._load_decoder()  # before the stream's lock: its poller threads wait on that
             if decoder is not None:
                 with stream.lock:
-                    stream.resumed[sample] = ResumedText(decoder, p, done, "".join(stream.sent.get(sample, [])))
+                    stream.resumed[sample] = ResumedText(decoder, p, done, stream.sent_chars.get(sample, 0))
         while not stream.closed:
             pick = self.entry.named(target[0]) if target is not None else None
             rank = target[1] if pick is not None and target is not None else None
@@ -404,7 +404,7 @@ class Deployment:
                     stopped = True  # ended here, not by its engine: that inner request must stop
                 o.text, o.finish_reason, o.stop_reason = piece.text, piece.finish_reason, piece.stop_reason
             stream.delivered.setdefault(o.index, []).extend(o.token_ids)
-            stream.sent.setdefault(o.index, []).append(o.text)
+            stream.sent_chars[o.index] = stream.sent_chars.get(o.index, 0) + len(o.text)
             if o.finish_reason is not None:
                 stream.finished.add(o.index)
             outputs.append(o)

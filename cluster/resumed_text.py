@@ -6,7 +6,7 @@ of a character split across tokens (byte-level BPE: one CJK character or emoji c
 tokens), and the text held back because it might begin a stop string. Its stop-string search also
 sees only the new text, so a stop string straddling the resume point would be missed.
 
-`ResumedText` rebuilds that state on the driver from the delivered tokens and the text already sent
+`ResumedText` rebuilds that state on the driver from the delivered tokens and how much text was sent
 (the engine's own `StopText`, primed with them), then turns the new replica's
 tokens into the text the client would have seen without the failure, finishing the sample itself
 when a stop string completes across the resume point.
@@ -30,12 +30,12 @@ class Piece:
 
 
 class ResumedText:
-    def __init__(self, decoder: Decoder, params: SamplingParams, delivered: list[int], sent: str) -> None:
+    def __init__(self, decoder: Decoder, params: SamplingParams, delivered: list[int], sent_chars: int) -> None:
         self.text = StopText(decoder, params)
         self.text.detok.add_many(delivered)
-        decoded = self.text.detok.text
         # What the failed replica had decoded and not sent (held back): the client still needs it.
-        self.text.pending = decoded[len(sent):] if decoded.startswith(sent) else ""
+        # The text sent is a prefix of the same tokens' decoding (same tokenizer and settings).
+        self.text.pending = self.text.detok.text[sent_chars:]
 
     def feed(self, token_ids: list[int], finish_reason: str | None, stop_reason: int | str | None) -> Piece:
         """The text of these new tokens; `finish_reason` / `stop_reason` are the engine's for the last."""
