@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from moecluster.workers.checkpoint.tiny import TinySpec, make_tiny
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Without a GPU, Triton kernels run under Triton's interpreter. Set before anything imports a
 # kernel module (some define their kernels at import); the model's CPU path calls the torch
 # references directly, so only the kernel tests go through the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moecluster.workers.checkpoint.tiny import TinySpec, make_tiny  # noqa: E402 (after the line above)
+
 # The toy models' matrices are tiny: one thread beats two (no OpenMP hand-offs), and it keeps the
 # suite from stalling when the machine is shared.
 torch.set_num_threads(1)
