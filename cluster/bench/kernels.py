@@ -8,7 +8,9 @@
    GB/s, and that as a fraction of the copy bandwidth; where the Gluon seesaw kernel takes the
    call, the Triton kernel's time on the same inputs beside it; SGLang's Triton MLA decode kernel on the
    same shapes when `.peers/sglang_min` exists (`../shared/peers/sglang_mla.sh`; page size 1 over
-   the same cache, the way its MLA backend calls it).
+   the same cache, the way its MLA backend calls it), and FlashMLA's dense decode kernel (the CUDA
+   kernel SGLang and vLLM run on Hopper; `scripts/peers/flashmla.sh` puts vLLM's compiled copy in
+   `.peers/flashmla`) over the same paged cache, timed the same way as ours.
 3. Fused MoE (`kernels/fused_moe.py`) at DeepSeek-V3 shapes (hidden 7168, intermediate 2048, 32
    local experts) and m tokens per expert: our bf16 (the default path, torch's grouped GEMM at
    prefill sizes, and the Triton kernel beside it) and INT4 (group 32) grouped MLP against
@@ -24,6 +26,7 @@ Times are medians of three `triton.testing.do_bench` medians (it clears the L2 b
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -37,6 +40,7 @@ from unittest import mock
 import torch
 
 PEERS = Path(".peers/sglang_min")
+FLASHMLA = Path(".peers/flashmla")
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,27 @@ def _sglang_mla() -> Callable[..., Any] | None:
     return decode_attention_fwd
 
 
+@functools.cache
+def _flashmla() -> Any | None:
+    """FlashMLA's `flash_mla_with_kvcache` from `.peers/flashmla`, or None (and why) where it cannot
+    load: the extension needs the torch it was built against and the CUDA 13 runtime library."""
+    if not FLASHMLA.is_dir():
+        return None
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcudart.so.13", mode=ctypes.RTLD_GLOBAL)
+    except OSError:  # this torch was built against another CUDA: load the copy beside the peer
+        ctypes.CDLL(str(FLASHMLA / "lib" / "libcudart.so.13"), mode=ctypes.RTLD_GLOBAL)
+    sys.path.insert(0, str(FLASHMLA))
+    try:
+        from vllm.third_party.flashmla import flash_mla_interface as fm
+    except Exception as e:  # noqa: BLE001 - the peer is optional; say why it is missing
+        print(f"FlashMLA could not be imported: {e!r}", file=sys.stderr)
+        return None
+    return fm
+
+
 def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.Generator) -> dict[str, Any]:
     from moecluster.kernels import mla_seesaw
     from moecluster.kernels.mla_decode import mla_decode
@@ -172,6 +197,20 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
         pms = _time_ms(run_peer)
         row["sglang_ms"], row["sglang_gbs"] = pms, nbytes / (pms * 1e-3) / 1e9
         row["sglang_of_copy"] = row["sglang_gbs"] / copy_gbs
+    fm = _flashmla()
+    if fm is not None:
+        meta, _ = fm.get_mla_metadata()
+        q4, k4 = q.unsqueeze(1), cache.unsqueeze(2)  # (batch, 1, heads, 576), (blocks, 64, 1, 576)
+
+        def run_flashmla() -> torch.Tensor:
+            return fm.flash_mla_with_kvcache(q4, k4, tables, lens, rank, meta, softmax_scale=scale)[0]
+
+        theirs = run_flashmla()  # its first call also writes the split schedule that later calls reuse
+        ours = mla_decode(q, cache, tables, lens, scale, rank)
+        row["max_abs_diff_vs_flashmla"] = float((ours.float() - theirs[:, 0].float()).abs().max())
+        fms = graph_ms(run_flashmla)
+        row["flashmla_ms"], row["flashmla_gbs"] = fms, nbytes / (fms * 1e-3) / 1e9
+        row["flashmla_of_copy"] = row["flashmla_gbs"] / copy_gbs
     return row
 
 
@@ -349,13 +388,14 @@ def print_tables(result: KernelBenchResult) -> None:
     if result.mla:
         t = Table(title="MLA decode (bf16 latent cache, 576 values per token)")
         for col in ("heads", "batch", "context", "kernel", "ours ms", "ours GB/s", "of copy", "eager ms", "Triton ms",
-                    "Triton of copy", "SGLang ms", "SGLang GB/s", "SGLang of copy"):
+                    "Triton of copy", "SGLang ms", "SGLang GB/s", "SGLang of copy", "FlashMLA ms", "FlashMLA of copy"):
             t.add_column(col, justify="right")
         for r in result.mla:
             t.add_row(str(r["heads"]), str(r["batch"]), str(r["context"]), r["kernel"], f"{r['ours_ms']:.3f}",
                       f"{r['ours_gbs']:.0f}", f"{r['ours_of_copy']:.0%}", f"{r['ours_eager_ms']:.3f}",
                       _f(r.get("triton_ms"), ".3f"), _f(r.get("triton_of_copy"), ".0%"),
-                      _f(r.get("sglang_ms"), ".3f"), _f(r.get("sglang_gbs"), ".0f"), _f(r.get("sglang_of_copy"), ".0%"))
+                      _f(r.get("sglang_ms"), ".3f"), _f(r.get("sglang_gbs"), ".0f"), _f(r.get("sglang_of_copy"), ".0%"),
+                      _f(r.get("flashmla_ms"), ".3f"), _f(r.get("flashmla_of_copy"), ".0%"))
         console.print(t)
     if result.moe:
         t = Table(title="fused MoE, hidden 7168, intermediate 2048, 32 local experts")
