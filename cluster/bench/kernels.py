@@ -2,9 +2,10 @@
 
 1. Bounds measured in the same run: copy bandwidth (a 2 GiB device-to-device `copy_`, bytes read
    + written over the time) and dense bf16 matmul throughput (8192^3 `torch.matmul`).
-2. MLA decode (`kernels/mla_decode.py`) at batch x context x heads, latent cache bf16 in blocks of
-   64 tokens x 576 values, block tables shuffled: time (calls replayed in a CUDA graph, as the
-   engine runs decode steps; the eager time beside it), bytes read (cache + q + out) / time in
+2. MLA decode (`kernels/mla_decode.py`) at batch x context x heads, every sequence `context` long
+   and again with lengths drawn from 1..context, latent cache bf16 in blocks of 64 tokens x 576
+   values, block tables shuffled: time (calls replayed in a CUDA graph, as the
+   engine runs decode steps; the eager time beside it), bytes read (the tokens' cache rows + q + out) / time in
    GB/s, and that as a fraction of the copy bandwidth; where the Gluon seesaw kernel takes the
    call, the Triton kernel's time on the same inputs beside it; SGLang's Triton MLA decode kernel on the
    same shapes when `.peers/sglang_min` exists (`../shared/peers/sglang_mla.sh`; page size 1 over
@@ -48,6 +49,7 @@ class KernelBenchConfig:
     mla_batches: tuple[int, ...] = (64, 128)
     mla_contexts: tuple[int, ...] = (4096, 32768)
     mla_heads: tuple[int, ...] = (128, 64)
+    mla_mixed_lengths: bool = True  # also each shape with lengths drawn from 1..context
     moe_tokens_per_expert: tuple[int, ...] = (8, 64, 512, 4096)
     moe_experts: int = 32
     hidden: int = 7168
@@ -145,7 +147,11 @@ def _flashmla() -> Any | None:
     return fm
 
 
-def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.Generator) -> dict[str, Any]:
+def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.Generator,
+              mixed: bool = False) -> dict[str, Any]:
+    """One MLA decode shape. `mixed`: sequence lengths drawn uniformly from 1..context (the block
+    tables still hold `context` tokens, as the engine sizes them for the longest sequence), so
+    the split schedule meets unequal sequences; bytes count the tokens actually read."""
     from moecluster.kernels import mla_seesaw
     from moecluster.kernels.mla_decode import mla_decode
 
@@ -155,15 +161,20 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
     num_blocks = batch * blocks_per_seq
     cache = torch.randn(num_blocks, block, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(batch, blocks_per_seq).to(torch.int32)
-    lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    if mixed:
+        lens = torch.randint(1, context + 1, (batch,), device="cuda", dtype=torch.int32, generator=gen)
+    else:
+        lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
     q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     scale = dim**-0.5
-    nbytes = (batch * context * dim + q.numel() + batch * heads * rank) * 2
+    tokens_read = int(lens.sum())
+    nbytes = (tokens_read * dim + q.numel() + batch * heads * rank) * 2
     def call() -> None:
         mla_decode(q, cache, tables, lens, scale, rank)
 
     ms = graph_ms(call)
-    row: dict[str, Any] = {"batch": batch, "context": context, "heads": heads, "ours_ms": ms,
+    row: dict[str, Any] = {"batch": batch, "context": context, "heads": heads,
+                           "lengths": "mixed" if mixed else "equal", "tokens_read": tokens_read, "ours_ms": ms,
                            "ours_gbs": nbytes / (ms * 1e-3) / 1e9, "ours_eager_ms": _time_ms(call),
                            "kernel": "seesaw" if mla_seesaw.supported(q, cache, rank) else "triton"}
     row["ours_of_copy"] = row["ours_gbs"] / copy_gbs
@@ -181,8 +192,10 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
         k_buf = cache.view(-1, 1, dim)
         v_buf = k_buf[..., :rank]
         tokens = (tables.long()[:, :, None] * block + torch.arange(block, device="cuda")).reshape(batch, -1)
-        indices = tokens.reshape(-1).to(torch.int32)
-        indptr = torch.arange(0, (batch + 1) * context, context, device="cuda", dtype=torch.int32)
+        keep = torch.arange(context, device="cuda")[None, :] < lens[:, None]
+        indices = tokens[keep].to(torch.int32)  # each sequence's first lens[b] token slots, in order
+        indptr = torch.zeros(batch + 1, device="cuda", dtype=torch.int32)
+        indptr[1:] = lens.cumsum(0)
         o = torch.empty(batch, heads, rank, device="cuda", dtype=torch.bfloat16)
         logits = torch.empty(batch, heads, splits, rank, device="cuda", dtype=torch.float32)
         lse = torch.empty(batch, heads, splits, device="cuda", dtype=torch.float32)
@@ -355,11 +368,13 @@ def run(cfg: KernelBenchConfig, checkpoint: Callable[[KernelBenchResult], None] 
         for heads in cfg.mla_heads:
             for batch in cfg.mla_batches:
                 for context in cfg.mla_contexts:
-                    print(f"MLA decode: heads {heads}, batch {batch}, context {context}", file=sys.stderr, flush=True)
-                    result.mla.append(bench_mla(batch, context, heads, result.copy_gbs, gen))
-                    torch.cuda.empty_cache()
-                    if checkpoint is not None:
-                        checkpoint(result)
+                    for mixed in (False, True) if cfg.mla_mixed_lengths else (False,):
+                        print(f"MLA decode: heads {heads}, batch {batch}, context {context}"
+                              f"{', mixed lengths' if mixed else ''}", file=sys.stderr, flush=True)
+                        result.mla.append(bench_mla(batch, context, heads, result.copy_gbs, gen, mixed))
+                        torch.cuda.empty_cache()
+                        if checkpoint is not None:
+                            checkpoint(result)
     if "moe" in cfg.only:
         for m in cfg.moe_tokens_per_expert:
             print(f"fused MoE: {m} tokens per expert", file=sys.stderr, flush=True)
@@ -387,11 +402,11 @@ def print_tables(result: KernelBenchResult) -> None:
                   f"e4m3 matmul {_f(result.fp8_matmul_tflops, '.0f')} TFLOP/s")
     if result.mla:
         t = Table(title="MLA decode (bf16 latent cache, 576 values per token)")
-        for col in ("heads", "batch", "context", "kernel", "ours ms", "ours GB/s", "of copy", "eager ms", "Triton ms",
+        for col in ("heads", "batch", "context", "lengths", "kernel", "ours ms", "ours GB/s", "of copy", "eager ms", "Triton ms",
                     "Triton of copy", "SGLang ms", "SGLang GB/s", "SGLang of copy", "FlashMLA ms", "FlashMLA of copy"):
             t.add_column(col, justify="right")
         for r in result.mla:
-            t.add_row(str(r["heads"]), str(r["batch"]), str(r["context"]), r["kernel"], f"{r['ours_ms']:.3f}",
+            t.add_row(str(r["heads"]), str(r["batch"]), str(r["context"]), r.get("lengths", "equal"), r["kernel"], f"{r['ours_ms']:.3f}",
                       f"{r['ours_gbs']:.0f}", f"{r['ours_of_copy']:.0%}", f"{r['ours_eager_ms']:.3f}",
                       _f(r.get("triton_ms"), ".3f"), _f(r.get("triton_of_copy"), ".0%"),
                       _f(r.get("sglang_ms"), ".3f"), _f(r.get("sglang_gbs"), ".0f"), _f(r.get("sglang_of_copy"), ".0%"),
