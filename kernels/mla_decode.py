@@ -120,7 +120,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moecluster.kernels import mla_seesaw
+from moecluster.kernels import mla_schedule, mla_seesaw
 from moecluster.kernels.device import cuda_capability, cuda_sm_count
 
 try:  # the CPU path needs only torch
@@ -171,11 +171,14 @@ def _mla_decode_stage1(
     KV,  # (num_blocks, block_size, kv_lora_rank + rope_dim)
     BlockTables,  # (batch, max_blocks) int32 / int64
     SeqLens,  # (batch,) int32 / int64
-    O,  # (batch, splits, heads, kv_lora_rank): fp32 partials, or the output itself when num_splits == 1
-    Lse,  # (batch, splits, heads) fp32 log2-sum-exp of each split (unused when num_splits == 1)
+    Out,  # (batch, heads, kv_lora_rank): written here for a sequence of one unit
+    Partial,  # (capacity, heads, kv_lora_rank) fp32: unit u's normalized partial, sequences of several units
+    Lse,  # (capacity, heads) fp32: unit u's log2-sum-exp, same
+    Units,  # (capacity, 3) int32: (sequence, first token, end token), from mla_schedule
+    SeqPlan,  # (batch, 2) int32: (first unit, unit count)
+    NumUnits,  # (1,) int32
     sm_scale_log2,  # scale * log2(e)
     num_heads,
-    num_splits,  # a run-time value: one compiled kernel serves every split count
     stride_qb,
     stride_qh,
     stride_qd,
@@ -184,12 +187,13 @@ def _mla_decode_stage1(
     stride_kvd,
     stride_btb,
     stride_btn,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_od,
-    stride_lb,
-    stride_ls,
+    stride_outb,
+    stride_outh,
+    stride_outd,
+    stride_pu,
+    stride_ph,
+    stride_pd,
+    stride_lu,
     stride_lh,
     KV_LORA: tl.constexpr,  # latent width (512): K-nope and V
     ROPE: tl.constexpr,  # rope key width (64)
@@ -198,20 +202,18 @@ def _mla_decode_stage1(
     PAGE_SIZE: tl.constexpr,  # cache block size (tokens per page)
     BLOCK_H: tl.constexpr,  # heads per program (dot M)
     BLOCK_N: tl.constexpr,  # tokens per tile
-    WRITE_LSE: tl.constexpr,  # num_splits > 1
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for 16-bit inputs
     TILE_IN_PAGE: tl.constexpr,  # PAGE_SIZE % BLOCK_N == 0: a whole tile is rows of one page
     PREFETCH_L2: tl.constexpr,  # TILE_IN_PAGE on sm_90+: bulk-prefetch the next tile into L2 (PTX)
     PREFETCH_BYTES: tl.constexpr,  # BLOCK_N rows of the cache, in bytes (a multiple of 16)
 ):
-    pid_h = tl.program_id(0)  # fastest: programs of one (sequence, split) are adjacent
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-
-    seq_len = tl.load(SeqLens + b).to(tl.int32)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # per sequence, whole tiles
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)  # may be <= start: an empty split
+    pid_h = tl.program_id(0)  # fastest: programs of one unit (other heads) are adjacent
+    u = tl.program_id(1)
+    active = u < tl.load(NumUnits)  # the grid holds `capacity` units; the plan used fewer
+    b = tl.load(Units + u * 3, mask=active, other=0).to(tl.int64)
+    start = tl.load(Units + u * 3 + 1, mask=active, other=0)
+    end = tl.load(Units + u * 3 + 2, mask=active, other=0)  # may be start: an empty sequence
+    direct = tl.load(SeqPlan + b * 2 + 1, mask=active, other=0) == 1  # the sequence's only unit
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles end here
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
@@ -315,52 +317,57 @@ def _mla_decode_stage1(
         acc = tl.dot(p.to(latent.dtype), latent, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    nonempty = l_i > 0.0  # false only for an empty split
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # (BLOCK_H, BLOCK_C), zeros for an empty split
-    o_ptrs = O + b * stride_ob + split * stride_os + offs_h[:, None] * stride_oh + offs_c[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_h[:, None] & mask_c[None, :])
-    if WRITE_LSE:
-        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))  # (BLOCK_H,)
-        tl.store(Lse + b * stride_lb + split * stride_ls + offs_h * stride_lh, lse, mask=mask_h)
+    nonempty = l_i > 0.0  # false only for an empty sequence
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # (BLOCK_H, BLOCK_C), zeros for an empty sequence
+    # which rows go where, as vectors (the interpreter mis-types a vector mask & a scalar condition)
+    where = tl.zeros((BLOCK_H,), tl.int32) + active.to(tl.int32) * (1 + (~direct).to(tl.int32))  # 1 out, 2 partial
+    to_out, to_partial = mask_h & (where == 1), mask_h & (where == 2)
+    o_ptrs = Out + b * stride_outb + offs_h[:, None] * stride_outh + offs_c[None, :] * stride_outd
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=to_out[:, None] & mask_c[None, :])
+    p_ptrs = Partial + u.to(tl.int64) * stride_pu + offs_h[:, None] * stride_ph + offs_c[None, :] * stride_pd
+    tl.store(p_ptrs, out, mask=to_partial[:, None] & mask_c[None, :])
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))  # (BLOCK_H,)
+    tl.store(Lse + u.to(tl.int64) * stride_lu + offs_h * stride_lh, lse, mask=to_partial)
 
 
 def _mla_decode_stage2(
-    Partial,  # (batch, splits, heads, kv_lora_rank) fp32
-    Lse,  # (batch, splits, heads) fp32
+    Partial,  # (capacity, heads, kv_lora_rank) fp32
+    Lse,  # (capacity, heads) fp32
+    SeqPlan,  # (batch, 2) int32: (first unit, unit count)
     Out,  # (batch, heads, kv_lora_rank)
-    stride_pb,
-    stride_ps,
+    stride_pu,
     stride_ph,
     stride_pd,
-    stride_lb,
-    stride_ls,
+    stride_lu,
     stride_lh,
     stride_outb,
     stride_outh,
     stride_outd,
-    num_splits,
     KV_LORA: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    first = tl.load(SeqPlan + b * 2).to(tl.int64)
+    count = tl.load(SeqPlan + b * 2 + 1)
+    merge = count > 1  # a sequence of one unit was written by stage 1
 
     offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < KV_LORA
-    lse_base = Lse + b * stride_lb + h * stride_lh
-    p_base = Partial + b * stride_pb + h * stride_ph + offs_c * stride_pd  # (BLOCK_C,)
+    mask_c = (offs_c < KV_LORA) & (offs_c * 0 + count > 1)  # as a vector: see stage 1's stores
+    lse_base = Lse + first * stride_lu + h * stride_lh
+    p_base = Partial + first * stride_pu + h * stride_ph + offs_c * stride_pd  # (BLOCK_C,)
 
-    # Online merge, seeded with split 0, which is never empty (seq_len >= 1): m stays finite, and
-    # an empty split (lse = -inf) gets weight exp2(-inf) = 0.
-    m = tl.load(lse_base)
+    # Online merge, seeded with the first unit, which is never empty (a sequence of several units
+    # has a token in each): m stays finite.
+    m = tl.load(lse_base, mask=merge, other=0.0)
     denom = 1.0
     acc = tl.load(p_base, mask=mask_c, other=0.0)  # (BLOCK_C,) fp32
-    for s in range(1, num_splits):
-        lse = tl.load(lse_base + s * stride_ls)
+    for s in range(1, count):
+        lse = tl.load(lse_base + s * stride_lu)
         m_new = tl.maximum(m, lse)
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)
-        acc = acc * alpha + w * tl.load(p_base + s * stride_ps, mask=mask_c, other=0.0)
+        acc = acc * alpha + w * tl.load(p_base + s * stride_pu, mask=mask_c, other=0.0)
         denom = denom * alpha + w
         m = m_new
     out = acc / denom
@@ -375,10 +382,8 @@ def _jitted(interpret: bool):
     # the partials' strides) stay unspecialized: Triton would otherwise compile a new variant
     # whenever one of them becomes 1 or a multiple of 16, a stall of seconds while serving.
     return (
-        triton.jit(_mla_decode_stage1, do_not_specialize=[
-            "num_splits", "stride_btb", "stride_ob", "stride_os", "stride_lb", "stride_ls"]),
-        triton.jit(_mla_decode_stage2, do_not_specialize=[
-            "stride_pb", "stride_ps", "stride_lb", "stride_ls", "num_splits"]),
+        triton.jit(_mla_decode_stage1, do_not_specialize=["stride_btb", "stride_outb"]),
+        triton.jit(_mla_decode_stage2, do_not_specialize=["stride_outb"]),
     )
 
 
@@ -390,8 +395,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 # A program's fixed cost in cache rows: loading q, storing its (BLOCK_H, 512) fp32 partial and
 # merging it in stage 2, the pipeline's fill. Fitted on an H100 (see the module docstring).
-_SPLIT_OVERHEAD_TOKENS = 128
-_MAX_SPLITS = 64
 _INTERPRETER_SMS = 4  # a stand-in SM count for the CPU interpreter: few programs, fast tests
 _DEFAULT_BLOCK_N = 64
 _DEFAULT_BLOCK_H = 64
@@ -446,32 +449,6 @@ def _programs_per_sm(block_h: int, block_n: int, num_warps: int, num_stages: int
     return max(1, min(228 * 1024 // smem, 2 if num_warps <= 4 else 1))
 
 
-@functools.lru_cache(maxsize=4096)
-def choose_num_splits(
-    batch: int,
-    num_heads: int,
-    max_seq_len: int,
-    num_sms: int,
-    block_h: int,
-    block_n: int,
-    programs_per_sm: int = 1,
-) -> int:
-    """Splits per sequence that minimize a wave model of stage 1's time: with P = batch * head
-    blocks programs per split and `num_sms * programs_per_sm` resident at once, s splits take
-    ceil(P * s / resident) waves of (tokens per split + `_SPLIT_OVERHEAD_TOKENS`) each; ties go
-    to fewer splits. At most `_MAX_SPLITS`, and no more than the longest sequence has tiles."""
-    per_split = batch * -(-num_heads // block_h)
-    resident = max(1, num_sms * programs_per_sm)
-    best, best_cost = 1, None
-    for splits in range(1, min(_MAX_SPLITS, -(-max_seq_len // block_n)) + 1):
-        tokens = -(-max_seq_len // splits)
-        tokens = -(-tokens // block_n) * block_n  # whole tiles, as the kernel rounds
-        cost = -(-per_split * splits // resident) * (tokens + _SPLIT_OVERHEAD_TOKENS)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = splits, cost
-    return best
-
-
 def mla_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -485,7 +462,6 @@ def mla_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     *,
-    max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA decode attention, absorbed form: q (batch, heads, kv_lora_rank + rope_dim) over the paged
@@ -496,11 +472,9 @@ def mla_decode(
     `mla_decode_reference`. On sm_90, for the production shapes (`mla_seesaw.supported`) and no
     pinned tiles, stage 1 is the Gluon kernel in `mla_seesaw.py` instead (same partials, same
     stage 2). Tuning knobs (None: the defaults in the module docstring):
-    num_splits (context splits per sequence), block_n (tokens per tile, a power of two >= 16),
-    block_h (heads per program, a power of two >= 16), num_warps, num_stages. max_seq_len: an
-    upper bound on seq_lens, to choose num_splits; None takes the block tables' capacity
-    (max_blocks * block_size), which needs no host sync and is tight when the tables are only as
-    wide as the longest sequence needs.
+    num_splits (the units the longest sequence is cut into; None: chosen on the GPU from the
+    lengths, `mla_schedule`), block_n (tokens per tile, a power of two >= 16), block_h (heads per
+    program, a power of two >= 16), num_warps, num_stages. Nothing is read back to the host.
     out: an optional (batch, heads, kv_lora_rank) tensor of q's dtype to write into.
     Block tables must cover every sequence's length; this is not checked (it would need a sync).
     """
@@ -518,8 +492,7 @@ def mla_decode(
         out = q.new_empty((batch, num_heads, kv_lora_rank))
     if batch == 0 or num_heads == 0:
         return out
-    interpreting = _interpreting()
-    if not (q.is_cuda or interpreting):
+    if not (q.is_cuda or _interpreting()):
         out.copy_(mla_decode_reference(q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank))
         return out
 
@@ -529,11 +502,13 @@ def mla_decode(
     block_h = block_h or min(_DEFAULT_BLOCK_H, max(16, _next_pow2(num_heads)))
     block_n, num_stages = _fit_tiles(block_h, block_n, num_stages, row_bytes, _smem_budget(q.device))
     num_warps = num_warps or (8 if block_h >= 64 else 4)
-    if num_splits is None:
-        if max_seq_len is None:  # the tables' capacity bounds every length: no host sync on seq_lens
-            max_seq_len = max(1, block_tables.shape[1] * page_size)
-        resident = _programs_per_sm(block_h, block_n, num_warps, num_stages, row_bytes)
-        num_splits = choose_num_splits(batch, num_heads, max_seq_len, _sm_count(q.device), block_h, block_n, resident)
+    resident = _sm_count(q.device) * _programs_per_sm(block_h, block_n, num_warps, num_stages, row_bytes)
+    head_blocks = -(-num_heads // block_h)
+    # the grid's units per head block: one a sequence, and another wave's worth to cut long ones
+    capacity = batch * num_splits if num_splits else batch + -(-resident // head_blocks)
+    interpreting = _interpreting()
+    units, seq_plan, num_units = mla_schedule.launch_plan(
+        seq_lens, head_blocks, resident, capacity, block_n, num_splits or 0, interpreting)
 
     seesaw = not interpreting and not knobs and mla_seesaw.supported(q, kv_cache, kv_lora_rank)
     stage1, stage2 = _jitted(interpreting)
@@ -547,36 +522,28 @@ def mla_decode(
         PAGE_SIZE=page_size,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
-        WRITE_LSE=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         TILE_IN_PAGE=tile_in_page,
         PREFETCH_L2=tile_in_page and not interpreting and _can_prefetch_l2(kv_cache),
         PREFETCH_BYTES=block_n * kv_cache.stride(1) * kv_cache.element_size(),
     )
-    grid1 = (-(-num_heads // block_h), num_splits, batch)
-    if num_splits == 1:  # stage 1 normalizes straight into the output; no stage 2
-        partial, lse = out, out  # lse is never touched
-        p_strides = (out.stride(0), 0, out.stride(1), out.stride(2))
-        l_strides = (0, 0, 0)
-    else:
-        partial = torch.empty((batch, num_splits, num_heads, kv_lora_rank), device=q.device, dtype=torch.float32)
-        lse = torch.empty((batch, num_splits, num_heads), device=q.device, dtype=torch.float32)
-        p_strides, l_strides = partial.stride(), lse.stride()
+    partial = torch.empty((capacity, num_heads, kv_lora_rank), device=q.device, dtype=torch.float32)
+    lse = torch.empty((capacity, num_heads), device=q.device, dtype=torch.float32)
+    plan = (units, seq_plan, num_units)
     if seesaw:
-        seesaw = mla_seesaw.try_launch_stage1(q, kv_cache, block_tables, seq_lens, partial, lse, p_strides, l_strides,
-                                              scale * math.log2(math.e), num_splits)
+        seesaw = mla_seesaw.try_launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity,
+                                              scale * math.log2(math.e))
     if not seesaw:
-        stage1[grid1](
-            q, kv_cache, block_tables, seq_lens, partial, lse,
-            scale * math.log2(math.e), num_heads, num_splits,
-            *q.stride(), *kv_cache.stride(), *block_tables.stride(), *p_strides, *l_strides,
+        stage1[(head_blocks, capacity)](
+            q, kv_cache, block_tables, seq_lens, out, partial, lse, *plan,
+            scale * math.log2(math.e), num_heads,
+            *q.stride(), *kv_cache.stride(), *block_tables.stride(), *out.stride(), *partial.stride(), *lse.stride(),
             **consts, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-    if num_splits > 1:
-        stage2[(num_heads, batch)](
-            partial, lse, out, *partial.stride(), *lse.stride(), *out.stride(), num_splits,
-            KV_LORA=kv_lora_rank, BLOCK_C=consts["BLOCK_C"], num_warps=4 if kv_lora_rank >= 256 else 1,
-        )  # fmt: skip
+    stage2[(num_heads, batch)](
+        partial, lse, seq_plan, out, *partial.stride(), *lse.stride(), *out.stride(),
+        KV_LORA=kv_lora_rank, BLOCK_C=consts["BLOCK_C"], num_warps=4 if kv_lora_rank >= 256 else 1,
+    )  # fmt: skip
     return out
 
 

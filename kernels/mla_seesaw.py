@@ -41,9 +41,9 @@ shared memory before use, and masks their scores.
 
 Scope (`supported`): sm_90, bf16 / fp16, 512 + 64 wide rows, heads a multiple of 64, pages a
 multiple of 64 tokens, a contiguous cache and 16-byte aligned q (copied when not contiguous).
-The launcher (`mla_decode.mla_decode`) takes the Triton kernel otherwise. Split-K over the
-context and the stage-2 merge are the Triton kernel's: this one writes the same normalized
-partials and log2-sum-exps.
+The launcher (`mla_decode.mla_decode`) takes the Triton kernel otherwise. The work list (which
+program reads which tokens of which sequence, `mla_schedule`) and the stage-2 merge are shared
+with the Triton kernel: this one writes the same outputs, normalized partials and log2-sum-exps.
 """
 
 from __future__ import annotations
@@ -206,19 +206,24 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=0, deps=[s])
 
     @gluon.jit
-    def _store_half(o, l_tot, O, out_off, stride_oh, stride_od, HALF: gl.constexpr):
-        """This warpgroup's (64, 256) output columns, normalized by the row sums (zeros for an empty split)."""
+    def _store_half(o, l_tot, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, HALF: gl.constexpr):
+        """This warpgroup's (64, 256) output columns, normalized by the row sums (zeros for an empty
+        sequence), into the output (a sequence of one unit) or the unit's fp32 partial; nothing for a
+        program past the plan's units."""
         l_o = gl.convert_layout(l_tot, _ROW_O)
         o = o / gl.where(l_o > 0.0, l_o, 1.0)[:, None]
-        heads = gl.arange(0, _C_HEADS, layout=_ROW_O)
+        heads = gl.arange(0, _C_HEADS, layout=_ROW_O).to(gl.int64)
         cols = HALF * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, _MMA_O))
-        ptrs = O + out_off + heads.to(gl.int64)[:, None] * stride_oh + cols[None, :] * stride_od
-        gl.store(ptrs, o.to(O.dtype.element_ty))
+        if active:
+            if direct:
+                gl.store(Out + out_off + heads[:, None] * stride_oh + cols[None, :] * stride_od, o.to(Out.dtype.element_ty))
+            else:
+                gl.store(Partial + p_off + heads[:, None] * stride_ph + cols[None, :] * stride_pd, o)
 
     @gluon.jit
     def _wg0(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
-             sm_scale_log2, O, out_off, stride_oh, stride_od, Lse, lse_off, stride_lh,
-             PAGE_SIZE: gl.constexpr, WRITE_LSE: gl.constexpr):
+             sm_scale_log2, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
+             Lse, lse_off, stride_lh, PAGE_SIZE: gl.constexpr):
         """Warpgroup 0: the even tiles' scores and softmax, O_L; publishes m0 and P0."""
         dtype: gl.constexpr = q_lat.dtype
         cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, _MMA_S))
@@ -271,8 +276,8 @@ if gluon is not None:
         l_tot = l_i + l_buf.index(1).load(_ROW_S)
         l_buf.index(0).store(l_tot)
         mbarrier.arrive(bars[_C_BAR_L])
-        _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 0)
-        if WRITE_LSE:
+        _store_half(o, l_tot, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, 0)
+        if active & ~direct:  # a unit of a sequence cut in several: its log2-sum-exp for stage 2
             nonempty = l_tot > 0.0
             lse = gl.where(nonempty, m_i + gl.log2(gl.where(nonempty, l_tot, 1.0)), float("-inf"))
             heads = gl.arange(0, _C_HEADS, layout=_ROW_S)
@@ -280,7 +285,8 @@ if gluon is not None:
 
     @gluon.jit
     def _wg1(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
-             sm_scale_log2, O, out_off, stride_oh, stride_od, PAGE_SIZE: gl.constexpr):
+             sm_scale_log2, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
+             PAGE_SIZE: gl.constexpr):
         """Warpgroup 1: the odd tiles' scores and softmax, O_R; publishes m1 and P1."""
         dtype: gl.constexpr = q_lat.dtype
         cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, _MMA_S))
@@ -339,45 +345,50 @@ if gluon is not None:
         mbarrier.arrive(bars[_C_BAR_L1])
         mbarrier.wait(bars[_C_BAR_L], 0)
         l_tot = l_buf.index(0).load(_ROW_S)
-        _store_half(o, l_tot, O, out_off, stride_oh, stride_od, 1)
+        _store_half(o, l_tot, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, 1)
 
-    @gluon.jit(do_not_specialize=("num_splits", "stride_btb", "stride_ob", "stride_os", "stride_lb", "stride_ls"))
+    @gluon.jit(do_not_specialize=("stride_btb", "stride_outb"))
     def mla_seesaw_kernel(
         q_desc,  # TMA over q as (batch * heads, 576), boxes of 64 x 256
         q_rope_desc,  # the same, boxes of 64 x 64
         kv_desc,  # TMA over the cache as (blocks * page_size, 576), boxes of 64 x CHUNK (latent chunks)
         rope_desc,  # the same, boxes of 64 x 64 (the rope columns)
         BlockTables,  # (batch, max_blocks) int32 / int64
-        SeqLens,  # (batch,)
-        O,  # (batch, splits, heads, 512) fp32 partials, or the output itself when num_splits == 1
-        Lse,  # (batch, splits, heads) fp32 log2-sum-exp of each split (WRITE_LSE only)
+        Out,  # (batch, heads, 512): written here for a sequence of one unit
+        Partial,  # (capacity, heads, 512) fp32: unit u's normalized partial, sequences of several units
+        Lse,  # (capacity, heads) fp32: unit u's log2-sum-exp, same
+        Units,  # (capacity, 3) int32: (sequence, first token, end token), from mla_schedule
+        SeqPlan,  # (batch, 2) int32: (first unit, unit count)
+        NumUnits,  # (1,) int32
         sm_scale_log2,
         num_heads,
-        num_splits,
         stride_btb,
         stride_btn,
-        stride_ob,
-        stride_os,
-        stride_oh,
-        stride_od,
-        stride_lb,
-        stride_ls,
+        stride_outb,
+        stride_outh,
+        stride_outd,
+        stride_pu,
+        stride_ph,
+        stride_pd,
+        stride_lu,
         stride_lh,
         PAGE_SIZE: gl.constexpr,
-        WRITE_LSE: gl.constexpr,
     ):
-        pid_h = gl.program_id(0)  # fastest: the head blocks of one (sequence, split) read the same tiles
-        split = gl.program_id(1)
-        b = gl.program_id(2)
-        seq_len = gl.load(SeqLens + b).to(gl.int32)
-        split_len = gl.cdiv(gl.cdiv(seq_len, num_splits), _C_TILE) * _C_TILE  # as the Triton kernel splits
-        start = split * split_len
-        n_tok = gl.maximum(gl.minimum(start + split_len, seq_len) - start, 0)
+        pid_h = gl.program_id(0)  # fastest: the head blocks of one unit read the same tiles
+        u = gl.program_id(1)
+        active = u < gl.load(NumUnits)  # the grid holds `capacity` units; the plan used fewer
+        u_safe = gl.where(active, u, 0)  # a program past the units reads unit 0 and stores nothing
+        b = gl.load(Units + u_safe * 3)
+        start = gl.load(Units + u_safe * 3 + 1)
+        end = gl.load(Units + u_safe * 3 + 2)
+        direct = gl.load(SeqPlan + b * 2 + 1) == 1  # the sequence's only unit
+        n_tok = gl.where(active, gl.maximum(end - start, 0), 0)
         n_tiles = gl.cdiv(n_tok, _C_TILE)
         last_valid = n_tok - (n_tiles - 1) * _C_TILE  # tokens in the last tile
         bt_row = BlockTables + b.to(gl.int64) * stride_btb
-        out_off = b.to(gl.int64) * stride_ob + split.to(gl.int64) * stride_os + (pid_h * _C_HEADS).to(gl.int64) * stride_oh
-        lse_off = b.to(gl.int64) * stride_lb + split.to(gl.int64) * stride_ls + pid_h * _C_HEADS * stride_lh
+        out_off = b.to(gl.int64) * stride_outb + (pid_h * _C_HEADS).to(gl.int64) * stride_outh
+        p_off = u_safe.to(gl.int64) * stride_pu + (pid_h * _C_HEADS).to(gl.int64) * stride_ph
+        lse_off = u_safe.to(gl.int64) * stride_lu + pid_h * _C_HEADS * stride_lh
 
         dtype: gl.constexpr = q_desc.dtype
         SH: gl.constexpr = q_desc.layout
@@ -413,10 +424,11 @@ if gluon is not None:
 
         gl.warp_specialize([
             (_wg0, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
-                    last_valid, sm_scale_log2, O, out_off, stride_oh, stride_od, Lse, lse_off, stride_lh, PAGE_SIZE,
-                    WRITE_LSE)),
+                    last_valid, sm_scale_log2, active, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
+                    Lse, lse_off, stride_lh, PAGE_SIZE)),
             (_wg1, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
-                    last_valid, sm_scale_log2, O, out_off, stride_oh, stride_od, PAGE_SIZE)),
+                    last_valid, sm_scale_log2, active, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
+                    PAGE_SIZE)),
         ], [4], [_C_WG1_REGS])
 
 
@@ -434,9 +446,10 @@ def try_launch_stage1(*args) -> bool:
     return True
 
 
-def launch_stage1(q, kv_cache, block_tables, seq_lens, partial, lse, p_strides, l_strides, scale_log2, num_splits) -> None:
-    """Stage 1 of `mla_decode` on this kernel: partials (or the output, with one split) for every
-    (head block, split, sequence). q (batch, heads, 576) is made contiguous if it is not."""
+def launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity, scale_log2) -> None:
+    """Stage 1 of `mla_decode` on this kernel over the units of `plan` (units, seq_plan, num_units;
+    `mla_schedule`): the output of each sequence of one unit, the partials of the others' units.
+    q (batch, heads, 576) is made contiguous if it is not."""
     batch, num_heads, dim = q.shape
     q2 = q.contiguous().view(batch * num_heads, dim)
     kv2 = kv_cache.view(kv_cache.shape[0] * kv_cache.shape[1], dim)
@@ -445,9 +458,9 @@ def launch_stage1(q, kv_cache, block_tables, seq_lens, partial, lse, p_strides, 
     q_rope_desc = TensorDescriptor.from_tensor(q2, [HEADS, ROPE], layout)
     kv_desc = TensorDescriptor.from_tensor(kv2, [TILE, CHUNK], layout)
     rope_desc = TensorDescriptor.from_tensor(kv2, [TILE, ROPE], layout)
-    grid = (num_heads // HEADS, num_splits, batch)
+    grid = (num_heads // HEADS, capacity)
     mla_seesaw_kernel[grid](
-        q_desc, q_rope_desc, kv_desc, rope_desc, block_tables, seq_lens, partial, lse, scale_log2, num_heads, num_splits,
-        *block_tables.stride(), *p_strides, *l_strides,
-        PAGE_SIZE=kv_cache.shape[1], WRITE_LSE=num_splits > 1, num_warps=4,
+        q_desc, q_rope_desc, kv_desc, rope_desc, block_tables, out, partial, lse, *plan, scale_log2, num_heads,
+        *block_tables.stride(), *out.stride(), *partial.stride(), *lse.stride(),
+        PAGE_SIZE=kv_cache.shape[1], num_warps=4,
     )  # fmt: skip

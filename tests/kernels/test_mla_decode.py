@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from moecluster.kernels import mla_schedule
 from moecluster.kernels.mla_decode import (
-    choose_num_splits,
     mla_decode,
     mla_decode_bytes,
     mla_decode_reference,
@@ -135,25 +135,12 @@ def test_splits_agree(gen, device) -> None:
         torch.testing.assert_close(run_kernel(p, num_splits=splits, block_n=16), base, rtol=1e-5, atol=1e-6)
 
 
-def test_default_splits_need_no_host_sync(gen, device, monkeypatch) -> None:
-    """Without num_splits or max_seq_len the split count is chosen from the block tables' capacity
-    (max_blocks * block_size), not from seq_lens.max(), which would sync with the host."""
-    import moecluster.kernels.mla_decode as mod
-
-    seen = []
-    real = mod.choose_num_splits
-
-    def spy(batch, heads, max_seq_len, *rest):
-        seen.append(max_seq_len)
-        return real(batch, heads, max_seq_len, *rest)
-
-    monkeypatch.setattr(mod, "choose_num_splits", spy)
-    p = make_problem(gen, device, [40, 7], 4, 64, 16, 16)
-    want = reference(p)
-    torch.testing.assert_close(run_kernel(p), want, **TOL[torch.float32])
-    assert seen == [p.block_tables.shape[1] * 16]
-    torch.testing.assert_close(run_kernel(p, max_seq_len=40), want, **TOL[torch.float32])
-    assert seen[-1] == 40
+def test_mixed_lengths_default_plan(gen, device) -> None:
+    """Unequal lengths with the plan chosen on the device: long sequences cut into units, short
+    ones written by stage 1 directly, one empty-tail sequence of a single token."""
+    p = make_problem(gen, device, [300, 1, 17, 64, 250, 5], 4, 64, 16, 16)
+    torch.testing.assert_close(run_kernel(p, block_n=16), reference(p), **TOL[torch.float32])
+    torch.testing.assert_close(run_kernel(p), reference(p), **TOL[torch.float32])
 
 
 def test_never_reads_past_length(gen, device) -> None:
@@ -214,15 +201,56 @@ def test_rejects_bad_inputs(gen, device) -> None:
             call(seq_lens=p.seq_lens.cpu() if device.type == "cuda" else p.seq_lens.cuda())
 
 
-def test_choose_num_splits() -> None:
-    # batch 8, 128 heads in blocks of 64: 16 programs a split; 8 splits fill 132 SMs in one wave
-    assert choose_num_splits(8, 128, 4096, 132, 64, 64) == 8
-    # batch 32: 64 programs a split; 2 splits are one wave, 3 would be two (measured: 185 vs 249 us)
-    assert choose_num_splits(32, 128, 4096, 132, 64, 64) == 2
-    assert choose_num_splits(256, 128, 4096, 132, 64, 64) == 1  # enough programs already
-    assert choose_num_splits(1, 16, 1 << 20, 132, 16, 64) == 64  # capped
-    assert choose_num_splits(1, 16, 100, 132, 16, 64) == 2  # no more splits than tiles
-    assert choose_num_splits(32, 128, 4096, 132, 64, 64, programs_per_sm=2) == 4
+def _plan_on_device(lens, device, head_blocks, resident, capacity, block_n, fixed=0):
+    from moecluster.kernels.mla_decode import _interpreting
+
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    units, seq_plan, num_units = mla_schedule.launch_plan(
+        seq_lens, head_blocks, resident, capacity, block_n, fixed, _interpreting())
+    n = int(num_units)
+    return [tuple(r) for r in units[:n].tolist()], [tuple(r) for r in seq_plan.tolist()]
+
+
+@pytest.mark.parametrize("fixed", [0, 3])
+def test_plan_kernel_matches_python_rule(gen, device, fixed) -> None:
+    """The plan kernel's units equal `plan_units` on random lengths, and they tile every sequence
+    exactly: consecutive, whole tiles, a count of 1..longest's units."""
+    for _ in range(4):
+        batch = int(torch.randint(1, 40, (1,), generator=gen))
+        lens = torch.randint(1, 3000, (batch,), generator=gen).tolist()
+        head_blocks, resident, block_n = 2, 8, 64
+        capacity = batch * fixed if fixed else batch + resident // head_blocks
+        want = mla_schedule.plan_units(lens, head_blocks, resident, capacity, block_n, fixed)
+        got = _plan_on_device(lens, device, head_blocks, resident, capacity, block_n, fixed)
+        assert got == want
+        units, seq_plan = want
+        assert len(units) <= capacity
+        for b, (first, count) in enumerate(seq_plan):
+            mine = units[first : first + count]
+            assert [u[0] for u in mine] == [b] * count
+            assert mine[0][1] == 0 and mine[-1][2] == lens[b]
+            assert all(x[2] == y[1] and x[1] % block_n == 0 for x, y in zip(mine, mine[1:]))
+
+
+def test_plan_rule() -> None:
+    """Equal lengths keep the split counts measured fastest on the H100 (wave model): 128 heads in
+    two blocks of 64, 132 SMs, one program an SM, context 4096 in tiles of 64."""
+    def units_per_seq(batch, length, resident=132, head_blocks=2):
+        units, plan = mla_schedule.plan_units([length] * batch, head_blocks, resident,
+                                              batch + -(-resident // head_blocks), 64)
+        return {count for _, count in plan}
+
+    assert units_per_seq(8, 4096) == {8}  # 16 programs a split: 8 splits fill the SMs once
+    assert units_per_seq(32, 4096) == {2}  # 2 splits are one wave, 3 would be two (185 vs 249 us)
+    assert units_per_seq(256, 4096) == {1}  # enough programs already
+    assert units_per_seq(1, 100) == {2}  # no more units than tiles
+    # mixed lengths: the longest sequence is cut, so that it no longer sets the launch's length
+    units, plan = mla_schedule.plan_units([32768] + [512] * 63, 2, 132, 64 + 66, 64)
+    assert plan[0][1] > 1 and all(count == 1 for _, count in plan[1:])
+    assert max(u[2] - u[1] for u in units) <= 32768 // 2
+    # an empty sequence keeps one (empty) unit, so its output is written
+    units, plan = mla_schedule.plan_units([0, 70], 1, 4, 6, 64)
+    assert plan[0] == (0, 1) and units[0] == (0, 0, 0)
 
 
 def test_bytes() -> None:

@@ -1,0 +1,149 @@
+"""The work list of an MLA decode launch: which stage-1 program reads which tokens of which sequence.
+
+A decode batch mixes short and long sequences. Cutting every sequence into the same number of
+splits leaves a launch as long as its longest sequence's split while most SMs idle (measured on
+the H100 at 128 heads, batch 64, lengths drawn from 1..32K: 48% of copy bandwidth where equal
+lengths reach 71%). Instead every sequence is cut into *units* of at most `unit_tiles` tiles of
+the same size for the whole batch: a long sequence gets several, a short one a single unit. The
+unit size is chosen on the GPU from the lengths themselves (no host sync, so CUDA graphs replay
+it with each step's lengths), among the sizes that give the longest sequence 1..MAX_SPLITS units,
+by a makespan estimate: the longer of one unit (`unit_tiles + overhead`) and every program's
+tiles spread over the SMs, `head_blocks * (total_tiles + units * overhead) / resident`, where
+`overhead` (in tiles) is a unit's fixed cost (q, its partial's store and merge, the pipeline's
+fill). Ties go to fewer units. Units are also capped at `capacity`, the stage-1 grid's size per
+head block (the programs past the unit count only read that count and stop).
+
+Outputs (int32, on the lengths' device):
+* units (capacity, 3): (sequence, first token, end token) of unit u, for u < num_units;
+* seq_plan (batch, 2): (first unit, unit count) of each sequence: a count of 1 means stage 1
+  writes that sequence's output itself and stage 2 leaves it alone;
+* num_units (1,).
+
+An empty sequence (length 0) still gets one, empty, unit, so that its output is written (zeros).
+`plan_units` is the same rule in Python, for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # the CPU path needs only torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency wherever the kernels run
+    triton = None
+    tl = None
+
+MAX_SPLITS = 64  # the most units the longest sequence may be cut into
+OVERHEAD_TOKENS = 128  # a unit's fixed cost in cache rows (fitted on an H100; mla_decode's docstring)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan_units(
+    lens: list[int], head_blocks: int, resident: int, capacity: int, block_n: int, fixed_splits: int = 0
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """The rule of `_mla_plan` in Python: (units as (sequence, first token, end token), seq_plan as
+    (first unit, count)). fixed_splits > 0 takes that many units for the longest sequence."""
+    tiles = [_cdiv(n, block_n) for n in lens]
+    total, longest = sum(tiles), max(tiles, default=0)
+    overhead = _cdiv(OVERHEAD_TOKENS, block_n)
+
+    def count(unit: int) -> int:
+        return sum(max(_cdiv(t, unit), 1) for t in tiles)
+
+    if fixed_splits:
+        best = fixed_splits
+    else:
+        best, best_cost = 1, None
+        for splits in range(1, MAX_SPLITS + 1):
+            unit = max(_cdiv(longest, splits), 1)
+            units = count(unit)
+            cost = max(unit + overhead, _cdiv(head_blocks * (total + units * overhead), resident))
+            if units <= capacity and (best_cost is None or cost < best_cost):
+                best, best_cost = splits, cost
+    unit = max(_cdiv(longest, best), 1)
+    out_units: list[tuple[int, int, int]] = []
+    seq_plan: list[tuple[int, int]] = []
+    for b, (n, t) in enumerate(zip(lens, tiles)):
+        k = max(_cdiv(t, unit), 1)
+        seq_plan.append((len(out_units), k))
+        out_units += [(b, j * unit * block_n, min((j + 1) * unit * block_n, n)) for j in range(k)]
+    return out_units, seq_plan
+
+
+def _mla_plan(
+    SeqLens,  # (batch,) int32 / int64
+    Units,  # (capacity, 3) int32 out
+    SeqPlan,  # (batch, 2) int32 out
+    NumUnits,  # (1,) int32 out
+    batch,
+    head_blocks,
+    resident,
+    capacity,
+    fixed_splits,  # 0: choose
+    overhead,  # tiles
+    MAX_S: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # batch padded to a power of two
+    BLOCK_N: tl.constexpr,  # tokens per tile (stage 1's)
+):
+    offs = tl.arange(0, BLOCK_B)
+    valid = offs < batch
+    lens = tl.load(SeqLens + offs, mask=valid, other=0).to(tl.int32)
+    tiles = tl.cdiv(lens, BLOCK_N)  # (BLOCK_B,), 0 past the batch
+    total = tl.sum(tiles, 0)
+    longest = tl.max(tiles, 0)
+
+    best = fixed_splits
+    if fixed_splits == 0:
+        best = 1
+        best_cost = 2147483647
+        for splits in range(1, MAX_S + 1):
+            unit = tl.maximum(tl.cdiv(longest, splits), 1)
+            units = tl.sum(tl.where(valid, tl.maximum(tl.cdiv(tiles, unit), 1), 0), 0)
+            cost = tl.maximum(unit + overhead, tl.cdiv(head_blocks * (total + units * overhead), resident))
+            better = (units <= capacity) & (cost < best_cost)
+            best = tl.where(better, splits, best)
+            best_cost = tl.where(better, cost, best_cost)
+    unit = tl.maximum(tl.cdiv(longest, best), 1)
+    count = tl.where(valid, tl.maximum(tl.cdiv(tiles, unit), 1), 0)  # (BLOCK_B,) units per sequence
+    first = tl.cumsum(count, 0) - count
+    tl.store(SeqPlan + offs * 2, first, mask=valid)
+    tl.store(SeqPlan + offs * 2 + 1, count, mask=valid)
+    tl.store(NumUnits, tl.sum(count, 0))
+    for j in range(0, best):  # no sequence has more than `best` units
+        has = valid & (j < count)
+        u = first + j
+        start = j * unit * BLOCK_N
+        tl.store(Units + u * 3, offs, mask=has)
+        tl.store(Units + u * 3 + 1, start, mask=has)
+        tl.store(Units + u * 3 + 2, tl.minimum(start + unit * BLOCK_N, lens), mask=has)
+
+
+@functools.cache
+def _jitted(interpret: bool):
+    """The plan kernel through triton.jit, keyed on the interpreter flag (see mla_decode._jitted)."""
+    del interpret
+    return triton.jit(_mla_plan, do_not_specialize=["batch", "capacity", "fixed_splits"])
+
+
+def launch_plan(
+    seq_lens: torch.Tensor, head_blocks: int, resident: int, capacity: int, block_n: int, fixed_splits: int,
+    interpreting: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(units (capacity, 3), seq_plan (batch, 2), num_units (1,)), int32, from one program on the GPU."""
+    batch = seq_lens.shape[0]
+    buf = torch.empty(capacity * 3 + batch * 2 + 1, dtype=torch.int32, device=seq_lens.device)
+    units = buf[: capacity * 3].view(capacity, 3)
+    seq_plan = buf[capacity * 3 : capacity * 3 + batch * 2].view(batch, 2)
+    num_units = buf[capacity * 3 + batch * 2 :]
+    _jitted(interpreting)[(1,)](
+        seq_lens, units, seq_plan, num_units, batch, head_blocks, resident, capacity, fixed_splits,
+        _cdiv(OVERHEAD_TOKENS, block_n), MAX_S=MAX_SPLITS, BLOCK_B=max(16, triton.next_power_of_2(batch)),
+        BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return units, seq_plan, num_units
