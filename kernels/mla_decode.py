@@ -335,6 +335,7 @@ def _mla_decode_stage2(
     Lse,  # (capacity, heads) fp32
     SeqPlan,  # (batch, 2) int32: (first unit, unit count)
     Out,  # (batch, heads, kv_lora_rank)
+    num_heads,
     stride_pu,
     stride_ph,
     stride_pd,
@@ -345,33 +346,35 @@ def _mla_decode_stage2(
     stride_outd,
     KV_LORA: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HEADS2: tl.constexpr,  # heads per program
 ):
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)
     first = tl.load(SeqPlan + b * 2).to(tl.int64)
     count = tl.load(SeqPlan + b * 2 + 1)
-    merge = count > 1  # a sequence of one unit was written by stage 1
-
+    offs_h = tl.program_id(1) * HEADS2 + tl.arange(0, HEADS2)
     offs_c = tl.arange(0, BLOCK_C)
-    mask_c = (offs_c < KV_LORA) & (offs_c * 0 + count > 1)  # as a vector: see stage 1's stores
-    lse_base = Lse + first * stride_lu + h * stride_lh
-    p_base = Partial + first * stride_pu + h * stride_ph + offs_c * stride_pd  # (BLOCK_C,)
+    # a sequence of one unit was written by stage 1 (the test is a vector: see stage 1's stores)
+    mask_h = (offs_h < num_heads) & (offs_h * 0 + count > 1)
+    mask = mask_h[:, None] & (offs_c < KV_LORA)[None, :]
+    lse_base = Lse + first * stride_lu + offs_h * stride_lh  # (HEADS2,)
+    p_base = Partial + first * stride_pu + offs_h[:, None] * stride_ph + offs_c[None, :] * stride_pd
 
     # Online merge, seeded with the first unit, which is never empty (a sequence of several units
     # has a token in each): m stays finite.
-    m = tl.load(lse_base, mask=merge, other=0.0)
-    denom = 1.0
-    acc = tl.load(p_base, mask=mask_c, other=0.0)  # (BLOCK_C,) fp32
+    m = tl.load(lse_base, mask=mask_h, other=0.0)
+    denom = tl.full((HEADS2,), 1.0, tl.float32)
+    acc = tl.load(p_base, mask=mask, other=0.0)  # (HEADS2, BLOCK_C) fp32
     for s in range(1, count):
-        lse = tl.load(lse_base + s * stride_lu)
+        lse = tl.load(lse_base + s * stride_lu, mask=mask_h, other=0.0)
         m_new = tl.maximum(m, lse)
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)
-        acc = acc * alpha + w * tl.load(p_base + s * stride_pu, mask=mask_c, other=0.0)
+        acc = acc * alpha[:, None] + w[:, None] * tl.load(p_base + s * stride_pu, mask=mask, other=0.0)
         denom = denom * alpha + w
         m = m_new
-    out = acc / denom
-    tl.store(Out + b * stride_outb + h * stride_outh + offs_c * stride_outd, out.to(Out.dtype.element_ty), mask=mask_c)
+    out = acc / denom[:, None]
+    o_ptrs = Out + b * stride_outb + offs_h[:, None] * stride_outh + offs_c[None, :] * stride_outd
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -540,9 +543,10 @@ def mla_decode(
             *q.stride(), *kv_cache.stride(), *block_tables.stride(), *out.stride(), *partial.stride(), *lse.stride(),
             **consts, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-    stage2[(num_heads, batch)](
-        partial, lse, seq_plan, out, *partial.stride(), *lse.stride(), *out.stride(),
-        KV_LORA=kv_lora_rank, BLOCK_C=consts["BLOCK_C"], num_warps=4 if kv_lora_rank >= 256 else 1,
+    heads2 = min(16, _next_pow2(num_heads))
+    stage2[(batch, -(-num_heads // heads2))](
+        partial, lse, seq_plan, out, num_heads, *partial.stride(), *lse.stride(), *out.stride(),
+        KV_LORA=kv_lora_rank, BLOCK_C=consts["BLOCK_C"], HEADS2=heads2, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -6,8 +6,8 @@ the H100 at 128 heads, batch 64, lengths drawn from 1..32K: 48% of copy bandwidt
 lengths reach 71%). Instead every sequence is cut into *units* of at most `unit_tiles` tiles of
 the same size for the whole batch: a long sequence gets several, a short one a single unit. The
 unit size is chosen on the GPU from the lengths themselves (no host sync, so CUDA graphs replay
-it with each step's lengths), among the sizes that give the longest sequence 1..MAX_SPLITS units,
-by a makespan estimate: the longer of one unit (`unit_tiles + overhead`) and every program's
+it with each step's lengths), among the sizes that give the longest sequence 1..64 units
+(`CANDIDATES`) by a makespan estimate: the longer of one unit (`unit_tiles + overhead`) and every program's
 tiles spread over the SMs, `head_blocks * (total_tiles + units * overhead) / resident`, where
 `overhead` (in tiles) is a unit's fixed cost (q, its partial's store and merge, the pipeline's
 fill). Ties go to fewer units. Units are also capped at `capacity`, the stage-1 grid's size per
@@ -36,7 +36,9 @@ except ImportError:  # pragma: no cover - triton is a dependency wherever the ke
     triton = None
     tl = None
 
-MAX_SPLITS = 64  # the most units the longest sequence may be cut into
+# The unit counts tried for the longest sequence: every count up to 8, then 12, 16, 24, 32, 48, 64
+# (16 lanes, the last three all 64), so that one vector covers them; `_mla_plan` computes the same.
+CANDIDATES = tuple(i + 1 if i < 8 else min((12 if (i - 8) % 2 == 0 else 16) << ((i - 8) // 2), 64) for i in range(16))
 OVERHEAD_TOKENS = 128  # a unit's fixed cost in cache rows (fitted on an H100; mla_decode's docstring)
 
 
@@ -60,7 +62,7 @@ def plan_units(
         best = fixed_splits
     else:
         best, best_cost = 1, None
-        for splits in range(1, MAX_SPLITS + 1):
+        for splits in CANDIDATES:
             unit = max(_cdiv(longest, splits), 1)
             units = count(unit)
             cost = max(unit + overhead, _cdiv(head_blocks * (total + units * overhead), resident))
@@ -87,7 +89,7 @@ def _mla_plan(
     capacity,
     fixed_splits,  # 0: choose
     overhead,  # tiles
-    MAX_S: tl.constexpr,
+    NUM_CAND: tl.constexpr,
     BLOCK_B: tl.constexpr,  # batch padded to a power of two
     BLOCK_N: tl.constexpr,  # tokens per tile (stage 1's)
 ):
@@ -98,17 +100,17 @@ def _mla_plan(
     total = tl.sum(tiles, 0)
     longest = tl.max(tiles, 0)
 
-    best = fixed_splits
-    if fixed_splits == 0:
-        best = 1
-        best_cost = 2147483647
-        for splits in range(1, MAX_S + 1):
-            unit = tl.maximum(tl.cdiv(longest, splits), 1)
-            units = tl.sum(tl.where(valid, tl.maximum(tl.cdiv(tiles, unit), 1), 0), 0)
-            cost = tl.maximum(unit + overhead, tl.cdiv(head_blocks * (total + units * overhead), resident))
-            better = (units <= capacity) & (cost < best_cost)
-            best = tl.where(better, splits, best)
-            best_cost = tl.where(better, cost, best_cost)
+    # every candidate at once: (NUM_CAND, BLOCK_B) unit counts
+    idx = tl.arange(0, NUM_CAND)
+    cand = tl.where(idx < 8, idx + 1, tl.minimum(tl.where((idx - 8) % 2 == 0, 12, 16) << ((idx - 8) // 2), 64))
+    unit_c = tl.maximum(tl.cdiv(longest, cand), 1)  # (NUM_CAND,) tiles a unit
+    per_seq = tl.maximum(tl.cdiv(tiles[None, :], unit_c[:, None]), 1)
+    units_c = tl.sum(tl.where(valid[None, :], per_seq, 0), 1)  # (NUM_CAND,)
+    cost = tl.maximum(unit_c + overhead, tl.cdiv(head_blocks * (total + units_c * overhead), resident))
+    key = tl.where(units_c <= capacity, cost * NUM_CAND + idx, 2147483647)  # ties: the fewer units
+    pick = tl.min(key, 0) % NUM_CAND
+    best = tl.where(fixed_splits > 0, fixed_splits, tl.sum(tl.where(idx == pick, cand, 0), 0))
+
     unit = tl.maximum(tl.cdiv(longest, best), 1)
     count = tl.where(valid, tl.maximum(tl.cdiv(tiles, unit), 1), 0)  # (BLOCK_B,) units per sequence
     first = tl.cumsum(count, 0) - count
@@ -142,8 +144,8 @@ def launch_plan(
     seq_plan = buf[capacity * 3 : capacity * 3 + batch * 2].view(batch, 2)
     num_units = buf[capacity * 3 + batch * 2 :]
     _jitted(interpreting)[(1,)](
-        seq_lens, units, seq_plan, num_units, batch, head_blocks, resident, capacity, fixed_splits,
-        _cdiv(OVERHEAD_TOKENS, block_n), MAX_S=MAX_SPLITS, BLOCK_B=max(16, triton.next_power_of_2(batch)),
-        BLOCK_N=block_n, num_warps=4,
+        seq_lens, units, seq_plan, num_units, batch, head_blocks, resident, capacity,
+        fixed_splits, _cdiv(OVERHEAD_TOKENS, block_n), NUM_CAND=len(CANDIDATES),
+        BLOCK_B=max(16, triton.next_power_of_2(batch)), BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return units, seq_plan, num_units

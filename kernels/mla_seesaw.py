@@ -231,7 +231,8 @@ if gluon is not None:
         m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, _ROW_S)
         l_i = gl.zeros([_C_HEADS], gl.float32, _ROW_S)
         o = gl.zeros([_C_HEADS, 256], gl.float32, _MMA_O)
-        mbarrier.wait(bars[_C_BAR_Q], 0)
+        if n_tiles > 0:  # no q is loaded for an empty unit or a program past the units
+            mbarrier.wait(bars[_C_BAR_Q], 0)
         for pair in range(gl.cdiv(n_tiles, 2)):
             ph = pair & 1
             t0 = 2 * pair
@@ -294,7 +295,8 @@ if gluon is not None:
         m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, _ROW_S)
         l_i = gl.zeros([_C_HEADS], gl.float32, _ROW_S)
         o = gl.zeros([_C_HEADS, 256], gl.float32, _MMA_O)
-        mbarrier.wait(bars[_C_BAR_Q], 0)
+        if n_tiles > 0:  # no q is loaded for an empty unit or a program past the units
+            mbarrier.wait(bars[_C_BAR_Q], 0)
         for pair in range(gl.cdiv(n_tiles, 2)):
             ph = pair & 1
             t1 = 2 * pair + 1
@@ -407,11 +409,11 @@ if gluon is not None:
             mbarrier.init(bars[i], count=1)
 
         row_q = b * num_heads + pid_h * _C_HEADS
-        mbarrier.expect(bars[_C_BAR_Q], _C_HEADS * (_C_KV_LORA + _C_ROPE) * 2)
-        for h in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [row_q, h * 256], bars[_C_BAR_Q], q_lat.slice(h * 256, 256, dim=1))
-        tma.async_copy_global_to_shared(q_rope_desc, [row_q, _C_KV_LORA], bars[_C_BAR_Q], q_rope)
         if n_tiles > 0:
+            mbarrier.expect(bars[_C_BAR_Q], _C_HEADS * (_C_KV_LORA + _C_ROPE) * 2)
+            for h in gl.static_range(2):
+                tma.async_copy_global_to_shared(q_desc, [row_q, h * 256], bars[_C_BAR_Q], q_lat.slice(h * 256, 256, dim=1))
+            tma.async_copy_global_to_shared(q_rope_desc, [row_q, _C_KV_LORA], bars[_C_BAR_Q], q_rope)
             _load_half(kv_desc, rope_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars, 0, 0, False,
                        PAGE_SIZE)
             _load_half(kv_desc, rope_desc, bt_row, stride_btn, start, k_lat.index(0), k_rope.index(0), bars, 0, 1, True,

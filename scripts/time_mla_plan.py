@@ -1,0 +1,54 @@
+"""Times the MLA decode work plan (`kernels/mla_schedule.py`) on its own and the whole decode call,
+both replayed in CUDA graphs, at equal and mixed lengths: what the plan adds to a decode call.
+
+  python scripts/time_mla_plan.py [--out FILE]   (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moecluster.cluster.bench.kernels import graph_ms  # noqa: E402
+from moecluster.kernels import mla_schedule  # noqa: E402
+from moecluster.kernels.mla_decode import mla_decode  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    gen = torch.Generator("cuda").manual_seed(0)
+    rows = []
+    for heads in (128, 64):
+        for batch in (64, 128):
+            for context in (4096, 32768):
+                for mixed in (False, True):
+                    blocks = context // 64
+                    cache = torch.randn(batch * blocks, 64, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    tables = torch.randperm(batch * blocks, device="cuda", generator=gen).view(batch, blocks).int()
+                    lens = (torch.randint(1, context + 1, (batch,), device="cuda", generator=gen) if mixed
+                            else torch.full((batch,), context, device="cuda")).int()
+                    q = torch.randn(batch, heads, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    hb = heads // 64
+                    cap = batch + -(-132 // hb)
+                    plan_ms = graph_ms(lambda: mla_schedule.launch_plan(lens, hb, 132, cap, 64, 0, False))
+                    units, plan, n = mla_schedule.launch_plan(lens, hb, 132, cap, 64, 0, False)
+                    ms = graph_ms(lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512))
+                    row = dict(heads=heads, batch=batch, context=context, mixed=mixed, plan_us=plan_ms * 1e3,
+                               decode_us=ms * 1e3, units=int(n), max_units_per_seq=int(plan[:, 1].max()))
+                    rows.append(row)
+                    print(row, flush=True)
+                    del cache
+                    torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
