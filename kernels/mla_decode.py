@@ -172,9 +172,9 @@ def _mla_decode_stage1(
     BlockTables,  # (batch, max_blocks) int32 / int64
     SeqLens,  # (batch,) int32 / int64
     Out,  # (batch, heads, kv_lora_rank): written here for a sequence of one unit
-    Partial,  # (capacity, heads, kv_lora_rank) fp32: unit u's normalized partial, sequences of several units
-    Lse,  # (capacity, heads) fp32: unit u's log2-sum-exp, same
-    Units,  # (capacity, 3) int32: (sequence, first token, end token), from mla_schedule
+    Partial,  # (capacity, heads, kv_lora_rank) fp32: a unit's normalized partial, sequences of several units
+    Lse,  # (capacity, heads) fp32: a unit's log2-sum-exp, same
+    Units,  # (capacity, 4) int32: (sequence, first token, end token, partial slot), from mla_schedule
     SeqPlan,  # (batch, 2) int32: (first unit, unit count)
     NumUnits,  # (1,) int32
     sm_scale_log2,  # scale * log2(e)
@@ -210,9 +210,10 @@ def _mla_decode_stage1(
     pid_h = tl.program_id(0)  # fastest: programs of one unit (other heads) are adjacent
     u = tl.program_id(1)
     active = u < tl.load(NumUnits)  # the grid holds `capacity` units; the plan used fewer
-    b = tl.load(Units + u * 3, mask=active, other=0).to(tl.int64)
-    start = tl.load(Units + u * 3 + 1, mask=active, other=0)
-    end = tl.load(Units + u * 3 + 2, mask=active, other=0)  # may be start: an empty sequence
+    b = tl.load(Units + u * 4, mask=active, other=0).to(tl.int64)
+    start = tl.load(Units + u * 4 + 1, mask=active, other=0)
+    end = tl.load(Units + u * 4 + 2, mask=active, other=0)  # may be start: an empty sequence
+    slot = tl.load(Units + u * 4 + 3, mask=active, other=0).to(tl.int64)  # its partial's row
     direct = tl.load(SeqPlan + b * 2 + 1, mask=active, other=0) == 1  # the sequence's only unit
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles end here
 
@@ -324,10 +325,10 @@ def _mla_decode_stage1(
     to_out, to_partial = mask_h & (where == 1), mask_h & (where == 2)
     o_ptrs = Out + b * stride_outb + offs_h[:, None] * stride_outh + offs_c[None, :] * stride_outd
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=to_out[:, None] & mask_c[None, :])
-    p_ptrs = Partial + u.to(tl.int64) * stride_pu + offs_h[:, None] * stride_ph + offs_c[None, :] * stride_pd
+    p_ptrs = Partial + slot * stride_pu + offs_h[:, None] * stride_ph + offs_c[None, :] * stride_pd
     tl.store(p_ptrs, out, mask=to_partial[:, None] & mask_c[None, :])
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))  # (BLOCK_H,)
-    tl.store(Lse + u.to(tl.int64) * stride_lu + offs_h * stride_lh, lse, mask=to_partial)
+    tl.store(Lse + slot * stride_lu + offs_h * stride_lh, lse, mask=to_partial)
 
 
 def _mla_decode_stage2(

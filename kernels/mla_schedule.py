@@ -7,14 +7,20 @@ lengths reach 71%). Instead every sequence is cut into *units* of at most `unit_
 the same size for the whole batch: a long sequence gets several, a short one a single unit. The
 unit size is chosen on the GPU from the lengths themselves (no host sync, so CUDA graphs replay
 it with each step's lengths), among the sizes that give the longest sequence 1..64 units
-(`CANDIDATES`) by a makespan estimate: the longer of one unit (`unit_tiles + overhead`) and every program's
-tiles spread over the SMs, `head_blocks * (total_tiles + units * overhead) / resident`, where
+(`CANDIDATES`) by a makespan estimate: the longer of the full units' waves, `ceil(head_blocks * full_units /
+resident) * (unit_tiles + overhead)`, and every program's tiles spread over the SMs,
+`head_blocks * (total_tiles + units * overhead) / resident`, where
 `overhead` (in tiles) is a unit's fixed cost (q, its partial's store and merge, the pipeline's
 fill). Ties go to fewer units. Units are also capped at `capacity`, the stage-1 grid's size per
 head block (the programs past the unit count only read that count and stop).
 
+Programs take units in launch order, longest first (the hardware starts them about in order, so
+this is the longest-processing-time-first list schedule): every sequence's full units, then
+each sequence's last unit by length. The estimate's first term is the waves of full units.
+
 Outputs (int32, on the lengths' device):
-* units (capacity, 3): (sequence, first token, end token) of unit u, for u < num_units;
+* units (capacity, 4): (sequence, first token, end token, partial slot) of the u-th unit in launch
+  order, for u < num_units; a sequence's slots are consecutive;
 * seq_plan (batch, 2): (first unit, unit count) of each sequence: a count of 1 means stage 1
   writes that sequence's output itself and stage 2 leaves it alone;
 * num_units (1,).
@@ -48,39 +54,39 @@ def _cdiv(a: int, b: int) -> int:
 
 def plan_units(
     lens: list[int], head_blocks: int, resident: int, capacity: int, block_n: int, fixed_splits: int = 0
-) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
-    """The rule of `_mla_plan` in Python: (units as (sequence, first token, end token), seq_plan as
-    (first unit, count)). fixed_splits > 0 takes that many units for the longest sequence."""
+) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]:
+    """The rule of `_mla_plan` in Python: (units in launch order as (sequence, first token, end
+    token, partial slot), seq_plan as (first slot, count)). fixed_splits > 0 takes that many units
+    for the longest sequence."""
     tiles = [_cdiv(n, block_n) for n in lens]
     total, longest = sum(tiles), max(tiles, default=0)
     overhead = _cdiv(OVERHEAD_TOKENS, block_n)
-
-    def count(unit: int) -> int:
-        return sum(max(_cdiv(t, unit), 1) for t in tiles)
-
     if fixed_splits:
         best = fixed_splits
     else:
         best, best_cost = 1, None
         for splits in CANDIDATES:
             unit = max(_cdiv(longest, splits), 1)
-            units = count(unit)
-            cost = max(unit + overhead, _cdiv(head_blocks * (total + units * overhead), resident))
+            units = sum(max(_cdiv(t, unit), 1) for t in tiles)
+            full = sum(t // unit for t in tiles)
+            cost = max(_cdiv(head_blocks * full, resident) * (unit + overhead),
+                       _cdiv(head_blocks * (total + units * overhead), resident))
             if units <= capacity and (best_cost is None or cost < best_cost):
                 best, best_cost = splits, cost
     unit = max(_cdiv(longest, best), 1)
-    out_units: list[tuple[int, int, int]] = []
     seq_plan: list[tuple[int, int]] = []
-    for b, (n, t) in enumerate(zip(lens, tiles)):
-        k = max(_cdiv(t, unit), 1)
-        seq_plan.append((len(out_units), k))
-        out_units += [(b, j * unit * block_n, min((j + 1) * unit * block_n, n)) for j in range(k)]
-    return out_units, seq_plan
+    for t in tiles:
+        seq_plan.append((sum(c for _, c in seq_plan), max(_cdiv(t, unit), 1)))
+    step = unit * block_n
+    order = [(b, j * step, (j + 1) * step, first + j) for b, (first, k) in enumerate(seq_plan) for j in range(k - 1)]
+    tails = sorted(range(len(lens)), key=lambda b: (lens[b] - (seq_plan[b][1] - 1) * step, b), reverse=True)
+    order += [(b, (seq_plan[b][1] - 1) * step, lens[b], seq_plan[b][0] + seq_plan[b][1] - 1) for b in tails]
+    return order, seq_plan
 
 
 def _mla_plan(
     SeqLens,  # (batch,) int32 / int64
-    Units,  # (capacity, 3) int32 out
+    Units,  # (capacity, 4) int32 out
     SeqPlan,  # (batch, 2) int32 out
     NumUnits,  # (1,) int32 out
     batch,
@@ -106,24 +112,45 @@ def _mla_plan(
     unit_c = tl.maximum(tl.cdiv(longest, cand), 1)  # (NUM_CAND,) tiles a unit
     per_seq = tl.maximum(tl.cdiv(tiles[None, :], unit_c[:, None]), 1)
     units_c = tl.sum(tl.where(valid[None, :], per_seq, 0), 1)  # (NUM_CAND,)
-    cost = tl.maximum(unit_c + overhead, tl.cdiv(head_blocks * (total + units_c * overhead), resident))
+    full_c = tl.sum(tiles[None, :] // unit_c[:, None], 1)  # units of exactly unit_c tiles
+    waves = tl.cdiv(head_blocks * full_c, resident) * (unit_c + overhead)
+    cost = tl.maximum(waves, tl.cdiv(head_blocks * (total + units_c * overhead), resident))
     key = tl.where(units_c <= capacity, cost * NUM_CAND + idx, 2147483647)  # ties: the fewer units
     pick = tl.min(key, 0) % NUM_CAND
     best = tl.where(fixed_splits > 0, fixed_splits, tl.sum(tl.where(idx == pick, cand, 0), 0))
 
     unit = tl.maximum(tl.cdiv(longest, best), 1)
     count = tl.where(valid, tl.maximum(tl.cdiv(tiles, unit), 1), 0)  # (BLOCK_B,) units per sequence
-    first = tl.cumsum(count, 0) - count
+    first = tl.cumsum(count, 0) - count  # each sequence's partial slots: first .. first + count - 1
     tl.store(SeqPlan + offs * 2, first, mask=valid)
     tl.store(SeqPlan + offs * 2 + 1, count, mask=valid)
     tl.store(NumUnits, tl.sum(count, 0))
-    for j in range(0, best):  # no sequence has more than `best` units
-        has = valid & (j < count)
-        u = first + j
+    # Launch order, longest first: every sequence's units but its last (all `unit` tiles long) ...
+    body = tl.where(valid, count - 1, 0)
+    body_first = tl.cumsum(body, 0) - body
+    n_body = tl.sum(body, 0)
+    for j in range(0, best - 1):
+        has = valid & (j < body)
+        u = body_first + j
         start = j * unit * BLOCK_N
-        tl.store(Units + u * 3, offs, mask=has)
-        tl.store(Units + u * 3 + 1, start, mask=has)
-        tl.store(Units + u * 3 + 2, tl.minimum(start + unit * BLOCK_N, lens), mask=has)
+        tl.store(Units + u * 4, offs, mask=has)
+        tl.store(Units + u * 4 + 1, start, mask=has)
+        tl.store(Units + u * 4 + 2, start + unit * BLOCK_N, mask=has)
+        tl.store(Units + u * 4 + 3, first + j, mask=has)
+    # ... then the last units, sorted by length (ties: the later sequence first)
+    tail_start = body * unit * BLOCK_N
+    key = tl.where(valid, (lens - tail_start).to(tl.int64) * BLOCK_B + offs, -1)
+    key = tl.sort(key, 0, descending=True)
+    b = (key % BLOCK_B).to(tl.int32)
+    has = key >= 0
+    u = n_body + offs
+    tl.debug_barrier()  # SeqPlan above is read back below, for the sorted sequences
+    count_b = tl.load(SeqPlan + b * 2 + 1, mask=has, other=1)
+    start = (count_b - 1) * unit * BLOCK_N
+    tl.store(Units + u * 4, b, mask=has)
+    tl.store(Units + u * 4 + 1, start, mask=has)
+    tl.store(Units + u * 4 + 2, tl.load(SeqLens + b, mask=has, other=0).to(tl.int32), mask=has)
+    tl.store(Units + u * 4 + 3, tl.load(SeqPlan + b * 2, mask=has, other=0) + count_b - 1, mask=has)
 
 
 @functools.cache
@@ -137,12 +164,12 @@ def launch_plan(
     seq_lens: torch.Tensor, head_blocks: int, resident: int, capacity: int, block_n: int, fixed_splits: int,
     interpreting: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(units (capacity, 3), seq_plan (batch, 2), num_units (1,)), int32, from one program on the GPU."""
+    """(units (capacity, 4), seq_plan (batch, 2), num_units (1,)), int32, from one program on the GPU."""
     batch = seq_lens.shape[0]
-    buf = torch.empty(capacity * 3 + batch * 2 + 1, dtype=torch.int32, device=seq_lens.device)
-    units = buf[: capacity * 3].view(capacity, 3)
-    seq_plan = buf[capacity * 3 : capacity * 3 + batch * 2].view(batch, 2)
-    num_units = buf[capacity * 3 + batch * 2 :]
+    buf = torch.empty(capacity * 4 + batch * 2 + 1, dtype=torch.int32, device=seq_lens.device)
+    units = buf[: capacity * 4].view(capacity, 4)
+    seq_plan = buf[capacity * 4 : capacity * 4 + batch * 2].view(batch, 2)
+    num_units = buf[capacity * 4 + batch * 2 :]
     _jitted(interpreting)[(1,)](
         seq_lens, units, seq_plan, num_units, batch, head_blocks, resident, capacity,
         fixed_splits, _cdiv(OVERHEAD_TOKENS, block_n), NUM_CAND=len(CANDIDATES),

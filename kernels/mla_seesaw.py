@@ -357,9 +357,9 @@ if gluon is not None:
         rope_desc,  # the same, boxes of 64 x 64 (the rope columns)
         BlockTables,  # (batch, max_blocks) int32 / int64
         Out,  # (batch, heads, 512): written here for a sequence of one unit
-        Partial,  # (capacity, heads, 512) fp32: unit u's normalized partial, sequences of several units
-        Lse,  # (capacity, heads) fp32: unit u's log2-sum-exp, same
-        Units,  # (capacity, 3) int32: (sequence, first token, end token), from mla_schedule
+        Partial,  # (capacity, heads, 512) fp32: a unit's normalized partial, sequences of several units
+        Lse,  # (capacity, heads) fp32: a unit's log2-sum-exp, same
+        Units,  # (capacity, 4) int32: (sequence, first token, end token, partial slot), from mla_schedule
         SeqPlan,  # (batch, 2) int32: (first unit, unit count)
         NumUnits,  # (1,) int32
         sm_scale_log2,
@@ -380,17 +380,18 @@ if gluon is not None:
         u = gl.program_id(1)
         active = u < gl.load(NumUnits)  # the grid holds `capacity` units; the plan used fewer
         u_safe = gl.where(active, u, 0)  # a program past the units reads unit 0 and stores nothing
-        b = gl.load(Units + u_safe * 3)
-        start = gl.load(Units + u_safe * 3 + 1)
-        end = gl.load(Units + u_safe * 3 + 2)
+        b = gl.load(Units + u_safe * 4)
+        start = gl.load(Units + u_safe * 4 + 1)
+        end = gl.load(Units + u_safe * 4 + 2)
+        slot = gl.load(Units + u_safe * 4 + 3)  # its partial's row
         direct = gl.load(SeqPlan + b * 2 + 1) == 1  # the sequence's only unit
         n_tok = gl.where(active, gl.maximum(end - start, 0), 0)
         n_tiles = gl.cdiv(n_tok, _C_TILE)
         last_valid = n_tok - (n_tiles - 1) * _C_TILE  # tokens in the last tile
         bt_row = BlockTables + b.to(gl.int64) * stride_btb
         out_off = b.to(gl.int64) * stride_outb + (pid_h * _C_HEADS).to(gl.int64) * stride_outh
-        p_off = u_safe.to(gl.int64) * stride_pu + (pid_h * _C_HEADS).to(gl.int64) * stride_ph
-        lse_off = u_safe.to(gl.int64) * stride_lu + pid_h * _C_HEADS * stride_lh
+        p_off = slot.to(gl.int64) * stride_pu + (pid_h * _C_HEADS).to(gl.int64) * stride_ph
+        lse_off = slot.to(gl.int64) * stride_lu + pid_h * _C_HEADS * stride_lh
 
         dtype: gl.constexpr = q_desc.dtype
         SH: gl.constexpr = q_desc.layout

@@ -213,8 +213,8 @@ def _plan_on_device(lens, device, head_blocks, resident, capacity, block_n, fixe
 
 @pytest.mark.parametrize("fixed", [0, 3])
 def test_plan_kernel_matches_python_rule(gen, device, fixed) -> None:
-    """The plan kernel's units equal `plan_units` on random lengths, and they tile every sequence
-    exactly: consecutive, whole tiles, a count of 1..longest's units."""
+    """The plan kernel's units equal `plan_units` on random lengths; they tile every sequence
+    exactly (whole tiles, consecutive slots) and come longest first after the full ones."""
     for _ in range(4):
         batch = int(torch.randint(1, 40, (1,), generator=gen))
         lens = torch.randint(1, 3000, (batch,), generator=gen).tolist()
@@ -225,11 +225,14 @@ def test_plan_kernel_matches_python_rule(gen, device, fixed) -> None:
         assert got == want
         units, seq_plan = want
         assert len(units) <= capacity
+        assert sorted(u[3] for u in units) == list(range(len(units)))  # every slot once
         for b, (first, count) in enumerate(seq_plan):
-            mine = units[first : first + count]
-            assert [u[0] for u in mine] == [b] * count
+            mine = sorted((u for u in units if u[0] == b), key=lambda u: u[3])
+            assert [u[3] for u in mine] == list(range(first, first + count))
             assert mine[0][1] == 0 and mine[-1][2] == lens[b]
             assert all(x[2] == y[1] and x[1] % block_n == 0 for x, y in zip(mine, mine[1:]))
+        sizes = [u[2] - u[1] for u in units]
+        assert sizes == sorted(sizes, reverse=True)  # full units, then the last ones by length
 
 
 def test_plan_rule() -> None:
@@ -250,7 +253,7 @@ def test_plan_rule() -> None:
     assert max(u[2] - u[1] for u in units) <= 32768 // 2
     # an empty sequence keeps one (empty) unit, so its output is written
     units, plan = mla_schedule.plan_units([0, 70], 1, 4, 6, 64)
-    assert plan[0] == (0, 1) and units[0] == (0, 0, 0)
+    assert plan[0] == (0, 1) and (0, 0, 0, 0) in units
 
 
 def test_bytes() -> None:
