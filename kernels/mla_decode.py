@@ -209,7 +209,10 @@ def _mla_decode_stage1(
 ):
     pid_h = tl.program_id(0)  # fastest: programs of one unit (other heads) are adjacent
     u = tl.program_id(1)
-    active = u < tl.load(NumUnits)  # the grid holds `capacity` units; the plan used fewer
+    n_units = tl.load(NumUnits)
+    if u >= n_units:  # the grid holds `capacity` units; the plan used fewer
+        return
+    active = u < n_units
     b = tl.load(Units + u * 4, mask=active, other=0).to(tl.int64)
     start = tl.load(Units + u * 4 + 1, mask=active, other=0)
     end = tl.load(Units + u * 4 + 2, mask=active, other=0)  # may be start: an empty sequence

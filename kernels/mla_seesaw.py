@@ -378,7 +378,10 @@ if gluon is not None:
     ):
         pid_h = gl.program_id(0)  # fastest: the head blocks of one unit read the same tiles
         u = gl.program_id(1)
-        active = u < gl.load(NumUnits)  # the grid holds `capacity` units; the plan used fewer
+        n_units = gl.load(NumUnits)
+        if u >= n_units:  # the grid holds `capacity` units; the plan used fewer
+            return
+        active = u < n_units
         u_safe = gl.where(active, u, 0)  # a program past the units reads unit 0 and stores nothing
         b = gl.load(Units + u_safe * 4)
         start = gl.load(Units + u_safe * 4 + 1)

@@ -1,7 +1,8 @@
 """Times the MLA decode work plan (`kernels/mla_schedule.py`) on its own and the whole decode call,
-both replayed in CUDA graphs, at equal and mixed lengths: what the plan adds to a decode call.
+both replayed in CUDA graphs, at equal and mixed lengths: what the plan adds to a decode call, and with --splits the same calls at fixed unit counts (to
+check the plan's choice).
 
-  python scripts/time_mla_plan.py [--out FILE]   (GPU)
+  python scripts/time_mla_plan.py [--splits 1,2,4] [--out FILE]   (GPU)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from moecluster.kernels.mla_decode import mla_decode  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--splits", type=lambda t: [int(v) for v in t.split(",")], default=[],
+                    help="also time these fixed unit counts for the longest sequence, e.g. 1,2,3,4,6,8")
     args = ap.parse_args()
     gen = torch.Generator("cuda").manual_seed(0)
     rows = []
@@ -42,6 +45,9 @@ def main() -> None:
                     ms = graph_ms(lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512))
                     row = dict(heads=heads, batch=batch, context=context, mixed=mixed, plan_us=plan_ms * 1e3,
                                decode_us=ms * 1e3, units=int(n), max_units_per_seq=int(plan[:, 1].max()))
+                    for s in args.splits:  # the same call with the longest sequence cut in s units
+                        row[f"decode_us_s{s}"] = graph_ms(
+                            lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512, num_splits=s)) * 1e3
                     rows.append(row)
                     print(row, flush=True)
                     del cache
