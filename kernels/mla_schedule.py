@@ -7,8 +7,9 @@ lengths reach 71%). Instead every sequence is cut into *units* of at most `unit_
 the same size for the whole batch: a long sequence gets several, a short one a single unit. The
 unit size is chosen on the GPU from the lengths themselves (no host sync, so CUDA graphs replay
 it with each step's lengths), among the sizes that give the longest sequence 1..64 units
-(`CANDIDATES`) by a makespan estimate: the longer of the full units' waves, `ceil(head_blocks * full_units /
-resident) * (unit_tiles + overhead)`, and every program's tiles spread over the SMs,
+(`CANDIDATES`) by a makespan estimate: the longer of the full units' waves, `ceil(head_blocks *
+full_units / resident) * (unit_tiles + overhead)` (last units of at least 3/4 of a unit count as
+full), and every program's tiles spread over the SMs,
 `head_blocks * (total_tiles + units * overhead) / resident`, where
 `overhead` (in tiles) is a unit's fixed cost (q, its partial's store and merge, the pipeline's
 fill). Ties go to fewer units. Units are also capped at `capacity`, the stage-1 grid's size per
@@ -45,7 +46,13 @@ except ImportError:  # pragma: no cover - triton is a dependency wherever the ke
 # The unit counts tried for the longest sequence: every count up to 8, then 12, 16, 24, 32, 48, 64
 # (16 lanes, the last three all 64), so that one vector covers them; `_mla_plan` computes the same.
 CANDIDATES = tuple(i + 1 if i < 8 else min((12 if (i - 8) % 2 == 0 else 16) << ((i - 8) // 2), 64) for i in range(16))
-OVERHEAD_TOKENS = 128  # a unit's fixed cost in cache rows (fitted on an H100; mla_decode's docstring)
+# A unit's fixed cost in cache rows (q, its partial's store, stage 2's read of it, the pipeline's
+# fill), and the share of a unit from which a sequence's last unit counts as a full one in the
+# waves: both fitted on an H100 to 96 timings of fixed unit counts (16 shapes x 1, 2, 3, 4, 6, 8;
+# `scripts/time_mla_plan.py --splits`), where the rule picks the fastest count in 14 of the 16 shapes
+# and is at most 7% off in the other two (docs/performance.md).
+OVERHEAD_TOKENS = 768
+BIG_TAIL = (3, 4)  # a last unit of at least 3/4 of a unit is a full one
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -68,7 +75,7 @@ def plan_units(
         for splits in CANDIDATES:
             unit = max(_cdiv(longest, splits), 1)
             units = sum(max(_cdiv(t, unit), 1) for t in tiles)
-            full = sum(t // unit for t in tiles)
+            full = sum(t // unit + (BIG_TAIL[1] * (t % unit) >= BIG_TAIL[0] * unit) for t in tiles)
             cost = max(_cdiv(head_blocks * full, resident) * (unit + overhead),
                        _cdiv(head_blocks * (total + units * overhead), resident))
             if units <= capacity and (best_cost is None or cost < best_cost):
@@ -96,6 +103,8 @@ def _mla_plan(
     fixed_splits,  # 0: choose
     overhead,  # tiles
     NUM_CAND: tl.constexpr,
+    TAIL_NUM: tl.constexpr,  # BIG_TAIL
+    TAIL_DEN: tl.constexpr,
     BLOCK_B: tl.constexpr,  # batch padded to a power of two
     BLOCK_N: tl.constexpr,  # tokens per tile (stage 1's)
 ):
@@ -112,7 +121,9 @@ def _mla_plan(
     unit_c = tl.maximum(tl.cdiv(longest, cand), 1)  # (NUM_CAND,) tiles a unit
     per_seq = tl.maximum(tl.cdiv(tiles[None, :], unit_c[:, None]), 1)
     units_c = tl.sum(tl.where(valid[None, :], per_seq, 0), 1)  # (NUM_CAND,)
-    full_c = tl.sum(tiles[None, :] // unit_c[:, None], 1)  # units of exactly unit_c tiles
+    rest = tiles[None, :] % unit_c[:, None]
+    big = tiles[None, :] // unit_c[:, None] + (TAIL_DEN * rest >= TAIL_NUM * unit_c[:, None]).to(tl.int32)
+    full_c = tl.sum(big, 1)  # units of unit_c tiles, and last units nearly as long
     waves = tl.cdiv(head_blocks * full_c, resident) * (unit_c + overhead)
     cost = tl.maximum(waves, tl.cdiv(head_blocks * (total + units_c * overhead), resident))
     key = tl.where(units_c <= capacity, cost * NUM_CAND + idx, 2147483647)  # ties: the fewer units
@@ -172,7 +183,8 @@ def launch_plan(
     num_units = buf[capacity * 4 + batch * 2 :]
     _jitted(interpreting)[(1,)](
         seq_lens, units, seq_plan, num_units, batch, head_blocks, resident, capacity,
-        fixed_splits, _cdiv(OVERHEAD_TOKENS, block_n), NUM_CAND=len(CANDIDATES),
+        fixed_splits, _cdiv(OVERHEAD_TOKENS, block_n), NUM_CAND=len(CANDIDATES), TAIL_NUM=BIG_TAIL[0],
+        TAIL_DEN=BIG_TAIL[1],
         BLOCK_B=max(16, triton.next_power_of_2(batch)), BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return units, seq_plan, num_units
