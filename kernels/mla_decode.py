@@ -470,6 +470,7 @@ def mla_decode(
     num_stages: int | None = None,
     *,
     out: torch.Tensor | None = None,
+    plans: dict | None = None,
 ) -> torch.Tensor:
     """MLA decode attention, absorbed form: q (batch, heads, kv_lora_rank + rope_dim) over the paged
     kv_cache (num_blocks, block_size, kv_lora_rank + rope_dim) through block_tables (batch,
@@ -483,6 +484,8 @@ def mla_decode(
     lengths, `mla_schedule`), block_n (tokens per tile, a power of two >= 16), block_h (heads per
     program, a power of two >= 16), num_warps, num_stages. Nothing is read back to the host.
     out: an optional (batch, heads, kv_lora_rank) tensor of q's dtype to write into.
+    plans: an optional dict, one per step, that keeps the work plan: a later call with the same
+    seq_lens tensor (the same object) and launch shape reuses it, so a model's layers plan once.
     Block tables must cover every sequence's length; this is not checked (it would need a sync).
     """
     _check_inputs(q, kv_cache, block_tables, seq_lens, kv_lora_rank, out)
@@ -514,8 +517,15 @@ def mla_decode(
     # the grid's units per head block: one a sequence, and another wave's worth to cut long ones
     capacity = batch * num_splits if num_splits else batch + -(-resident // head_blocks)
     interpreting = _interpreting()
-    units, seq_plan, num_units = mla_schedule.launch_plan(
-        seq_lens, head_blocks, resident, capacity, block_n, num_splits or 0, interpreting)
+    key = (head_blocks, resident, capacity, block_n, num_splits or 0)
+    kept = plans.get(key) if plans is not None else None
+    if kept is not None and kept[0] is seq_lens:
+        units, seq_plan, num_units = kept[1]
+    else:
+        units, seq_plan, num_units = mla_schedule.launch_plan(
+            seq_lens, head_blocks, resident, capacity, block_n, num_splits or 0, interpreting)
+        if plans is not None:  # the lengths tensor is kept too: its id is not reused while it lives
+            plans[key] = (seq_lens, (units, seq_plan, num_units))
 
     seesaw = not interpreting and not knobs and mla_seesaw.supported(q, kv_cache, kv_lora_rank)
     stage1, stage2 = _jitted(interpreting)

@@ -143,6 +143,23 @@ def test_mixed_lengths_default_plan(gen, device) -> None:
     torch.testing.assert_close(run_kernel(p), reference(p), **TOL[torch.float32])
 
 
+def test_plan_kept_per_lengths_tensor(gen, device, monkeypatch) -> None:
+    """With a `plans` dict the work plan is made once per seq_lens tensor (a step's layers share
+    it) and again for another tensor, even one of equal values."""
+    calls = []
+    real = mla_schedule.launch_plan
+    monkeypatch.setattr(mla_schedule, "launch_plan", lambda *a: calls.append(a) or real(*a))
+    p = make_problem(gen, device, [90, 3, 40], 4, 64, 16, 16)
+    plans: dict = {}
+    want = reference(p)
+    for _ in range(3):
+        out = mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, p.kv_lora_rank, plans=plans)
+        torch.testing.assert_close(out, want, **TOL[torch.float32])
+    assert len(calls) == 1
+    mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens.clone(), p.scale, p.kv_lora_rank, plans=plans)
+    assert len(calls) == 2
+
+
 def test_never_reads_past_length(gen, device) -> None:
     """NaN in every cache slot no sequence owns (the tail of its last block, the spare blocks)
     must not reach the output: the kernel masks those rows rather than multiplying them by 0."""

@@ -8,7 +8,7 @@ decode (absorbed MLA); one with more is a prefill chunk (naive MLA over the expa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -57,6 +57,8 @@ class AttentionMetadata:
     decode_rows: torch.Tensor  # (decodes,) int64, their rows in the flat batch
     prefill_seqs: tuple[int, ...]  # sequences with several new tokens
     token_mask: torch.Tensor | None = None  # (tokens,) int64, 0 on padding rows (CUDA graph batches); None: all real
+    # the MLA decode kernel's work plans for this step's lengths, made by the first layer, reused by the rest
+    mla_plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(

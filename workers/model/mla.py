@@ -105,7 +105,7 @@ class MLA(nn.Module):
         q_nope, q_pe, latent = self.project(x, cos, sin)
         kv_cache.view(-1, kv_cache.shape[-1])[meta.slot_mapping] = latent.to(kv_cache.dtype)
         if x.shape[0] and not meta.prefill_seqs:  # decodes only: row i is sequence i's one token
-            out = self.attend_absorbed(q_nope, q_pe, kv_cache, meta.block_tables, meta.seq_lens)
+            out = self.attend_absorbed(q_nope, q_pe, kv_cache, meta.block_tables, meta.seq_lens, meta.mla_plans)
             return self.o_proj(out.reshape(x.shape[0], self.heads * self.v_dim))
         out = x.new_empty(x.shape[0], self.heads, self.v_dim)  # (tokens, H, v)
         for seq in meta.prefill_seqs:
@@ -171,14 +171,18 @@ class MLA(nn.Module):
         kv_cache: torch.Tensor,
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
+        plans: dict | None = None,
     ) -> torch.Tensor:
-        """One new token per sequence: (batch, H, nope), (batch, H, rope) -> (batch, H, v)."""
+        """One new token per sequence: (batch, H, nope), (batch, H, rope) -> (batch, H, v). plans: the
+        step's dict of decode work plans (`mla_decode`), shared by the layers."""
         q = q_nope.new_empty(q_nope.shape[0], self.heads, self.kv_lora + self.rope_dim)  # (batch, H, c + rope)
         # absorbed W_UK straight into q's first c columns (a batched GEMM per head; no concatenation pass)
         torch.bmm(q_nope.transpose(0, 1), self.w_uk, out=q[..., : self.kv_lora].transpose(0, 1))  # (H, batch, c)
         q[..., self.kv_lora :] = q_pe
-        decode = mla_decode if q.is_cuda else mla_decode_reference  # the Triton kernel on GPUs
-        o_latent = decode(q, kv_cache, block_tables, seq_lens, self.scale, self.kv_lora)
+        if q.is_cuda:  # the Triton kernels on GPUs
+            o_latent = mla_decode(q, kv_cache, block_tables, seq_lens, self.scale, self.kv_lora, plans=plans)
+        else:
+            o_latent = mla_decode_reference(q, kv_cache, block_tables, seq_lens, self.scale, self.kv_lora)
         return torch.einsum("bhc,hvc->bhv", o_latent, self.w_uv)  # (batch, H, v)
 
 
