@@ -485,7 +485,8 @@ def mla_decode(
     program, a power of two >= 16), num_warps, num_stages. Nothing is read back to the host.
     out: an optional (batch, heads, kv_lora_rank) tensor of q's dtype to write into.
     plans: an optional dict, one per step, that keeps the work plan: a later call with the same
-    seq_lens tensor (the same object) and launch shape reuses it, so a model's layers plan once.
+    seq_lens tensor (the same object), launch shape and CUDA-graph capture state reuses it, so a
+    model's layers plan once.
     Block tables must cover every sequence's length; this is not checked (it would need a sync).
     """
     _check_inputs(q, kv_cache, block_tables, seq_lens, kv_lora_rank, out)
@@ -517,7 +518,10 @@ def mla_decode(
     # the grid's units per head block: one a sequence, and another wave's worth to cut long ones
     capacity = batch * num_splits if num_splits else batch + -(-resident // head_blocks)
     interpreting = _interpreting()
-    key = (head_blocks, resident, capacity, block_n, num_splits or 0)
+    # A plan made outside a CUDA graph capture is not reused inside one (nor the reverse): the graph
+    # must record its own plan kernel, whose buffer then belongs to the graph's memory pool.
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (head_blocks, resident, capacity, block_n, num_splits or 0, capturing)
     kept = plans.get(key) if plans is not None else None
     if kept is not None and kept[0] is seq_lens:
         units, seq_plan, num_units = kept[1]
