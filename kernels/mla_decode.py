@@ -32,18 +32,20 @@ kernel efficient, so:
   thread also bulk-prefetches the *next* tile into L2 (`cp.async.bulk.prefetch.L2`, inline PTX)
   at the top of each iteration; otherwise a tile may straddle pages of any size and each row's
   page is looked up.
-* Split-K: one program per sequence is far too few for a GPU at decode batch sizes, so each
-  sequence's context is cut into `num_splits` pieces of ceil(seq_len / num_splits) tokens,
-  rounded up to BLOCK_N (per sequence, so short sequences get short splits; trailing splits
-  may be empty). Each split writes its normalized partial output (fp32) and its log2-sum-exp.
-* Stage 2 (`_mla_decode_stage2`): one program per (sequence, head) merges the splits' partial
-  outputs, each weighted by exp2(its lse - the running max), into the output, in q's dtype. With one split,
-  stage 1 writes the output directly and stage 2 is skipped.
+* Split-K: one program per sequence is far too few for a GPU at decode batch sizes, and a batch
+  mixes short and long sequences, so each sequence is cut into *units* of at most the same
+  number of tiles for the whole batch (`mla_schedule.py`: a small kernel chooses the size from
+  the lengths on the GPU and lists the units longest first; no host sync). A sequence of one
+  unit gets its output from stage 1 directly; the units of a longer one each write a normalized
+  partial output (fp32) and its log2-sum-exp.
+* Stage 2 (`_mla_decode_stage2`): one program per (sequence, 16 heads) merges a sequence's units'
+  partial outputs, each weighted by exp2(its lse - the running max), into the output, in q's
+  dtype; sequences of one unit are left as stage 1 wrote them.
 
 Grid and tiles
 --------------
-Stage 1's grid is (head blocks, splits, batch), head block fastest: the programs that read the
-same tiles (same sequence and split, other heads) are adjacent in launch order, so with 128
+Stage 1's grid is (head blocks, units the grid can hold), head block fastest: the programs that
+read the same tiles (same unit, other heads) are adjacent in launch order, so with 128
 heads in two blocks of 64 the second block's reads mostly hit L2. The (BLOCK_H, 512) fp32
 accumulator is the register budget: BLOCK_H = 64 with 8 warps holds 128 fp32 values per thread
 for it (each of the two warpgroups owns 256 of the 512 output columns, as in FlashMLA).
@@ -96,19 +98,15 @@ to 7% slower); the next tile loaded into registers during the current one (num_s
 bytes of spills, not run). Earlier: BLOCK_H 16/32, BLOCK_N 128, 4 warps, 1 or 3 stages were
 14-80% slower at 128 heads x 32 x 4096. All knobs are launcher arguments, for autotuning.
 
-Number of splits (`choose_num_splits`): programs this heavy run one per SM, so what counts is
-waves, not "2x the SMs". With P programs per split, s splits take ceil(P * s / resident)
-waves, each as long as a split (its tiles plus a fixed cost of about 128 tokens: q, the fp32
-partial, stage 2); the launcher takes the s that minimizes that, ties to fewer splits. On the
-H100 this model picked the fastest of the counts tried (1, 2, 4, ..., 64) in each of nine shapes
-(1 to 256 sequences, 512 to 32768 tokens, 64 and 128 heads); a ">= 2x the SMs" rule picked 5
-splits for 128 heads x 32 x 4096 (240 us) where 2 take 185 us; with the whole-tile loop (before
-the L2 prefetch) it still picked the fastest of 1-4 splits, or one within 1%, in the eight
-bench shapes. Choosing needs a bound on the longest sequence: `max_seq_len` if given, else
-the block tables' capacity (max_blocks * block_size), which is tight when the tables are as
-wide as the longest sequence needs (as the engine builds them) and, unlike `seq_lens.max()`,
-costs no host sync (that one cost 0.07-0.27 ms a call at the bench shapes, and it breaks CUDA
-graph capture).
+Units (`mla_schedule.py`). Before session 19 every sequence was cut into the same number of
+splits, chosen on the host from the block tables' capacity by a wave model. That is right when
+every sequence is as long as the longest, and slow when they differ: at lengths drawn from
+1..32768 a launch lasted as long as its longest sequence while most SMs idled (128 heads x 64:
+48% of copy against FlashMLA's 70% on the same H100). The unit plan is chosen on the GPU from the
+lengths (so CUDA graphs replay each step's own plan) and the units run longest first; at mixed
+lengths it is 0-25% faster than the splits were (from 3% faster to 8% slower than FlashMLA), and
+at equal lengths 4% faster to 8% slower than the splits (the plan kernel and stage 2 are two more launches a call;
+docs/performance.md, session 19). The engine makes one plan a step for all layers (`plans`).
 """
 
 from __future__ import annotations
