@@ -1,0 +1,65 @@
+"""Per-kernel GPU times of one MLA decode call, ours and FlashMLA's, from torch.profiler: which
+launch (plan, stage 1, stage 2; FlashMLA's metadata, main and combine kernels) takes the time.
+
+  python scripts/profile_mla_kernels.py [--heads 128] [--batch 64] [--context 4096] [--mixed]   (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moecluster.cluster.bench.kernels import _flashmla  # noqa: E402
+from moecluster.kernels.mla_decode import mla_decode  # noqa: E402
+
+CALLS = 50
+
+
+def profile(name: str, fn) -> None:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name[:70]] += e.device_time_total / CALLS
+    total = sum(per_kernel.values())
+    print(f"{name}: {total:.1f} us of kernels a call")
+    for k, us in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+        print(f"  {us:8.1f} us  {k}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heads", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--mixed", action="store_true")
+    a = ap.parse_args()
+    gen = torch.Generator("cuda").manual_seed(0)
+    blocks = a.context // 64
+    cache = torch.randn(a.batch * blocks, 64, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
+    tables = torch.randperm(a.batch * blocks, device="cuda", generator=gen).view(a.batch, blocks).int()
+    lens = (torch.randint(1, a.context + 1, (a.batch,), device="cuda", generator=gen) if a.mixed
+            else torch.full((a.batch,), a.context, device="cuda")).int()
+    q = torch.randn(a.batch, a.heads, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
+    print(f"heads {a.heads}, batch {a.batch}, context {a.context}, {'mixed' if a.mixed else 'equal'} lengths")
+    profile("ours", lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512))
+    fm = _flashmla()
+    if fm is not None:
+        meta, _ = fm.get_mla_metadata()
+        profile("FlashMLA", lambda: fm.flash_mla_with_kvcache(q.unsqueeze(1), cache.unsqueeze(2), tables, lens, 512, meta,
+                                                              softmax_scale=576**-0.5))
+
+
+if __name__ == "__main__":
+    main()
