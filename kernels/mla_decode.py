@@ -15,8 +15,8 @@ rope key). One decode step is therefore, per sequence, a tiny "prefill-shaped" p
 play the role of query rows. Loading a row once and reusing it for every head is what makes the
 kernel efficient, so:
 
-* Stage 1 (`_mla_decode_stage1`): a program owns BLOCK_H heads of one sequence and one split of
-  its context. It keeps the heads' queries (BLOCK_H, 576) on chip, walks its split in tiles of
+* Stage 1 (`_mla_decode_stage1`): a program owns BLOCK_H heads of one sequence and one unit of
+  its context. It keeps the heads' queries (BLOCK_H, 576) on chip, walks its unit in tiles of
   BLOCK_N tokens (rows found through the block table), loads each tile once and uses it for both
   products on the tensor cores:
   scores = q_nope . latent^T + q_pe . rope^T (M = heads, K = 512 + 64) and acc += p . latent
@@ -24,7 +24,7 @@ kernel efficient, so:
   exp2, scale*log2(e) folded into one multiply. Heads beyond the real count (toy models with 4
   heads, or 20 heads with BLOCK_H = 32) are padded with zero queries and masked at the store:
   tl.dot needs M >= 16.
-* Tiles: the split's whole tiles run unmasked; the sequence's last, partial tile (if any) runs
+* Tiles: the unit's whole tiles run unmasked; the sequence's last, partial tile (if any) runs
   once after the loop with a token mask (rows past the length are never read, as their slots
   may hold anything). When a tile lies inside one page (block_size % BLOCK_N == 0, the
   production case: pages of 64, BLOCK_N = 64) the block table is read once per tile, one tile
@@ -60,7 +60,8 @@ tile's L2 prefetch on: 216 KiB of shared memory, 255 registers (none spilled), w
 three products and 16-byte cp.async loads (Triton 3.6, H100). Where shared memory is smaller,
 BLOCK_N and the stages step down (`_fit_tiles`). Measured on an H100 with `moecluster bench
 kernels --only mla` (do_bench medians of whole launcher calls, bf16, pages of 64, shuffled
-tables, auto splits; copy 3021 GB/s), batch 64 / 128 x context 4096 / 32768:
+tables, splits chosen by the launcher as it then did; copy 3021 GB/s), batch 64 / 128 x context
+4096 / 32768 (numbers of that session; session 19's are in docs/performance.md):
 
 | heads | batch | context | ms    | GB/s | of copy | before: ms | of copy |
 |-------|-------|---------|-------|------|---------|------------|---------|
@@ -152,7 +153,8 @@ def mla_decode_reference(
     scores = torch.einsum("bhd,bld->bhl", q, kv).float() * scale  # (batch, heads, max_len)
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)  # (batch, max_len)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(seq_lens.to(q.device)[:, None, None] > 0, probs, 0.0).to(q.dtype)  # length 0: zeros
     return torch.einsum("bhl,blc->bhc", probs, kv[..., :kv_lora_rank])  # (batch, heads, kv_lora_rank)
 
 
@@ -168,7 +170,6 @@ def _mla_decode_stage1(
     Q,  # (batch, heads, kv_lora_rank + rope_dim)
     KV,  # (num_blocks, block_size, kv_lora_rank + rope_dim)
     BlockTables,  # (batch, max_blocks) int32 / int64
-    SeqLens,  # (batch,) int32 / int64
     Out,  # (batch, heads, kv_lora_rank): written here for a sequence of one unit
     Partial,  # (capacity, heads, kv_lora_rank) fp32: a unit's normalized partial, sequences of several units
     Lse,  # (capacity, heads) fp32: a unit's log2-sum-exp, same
@@ -210,12 +211,11 @@ def _mla_decode_stage1(
     n_units = tl.load(NumUnits)
     if u >= n_units:  # the grid holds `capacity` units; the plan used fewer
         return
-    active = u < n_units
-    b = tl.load(Units + u * 4, mask=active, other=0).to(tl.int64)
-    start = tl.load(Units + u * 4 + 1, mask=active, other=0)
-    end = tl.load(Units + u * 4 + 2, mask=active, other=0)  # may be start: an empty sequence
-    slot = tl.load(Units + u * 4 + 3, mask=active, other=0).to(tl.int64)  # its partial's row
-    direct = tl.load(SeqPlan + b * 2 + 1, mask=active, other=0) == 1  # the sequence's only unit
+    b = tl.load(Units + u * 4).to(tl.int64)
+    start = tl.load(Units + u * 4 + 1)
+    end = tl.load(Units + u * 4 + 2)  # may be start: an empty sequence
+    slot = tl.load(Units + u * 4 + 3).to(tl.int64)  # its partial's row
+    direct = tl.load(SeqPlan + b * 2 + 1) == 1  # the sequence's only unit
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles end here
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
@@ -294,7 +294,7 @@ def _mla_decode_stage1(
         acc = tl.dot(p.to(latent.dtype), latent, acc=acc, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_C)
         m_i = m_new
 
-    # The last, partial tile of the sequence (only in its last non-empty split): rows past the
+    # The last, partial tile of the sequence (only in its last unit): rows past the
     # length are masked at the load (zeros, never the slot's contents) and in the scores.
     if full_end < end:
         offs_n = full_end + offs_t  # (BLOCK_N,) token positions
@@ -322,8 +322,8 @@ def _mla_decode_stage1(
     nonempty = l_i > 0.0  # false only for an empty sequence
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # (BLOCK_H, BLOCK_C), zeros for an empty sequence
     # which rows go where, as vectors (the interpreter mis-types a vector mask & a scalar condition)
-    where = tl.zeros((BLOCK_H,), tl.int32) + active.to(tl.int32) * (1 + (~direct).to(tl.int32))  # 1 out, 2 partial
-    to_out, to_partial = mask_h & (where == 1), mask_h & (where == 2)
+    where = tl.zeros((BLOCK_H,), tl.int32) + direct.to(tl.int32)  # 1: the output, 0: a partial
+    to_out, to_partial = mask_h & (where == 1), mask_h & (where == 0)
     o_ptrs = Out + b * stride_outb + offs_h[:, None] * stride_outh + offs_c[None, :] * stride_outd
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=to_out[:, None] & mask_c[None, :])
     p_ptrs = Partial + slot * stride_pu + offs_h[:, None] * stride_ph + offs_c[None, :] * stride_pd
@@ -383,8 +383,8 @@ def _mla_decode_stage2(
 def _jitted(interpret: bool):
     """The two kernels through triton.jit; keyed on the interpreter flag, which triton.jit reads."""
     del interpret  # part of the cache key only
-    # Arguments that change from step to step as contexts grow (split count, block-table width,
-    # the partials' strides) stay unspecialized: Triton would otherwise compile a new variant
+    # Arguments that change from step to step (block-table width, the batch's stride) stay
+    # unspecialized: Triton would otherwise compile a new variant
     # whenever one of them becomes 1 or a multiple of 16, a stall of seconds while serving.
     return (
         triton.jit(_mla_decode_stage1, do_not_specialize=["stride_btb", "stride_outb"]),
@@ -398,8 +398,6 @@ def _jitted(interpret: bool):
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-# A program's fixed cost in cache rows: loading q, storing its (BLOCK_H, 512) fp32 partial and
-# merging it in stage 2, the pipeline's fill. Fitted on an H100 (see the module docstring).
 _INTERPRETER_SMS = 4  # a stand-in SM count for the CPU interpreter: few programs, fast tests
 _DEFAULT_BLOCK_N = 64
 _DEFAULT_BLOCK_H = 64
@@ -413,7 +411,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return cuda_sm_count(device)
     return _INTERPRETER_SMS
-
 
 
 def _next_pow2(n: int) -> int:
@@ -468,23 +465,27 @@ def mla_decode(
     num_stages: int | None = None,
     *,
     out: torch.Tensor | None = None,
-    plans: dict | None = None,
+    plans: dict[tuple, tuple] | None = None,
 ) -> torch.Tensor:
     """MLA decode attention, absorbed form: q (batch, heads, kv_lora_rank + rope_dim) over the paged
     kv_cache (num_blocks, block_size, kv_lora_rank + rope_dim) through block_tables (batch,
-    max_blocks) with seq_lens (batch,), every length >= 1 -> (batch, heads, kv_lora_rank) in q's dtype.
+    max_blocks) with seq_lens (batch,) -> (batch, heads, kv_lora_rank) in q's dtype (zeros for a
+    sequence of length 0).
 
     Runs the Triton kernels when the tensors are on CUDA or TRITON_INTERPRET=1 is set, else
     `mla_decode_reference`. On sm_90, for the production shapes (`mla_seesaw.supported`) and no
     pinned tiles, stage 1 is the Gluon kernel in `mla_seesaw.py` instead (same partials, same
     stage 2). Tuning knobs (None: the defaults in the module docstring):
-    num_splits (the units the longest sequence is cut into; None: chosen on the GPU from the
-    lengths, `mla_schedule`), block_n (tokens per tile, a power of two >= 16), block_h (heads per
+    num_splits (cut the longest sequence into units of ceil(its tiles / num_splits) tiles, which
+    may be fewer than num_splits units: 4 tiles and 3 give 2 units of 2; None: chosen on the GPU
+    from the lengths, `mla_schedule`), block_n (tokens per tile, a power of two >= 16), block_h (heads per
     program, a power of two >= 16), num_warps, num_stages. Nothing is read back to the host.
     out: an optional (batch, heads, kv_lora_rank) tensor of q's dtype to write into.
-    plans: an optional dict, one per step, that keeps the work plan: a later call with the same
-    seq_lens tensor (the same object), launch shape and CUDA-graph capture state reuses it, so a
-    model's layers plan once.
+    plans: an optional dict, one per step (and one per CUDA graph captured), that keeps the work
+    plan: a later call with the same seq_lens tensor (the same object, not modified in place
+    since), launch shape and capture state reuses it, so a model's layers plan once.
+    Memory: the fp32 partials take (batch + a wave of programs) x heads x kv_lora_rank x 4 bytes
+    for the call (about 150 MB at 512 sequences x 128 heads), whether or not a sequence is cut.
     Block tables must cover every sequence's length; this is not checked (it would need a sync).
     """
     _check_inputs(q, kv_cache, block_tables, seq_lens, kv_lora_rank, out)
@@ -514,12 +515,12 @@ def mla_decode(
     resident = _sm_count(q.device) * _programs_per_sm(block_h, block_n, num_warps, num_stages, row_bytes)
     head_blocks = -(-num_heads // block_h)
     # the grid's units per head block: one a sequence, and another wave's worth to cut long ones
-    capacity = batch * num_splits if num_splits else batch + -(-resident // head_blocks)
+    capacity = mla_schedule.capacity(batch, head_blocks, resident, num_splits or 0)
     interpreting = _interpreting()
     # A plan made outside a CUDA graph capture is not reused inside one (nor the reverse): the graph
     # must record its own plan kernel, whose buffer then belongs to the graph's memory pool.
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (head_blocks, resident, capacity, block_n, num_splits or 0, capturing)
+    key = (head_blocks, resident, capacity, block_n, num_splits or 0, capturing, seq_lens._version)
     kept = plans.get(key) if plans is not None else None
     if kept is not None and kept[0] is seq_lens:
         units, seq_plan, num_units = kept[1]
@@ -529,7 +530,7 @@ def mla_decode(
         if plans is not None:  # the lengths tensor is kept too: its id is not reused while it lives
             plans[key] = (seq_lens, (units, seq_plan, num_units))
 
-    seesaw = not interpreting and not knobs and mla_seesaw.supported(q, kv_cache, kv_lora_rank)
+    seesaw = not interpreting and not knobs and block_n == mla_seesaw.TILE and mla_seesaw.supported(q, kv_cache, kv_lora_rank)
     stage1, stage2 = _jitted(interpreting)
     block_c, block_r = _next_pow2(kv_lora_rank), max(16, _next_pow2(rope_dim))
     tile_in_page = page_size % block_n == 0
@@ -554,7 +555,7 @@ def mla_decode(
                                               scale * math.log2(math.e))
     if not seesaw:
         stage1[(head_blocks, capacity)](
-            q, kv_cache, block_tables, seq_lens, out, partial, lse, *plan,
+            q, kv_cache, block_tables, out, partial, lse, *plan,
             scale * math.log2(math.e), num_heads,
             *q.stride(), *kv_cache.stride(), *block_tables.stride(), *out.stride(), *partial.stride(), *lse.stride(),
             **consts, num_warps=num_warps, num_stages=num_stages,
@@ -635,7 +636,7 @@ def mla_decode_bytes(
     """The fewest bytes one `mla_decode` call must move through device memory: each sequence's
     cache rows read once, q read once, the output written once, seq_lens (int32) read once.
     Not counted: block-table entries (4 bytes a page, under 0.01% of a page of 576-wide rows) and
-    split partials, which mostly stay in L2. For GB/s in benchmarks."""
+    the partials of sequences cut into several units, which mostly stay in L2. For GB/s in benchmarks."""
     lens = [int(n) for n in (seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
     elt = torch.empty((), dtype=dtype).element_size()
     cache_elt = torch.empty((), dtype=cache_dtype or dtype).element_size()

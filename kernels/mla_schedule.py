@@ -127,7 +127,7 @@ def _mla_plan(
     waves = tl.cdiv(head_blocks * full_c, resident) * (unit_c + overhead)
     cost = tl.maximum(waves, tl.cdiv(head_blocks * (total + units_c * overhead), resident))
     key = tl.where(units_c <= capacity, cost * NUM_CAND + idx, 2147483647)  # ties: the fewer units
-    pick = tl.min(key, 0) % NUM_CAND
+    pick = tl.min(key, 0) % NUM_CAND  # lane 0 (one unit a sequence) always fits a valid capacity
     best = tl.where(fixed_splits > 0, fixed_splits, tl.sum(tl.where(idx == pick, cand, 0), 0))
 
     unit = tl.maximum(tl.cdiv(longest, best), 1)
@@ -171,20 +171,31 @@ def _jitted(interpret: bool):
     return triton.jit(_mla_plan, do_not_specialize=["batch", "capacity", "fixed_splits"])
 
 
+def capacity(batch: int, head_blocks: int, resident: int, fixed_splits: int = 0) -> int:
+    """Units the stage-1 grid holds per head block: with a fixed count, that many a sequence; else one
+    a sequence and another wave of programs to cut the long ones with."""
+    return batch * fixed_splits if fixed_splits else batch + _cdiv(resident, head_blocks)
+
+
 def launch_plan(
     seq_lens: torch.Tensor, head_blocks: int, resident: int, capacity: int, block_n: int, fixed_splits: int,
     interpreting: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(units (capacity, 4), seq_plan (batch, 2), num_units (1,)), int32, from one program on the GPU."""
+    """(units (capacity, 4), seq_plan (batch, 2), num_units (1,)), int32, from one program on the GPU.
+    capacity must hold every sequence's units: at least batch, or batch * fixed_splits."""
     batch = seq_lens.shape[0]
+    if capacity < batch * max(1, fixed_splits):
+        raise ValueError(f"capacity {capacity} cannot hold {batch} sequences' units "
+                         f"({'fixed ' + str(fixed_splits) if fixed_splits else 'at least 1'} each)")
     buf = torch.empty(capacity * 4 + batch * 2 + 1, dtype=torch.int32, device=seq_lens.device)
     units = buf[: capacity * 4].view(capacity, 4)
     seq_plan = buf[capacity * 4 : capacity * 4 + batch * 2].view(batch, 2)
     num_units = buf[capacity * 4 + batch * 2 :]
+    block_b = max(16, triton.next_power_of_2(batch))
     _jitted(interpreting)[(1,)](
         seq_lens, units, seq_plan, num_units, batch, head_blocks, resident, capacity,
         fixed_splits, _cdiv(OVERHEAD_TOKENS, block_n), NUM_CAND=len(CANDIDATES), TAIL_NUM=BIG_TAIL[0],
         TAIL_DEN=BIG_TAIL[1],
-        BLOCK_B=max(16, triton.next_power_of_2(batch)), BLOCK_N=block_n, num_warps=4,
+        BLOCK_B=block_b, BLOCK_N=block_n, num_warps=min(16, max(4, block_b // 128)),
     )  # fmt: skip
     return units, seq_plan, num_units

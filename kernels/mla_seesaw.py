@@ -206,23 +206,21 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=0, deps=[s])
 
     @gluon.jit
-    def _store_half(o, l_tot, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, HALF: gl.constexpr):
+    def _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, HALF: gl.constexpr):
         """This warpgroup's (64, 256) output columns, normalized by the row sums (zeros for an empty
-        sequence), into the output (a sequence of one unit) or the unit's fp32 partial; nothing for a
-        program past the plan's units."""
+        sequence), into the output (a sequence of one unit) or the unit's fp32 partial."""
         l_o = gl.convert_layout(l_tot, _ROW_O)
         o = o / gl.where(l_o > 0.0, l_o, 1.0)[:, None]
         heads = gl.arange(0, _C_HEADS, layout=_ROW_O).to(gl.int64)
         cols = HALF * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, _MMA_O))
-        if active:
-            if direct:
-                gl.store(Out + out_off + heads[:, None] * stride_oh + cols[None, :] * stride_od, o.to(Out.dtype.element_ty))
-            else:
-                gl.store(Partial + p_off + heads[:, None] * stride_ph + cols[None, :] * stride_pd, o)
+        if direct:
+            gl.store(Out + out_off + heads[:, None] * stride_oh + cols[None, :] * stride_od, o.to(Out.dtype.element_ty))
+        else:
+            gl.store(Partial + p_off + heads[:, None] * stride_ph + cols[None, :] * stride_pd, o)
 
     @gluon.jit
     def _wg0(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
-             sm_scale_log2, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
+             sm_scale_log2, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
              Lse, lse_off, stride_lh, PAGE_SIZE: gl.constexpr):
         """Warpgroup 0: the even tiles' scores and softmax, O_L; publishes m0 and P0."""
         dtype: gl.constexpr = q_lat.dtype
@@ -231,7 +229,7 @@ if gluon is not None:
         m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, _ROW_S)
         l_i = gl.zeros([_C_HEADS], gl.float32, _ROW_S)
         o = gl.zeros([_C_HEADS, 256], gl.float32, _MMA_O)
-        if n_tiles > 0:  # no q is loaded for an empty unit or a program past the units
+        if n_tiles > 0:  # no q is loaded for an empty unit (a sequence of length 0)
             mbarrier.wait(bars[_C_BAR_Q], 0)
         for pair in range(gl.cdiv(n_tiles, 2)):
             ph = pair & 1
@@ -277,8 +275,8 @@ if gluon is not None:
         l_tot = l_i + l_buf.index(1).load(_ROW_S)
         l_buf.index(0).store(l_tot)
         mbarrier.arrive(bars[_C_BAR_L])
-        _store_half(o, l_tot, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, 0)
-        if active & ~direct:  # a unit of a sequence cut in several: its log2-sum-exp for stage 2
+        _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, 0)
+        if ~direct:  # a unit of a sequence cut in several: its log2-sum-exp for stage 2
             nonempty = l_tot > 0.0
             lse = gl.where(nonempty, m_i + gl.log2(gl.where(nonempty, l_tot, 1.0)), float("-inf"))
             heads = gl.arange(0, _C_HEADS, layout=_ROW_S)
@@ -286,7 +284,7 @@ if gluon is not None:
 
     @gluon.jit
     def _wg1(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
-             sm_scale_log2, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
+             sm_scale_log2, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
              PAGE_SIZE: gl.constexpr):
         """Warpgroup 1: the odd tiles' scores and softmax, O_R; publishes m1 and P1."""
         dtype: gl.constexpr = q_lat.dtype
@@ -295,7 +293,7 @@ if gluon is not None:
         m_i = gl.full([_C_HEADS], float("-inf"), gl.float32, _ROW_S)
         l_i = gl.zeros([_C_HEADS], gl.float32, _ROW_S)
         o = gl.zeros([_C_HEADS, 256], gl.float32, _MMA_O)
-        if n_tiles > 0:  # no q is loaded for an empty unit or a program past the units
+        if n_tiles > 0:  # no q is loaded for an empty unit (a sequence of length 0)
             mbarrier.wait(bars[_C_BAR_Q], 0)
         for pair in range(gl.cdiv(n_tiles, 2)):
             ph = pair & 1
@@ -347,7 +345,7 @@ if gluon is not None:
         mbarrier.arrive(bars[_C_BAR_L1])
         mbarrier.wait(bars[_C_BAR_L], 0)
         l_tot = l_buf.index(0).load(_ROW_S)
-        _store_half(o, l_tot, active, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, 1)
+        _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, 1)
 
     @gluon.jit(do_not_specialize=("stride_btb", "stride_outb"))
     def mla_seesaw_kernel(
@@ -381,14 +379,12 @@ if gluon is not None:
         n_units = gl.load(NumUnits)
         if u >= n_units:  # the grid holds `capacity` units; the plan used fewer
             return
-        active = u < n_units
-        u_safe = gl.where(active, u, 0)  # a program past the units reads unit 0 and stores nothing
-        b = gl.load(Units + u_safe * 4)
-        start = gl.load(Units + u_safe * 4 + 1)
-        end = gl.load(Units + u_safe * 4 + 2)
-        slot = gl.load(Units + u_safe * 4 + 3)  # its partial's row
+        b = gl.load(Units + u * 4)
+        start = gl.load(Units + u * 4 + 1)
+        end = gl.load(Units + u * 4 + 2)
+        slot = gl.load(Units + u * 4 + 3)  # its partial's row
         direct = gl.load(SeqPlan + b * 2 + 1) == 1  # the sequence's only unit
-        n_tok = gl.where(active, gl.maximum(end - start, 0), 0)
+        n_tok = gl.maximum(end - start, 0)
         n_tiles = gl.cdiv(n_tok, _C_TILE)
         last_valid = n_tok - (n_tiles - 1) * _C_TILE  # tokens in the last tile
         bt_row = BlockTables + b.to(gl.int64) * stride_btb
@@ -430,10 +426,10 @@ if gluon is not None:
 
         gl.warp_specialize([
             (_wg0, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
-                    last_valid, sm_scale_log2, active, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
+                    last_valid, sm_scale_log2, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
                     Lse, lse_off, stride_lh, PAGE_SIZE)),
             (_wg1, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
-                    last_valid, sm_scale_log2, active, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
+                    last_valid, sm_scale_log2, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
                     PAGE_SIZE)),
         ], [4], [_C_WG1_REGS])
 

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--heads", default="128,64")
     ap.add_argument("--batches", default="64,128")
     ap.add_argument("--contexts", default="4096,32768")
-    ap.add_argument("--splits", type=int, default=None)
+    ap.add_argument("--splits", type=int, default=None, help="units for the longest sequence (mla_decode num_splits)")
     ap.add_argument("--paths", default="triton,seesaw", help="which kernels to time (the first is the baseline)")
     ap.add_argument("--hot-pages", type=int, default=0, help="point every block-table entry into the first N pages")
     ap.add_argument("--out", default=None)

@@ -1,6 +1,6 @@
-"""Times the MLA decode work plan (`kernels/mla_schedule.py`) on its own and the whole decode call,
-both replayed in CUDA graphs, at equal and mixed lengths: what the plan adds to a decode call, and with --splits the same calls at fixed unit counts (to
-check the plan's choice).
+"""Times the MLA decode work plan (`kernels/mla_schedule.py`) on its own and the whole decode
+call, both replayed in CUDA graphs, at equal and mixed lengths: what the plan adds to a decode
+call, and with --splits the same calls at fixed unit counts (to check the plan's choice).
 
   python scripts/time_mla_plan.py [--splits 1,2,4] [--out FILE]   (GPU)
 """
@@ -27,6 +27,7 @@ def main() -> None:
                     help="also time these fixed unit counts for the longest sequence, e.g. 1,2,3,4,6,8")
     args = ap.parse_args()
     gen = torch.Generator("cuda").manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for heads in (128, 64):
         for batch in (64, 128):
@@ -38,10 +39,10 @@ def main() -> None:
                     lens = (torch.randint(1, context + 1, (batch,), device="cuda", generator=gen) if mixed
                             else torch.full((batch,), context, device="cuda")).int()
                     q = torch.randn(batch, heads, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
-                    hb = heads // 64
-                    cap = batch + -(-132 // hb)
-                    plan_ms = graph_ms(lambda: mla_schedule.launch_plan(lens, hb, 132, cap, 64, 0, False))
-                    units, plan, n = mla_schedule.launch_plan(lens, hb, 132, cap, 64, 0, False)
+                    hb = heads // 64  # the seesaw kernel's head blocks, one program an SM
+                    cap = mla_schedule.capacity(batch, hb, sms)
+                    plan_ms = graph_ms(lambda: mla_schedule.launch_plan(lens, hb, sms, cap, 64, 0, False))
+                    units, plan, n = mla_schedule.launch_plan(lens, hb, sms, cap, 64, 0, False)
                     ms = graph_ms(lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512))
                     row = dict(heads=heads, batch=batch, context=context, mixed=mixed, plan_us=plan_ms * 1e3,
                                decode_us=ms * 1e3, units=int(n), max_units_per_seq=int(plan[:, 1].max()))

@@ -93,17 +93,17 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=1e-2,
 
 # (lens, heads, kv_lora_rank, rope_dim, block_size, dtype, knobs)
 CASES = [
-    # one split: stage 1 writes the output; lengths 1, exactly a block, a block + 1, several blocks
+    # one unit a sequence: stage 1 writes the output; lengths 1, exactly a block, a block + 1, several blocks
     ([1, 16, 17, 50], 4, 64, 16, 16, torch.float32, dict(num_splits=1)),
-    # two splits, tile (32) straddling two cache pages (16)
+    # the longest cut in two units, tile (32) straddling two cache pages (16)
     ([1, 16, 17, 50], 4, 64, 16, 16, torch.float32, dict(num_splits=2, block_n=32)),
-    # three splits, tile (16) inside a page (32), 16 heads, rank 128
+    # three units for the longest, tile (16) inside a page (32), 16 heads, rank 128
     ([33, 64, 5], 16, 128, 32, 32, torch.float32, dict(num_splits=3, block_n=16)),
-    # far more splits than tiles: most splits empty
+    # a count above the longest's tiles: units of one tile
     ([1, 20], 4, 64, 16, 16, torch.float32, dict(num_splits=7, block_n=16)),
     # 20 heads over two head blocks of 16 (the second mostly padding), fp16, rope 64
     ([100, 1, 32], 20, 64, 64, 32, torch.float16, dict(num_splits=3, block_h=16)),
-    # 20 heads in one block of 32, default knobs (splits chosen by the launcher)
+    # 20 heads in one block of 32, default knobs (units planned on the device)
     ([70, 9], 20, 64, 16, 16, torch.float16, dict()),
     # fp16 queries over an fp32 cache (the reference casts the cache to q's dtype), int64 indices
     ([45, 3], 8, 128, 64, 16, torch.float16, dict(num_splits=2, cache_dtype=torch.float32, index_dtype=torch.int64)),
@@ -112,8 +112,11 @@ CASES = [
     # tiles of a whole page (block_n == block_size): lengths of whole tiles only, a tail of one
     # token, a tail of all but one; one sequence of a single token (no whole tile at all)
     ([64, 128, 97, 1, 63], 16, 64, 16, 32, torch.float16, dict(num_splits=2, block_n=32)),
-    # several tiles per page (block_n 16 in pages of 64), splits that end inside a page
+    # several tiles per page (block_n 16 in pages of 64), units that end inside a page
     ([200, 129, 16], 4, 64, 16, 64, torch.float32, dict(num_splits=3, block_n=16)),
+    # sequences of length 0 (zeros out) beside others, planned and fixed
+    ([0, 40, 0, 17], 4, 64, 16, 16, torch.float32, dict()),
+    ([0, 90, 3], 4, 64, 16, 16, torch.float32, dict(num_splits=3, block_n=16)),
 ]
 
 
@@ -137,7 +140,7 @@ def test_splits_agree(gen, device) -> None:
 
 def test_mixed_lengths_default_plan(gen, device) -> None:
     """Unequal lengths with the plan chosen on the device: long sequences cut into units, short
-    ones written by stage 1 directly, one empty-tail sequence of a single token."""
+    ones (one of a single token) written by stage 1 directly."""
     p = make_problem(gen, device, [300, 1, 17, 64, 250, 5], 4, 64, 16, 16)
     torch.testing.assert_close(run_kernel(p, block_n=16), reference(p), **TOL[torch.float32])
     torch.testing.assert_close(run_kernel(p), reference(p), **TOL[torch.float32])
@@ -158,6 +161,10 @@ def test_plan_kept_per_lengths_tensor(gen, device, monkeypatch) -> None:
     assert len(calls) == 1
     mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens.clone(), p.scale, p.kv_lora_rank, plans=plans)
     assert len(calls) == 2
+    p.seq_lens[1] = 2  # the same tensor, changed in place: planned again, and right
+    got = mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, p.kv_lora_rank, plans=plans)
+    assert len(calls) == 3
+    torch.testing.assert_close(got, reference(p), **TOL[torch.float32])
 
 
 def test_never_reads_past_length(gen, device) -> None:
@@ -250,6 +257,14 @@ def test_plan_kernel_matches_python_rule(gen, device, fixed) -> None:
             assert all(x[2] == y[1] and x[1] % block_n == 0 for x, y in zip(mine, mine[1:]))
         sizes = [u[2] - u[1] for u in units]
         assert sizes == sorted(sizes, reverse=True)  # full units, then the last ones by length
+
+
+def test_plan_needs_room_for_every_sequence(device) -> None:
+    lens = torch.tensor([5, 6, 7], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="capacity 2 cannot hold 3"):
+        mla_schedule.launch_plan(lens, 1, 4, 2, 16, 0, True)
+    with pytest.raises(ValueError, match="fixed 2 each"):
+        mla_schedule.launch_plan(lens, 1, 4, 5, 16, 2, True)
 
 
 def test_plan_rule() -> None:

@@ -1,7 +1,7 @@
 """The Gluon seesaw MLA decode kernel (Hopper) against the fp32 reference and the Triton kernel.
 
 GPU only (sm_90): Gluon has no interpreter. The cases cover partial last tiles (the kernel zeroes
-the dead rows of a page in shared memory), odd and even tile counts per split, empty splits,
+the dead rows of a page in shared memory), odd and even tile counts per unit, sequences of length 0,
 pages of 64 and 128 tokens, two and three head blocks, fp16, and NaN in every cache slot no
 sequence owns.
 """
@@ -60,7 +60,8 @@ CASES = [
     ([1, 63, 64, 65, 127, 128, 129, 1000, 4096, 2047], 128, 64, torch.bfloat16, None),
     ([1, 63, 64, 65, 127, 128, 129, 1000, 4096, 2047], 128, 64, torch.bfloat16, 1),
     ([300, 64, 1, 191, 5000], 128, 64, torch.bfloat16, 3),
-    ([1, 2, 700], 64, 128, torch.float16, 7),  # most splits of the short sequences are empty
+    ([1, 2, 700], 64, 128, torch.float16, 7),  # the long one in 7 units, the short ones in one each
+    ([0, 1, 700, 0, 129], 128, 64, torch.bfloat16, None),  # sequences of length 0: zeros
     ([129, 65, 4000], 192, 128, torch.bfloat16, None),  # three head blocks, pages of 128
     ([255, 256, 257, 3], 64, 256, torch.bfloat16, 2),  # pages of 256: four tiles a page
 ]
