@@ -206,22 +206,34 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=0, deps=[s])
 
     @gluon.jit
-    def _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, HALF: gl.constexpr):
+    def _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
+                    out_desc, row_out, buf, HALF: gl.constexpr, OUT_TMA: gl.constexpr):
         """This warpgroup's (64, 256) output columns, normalized by the row sums (zeros for an empty
-        sequence), into the output (a sequence of one unit) or the unit's fp32 partial."""
+        sequence), into the output (a sequence of one unit) or the unit's fp32 partial. With OUT_TMA
+        the output goes through shared memory and TMA: `buf` is the tile buffer whose columns
+        HALF * 256 ... only this warpgroup reads (K0's left half, K1's right half), dead by now."""
         l_o = gl.convert_layout(l_tot, _ROW_O)
         o = o / gl.where(l_o > 0.0, l_o, 1.0)[:, None]
         heads = gl.arange(0, _C_HEADS, layout=_ROW_O).to(gl.int64)
         cols = HALF * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, _MMA_O))
         if direct:
-            gl.store(Out + out_off + heads[:, None] * stride_oh + cols[None, :] * stride_od, o.to(Out.dtype.element_ty))
+            if OUT_TMA:
+                buf.slice(HALF * 256, 256, dim=1).store(o.to(buf.dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                for c in gl.static_range(256 // _C_CHUNK):
+                    col = HALF * 256 + c * _C_CHUNK
+                    tma.async_copy_shared_to_global(out_desc, [row_out, col], buf.slice(col, _C_CHUNK, dim=1))
+                tma.store_wait(0)
+            else:
+                gl.store(Out + out_off + heads[:, None] * stride_oh + cols[None, :] * stride_od, o.to(Out.dtype.element_ty))
         else:
             gl.store(Partial + p_off + heads[:, None] * stride_ph + cols[None, :] * stride_pd, o)
 
     @gluon.jit
     def _wg0(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
              sm_scale_log2, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
-             Lse, lse_off, stride_lh, PAGE_SIZE: gl.constexpr):
+             out_desc, row_out, Lse, lse_off, stride_lh, PAGE_SIZE: gl.constexpr, OUT_TMA: gl.constexpr):
         """Warpgroup 0: the even tiles' scores and softmax, O_L; publishes m0 and P0."""
         dtype: gl.constexpr = q_lat.dtype
         cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, _MMA_S))
@@ -275,7 +287,8 @@ if gluon is not None:
         l_tot = l_i + l_buf.index(1).load(_ROW_S)
         l_buf.index(0).store(l_tot)
         mbarrier.arrive(bars[_C_BAR_L])
-        _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, 0)
+        _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
+                    out_desc, row_out, k_lat.index(0), 0, OUT_TMA)
         if ~direct:  # a unit of a sequence cut in several: its log2-sum-exp for stage 2
             nonempty = l_tot > 0.0
             lse = gl.where(nonempty, m_i + gl.log2(gl.where(nonempty, l_tot, 1.0)), float("-inf"))
@@ -285,7 +298,7 @@ if gluon is not None:
     @gluon.jit
     def _wg1(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
              sm_scale_log2, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
-             PAGE_SIZE: gl.constexpr):
+             out_desc, row_out, PAGE_SIZE: gl.constexpr, OUT_TMA: gl.constexpr):
         """Warpgroup 1: the odd tiles' scores and softmax, O_R; publishes m1 and P1."""
         dtype: gl.constexpr = q_lat.dtype
         cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, _MMA_S))
@@ -345,7 +358,8 @@ if gluon is not None:
         mbarrier.arrive(bars[_C_BAR_L1])
         mbarrier.wait(bars[_C_BAR_L], 0)
         l_tot = l_buf.index(0).load(_ROW_S)
-        _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd, 1)
+        _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
+                    out_desc, row_out, k_lat.index(1), 1, OUT_TMA)
 
     @gluon.jit(do_not_specialize=("stride_btb", "stride_outb"))
     def mla_seesaw_kernel(
@@ -353,6 +367,7 @@ if gluon is not None:
         q_rope_desc,  # the same, boxes of 64 x 64
         kv_desc,  # TMA over the cache as (blocks * page_size, 576), boxes of 64 x CHUNK (latent chunks)
         rope_desc,  # the same, boxes of 64 x 64 (the rope columns)
+        out_desc,  # TMA over the output as (batch * heads, 512), boxes of 64 x CHUNK (OUT_TMA only)
         BlockTables,  # (batch, max_blocks) int32 / int64
         Out,  # (batch, heads, 512): written here for a sequence of one unit
         Partial,  # (capacity, heads, 512) fp32: a unit's normalized partial, sequences of several units
@@ -373,6 +388,7 @@ if gluon is not None:
         stride_lu,
         stride_lh,
         PAGE_SIZE: gl.constexpr,
+        OUT_TMA: gl.constexpr,  # the output is stored by TMA (contiguous, 16-byte aligned)
     ):
         pid_h = gl.program_id(0)  # fastest: the head blocks of one unit read the same tiles
         u = gl.program_id(1)
@@ -391,6 +407,7 @@ if gluon is not None:
         out_off = b.to(gl.int64) * stride_outb + (pid_h * _C_HEADS).to(gl.int64) * stride_outh
         p_off = slot.to(gl.int64) * stride_pu + (pid_h * _C_HEADS).to(gl.int64) * stride_ph
         lse_off = slot.to(gl.int64) * stride_lu + pid_h * _C_HEADS * stride_lh
+        row_out = b * num_heads + pid_h * _C_HEADS  # the output's row in (batch * heads, 512)
 
         dtype: gl.constexpr = q_desc.dtype
         SH: gl.constexpr = q_desc.layout
@@ -427,10 +444,10 @@ if gluon is not None:
         gl.warp_specialize([
             (_wg0, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
                     last_valid, sm_scale_log2, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
-                    Lse, lse_off, stride_lh, PAGE_SIZE)),
+                    out_desc, row_out, Lse, lse_off, stride_lh, PAGE_SIZE, OUT_TMA)),
             (_wg1, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
                     last_valid, sm_scale_log2, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
-                    PAGE_SIZE)),
+                    out_desc, row_out, PAGE_SIZE, OUT_TMA)),
         ], [4], [_C_WG1_REGS])
 
 
@@ -460,9 +477,13 @@ def launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity, 
     q_rope_desc = TensorDescriptor.from_tensor(q2, [HEADS, ROPE], layout)
     kv_desc = TensorDescriptor.from_tensor(kv2, [TILE, CHUNK], layout)
     rope_desc = TensorDescriptor.from_tensor(kv2, [TILE, ROPE], layout)
+    # the output by TMA where it is one contiguous (batch * heads, 512) matrix (the kernel's own tile
+    # buffers stage it); a strided view takes plain stores
+    out_tma = out.is_contiguous() and out.data_ptr() % 16 == 0
+    out_desc = TensorDescriptor.from_tensor(out.view(batch * num_heads, KV_LORA), [HEADS, CHUNK], layout) if out_tma else kv_desc
     grid = (num_heads // HEADS, capacity)
     mla_seesaw_kernel[grid](
-        q_desc, q_rope_desc, kv_desc, rope_desc, block_tables, out, partial, lse, *plan, scale_log2, num_heads,
+        q_desc, q_rope_desc, kv_desc, rope_desc, out_desc, block_tables, out, partial, lse, *plan, scale_log2, num_heads,
         *block_tables.stride(), *out.stride(), *partial.stride(), *lse.stride(),
-        PAGE_SIZE=kv_cache.shape[1], num_warps=4,
+        PAGE_SIZE=kv_cache.shape[1], OUT_TMA=out_tma, num_warps=4,
     )  # fmt: skip
