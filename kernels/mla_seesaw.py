@@ -221,9 +221,9 @@ if gluon is not None:
                 buf.slice(HALF * 256, 256, dim=1).store(o.to(buf.dtype))
                 fence_async_shared()
                 gl.thread_barrier()
-                for c in gl.static_range(256 // _C_CHUNK):
-                    col = HALF * 256 + c * _C_CHUNK
-                    tma.async_copy_shared_to_global(out_desc, [row_out, col], buf.slice(col, _C_CHUNK, dim=1))
+                for c in gl.static_range(256 // _C_CHUNK):  # (a local of the column is not a constexpr)
+                    tma.async_copy_shared_to_global(out_desc, [row_out, HALF * 256 + c * _C_CHUNK],
+                                                    buf.slice(HALF * 256 + c * _C_CHUNK, _C_CHUNK, dim=1))
                 tma.store_wait(0)
             else:
                 gl.store(Out + out_off + heads[:, None] * stride_oh + cols[None, :] * stride_od, o.to(Out.dtype.element_ty))
