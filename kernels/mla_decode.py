@@ -104,10 +104,11 @@ splits, chosen on the host from the block tables' capacity by a wave model. That
 every sequence is as long as the longest, and slow when they differ: at lengths drawn from
 1..32768 a launch lasted as long as its longest sequence while most SMs idled (128 heads x 64:
 48% of copy against FlashMLA's 70% on the same H100). The unit plan is chosen on the GPU from the
-lengths (so CUDA graphs replay each step's own plan) and the units run longest first; at mixed
-lengths it is 0-25% faster than the splits were (from 3% faster to 8% slower than FlashMLA), and
-at equal lengths 4% faster to 8% slower than the splits (the plan kernel and stage 2 are two more launches a call;
-docs/performance.md, session 19). The engine makes one plan a step for all layers (`plans`).
+lengths (so CUDA graphs replay each step's own plan) and the units run longest first. With the
+Gluon kernel's TMA store of the output (`mla_seesaw.py`), at mixed lengths it is 5-26% faster than
+the splits were (from 10% faster to 6% slower than FlashMLA), and at equal lengths 3% faster to 3%
+slower than the splits: the plan kernel and stage 2 are two more launches a call
+(docs/performance.md, session 19). The engine makes one plan a step for all layers (`plans`).
 """
 
 from __future__ import annotations
