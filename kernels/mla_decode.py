@@ -105,10 +105,11 @@ every sequence is as long as the longest, and slow when they differ: at lengths 
 1..32768 a launch lasted as long as its longest sequence while most SMs idled (128 heads x 64:
 48% of copy against FlashMLA's 70% on the same H100). The unit plan is chosen on the GPU from the
 lengths (so CUDA graphs replay each step's own plan) and the units run longest first. With the
-Gluon kernel's TMA store of the output (`mla_seesaw.py`), at mixed lengths it is 5-26% faster than
-the splits were (from 10% faster to 6% slower than FlashMLA), and at equal lengths 3% faster to 3%
-slower than the splits: the plan kernel and stage 2 are two more launches a call
-(docs/performance.md, session 19). The engine makes one plan a step for all layers (`plans`).
+Gluon kernel's TMA store of the output (`mla_seesaw.py`; only where the tables hold at most 8,192
+tokens a sequence, so not in CUDA graphs sized for a longer max_model_len), at mixed lengths it is
+5-26% faster than the splits were (from 10% faster to 6% slower than FlashMLA), and at equal
+lengths 3% faster to 3% slower than the splits: the plan kernel and stage 2 are two more launches a call
+(docs/performance.md, session 19). The engine makes one plan a decode-only step for all layers (`plans`).
 """
 
 from __future__ import annotations
@@ -399,6 +400,7 @@ def _jitted(interpret: bool):
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_MAX_GRID_Y = 65535  # stage 1's units are its grid's second dimension
 _INTERPRETER_SMS = 4  # a stand-in SM count for the CPU interpreter: few programs, fast tests
 _DEFAULT_BLOCK_N = 64
 _DEFAULT_BLOCK_H = 64
@@ -483,8 +485,10 @@ def mla_decode(
     program, a power of two >= 16), num_warps, num_stages. Nothing is read back to the host.
     out: an optional (batch, heads, kv_lora_rank) tensor of q's dtype to write into.
     plans: an optional dict, one per step (and one per CUDA graph captured), that keeps the work
-    plan: a later call with the same seq_lens tensor (the same object, not modified in place
-    since), launch shape and capture state reuses it, so a model's layers plan once.
+    plan: a later call with the same seq_lens tensor (the same object, not modified in place by a
+    torch op since: writes through `.data`, numpy or DLPack views are not seen), launch shape and
+    capture state reuses it, so a model's layers plan once (decode-only steps; a mixed step's
+    layers each plan for their decodes).
     Memory: the fp32 partials take (batch + a wave of programs) x heads x kv_lora_rank x 4 bytes
     for the call (about 150 MB at 512 sequences x 128 heads), whether or not a sequence is cut.
     Block tables must cover every sequence's length; this is not checked (it would need a sync).
@@ -517,18 +521,24 @@ def mla_decode(
     head_blocks = -(-num_heads // block_h)
     # the grid's units per head block: one a sequence, and another wave's worth to cut long ones
     capacity = mla_schedule.capacity(batch, head_blocks, resident, num_splits or 0)
+    if capacity > _MAX_GRID_Y:
+        raise ValueError(f"{batch} sequences x {num_splits or 1} units make {capacity} units a head block, more than "
+                         f"a launch grid holds ({_MAX_GRID_Y}); use fewer splits or smaller batches")
     interpreting = _interpreting()
     # A plan made outside a CUDA graph capture is not reused inside one (nor the reverse): the graph
-    # must record its own plan kernel, whose buffer then belongs to the graph's memory pool.
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (head_blocks, resident, capacity, block_n, num_splits or 0, capturing, seq_lens._version)
-    kept = plans.get(key) if plans is not None else None
+    # must record its own plan kernel, whose buffer then belongs to the graph's memory pool. Inference
+    # tensors keep no version counter, so their plans are not kept.
+    key = None
+    if plans is not None and not seq_lens.is_inference():
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (head_blocks, resident, capacity, block_n, num_splits or 0, capturing, seq_lens._version)
+    kept = plans.get(key) if key is not None else None
     if kept is not None and kept[0] is seq_lens:
         units, seq_plan, num_units = kept[1]
     else:
         units, seq_plan, num_units = mla_schedule.launch_plan(
             seq_lens, head_blocks, resident, capacity, block_n, num_splits or 0, interpreting)
-        if plans is not None:  # the lengths tensor is kept too: its id is not reused while it lives
+        if key is not None:  # the lengths tensor is kept too: its id is not reused while it lives
             plans[key] = (seq_lens, (units, seq_plan, num_units))
 
     seesaw = not interpreting and not knobs and block_n == mla_seesaw.TILE and mla_seesaw.supported(q, kv_cache, kv_lora_rank)

@@ -212,7 +212,9 @@ if gluon is not None:
         """This warpgroup's (64, 256) output columns, normalized by the row sums (zeros for an empty
         sequence), into the output (a sequence of one unit) or the unit's fp32 partial. With OUT_TMA
         the output goes through shared memory and TMA: `buf` is the tile buffer whose columns
-        HALF * 256 ... only this warpgroup reads (K0's left half, K1's right half), dead by now."""
+        HALF * 256 ... only this warpgroup reads (K0's left half, K1's right half), dead by now:
+        both warpgroups have passed the row-sum exchange (so both loops and their products are
+        done), and no tile is loaded past the unit's last (a prefetch beyond it would break this)."""
         l_o = gl.convert_layout(l_tot, _ROW_O)
         o = o / gl.where(l_o > 0.0, l_o, 1.0)[:, None]
         heads = gl.arange(0, _C_HEADS, layout=_ROW_O).to(gl.int64)

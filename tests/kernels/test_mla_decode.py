@@ -241,7 +241,8 @@ def test_plan_kernel_matches_python_rule(gen, device, fixed) -> None:
     exactly (whole tiles, consecutive slots) and come longest first after the full ones."""
     for _ in range(4):
         batch = int(torch.randint(1, 40, (1,), generator=gen))
-        lens = torch.randint(1, 3000, (batch,), generator=gen).tolist()
+        lens = torch.randint(0, 3000, (batch,), generator=gen).tolist()
+        lens[0] = 0  # a sequence of length 0: one empty unit
         head_blocks, resident, block_n = 2, 8, 64
         capacity = batch * fixed if fixed else batch + resident // head_blocks
         want = mla_schedule.plan_units(lens, head_blocks, resident, capacity, block_n, fixed)
@@ -254,9 +255,26 @@ def test_plan_kernel_matches_python_rule(gen, device, fixed) -> None:
             mine = sorted((u for u in units if u[0] == b), key=lambda u: u[3])
             assert [u[3] for u in mine] == list(range(first, first + count))
             assert mine[0][1] == 0 and mine[-1][2] == lens[b]
+            assert all(u[2] - u[1] == mine[0][2] for u in mine[:-1])  # all but the last: one unit size
             assert all(x[2] == y[1] and x[1] % block_n == 0 for x, y in zip(mine, mine[1:]))
         sizes = [u[2] - u[1] for u in units]
         assert sizes == sorted(sizes, reverse=True)  # full units, then the last ones by length
+
+
+def test_plans_not_kept_for_inference_tensors(gen, device) -> None:
+    p = make_problem(gen, device, [90, 3], 4, 64, 16, 16)
+    plans: dict = {}
+    with torch.inference_mode():
+        lens = p.seq_lens.clone()
+        out = mla_decode(p.q, p.kv_cache, p.block_tables, lens, p.scale, p.kv_lora_rank, plans=plans)
+    torch.testing.assert_close(out, reference(p), **TOL[torch.float32])
+    assert plans == {}
+
+
+def test_too_many_units_for_a_grid(gen, device) -> None:
+    p = make_problem(gen, device, [90, 3], 4, 64, 16, 16)
+    with pytest.raises(ValueError, match="more than a launch grid holds"):
+        mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, p.kv_lora_rank, num_splits=40000)
 
 
 def test_plan_needs_room_for_every_sequence(device) -> None:

@@ -64,6 +64,7 @@ CASES = [
     ([0, 1, 700, 0, 129], 128, 64, torch.bfloat16, None),  # sequences of length 0: zeros
     ([129, 65, 4000], 192, 128, torch.bfloat16, None),  # three head blocks, pages of 128
     ([255, 256, 257, 3], 64, 256, torch.bfloat16, 2),  # pages of 256: four tiles a page
+    ([9000, 3, 700], 128, 64, torch.bfloat16, None),  # tables over 8,192 tokens: plain output stores
 ]
 
 

@@ -12,8 +12,9 @@ catches up. A replay is one launch.
 - Static inputs: every graph reads the same device buffers (token ids, positions, cache slots,
   context lengths, the token mask; a sixth row, the rows of `PrevTokens`, is read before the
   replay, not by the graph) and one block table as wide as the longest sequence allowed
-  (max_model_len), so the MLA launcher chooses its split count from that capacity, once per size
-  (it cuts each sequence's own context into that many pieces, so short contexts stay cheap).
+  (max_model_len). The MLA decode kernel plans its work on the GPU from each step's lengths
+  (`kernels/mla_schedule.py`), so a graph replays each step's own plan; the table's width only
+  decides whether the Gluon kernel may store its output by TMA (at most 8,192 tokens).
   A step writes its rows into pinned host buffers and copies them over without a host sync.
   Under asynchronous scheduling a row's input token may not have reached the host yet: it is
   then taken on the device from the previous step's samples (`PrevTokens`) before the replay.
