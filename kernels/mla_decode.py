@@ -109,7 +109,7 @@ Gluon kernel's TMA store of the output (`mla_seesaw.py`; only where the tables h
 tokens a sequence, so not in CUDA graphs sized for a longer max_model_len), at mixed lengths it is
 5-26% faster than the splits were (from 10% faster to 6% slower than FlashMLA), and at equal
 lengths 3% faster to 3% slower than the splits: the plan kernel and stage 2 are two more launches a call
-(docs/performance.md, session 19). The engine makes one plan a decode-only step for all layers (`plans`).
+(docs/performance.md, session 19). The engine makes one plan a step for all layers (`plans`).
 """
 
 from __future__ import annotations
@@ -487,8 +487,7 @@ def mla_decode(
     plans: an optional dict, one per step (and one per CUDA graph captured), that keeps the work
     plan: a later call with the same seq_lens tensor (the same object, not modified in place by a
     torch op since: writes through `.data`, numpy or DLPack views are not seen), launch shape and
-    capture state reuses it, so a model's layers plan once (decode-only steps; a mixed step's
-    layers each plan for their decodes).
+    capture state reuses it, so a model's layers plan once a step.
     Memory: the fp32 partials take (batch + a wave of programs) x heads x kv_lora_rank x 4 bytes
     for the call (about 150 MB at 512 sequences x 128 heads), whether or not a sequence is cut.
     Block tables must cover every sequence's length; this is not checked (it would need a sync).

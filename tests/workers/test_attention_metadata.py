@@ -30,3 +30,15 @@ def test_padded_table_and_int_tensor() -> None:
     meta = AttentionMetadata.build([0, 1, 2, 7], [16, 17, 18, 39], [[1], [2, 4]], [3, 8], [3, 1])
     assert meta.block_tables.tolist() == [[1, 0], [2, 4]] and meta.query_starts == (0, 3)
     assert meta.decode_seqs.tolist() == [1] and meta.decode_rows.tolist() == [3] and meta.prefill_seqs == (0,)
+
+
+def test_decode_view_is_gathered_once() -> None:
+    """A mixed step's layers all read the same gathered tables and lengths of its decodes (one
+    object each, so the MLA decode kernel's plan is made once a step)."""
+    meta = AttentionMetadata.build(
+        positions=[0, 1, 2, 7, 4], slot_mapping=[0, 1, 2, 3, 4], block_tables=[[5, 6], [7], [8, 9]],
+        seq_lens=[3, 8, 5], query_lens=[3, 1, 1],
+    )
+    tables, lens = meta.decode_view
+    assert meta.decode_view[0] is tables and meta.decode_view[1] is lens
+    assert lens.tolist() == [8, 5] and tables.tolist() == [[7, 0], [8, 9]]

@@ -8,6 +8,7 @@ decode (absorbed MLA); one with more is a prefill chunk (naive MLA over the expa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -86,6 +87,12 @@ class AttentionMetadata:
             decode_rows=int_tensor([starts[i] for i in decodes], device),
             prefill_seqs=tuple(i for i, n in enumerate(query_lens) if n > 1),
         )
+
+    @functools.cached_property
+    def decode_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block tables, context lengths) of the decoding sequences, gathered once a step: every
+        layer of a mixed step reads the same tensors (and so shares one MLA decode plan)."""
+        return self.block_tables[self.decode_seqs], self.seq_lens[self.decode_seqs]
 
     @property
     def num_tokens(self) -> int:

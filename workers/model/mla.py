@@ -114,9 +114,8 @@ class MLA(nn.Module):
             out[rows] = self.attend_naive(q_nope[rows], q_pe[rows], context)
         if meta.decode_rows.numel():
             rows = meta.decode_rows
-            out[rows] = self.attend_absorbed(
-                q_nope[rows], q_pe[rows], kv_cache, meta.block_tables[meta.decode_seqs], meta.seq_lens[meta.decode_seqs]
-            )
+            tables, lens = meta.decode_view
+            out[rows] = self.attend_absorbed(q_nope[rows], q_pe[rows], kv_cache, tables, lens, meta.mla_plans)
         return self.o_proj(out.view(x.shape[0], self.heads * self.v_dim))
 
     def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
