@@ -489,7 +489,8 @@ def mla_decode(
     torch op since: writes through `.data`, numpy or DLPack views are not seen), launch shape and
     capture state reuses it, so a model's layers plan once a step.
     Memory: the fp32 partials take (batch + a wave of programs) x heads x kv_lora_rank x 4 bytes
-    for the call (about 150 MB at 512 sequences x 128 heads), whether or not a sequence is cut.
+    (about 150 MB at 512 sequences x 128 heads), whether or not a sequence is cut: for the call, or
+    kept with the plan for the step when `plans` is given.
     Block tables must cover every sequence's length; this is not checked (it would need a sync).
     """
     _check_inputs(q, kv_cache, block_tables, seq_lens, kv_lora_rank, out)
@@ -506,7 +507,8 @@ def mla_decode(
         out = q.new_empty((batch, num_heads, kv_lora_rank))
     if batch == 0 or num_heads == 0:
         return out
-    if not (q.is_cuda or _interpreting()):
+    interpreting = _interpreting()
+    if not (q.is_cuda or interpreting):
         out.copy_(mla_decode_reference(q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank))
         return out
 
@@ -523,24 +525,27 @@ def mla_decode(
     if capacity > _MAX_GRID_Y:
         raise ValueError(f"{batch} sequences x {num_splits or 1} units make {capacity} units a head block, more than "
                          f"a launch grid holds ({_MAX_GRID_Y}); use fewer splits or smaller batches")
-    interpreting = _interpreting()
     # A plan made outside a CUDA graph capture is not reused inside one (nor the reverse): the graph
     # must record its own plan kernel, whose buffer then belongs to the graph's memory pool. Inference
-    # tensors keep no version counter, so their plans are not kept.
+    # tensors keep no version counter, so their plans are not kept. The partials' buffers are kept
+    # with the plan: the layers run one after another on one stream, so each reuses them.
     key = None
     if plans is not None and not seq_lens.is_inference():
         capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = (head_blocks, resident, capacity, block_n, num_splits or 0, capturing, seq_lens._version)
+        key = (head_blocks, resident, capacity, block_n, num_splits or 0, num_heads, kv_lora_rank, capturing,
+               seq_lens._version)
     kept = plans.get(key) if key is not None else None
     if kept is not None and kept[0] is seq_lens:
-        units, seq_plan, num_units = kept[1]
+        plan, partial, lse = kept[1]
     else:
-        units, seq_plan, num_units = mla_schedule.launch_plan(
-            seq_lens, head_blocks, resident, capacity, block_n, num_splits or 0, interpreting)
+        plan = mla_schedule.launch_plan(seq_lens, head_blocks, resident, capacity, block_n, num_splits or 0, interpreting)
+        partial = torch.empty((capacity, num_heads, kv_lora_rank), device=q.device, dtype=torch.float32)
+        lse = torch.empty((capacity, num_heads), device=q.device, dtype=torch.float32)
         if key is not None:  # the lengths tensor is kept too: its id is not reused while it lives
-            plans[key] = (seq_lens, (units, seq_plan, num_units))
+            plans[key] = (seq_lens, (plan, partial, lse))
 
-    seesaw = not interpreting and not knobs and block_n == mla_seesaw.TILE and mla_seesaw.supported(q, kv_cache, kv_lora_rank)
+    seesaw = (not interpreting and not knobs and block_n == mla_seesaw.TILE
+              and mla_seesaw.supported(q, kv_cache, kv_lora_rank))
     stage1, stage2 = _jitted(interpreting)
     block_c, block_r = _next_pow2(kv_lora_rank), max(16, _next_pow2(rope_dim))
     tile_in_page = page_size % block_n == 0
@@ -557,9 +562,6 @@ def mla_decode(
         PREFETCH_L2=tile_in_page and not interpreting and _can_prefetch_l2(kv_cache),
         PREFETCH_BYTES=block_n * kv_cache.stride(1) * kv_cache.element_size(),
     )
-    partial = torch.empty((capacity, num_heads, kv_lora_rank), device=q.device, dtype=torch.float32)
-    lse = torch.empty((capacity, num_heads), device=q.device, dtype=torch.float32)
-    plan = (units, seq_plan, num_units)
     if seesaw:
         seesaw = mla_seesaw.try_launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity,
                                               scale * math.log2(math.e))
@@ -572,7 +574,7 @@ def mla_decode(
         )  # fmt: skip
     heads2 = min(16, _next_pow2(num_heads))
     stage2[(batch, -(-num_heads // heads2))](
-        partial, lse, seq_plan, out, num_heads, *partial.stride(), *lse.stride(), *out.stride(),
+        partial, lse, plan[1], out, num_heads, *partial.stride(), *lse.stride(), *out.stride(),
         KV_LORA=kv_lora_rank, BLOCK_C=consts["BLOCK_C"], HEADS2=heads2, num_warps=4,
     )  # fmt: skip
     return out
