@@ -410,7 +410,7 @@ if gluon is not None:
         out_off = b.to(gl.int64) * stride_outb + (pid_h * _C_HEADS).to(gl.int64) * stride_outh
         p_off = slot.to(gl.int64) * stride_pu + (pid_h * _C_HEADS).to(gl.int64) * stride_ph
         lse_off = slot.to(gl.int64) * stride_lu + pid_h * _C_HEADS * stride_lh
-        row_out = b * num_heads + pid_h * _C_HEADS  # the output's row in (batch * heads, 512)
+        row_q = b * num_heads + pid_h * _C_HEADS  # q's row in (batch * heads, 576), the output's in (.., 512)
 
         dtype: gl.constexpr = q_desc.dtype
         SH: gl.constexpr = q_desc.layout
@@ -428,7 +428,6 @@ if gluon is not None:
             bars = bars + (gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()),)
             mbarrier.init(bars[i], count=1)
 
-        row_q = b * num_heads + pid_h * _C_HEADS
         if n_tiles > 0:
             mbarrier.expect(bars[_C_BAR_Q], _C_HEADS * (_C_KV_LORA + _C_ROPE) * 2)
             for h in gl.static_range(2):
@@ -447,10 +446,10 @@ if gluon is not None:
         gl.warp_specialize([
             (_wg0, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
                     last_valid, sm_scale_log2, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
-                    out_desc, row_out, Lse, lse_off, stride_lh, PAGE_SIZE, OUT_TMA)),
+                    out_desc, row_q, Lse, lse_off, stride_lh, PAGE_SIZE, OUT_TMA)),
             (_wg1, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
                     last_valid, sm_scale_log2, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
-                    out_desc, row_out, PAGE_SIZE, OUT_TMA)),
+                    out_desc, row_q, PAGE_SIZE, OUT_TMA)),
         ], [4], [_C_WG1_REGS])
 
 
