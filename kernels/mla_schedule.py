@@ -82,8 +82,10 @@ def plan_units(
                 best, best_cost = splits, cost
     unit = max(_cdiv(longest, best), 1)
     seq_plan: list[tuple[int, int]] = []
+    first = 0
     for t in tiles:
-        seq_plan.append((sum(c for _, c in seq_plan), max(_cdiv(t, unit), 1)))
+        seq_plan.append((first, max(_cdiv(t, unit), 1)))
+        first += seq_plan[-1][1]
     step = unit * block_n
     order = [(b, j * step, (j + 1) * step, first + j) for b, (first, k) in enumerate(seq_plan) for j in range(k - 1)]
     tails = sorted(range(len(lens)), key=lambda b: (lens[b] - (seq_plan[b][1] - 1) * step, b), reverse=True)
