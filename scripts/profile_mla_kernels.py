@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moecluster.cluster.bench.kernels import _flashmla  # noqa: E402
+from moecluster.cluster.bench.kernels import _flashmla, mla_inputs  # noqa: E402
 from moecluster.kernels.mla_decode import mla_decode  # noqa: E402
 
 CALLS = 50
@@ -46,12 +46,7 @@ def main() -> None:
     ap.add_argument("--mixed", action="store_true")
     a = ap.parse_args()
     gen = torch.Generator("cuda").manual_seed(0)
-    blocks = a.context // 64
-    cache = torch.randn(a.batch * blocks, 64, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
-    tables = torch.randperm(a.batch * blocks, device="cuda", generator=gen).view(a.batch, blocks).int()
-    lens = (torch.randint(1, a.context + 1, (a.batch,), device="cuda", generator=gen) if a.mixed
-            else torch.full((a.batch,), a.context, device="cuda")).int()
-    q = torch.randn(a.batch, a.heads, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, cache, tables, lens = mla_inputs(a.batch, a.context, a.heads, gen, a.mixed)
     print(f"heads {a.heads}, batch {a.batch}, context {a.context}, {'mixed' if a.mixed else 'equal'} lengths")
     profile("ours", lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512))
     fm = _flashmla()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moecluster.cluster.bench.kernels import graph_ms  # noqa: E402
+from moecluster.cluster.bench.kernels import graph_ms, mla_inputs  # noqa: E402
 from moecluster.kernels import mla_schedule  # noqa: E402
 from moecluster.kernels.mla_decode import mla_decode  # noqa: E402
 
@@ -33,12 +33,7 @@ def main() -> None:
         for batch in (64, 128):
             for context in (4096, 32768):
                 for mixed in (False, True):
-                    blocks = context // 64
-                    cache = torch.randn(batch * blocks, 64, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
-                    tables = torch.randperm(batch * blocks, device="cuda", generator=gen).view(batch, blocks).int()
-                    lens = (torch.randint(1, context + 1, (batch,), device="cuda", generator=gen) if mixed
-                            else torch.full((batch,), context, device="cuda")).int()
-                    q = torch.randn(batch, heads, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    q, cache, tables, lens = mla_inputs(batch, context, heads, gen, mixed)
                     hb = heads // 64  # the seesaw kernel's head blocks, one program an SM
                     cap = mla_schedule.capacity(batch, hb, sms)
                     plan_ms = graph_ms(lambda: mla_schedule.launch_plan(lens, hb, sms, cap, 64, 0, False))

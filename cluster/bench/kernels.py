@@ -147,6 +147,27 @@ def _flashmla() -> Any | None:
     return fm
 
 
+MLA_RANK, MLA_ROPE, MLA_PAGE = 512, 64, 64  # DeepSeek-V3 / Kimi K2 latent rows, pages of 64 tokens
+
+
+def mla_inputs(batch: int, context: int, heads: int, gen: torch.Generator, mixed: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 MLA decode inputs on the GPU: q (batch, heads, 576), a cache of `context` tokens a
+    sequence in pages of 64 (blocks, 64, 576), shuffled block tables (batch, context / 64) int32 and
+    the lengths (batch,) int32: all `context`, or with `mixed` drawn uniformly from 1..context."""
+    dim = MLA_RANK + MLA_ROPE
+    blocks_per_seq = context // MLA_PAGE
+    num_blocks = batch * blocks_per_seq
+    cache = torch.randn(num_blocks, MLA_PAGE, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(batch, blocks_per_seq).to(torch.int32)
+    if mixed:
+        lens = torch.randint(1, context + 1, (batch,), device="cuda", dtype=torch.int32, generator=gen)
+    else:
+        lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return q, cache, tables, lens
+
+
 def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.Generator,
               mixed: bool = False) -> dict[str, Any]:
     """One MLA decode shape. `mixed`: sequence lengths drawn uniformly from 1..context (the block
@@ -155,17 +176,9 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
     from moecluster.kernels import mla_seesaw
     from moecluster.kernels.mla_decode import mla_decode
 
-    rank, rope, block = 512, 64, 64
-    dim = rank + rope
-    blocks_per_seq = context // block
-    num_blocks = batch * blocks_per_seq
-    cache = torch.randn(num_blocks, block, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-    tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(batch, blocks_per_seq).to(torch.int32)
-    if mixed:
-        lens = torch.randint(1, context + 1, (batch,), device="cuda", dtype=torch.int32, generator=gen)
-    else:
-        lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    rank, block = MLA_RANK, MLA_PAGE
+    dim = MLA_RANK + MLA_ROPE
+    q, cache, tables, lens = mla_inputs(batch, context, heads, gen, mixed)
     scale = dim**-0.5
     tokens_read = int(lens.sum())
     nbytes = (tokens_read * dim + q.numel() + batch * heads * rank) * 2
