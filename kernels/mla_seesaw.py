@@ -73,7 +73,6 @@ KV_LORA = 512
 ROPE = 64
 HEADS = 64  # heads per program: wgmma's M
 TILE = 64  # tokens per tile
-TMA_OUT_MAX_TOKENS = 8192  # the block tables' capacity up to which the output is stored by TMA
 _WG1_REGS = 256  # warpgroup 1's registers a thread: 8 warps x 256 fill the register file
 CHUNK = 128  # latent columns a TMA copy (and its barrier) covers: the score product starts on each as it lands
 _CHUNKS = KV_LORA // CHUNK  # a tile's latent chunks; its rope columns have one more barrier
@@ -208,9 +207,9 @@ if gluon is not None:
 
     @gluon.jit
     def _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
-                    out_desc, row_out, buf, HALF: gl.constexpr, OUT_TMA: gl.constexpr):
+                    out_desc, row_out, buf, HALF: gl.constexpr, out_tma):
         """This warpgroup's (64, 256) output columns, normalized by the row sums (zeros for an empty
-        sequence), into the output (a sequence of one unit) or the unit's fp32 partial. With OUT_TMA
+        sequence), into the output (a sequence of one unit) or the unit's fp32 partial. With out_tma
         the output goes through shared memory and TMA: `buf` is the tile buffer whose columns
         HALF * 256 ... only this warpgroup reads (K0's left half, K1's right half), dead by now:
         both warpgroups have passed the row-sum exchange (so both loops and their products are
@@ -220,7 +219,7 @@ if gluon is not None:
         heads = gl.arange(0, _C_HEADS, layout=_ROW_O).to(gl.int64)
         cols = HALF * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, _MMA_O))
         if direct:
-            if OUT_TMA:
+            if out_tma:
                 buf.slice(HALF * 256, 256, dim=1).store(o.to(buf.dtype))
                 fence_async_shared()
                 gl.thread_barrier()
@@ -236,7 +235,7 @@ if gluon is not None:
     @gluon.jit
     def _wg0(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
              sm_scale_log2, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
-             out_desc, row_out, Lse, lse_off, stride_lh, PAGE_SIZE: gl.constexpr, OUT_TMA: gl.constexpr):
+             out_desc, row_out, Lse, lse_off, stride_lh, PAGE_SIZE: gl.constexpr, out_tma):
         """Warpgroup 0: the even tiles' scores and softmax, O_L; publishes m0 and P0."""
         dtype: gl.constexpr = q_lat.dtype
         cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, _MMA_S))
@@ -291,7 +290,7 @@ if gluon is not None:
         l_buf.index(0).store(l_tot)
         mbarrier.arrive(bars[_C_BAR_L])
         _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
-                    out_desc, row_out, k_lat.index(0), 0, OUT_TMA)
+                    out_desc, row_out, k_lat.index(0), 0, out_tma)
         if ~direct:  # a unit of a sequence cut in several: its log2-sum-exp for stage 2
             nonempty = l_tot > 0.0
             lse = gl.where(nonempty, m_i + gl.log2(gl.where(nonempty, l_tot, 1.0)), float("-inf"))
@@ -301,7 +300,7 @@ if gluon is not None:
     @gluon.jit
     def _wg1(q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles, last_valid,
              sm_scale_log2, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
-             out_desc, row_out, PAGE_SIZE: gl.constexpr, OUT_TMA: gl.constexpr):
+             out_desc, row_out, PAGE_SIZE: gl.constexpr, out_tma):
         """Warpgroup 1: the odd tiles' scores and softmax, O_R; publishes m1 and P1."""
         dtype: gl.constexpr = q_lat.dtype
         cols = gl.arange(0, _C_TILE, layout=gl.SliceLayout(0, _MMA_S))
@@ -362,15 +361,15 @@ if gluon is not None:
         mbarrier.wait(bars[_C_BAR_L], 0)
         l_tot = l_buf.index(0).load(_ROW_S)
         _store_half(o, l_tot, direct, Out, out_off, stride_oh, stride_od, Partial, p_off, stride_ph, stride_pd,
-                    out_desc, row_out, k_lat.index(1), 1, OUT_TMA)
+                    out_desc, row_out, k_lat.index(1), 1, out_tma)
 
-    @gluon.jit(do_not_specialize=("stride_btb", "stride_outb"))
+    @gluon.jit(do_not_specialize=("stride_btb", "stride_outb", "out_tma"))
     def mla_seesaw_kernel(
         q_desc,  # TMA over q as (batch * heads, 576), boxes of 64 x 256
         q_rope_desc,  # the same, boxes of 64 x 64
         kv_desc,  # TMA over the cache as (blocks * page_size, 576), boxes of 64 x CHUNK (latent chunks)
         rope_desc,  # the same, boxes of 64 x 64 (the rope columns)
-        out_desc,  # TMA over the output as (batch * heads, 512), boxes of 64 x CHUNK (OUT_TMA only)
+        out_desc,  # TMA over the output as (batch * heads, 512), boxes of 64 x CHUNK (out_tma only)
         BlockTables,  # (batch, max_blocks) int32 / int64
         Out,  # (batch, heads, 512): written here for a sequence of one unit
         Partial,  # (capacity, heads, 512) fp32: a unit's normalized partial, sequences of several units
@@ -391,7 +390,9 @@ if gluon is not None:
         stride_lu,
         stride_lh,
         PAGE_SIZE: gl.constexpr,
-        OUT_TMA: gl.constexpr,  # the output is stored by TMA (contiguous, 16-byte aligned)
+        out_tma,  # 1: the output is stored by TMA (contiguous, 16-byte aligned). A run-time flag: as a
+        # constexpr, the variant without plain stores compiled to 29 spill loads a pair in warpgroup 0's
+        # loop against 16 (ptxas's allocation moved), and ran 4-6% slower at 32K tokens.
     ):
         pid_h = gl.program_id(0)  # fastest: the head blocks of one unit read the same tiles
         u = gl.program_id(1)
@@ -446,10 +447,10 @@ if gluon is not None:
         gl.warp_specialize([
             (_wg0, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
                     last_valid, sm_scale_log2, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
-                    out_desc, row_q, Lse, lse_off, stride_lh, PAGE_SIZE, OUT_TMA)),
+                    out_desc, row_q, Lse, lse_off, stride_lh, PAGE_SIZE, out_tma)),
             (_wg1, (q_lat, q_rope, k_lat, k_rope, m_buf, l_buf, bars, kv_desc, rope_desc, bt_row, stride_btn, start, n_tiles,
                     last_valid, sm_scale_log2, direct, Out, out_off, stride_outh, stride_outd, Partial, p_off, stride_ph, stride_pd,
-                    out_desc, row_q, PAGE_SIZE, OUT_TMA)),
+                    out_desc, row_q, PAGE_SIZE, out_tma)),
         ], [4], [_C_WG1_REGS])
 
 
@@ -480,16 +481,14 @@ def launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity, 
     kv_desc = TensorDescriptor.from_tensor(kv2, [TILE, CHUNK], layout)
     rope_desc = TensorDescriptor.from_tensor(kv2, [TILE, ROPE], layout)
     # The output by TMA where it is one contiguous (batch * heads, 512) matrix (the kernel's own tile
-    # buffers stage it) and the tables hold at most TMA_OUT_MAX_TOKENS a sequence; a strided view, or
-    # longer contexts, take plain stores. On the H100 (one process, stage 1 alone, 64 sequences x 128
-    # heads) the TMA variant took 11.9 / 45.5 / 151.2 / 1226 us at 128 / 1K / 4K / 32K tokens against
-    # 27.2 / 60.1 / 156.1 / 1070 with plain stores: its fixed cost is lower, its loop slower.
+    # buffers stage it); a strided view takes plain stores. Stage 1 alone on the H100, 64 sequences x
+    # 128 heads: 11.8 / 45.4 / 146.6 / 1121 us at 128 / 1K / 4K / 32K tokens against 27.3 / 61.5 / 158.3 /
+    # 1138 with plain stores (scripts/time_mla_output_store.py).
     out_tma = out.is_contiguous() and out.data_ptr() % 16 == 0
-    out_tma &= block_tables.shape[1] * kv_cache.shape[1] <= TMA_OUT_MAX_TOKENS
     out_desc = TensorDescriptor.from_tensor(out.view(batch * num_heads, KV_LORA), [HEADS, CHUNK], layout) if out_tma else kv_desc
     grid = (num_heads // HEADS, capacity)
     mla_seesaw_kernel[grid](
         q_desc, q_rope_desc, kv_desc, rope_desc, out_desc, block_tables, out, partial, lse, *plan, scale_log2, num_heads,
         *block_tables.stride(), *out.stride(), *partial.stride(), *lse.stride(),
-        PAGE_SIZE=kv_cache.shape[1], OUT_TMA=out_tma, num_warps=4,
+        PAGE_SIZE=kv_cache.shape[1], out_tma=int(out_tma), num_warps=4,
     )  # fmt: skip

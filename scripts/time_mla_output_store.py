@@ -1,8 +1,7 @@
 """Stage 1 of MLA decode on the Gluon kernel alone (one unit a sequence, so it writes the output),
 with the output stored by TMA through shared memory against plain stores (a strided view of the
-output takes them), on the same inputs and in one process: the fixed cost of the store and what
-each variant's compiled loop costs at long contexts (`mla_seesaw.TMA_OUT_MAX_TOKENS` is lifted
-here so that the TMA variant runs at every context).
+output takes them; one compiled kernel, the store chosen by a run-time flag), on the same inputs
+and in one process: the fixed cost of each store, and whether the loop costs the same.
 
   python scripts/time_mla_output_store.py [--heads 128] [--batch 64] [--contexts 128,1024,4096,32768]   (H100/H200)
 """
@@ -26,7 +25,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--contexts", type=lambda t: [int(v) for v in t.split(",")], default=[128, 1024, 4096, 32768])
     a = ap.parse_args()
-    mla_seesaw.TMA_OUT_MAX_TOKENS = max(a.contexts)
     gen = torch.Generator("cuda").manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for context in a.contexts:

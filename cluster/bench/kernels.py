@@ -76,6 +76,7 @@ def graph_ms(fn: Callable[[], Any], calls: int = 20) -> float:
     replay / calls): the GPU's time, as the engine runs decode steps, without the host's launch
     costs, which an eager loop of short kernels measures instead."""
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs, made on the current stream, are ready
     with torch.cuda.stream(stream):
         fn()  # compile and warm outside the capture
     torch.cuda.synchronize()

@@ -64,7 +64,7 @@ CASES = [
     ([0, 1, 700, 0, 129], 128, 64, torch.bfloat16, None),  # sequences of length 0: zeros
     ([129, 65, 4000], 192, 128, torch.bfloat16, None),  # three head blocks, pages of 128
     ([255, 256, 257, 3], 64, 256, torch.bfloat16, 2),  # pages of 256: four tiles a page
-    ([9000, 3, 700], 128, 64, torch.bfloat16, None),  # tables over 8,192 tokens: plain output stores
+    ([9000, 3, 700], 128, 64, torch.bfloat16, None),  # tables over 8,192 tokens (the output by TMA at any width)
 ]
 
 
@@ -144,6 +144,7 @@ def test_cuda_graph_replays_new_inputs(monkeypatch) -> None:
     monkeypatch.setattr(mla_seesaw, "launch_stage1", lambda *a: (calls.append(1), real(*a)))
     call = lambda: mla.mla_decode(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.scale, 512, out=out)  # noqa: E731
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the poisoned cache is written on the current stream
     with torch.cuda.stream(stream):
         call()  # compile outside the capture
     torch.cuda.synchronize()
