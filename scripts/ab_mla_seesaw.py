@@ -1,0 +1,70 @@
+"""A/B timing of variant copies of `kernels/mla_seesaw.py` against the file itself: stage 1 of MLA
+decode alone (one unit a sequence, equal lengths), each variant captured in a CUDA graph on the
+same inputs, in interleaved rounds (the least time of each kept), so that clock drift and the
+spread between machines (up to 7% on the lent H100s) fall on every variant alike.
+
+  python scripts/ab_mla_seesaw.py variant.py [...] [--rounds 5] [--shapes 128x64x4096,128x64x32768]   (sm_90)
+
+A variant is the file with one change, for example the output's rescale left out (wrong results:
+a bound on what removing that work could gain). Prints us and GB/s (cache bytes over time) per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moecluster.cluster.bench.kernels import MLA_RANK, MLA_ROPE, graph_ms, mla_inputs  # noqa: E402
+from moecluster.kernels import mla_schedule, mla_seesaw  # noqa: E402
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    heads, batch, context = (int(v) for v in text.split("x"))
+    return heads, batch, context
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variants", nargs="+", help="copies of kernels/mla_seesaw.py with one change each")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shapes", type=lambda t: [_shape(s) for s in t.split(",")],
+                    default=[_shape(s) for s in "128x64x4096,128x64x32768,128x128x32768,64x64x32768".split(",")])
+    ap.add_argument("--out", default=None, help="JSON file for the table")
+    a = ap.parse_args()
+    mods = {"committed": mla_seesaw}
+    for path in a.variants:
+        spec = importlib.util.spec_from_file_location(f"seesaw_{Path(path).stem}", path)
+        mods[Path(path).stem] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[Path(path).stem])
+    gen = torch.Generator("cuda").manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for heads, batch, context in a.shapes:
+        q, cache, tables, lens = mla_inputs(batch, context, heads, gen)
+        plan = mla_schedule.launch_plan(lens, heads // mla_seesaw.HEADS, sms, batch, mla_seesaw.TILE, 1, False)
+        partial = torch.empty(batch, heads, MLA_RANK, device="cuda", dtype=torch.float32)
+        lse = torch.empty(batch, heads, device="cuda", dtype=torch.float32)
+        out = torch.empty(batch, heads, MLA_RANK, device="cuda", dtype=torch.bfloat16)
+        scale_log2 = (MLA_RANK + MLA_ROPE) ** -0.5 * 1.4426950408889634
+        us: dict[str, list[float]] = {name: [] for name in mods}
+        for _ in range(a.rounds):
+            for name, mod in mods.items():
+                call = lambda m=mod: m.launch_stage1(q, cache, tables, out, partial, lse, plan, batch, scale_log2)  # noqa: E731
+                us[name].append(graph_ms(call) * 1e3)
+        nbytes = batch * context * (MLA_RANK + MLA_ROPE) * cache.element_size()
+        row = {"heads": heads, "batch": batch, "context": context, **{f"{k}_us": min(v) for k, v in us.items()}}
+        rows.append(row)
+        print(f"{heads} heads x {batch} x {context}: " + "  ".join(
+            f"{k} {min(v):.1f} us ({nbytes / min(v) / 1e3:.0f} GB/s)" for k, v in us.items()), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rounds": a.rounds, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
