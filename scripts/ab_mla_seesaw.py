@@ -1,5 +1,6 @@
 """A/B timing of variant copies of `kernels/mla_seesaw.py` against the file itself: stage 1 of MLA
-decode alone (one unit a sequence, equal lengths), each variant captured in a CUDA graph on the
+decode alone (equal lengths; one unit a sequence, which writes the output, or --splits N units,
+which write fp32 partials for stage 2), each variant captured in a CUDA graph on the
 same inputs, in interleaved rounds (the least time of each kept), so that clock drift and the
 spread between machines (up to 7% on the lent H100s) fall on every variant alike.
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+", help="copies of kernels/mla_seesaw.py with one change each")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--splits", type=int, default=1, help="units a sequence (over 1: the partials' path)")
     ap.add_argument("--shapes", type=lambda t: [_shape(s) for s in t.split(",")],
                     default=[_shape(s) for s in "128x64x4096,128x64x32768,128x128x32768,64x64x32768".split(",")])
     ap.add_argument("--out", default=None, help="JSON file for the table")
@@ -47,18 +49,19 @@ def main() -> None:
     rows = []
     for heads, batch, context in a.shapes:
         q, cache, tables, lens = mla_inputs(batch, context, heads, gen)
-        plan = mla_schedule.launch_plan(lens, heads // mla_seesaw.HEADS, sms, batch, mla_seesaw.TILE, 1, False)
-        partial = torch.empty(batch, heads, MLA_RANK, device="cuda", dtype=torch.float32)
-        lse = torch.empty(batch, heads, device="cuda", dtype=torch.float32)
+        cap = batch * a.splits
+        plan = mla_schedule.launch_plan(lens, heads // mla_seesaw.HEADS, sms, cap, mla_seesaw.TILE, a.splits, False)
+        partial = torch.empty(cap, heads, MLA_RANK, device="cuda", dtype=torch.float32)
+        lse = torch.empty(cap, heads, device="cuda", dtype=torch.float32)
         out = torch.empty(batch, heads, MLA_RANK, device="cuda", dtype=torch.bfloat16)
         scale_log2 = (MLA_RANK + MLA_ROPE) ** -0.5 * 1.4426950408889634
         us: dict[str, list[float]] = {name: [] for name in mods}
         for _ in range(a.rounds):
             for name, mod in mods.items():
-                call = lambda m=mod: m.launch_stage1(q, cache, tables, out, partial, lse, plan, batch, scale_log2)  # noqa: E731
+                call = lambda m=mod: m.launch_stage1(q, cache, tables, out, partial, lse, plan, cap, scale_log2)  # noqa: E731
                 us[name].append(graph_ms(call) * 1e3)
         nbytes = batch * context * (MLA_RANK + MLA_ROPE) * cache.element_size()
-        row = {"heads": heads, "batch": batch, "context": context, **{f"{k}_us": min(v) for k, v in us.items()}}
+        row = {"heads": heads, "batch": batch, "context": context, "splits": a.splits, **{f"{k}_us": min(v) for k, v in us.items()}}
         rows.append(row)
         print(f"{heads} heads x {batch} x {context}: " + "  ".join(
             f"{k} {min(v):.1f} us ({nbytes / min(v) / 1e3:.0f} GB/s)" for k, v in us.items()), flush=True)

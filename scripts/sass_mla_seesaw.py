@@ -68,21 +68,27 @@ def compile_kernel(mod, heads: int = 128) -> bytes:
     kv2 = torch.empty(64 * 64, dim, dtype=torch.bfloat16)
     out = torch.empty(batch, heads, mod.KV_LORA, dtype=torch.bfloat16)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    partial = torch.empty(8, heads, mod.KV_LORA)
     descs = [TensorDescriptor.from_tensor(q2, [mod.HEADS, 256], layout),
              TensorDescriptor.from_tensor(q2, [mod.HEADS, mod.ROPE], layout),
              TensorDescriptor.from_tensor(kv2, [mod.TILE, mod.CHUNK], layout),
              TensorDescriptor.from_tensor(kv2, [mod.TILE, mod.ROPE], layout),
              TensorDescriptor.from_tensor(out.view(batch * heads, mod.KV_LORA), [mod.HEADS, mod.CHUNK], layout)]
     tables = torch.empty(batch, 64, dtype=torch.int32)
-    partial = torch.empty(8, heads, mod.KV_LORA)
     lse = torch.empty(8, heads)
     units, seq_plan, num_units = (torch.empty(8, 4, dtype=torch.int32), torch.empty(batch, 2, dtype=torch.int32),
                                   torch.empty(1, dtype=torch.int32))
-    kernel = mod.mla_seesaw_kernel.warmup(
-        *descs, tables, out, partial, lse, units, seq_plan, num_units, 0.1, heads,
-        *tables.stride(), *out.stride(), *partial.stride(), *lse.stride(),
-        PAGE_SIZE=64, out_tma=1, num_warps=4, grid=(1,),
-    )  # fmt: skip
+    f32_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    descs.append(TensorDescriptor.from_tensor(partial.view(-1, mod.KV_LORA), [mod.HEADS, mod.CHUNK], f32_layout))
+    args = dict(zip(("q_desc", "q_rope_desc", "kv_desc", "rope_desc", "out_desc", "part_desc"), descs, strict=False))
+    args.update(KvPtr=kv2, BlockTables=tables, Out=out, Partial=partial, Lse=lse, Units=units, SeqPlan=seq_plan,
+                NumUnits=num_units, sm_scale_log2=0.1, num_heads=heads, stride_btb=tables.stride(0),
+                stride_btn=tables.stride(1), stride_outb=out.stride(0), stride_outh=out.stride(1),
+                stride_outd=out.stride(2), stride_pu=partial.stride(0), stride_ph=partial.stride(1),
+                stride_pd=partial.stride(2), stride_lu=lse.stride(0), stride_lh=lse.stride(1), PAGE_SIZE=64, out_tma=1)
+    fn = mod.mla_seesaw_kernel
+    # by the kernel's own argument names, so that a variant with one argument more or less compiles too
+    kernel = fn.warmup(**{n: args[n] for n in fn.arg_names}, num_warps=4, grid=(1,))
     return kernel.asm["cubin"]
 
 
