@@ -105,8 +105,7 @@ every sequence is as long as the longest, and slow when they differ: at lengths 
 1..32768 a launch lasted as long as its longest sequence while most SMs idled (128 heads x 64:
 48% of copy against FlashMLA's 70% on the same H100). The unit plan is chosen on the GPU from the
 lengths (so CUDA graphs replay each step's own plan) and the units run longest first. With the
-Gluon kernel's TMA store of the output (`mla_seesaw.py`; only where the tables hold at most 8,192
-tokens a sequence, so not in CUDA graphs sized for a longer max_model_len), at mixed lengths it is
+Gluon kernel's TMA store of the output (`mla_seesaw.py`; since session 20 at any table width), at mixed lengths it is
 5-26% faster than the splits were (from 10% faster to 6% slower than FlashMLA), and at equal
 lengths 3% faster to 3% slower than the splits: the plan kernel and stage 2 are two more launches a call
 (docs/performance.md, session 19). The engine makes one plan a step for all layers (`plans`).

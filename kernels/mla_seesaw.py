@@ -6,7 +6,8 @@ busy: with `tl.dot` both warpgroups compute the whole score tile and the softmax
 the products. This kernel follows the schedule FlashMLA describes for its Hopper kernel ("seesaw"):
 the (64 heads, 512) fp32 output is split in column halves, O_L in warpgroup 0 and O_R in
 warpgroup 1 (128 registers a thread each), and the context is walked in pairs of 64-token tiles,
-K0 (even) and K1 (odd). Per pair, with m the running max shared by both warpgroups:
+K0 (even) and K1 (odd). Per pair, with m the running max shared by both warpgroups (written here
+as a plain max; the kernel's is lazy, below):
 
   WG0: S0 = q K0^T   m0 = max(m, rowmax S0)    P0 = exp2(S0 - m0) (to shared, with m0)
                      O_L = O_L a0 + P0 V0_L    then, given P1 and m1:  O_L = O_L a1 + P1 V1_L
@@ -20,11 +21,13 @@ the exponentials. The row sums are kept in two parts (WG0: the P0 terms, WG1: th
 scaled alike and added at the end.
 
 The max is lazy: a row's m is raised only where a tile's max passes it by more than LAZY (8, in
-log2 units), so P stays below 2^8, and each warpgroup votes (a warp reduction over m read back from
-shared memory, where every warp sees all 64 rows) to skip the rescale of its output half when no
-row moved. Past the first tiles that is nearly every pair. The 128 multiplies a thread it saves sit
-between two products on the same accumulator: with the rescales left out altogether (wrong
-results, a timing bound) the kernel ran 4-11% faster at 128 heads; the lazy max gains 3-4%.
+log2 units), so P stays at most 2^8, and each warpgroup votes (a warp reduction over m read back
+from shared memory, where every warp sees all 64 rows) to skip the rescale of its output half when
+no row moved. On random scores that is every pair past the first; real attention may raise the max
+more often, and then pays the rescale as before. The 128 multiplies a thread it saves sit between
+two products on the same accumulator: with the rescales left out altogether (wrong results, a
+timing bound) the kernel ran 4-11% faster at 128 heads; the lazy max gained 1.5-4% in 11 of 12
+A/B pairs on the H100 (1% slower in one; docs/performance.md, session 20).
 
 Shared memory (bf16, 128-byte swizzle): q (64 x 576, 72 KiB) and two tile buffers K0, K1
 (64 x 576 each): 216 KiB. P0 and P1 live in the rope columns of their own tile (64 x 64, the
@@ -218,8 +221,8 @@ if gluon is not None:
     @gluon.jit
     def _raise_max(m, tile_max):
         """The reference max after a tile: a row's is raised to the tile's max only where that passes it
-        by more than LAZY, so most tiles leave it (and the output) as it is; P = exp2(s - m) stays
-        below 2^LAZY, harmless in bf16 / fp16 and in the fp32 sums. Every row is raised on the first
+        by more than LAZY, so most tiles leave it (and the output) as it is; P = exp2(s - m) stays at
+        most 2^LAZY, harmless in bf16 / fp16 and in the fp32 sums. Every row is raised on the first
         tile (m = -inf)."""
         return gl.where(tile_max > m + _C_LAZY, tile_max, m)
 
@@ -227,7 +230,7 @@ if gluon is not None:
     def _raised(m_pub, m_old):
         """(the max published in m_pub as every warp holds it whole, whether it differs from m_old in any
         row): read back from shared memory, so that the warpgroup's vote is a reduction inside each
-        warp (a reduction across the warps spilled 37 more registers a pair in each warpgroup)."""
+        warp (a reduction across the warps compiled to 37 more spill loads a pair in each warpgroup)."""
         m_new = m_pub.load(_REP)
         return m_new, gl.max((m_new != m_old).to(gl.int32), axis=0) > 0
 
@@ -527,6 +530,7 @@ def launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity, 
     # 128 heads: 11.8 / 45.4 / 146.6 / 1121 us at 128 / 1K / 4K / 32K tokens against 27.3 / 61.5 / 158.3 /
     # 1138 with plain stores (scripts/time_mla_output_store.py).
     out_tma = out.is_contiguous() and out.data_ptr() % 16 == 0
+    # (unused without out_tma: kv_desc stands in, whose box is the same 64 x CHUNK, so one compiled kernel serves both)
     out_desc = TensorDescriptor.from_tensor(out.view(batch * num_heads, KV_LORA), [HEADS, CHUNK], layout) if out_tma else kv_desc
     grid = (num_heads // HEADS, capacity)
     mla_seesaw_kernel[grid](

@@ -4,7 +4,8 @@ which write fp32 partials for stage 2), each variant captured in a CUDA graph on
 same inputs, in interleaved rounds (the least time of each kept), so that clock drift and the
 spread between machines (up to 7% on the lent H100s) fall on every variant alike.
 
-  python scripts/ab_mla_seesaw.py variant.py [...] [--rounds 5] [--shapes 128x64x4096,128x64x32768]   (sm_90)
+  python scripts/ab_mla_seesaw.py variant.py [...] [--rounds 5] [--splits 1] [--shapes 128x64x4096,...]
+      [--out ab.json]   (sm_90)
 
 A variant is the file with one change, for example the output's rescale left out (wrong results:
 a bound on what removing that work could gain). Prints us and GB/s (cache bytes over time) per shape.
@@ -41,9 +42,12 @@ def main() -> None:
     a = ap.parse_args()
     mods = {"committed": mla_seesaw}
     for path in a.variants:
-        spec = importlib.util.spec_from_file_location(f"seesaw_{Path(path).stem}", path)
-        mods[Path(path).stem] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods[Path(path).stem])
+        name = Path(path).stem
+        if name in mods:
+            raise SystemExit(f"two variants named {name!r} (or one named like the committed kernel): rename one")
+        spec = importlib.util.spec_from_file_location(f"seesaw_{name}", path)
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
     gen = torch.Generator("cuda").manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []

@@ -6,6 +6,7 @@ moves. A change to the kernel can be checked for spills here before it costs dev
 Needs the Triton the GPU machines have (3.6; Gluon's API moves between releases), in its own venv:
 
     python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0 torch==2.13.0 numpy
+    (any torch serves, it only makes the host-side tensors: here 2.13.0 is the CPU build on local disk)
     /tmp/t36/bin/python scripts/sass_mla_seesaw.py [variant.py ...]  [--sass-dir DIR]
 """
 
@@ -18,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -44,21 +46,21 @@ class _NoGpuDriver(CudaDriver):
     def get_current_stream(self, device: int | None = None) -> int:
         return 0
 
-    def get_device_interface(self):
+    def get_device_interface(self) -> types.ModuleType:
         return torch.cuda
 
     def get_active_torch_device(self) -> torch.device:
         return torch.device("cpu")
 
 
-def _load(path: str):
+def _load(path: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(f"seesaw_variant_{abs(hash(path))}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def compile_kernel(mod, heads: int = 128) -> bytes:
+def compile_kernel(mod: types.ModuleType, heads: int = 128) -> bytes:
     """The kernel's cubin for bf16, pages of 64 (the engine's case), compiled without launching."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor

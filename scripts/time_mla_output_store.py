@@ -1,7 +1,8 @@
 """Stage 1 of MLA decode on the Gluon kernel alone (one unit a sequence, so it writes the output),
 with the output stored by TMA through shared memory against plain stores (a strided view of the
-output takes them; one compiled kernel, the store chosen by a run-time flag), on the same inputs
-and in one process: the fixed cost of each store, and whether the loop costs the same.
+output takes them; the store is a run-time flag of the kernel, though the strided output's strides
+also make a second specialization of it), on the same inputs and in one process: the fixed cost of
+each store, and whether the loop costs the same.
 
   python scripts/time_mla_output_store.py [--heads 128] [--batch 64] [--contexts 128,1024,4096,32768]   (H100/H200)
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moecluster.cluster.bench.kernels import MLA_RANK, graph_ms, mla_inputs  # noqa: E402
+from moecluster.cluster.bench.kernels import MLA_RANK, MLA_ROPE, graph_ms, mla_inputs  # noqa: E402
 from moecluster.kernels import mla_schedule, mla_seesaw  # noqa: E402
+
+SCALE_LOG2 = (MLA_RANK + MLA_ROPE) ** -0.5 * 1.4426950408889634  # the model's softmax scale, in log2 units
 
 
 def main() -> None:
@@ -35,7 +38,7 @@ def main() -> None:
         lse = torch.empty(cap, a.heads, device="cuda", dtype=torch.float32)
         outs = {"TMA": torch.empty(a.batch, a.heads, MLA_RANK, device="cuda", dtype=torch.bfloat16),
                 "plain": torch.empty(a.batch, a.heads, MLA_RANK + 8, device="cuda", dtype=torch.bfloat16)[..., :MLA_RANK]}
-        us = {name: graph_ms(lambda o=o: mla_seesaw.launch_stage1(q, cache, tables, o, partial, lse, plan, cap, 1.0)) * 1e3
+        us = {name: graph_ms(lambda o=o: mla_seesaw.launch_stage1(q, cache, tables, o, partial, lse, plan, cap, SCALE_LOG2)) * 1e3
               for name, o in outs.items()}
         torch.testing.assert_close(outs["TMA"], outs["plain"], rtol=0, atol=0)
         print(f"heads {a.heads}, batch {a.batch}, context {context}: stage 1 with TMA stores {us['TMA']:.1f} us, "

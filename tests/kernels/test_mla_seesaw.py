@@ -88,20 +88,21 @@ def test_rising_maxima(monkeypatch) -> None:
     """Scores that climb along each sequence, by steps below and above the kernel's LAZY threshold and
     by sudden jumps, so that the running max is raised (and the output rescaled) in later tiles too,
     not only the first: random scores settle their max in the first tile or two. The rope columns
-    carry the climb: q's are one vector u, token t's are r_t u / |u|^2, adding r_t log2 units."""
+    carry the climb: q's are one vector u, token t's are r_t u / |u|^2 with r_t = climb_t / (scale
+    log2 e), adding climb_t log2 units to the scores."""
     gen = torch.Generator().manual_seed(13)
     lens = [4096, 1000, 129, 700]
     p = make_problem(gen, torch.device("cuda"), lens, 128, 512, 64, 64, torch.bfloat16)
     u = torch.randn(64, generator=gen)
     p.q[..., 512:] = u.to(p.q)
     log2e = 1.0 / math.log(2.0)
-    tables = p.block_tables.cpu()
+    tables, page = p.block_tables.cpu(), p.kv_cache.shape[1]
     for i, n in enumerate(lens):
         t = torch.arange(n)
-        tile = t // 64
-        climb = 2.5 * tile + 20.0 * (tile % 7 == 3) - 6.0 * (tile % 5 == 4) + 0.05 * (t % 64)
+        tile = t // mla_seesaw.TILE
+        climb = 2.5 * tile + 20.0 * (tile % 7 == 3) - 6.0 * (tile % 5 == 4) + 0.05 * (t % mla_seesaw.TILE)
         rows = (climb / (p.scale * log2e))[:, None] * (u / u.dot(u))[None, :]
-        p.kv_cache[tables[i, t // 64].to("cuda"), (t % 64).to("cuda"), 512:] = rows.to(p.kv_cache)
+        p.kv_cache[tables[i, t // page].to("cuda"), (t % page).to("cuda"), 512:] = rows.to(p.kv_cache)
     exact = mla.mla_decode_reference(p.q.float(), p.kv_cache.float(), p.block_tables, p.seq_lens, p.scale, 512)
     _poison_unowned(p)
     for splits in (None, 1, 5):
