@@ -527,8 +527,8 @@ def launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity, 
     rope_desc = TensorDescriptor.from_tensor(kv2, [TILE, ROPE], layout)
     # The output by TMA where it is one contiguous (batch * heads, 512) matrix (the kernel's own tile
     # buffers stage it); a strided view takes plain stores. Stage 1 alone on the H100, 64 sequences x
-    # 128 heads: 11.8 / 45.4 / 146.6 / 1121 us at 128 / 1K / 4K / 32K tokens against 27.3 / 61.5 / 158.3 /
-    # 1138 with plain stores (scripts/time_mla_output_store.py).
+    # 128 heads: 11.8 / 45.4 / 146.6 us at 128 / 1K / 4K tokens against 27.3 / 61.5 / 158.3 with plain
+    # stores; at 32K the two are within 4% either way, run to run (scripts/time_mla_output_store.py).
     out_tma = out.is_contiguous() and out.data_ptr() % 16 == 0
     # (unused without out_tma: kv_desc stands in, whose box is the same 64 x CHUNK, so one compiled kernel serves both)
     out_desc = TensorDescriptor.from_tensor(out.view(batch * num_heads, KV_LORA), [HEADS, CHUNK], layout) if out_tma else kv_desc
