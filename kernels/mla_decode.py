@@ -537,9 +537,8 @@ def mla_decode(
     if kept is not None and kept[0] is seq_lens:
         plan, partial, lse = kept[1]
     else:
-        plan = mla_schedule.launch_plan(seq_lens, head_blocks, resident, capacity, block_n, num_splits or 0, interpreting)
-        partial = torch.empty((capacity, num_heads, kv_lora_rank), device=q.device, dtype=torch.float32)
-        lse = torch.empty((capacity, num_heads), device=q.device, dtype=torch.float32)
+        plan, partial, lse = stage1_work(seq_lens, num_heads, kv_lora_rank, head_blocks, resident, capacity, block_n,
+                                         num_splits or 0, interpreting)
         if key is not None:  # the lengths tensor is kept too: its id is not reused while it lives
             plans[key] = (seq_lens, (plan, partial, lse))
 
@@ -577,6 +576,19 @@ def mla_decode(
         KV_LORA=kv_lora_rank, BLOCK_C=consts["BLOCK_C"], HEADS2=heads2, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def stage1_work(
+    seq_lens: torch.Tensor, num_heads: int, kv_lora_rank: int, head_blocks: int, resident: int, capacity: int,
+    block_n: int, fixed_splits: int, interpreting: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """What stage 1 works from and into, besides q and the cache: the work plan (`mla_schedule.launch_plan`),
+    the fp32 partials (capacity, heads, kv_lora_rank) and their log2-sum-exps (capacity, heads), one
+    contiguous tensor each (the Gluon kernel's contract)."""
+    plan = mla_schedule.launch_plan(seq_lens, head_blocks, resident, capacity, block_n, fixed_splits, interpreting)
+    partial = torch.empty((capacity, num_heads, kv_lora_rank), device=seq_lens.device, dtype=torch.float32)
+    lse = torch.empty((capacity, num_heads), device=seq_lens.device, dtype=torch.float32)
+    return plan, partial, lse
 
 
 def _can_prefetch_l2(kv_cache: torch.Tensor) -> bool:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moecluster.cluster.bench.kernels import MLA_RANK, MLA_ROPE, graph_ms, mla_inputs  # noqa: E402
-from moecluster.kernels import mla_schedule, mla_seesaw  # noqa: E402
+from moecluster.cluster.bench.kernels import MLA_RANK, MLA_ROPE, MLA_SCALE_LOG2, graph_ms, mla_inputs  # noqa: E402
+from moecluster.kernels import mla_seesaw  # noqa: E402
+from moecluster.kernels.mla_decode import stage1_work  # noqa: E402
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -54,15 +55,13 @@ def main() -> None:
     for heads, batch, context in a.shapes:
         q, cache, tables, lens = mla_inputs(batch, context, heads, gen)
         cap = batch * a.splits
-        plan = mla_schedule.launch_plan(lens, heads // mla_seesaw.HEADS, sms, cap, mla_seesaw.TILE, a.splits, False)
-        partial = torch.empty(cap, heads, MLA_RANK, device="cuda", dtype=torch.float32)
-        lse = torch.empty(cap, heads, device="cuda", dtype=torch.float32)
+        plan, partial, lse = stage1_work(lens, heads, MLA_RANK, heads // mla_seesaw.HEADS, sms, cap, mla_seesaw.TILE,
+                                         a.splits, False)
         out = torch.empty(batch, heads, MLA_RANK, device="cuda", dtype=torch.bfloat16)
-        scale_log2 = (MLA_RANK + MLA_ROPE) ** -0.5 * 1.4426950408889634
         us: dict[str, list[float]] = {name: [] for name in mods}
         for _ in range(a.rounds):
             for name, mod in mods.items():
-                call = lambda m=mod: m.launch_stage1(q, cache, tables, out, partial, lse, plan, cap, scale_log2)  # noqa: E731
+                call = lambda m=mod: m.launch_stage1(q, cache, tables, out, partial, lse, plan, cap, MLA_SCALE_LOG2)  # noqa: E731
                 us[name].append(graph_ms(call) * 1e3)
         nbytes = batch * context * (MLA_RANK + MLA_ROPE) * cache.element_size()
         row = {"heads": heads, "batch": batch, "context": context, "splits": a.splits, **{f"{k}_us": min(v) for k, v in us.items()}}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moecluster.cluster.bench.kernels import _flashmla, mla_inputs  # noqa: E402
+from moecluster.cluster.bench.kernels import MLA_RANK, MLA_SCALE, _flashmla, mla_inputs  # noqa: E402
 from moecluster.kernels.mla_decode import mla_decode  # noqa: E402
 
 CALLS = 50
@@ -48,12 +48,12 @@ def main() -> None:
     gen = torch.Generator("cuda").manual_seed(0)
     q, cache, tables, lens = mla_inputs(a.batch, a.context, a.heads, gen, a.mixed)
     print(f"heads {a.heads}, batch {a.batch}, context {a.context}, {'mixed' if a.mixed else 'equal'} lengths")
-    profile("ours", lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512))
+    profile("ours", lambda: mla_decode(q, cache, tables, lens, MLA_SCALE, MLA_RANK))
     fm = _flashmla()
     if fm is not None:
         meta, _ = fm.get_mla_metadata()
-        profile("FlashMLA", lambda: fm.flash_mla_with_kvcache(q.unsqueeze(1), cache.unsqueeze(2), tables, lens, 512, meta,
-                                                              softmax_scale=576**-0.5))
+        profile("FlashMLA", lambda: fm.flash_mla_with_kvcache(q.unsqueeze(1), cache.unsqueeze(2), tables, lens, MLA_RANK,
+                                                              meta, softmax_scale=MLA_SCALE))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moecluster.cluster.bench.kernels import MLA_RANK, MLA_ROPE, graph_ms, mla_inputs  # noqa: E402
-from moecluster.kernels import mla_schedule, mla_seesaw  # noqa: E402
-
-SCALE_LOG2 = (MLA_RANK + MLA_ROPE) ** -0.5 * 1.4426950408889634  # the model's softmax scale, in log2 units
+from moecluster.cluster.bench.kernels import MLA_RANK, MLA_SCALE_LOG2, graph_ms, mla_inputs  # noqa: E402
+from moecluster.kernels import mla_seesaw  # noqa: E402
+from moecluster.kernels.mla_decode import stage1_work  # noqa: E402
 
 
 def main() -> None:
@@ -33,12 +32,11 @@ def main() -> None:
     for context in a.contexts:
         q, cache, tables, lens = mla_inputs(a.batch, context, a.heads, gen)
         cap = a.batch  # one unit a sequence: stage 1 writes the output
-        plan = mla_schedule.launch_plan(lens, a.heads // mla_seesaw.HEADS, sms, cap, mla_seesaw.TILE, 1, False)
-        partial = torch.empty(cap, a.heads, MLA_RANK, device="cuda", dtype=torch.float32)
-        lse = torch.empty(cap, a.heads, device="cuda", dtype=torch.float32)
+        plan, partial, lse = stage1_work(lens, a.heads, MLA_RANK, a.heads // mla_seesaw.HEADS, sms, cap, mla_seesaw.TILE, 1,
+                                         False)
         outs = {"TMA": torch.empty(a.batch, a.heads, MLA_RANK, device="cuda", dtype=torch.bfloat16),
                 "plain": torch.empty(a.batch, a.heads, MLA_RANK + 8, device="cuda", dtype=torch.bfloat16)[..., :MLA_RANK]}
-        us = {name: graph_ms(lambda o=o: mla_seesaw.launch_stage1(q, cache, tables, o, partial, lse, plan, cap, SCALE_LOG2)) * 1e3
+        us = {name: graph_ms(lambda o=o: mla_seesaw.launch_stage1(q, cache, tables, o, partial, lse, plan, cap, MLA_SCALE_LOG2)) * 1e3
               for name, o in outs.items()}
         torch.testing.assert_close(outs["TMA"], outs["plain"], rtol=0, atol=0)
         print(f"heads {a.heads}, batch {a.batch}, context {context}: stage 1 with TMA stores {us['TMA']:.1f} us, "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moecluster.cluster.bench.kernels import graph_ms, mla_inputs  # noqa: E402
+from moecluster.cluster.bench.kernels import MLA_RANK, MLA_SCALE, graph_ms, mla_inputs  # noqa: E402
 from moecluster.kernels import mla_schedule  # noqa: E402
 from moecluster.kernels.mla_decode import mla_decode  # noqa: E402
 
@@ -38,12 +38,12 @@ def main() -> None:
                     cap = mla_schedule.capacity(batch, hb, sms)
                     plan_ms = graph_ms(lambda: mla_schedule.launch_plan(lens, hb, sms, cap, 64, 0, False))
                     units, plan, n = mla_schedule.launch_plan(lens, hb, sms, cap, 64, 0, False)
-                    ms = graph_ms(lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512))
+                    ms = graph_ms(lambda: mla_decode(q, cache, tables, lens, MLA_SCALE, MLA_RANK))
                     row = dict(heads=heads, batch=batch, context=context, mixed=mixed, plan_us=plan_ms * 1e3,
                                decode_us=ms * 1e3, units=int(n), max_units_per_seq=int(plan[:, 1].max()))
                     for s in args.splits:  # the same call with the longest sequence cut in s units
                         row[f"decode_us_s{s}"] = graph_ms(
-                            lambda: mla_decode(q, cache, tables, lens, 576**-0.5, 512, num_splits=s)) * 1e3
+                            lambda: mla_decode(q, cache, tables, lens, MLA_SCALE, MLA_RANK, num_splits=s)) * 1e3
                     rows.append(row)
                     print(row, flush=True)
                     del cache

@@ -149,6 +149,8 @@ def _flashmla() -> Any | None:
 
 
 MLA_RANK, MLA_ROPE, MLA_PAGE = 512, 64, 64  # DeepSeek-V3 / Kimi K2 latent rows, pages of 64 tokens
+MLA_SCALE = (MLA_RANK + MLA_ROPE) ** -0.5  # the softmax scale the MLA benchmarks use
+MLA_SCALE_LOG2 = MLA_SCALE * math.log2(math.e)  # the same in log2 units, as stage 1 takes it
 
 
 def mla_inputs(batch: int, context: int, heads: int, gen: torch.Generator, mixed: bool = False
@@ -177,10 +179,9 @@ def bench_mla(batch: int, context: int, heads: int, copy_gbs: float, gen: torch.
     from moecluster.kernels import mla_seesaw
     from moecluster.kernels.mla_decode import mla_decode
 
-    rank, block = MLA_RANK, MLA_PAGE
+    rank, block, scale = MLA_RANK, MLA_PAGE, MLA_SCALE
     dim = MLA_RANK + MLA_ROPE
     q, cache, tables, lens = mla_inputs(batch, context, heads, gen, mixed)
-    scale = dim**-0.5
     tokens_read = int(lens.sum())
     nbytes = (tokens_read * dim + q.numel() + batch * heads * rank) * 2
     def call() -> None:

@@ -13,8 +13,8 @@ catches up. A replay is one launch.
   context lengths, the token mask; a sixth row, the rows of `PrevTokens`, is read before the
   replay, not by the graph) and one block table as wide as the longest sequence allowed
   (max_model_len). The MLA decode kernel plans its work on the GPU from each step's lengths
-  (`kernels/mla_schedule.py`), so a graph replays each step's own plan; the table's width only
-  decides whether the Gluon kernel may store its output by TMA (at most 8,192 tokens).
+  (`kernels/mla_schedule.py`), so a graph replays each step's own plan, whatever the table's
+  width.
   A step writes its rows into pinned host buffers and copies them over without a host sync.
   Under asynchronous scheduling a row's input token may not have reached the host yet: it is
   then taken on the device from the previous step's samples (`PrevTokens`) before the replay.
