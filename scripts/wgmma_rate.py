@@ -10,7 +10,8 @@ kernel does, that repeat one product on operands already in shared memory:
   qk128  S (64, 128) = q . K (128 tokens, 576)^T            the same, twice the tokens a product
   pv     O (64, 256) += P (64, 64) . V (64, 256)            P from registers (the kernel's P.V half)
 
-and prints TFLOP/s over all SMs beside bf16 `torch.matmul` (8192^3) in the same run, and writes JSON.
+and the same with one warpgroup at work (the other idle), as in the kernel's phases where only one
+issues products; prints TFLOP/s over all SMs beside bf16 `torch.matmul` (8192^3) in the same run, and writes JSON.
 
   python scripts/wgmma_rate.py [--iters 2000] [--out rate.json]   (sm_90)
 """
@@ -74,11 +75,11 @@ def _pv(k_lat, iters, Sink, WG: gl.constexpr):
 
 @gluon.jit
 def _part(q_lat, q_rope, k_lat, k_rope, iters, Sink, WG: gl.constexpr, MODE: gl.constexpr):
-    if MODE == 0:
+    if MODE == 0 or (MODE == 3 and WG == 0):
         _qk(q_lat, q_rope, k_lat, k_rope, iters, Sink, WG, 64, _MMA_S64)
     elif MODE == 1:
         _qk(q_lat, q_rope, k_lat, k_rope, iters, Sink, WG, 128, _MMA_S128)
-    else:
+    elif MODE == 2 or (MODE == 4 and WG == 0):
         _pv(k_lat, iters, Sink, WG)
 
 
@@ -103,7 +104,9 @@ def rate_kernel(q_desc, k_desc, iters, Sink, MODE: gl.constexpr):
                         (_part, (q_lat, q_rope, k_lat, k_rope, iters, sink, 1, MODE))], [4], [240])
 
 
-MODES = {"qk64": (0, 64 * 64 * 576 * 2), "qk128": (1, 64 * 128 * 576 * 2), "pv": (2, 64 * 256 * 64 * 2)}
+# product: (mode, FLOP a repeat in one warpgroup, warpgroups at work)
+MODES = {"qk64": (0, 64 * 64 * 576 * 2, 2), "qk128": (1, 64 * 128 * 576 * 2, 2), "pv": (2, 64 * 256 * 64 * 2, 2),
+         "qk64, one warpgroup": (3, 64 * 64 * 576 * 2, 1), "pv, one warpgroup": (4, 64 * 256 * 64 * 2, 1)}
 
 
 def main() -> None:
@@ -132,9 +135,9 @@ def main() -> None:
         return best
 
     rows = []
-    for name, (mode, flop) in MODES.items():
+    for name, (mode, flop, groups) in MODES.items():
         sec = timed(lambda mode=mode: rate_kernel[(sms,)](q_desc, k_desc, a.iters, sink, MODE=mode, num_warps=4))
-        rows.append({"product": name, "tflops": sms * 2 * a.iters * flop / sec / 1e12, "ms": sec * 1e3})
+        rows.append({"product": name, "tflops": sms * groups * a.iters * flop / sec / 1e12, "ms": sec * 1e3})
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     sec = timed(lambda: x @ x)
     rows.append({"product": "torch.matmul 8192^3", "tflops": 2 * 8192**3 / sec / 1e12, "ms": sec * 1e3})
