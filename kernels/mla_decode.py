@@ -560,13 +560,13 @@ def mla_decode(
         PREFETCH_L2=tile_in_page and not interpreting and _can_prefetch_l2(kv_cache),
         PREFETCH_BYTES=block_n * kv_cache.stride(1) * kv_cache.element_size(),
     )
+    scale_log2 = scale * math.log2(math.e)  # both stage-1 kernels use exp2
     if seesaw:
-        seesaw = mla_seesaw.try_launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity,
-                                              scale * math.log2(math.e))
+        seesaw = mla_seesaw.try_launch_stage1(q, kv_cache, block_tables, out, partial, lse, plan, capacity, scale_log2)
     if not seesaw:
         stage1[(head_blocks, capacity)](
             q, kv_cache, block_tables, out, partial, lse, *plan,
-            scale * math.log2(math.e), num_heads,
+            scale_log2, num_heads,
             *q.stride(), *kv_cache.stride(), *block_tables.stride(), *out.stride(), *partial.stride(), *lse.stride(),
             **consts, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip

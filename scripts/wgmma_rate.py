@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moecluster.cluster.bench.kernels import _time_ms, matmul_tflops
 
 DIM = gl.constexpr(576)  # 512 latent + 64 rope columns
 CHUNK = gl.constexpr(128)
@@ -121,29 +125,14 @@ def main() -> None:
     k_desc = TensorDescriptor.from_tensor(src, [128, 64], layout)
     sink = torch.zeros(sms * 2, device="cuda")
 
-    def timed(fn, reps: int = 5) -> float:
-        fn()
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        return best
-
     rows = []
     for name, (mode, flop, groups) in MODES.items():
-        sec = timed(lambda mode=mode: rate_kernel[(sms,)](q_desc, k_desc, a.iters, sink, MODE=mode, num_warps=4))
-        rows.append({"product": name, "tflops": sms * groups * a.iters * flop / sec / 1e12, "ms": sec * 1e3})
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    sec = timed(lambda: x @ x)
-    rows.append({"product": "torch.matmul 8192^3", "tflops": 2 * 8192**3 / sec / 1e12, "ms": sec * 1e3})
+        ms = _time_ms(lambda mode=mode: rate_kernel[(sms,)](q_desc, k_desc, a.iters, sink, MODE=mode, num_warps=4))
+        rows.append({"product": name, "tflops": sms * groups * a.iters * flop / ms / 1e9, "ms": ms})
+    rows.append({"product": "torch.matmul 8192^3", "tflops": matmul_tflops(), "ms": None})
     print(f"{'product':<22}{'TFLOP/s':>10}{'ms':>10}")
     for r in rows:
-        print(f"{r['product']:<22}{r['tflops']:>10.1f}{r['ms']:>10.3f}")
+        print(f"{r['product']:<22}{r['tflops']:>10.1f}{'' if r['ms'] is None else format(r['ms'], '.3f'):>10}")
     if a.out:
         Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "sms": sms, "iters": a.iters,
                                            "rows": rows}, indent=1))

@@ -244,7 +244,7 @@ def test_plan_kernel_matches_python_rule(gen, device, fixed) -> None:
         lens = torch.randint(0, 3000, (batch,), generator=gen).tolist()
         lens[0] = 0  # a sequence of length 0: one empty unit
         head_blocks, resident, block_n = 2, 8, 64
-        capacity = batch * fixed if fixed else batch + resident // head_blocks
+        capacity = mla_schedule.capacity(batch, head_blocks, resident, fixed)
         want = mla_schedule.plan_units(lens, head_blocks, resident, capacity, block_n, fixed)
         got = _plan_on_device(lens, device, head_blocks, resident, capacity, block_n, fixed)
         assert got == want
