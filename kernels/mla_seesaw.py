@@ -45,6 +45,10 @@ as copies of CHUNK columns (and the rope columns), each on its own barrier, and 
 takes each chunk as soon as it has landed. 128 columns measured up to 2.4% faster than whole
 halves, 64 columns slower (every copy costs the warpgroup a barrier; docs/performance.md).
 
+At 128 heads on the H100 this kernel, like FlashMLA, runs at the 700 W power cap (SM clock about
+1.4 GHz with the cache in DRAM, 1.74 GHz with no loads): its time is its energy over 700 W, and
+fewer cycles help only where they save energy (docs/performance.md, session 22).
+
 Cache rows past a sequence's length inside its last page may hold anything (the engine's
 contract): the warpgroup that scores the last, partial tile zeroes those rows of the latent in
 shared memory before use, and masks their scores.
