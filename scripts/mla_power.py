@@ -3,7 +3,8 @@
 Each workload is captured in a CUDA graph (20 calls) and replayed without pause for --seconds while
 `nvidia-smi` samples the GPU every --interval-ms: power draw, the enforced power limit, the SM and
 memory clocks, the temperature and the clock-event reasons (power cap, thermal, ...). The first
-second of each workload is left out (the clock settles). Workloads: a 2 GiB copy and a bf16 8192^3
+second of each workload is left out (the clock settles). The samples are matched to the timed window
+by count from nvidia-smi's start, so the window's edges are approximate; medians are reported. Workloads: a 2 GiB copy and a bf16 8192^3
 matmul (the two bounds), stage 1 of our MLA decode at the given shapes (the committed kernel and any
 variant copies of `kernels/mla_seesaw.py`, for instance one with the loop's loads removed), and
 FlashMLA where `.peers/flashmla` is present, and ours with the block tables folded onto --l2-pages
