@@ -13,7 +13,8 @@ Which decode rank takes a handoff is decided after the prefill finished, so the 
   (gather the blocks of every layer into one payload and send it), posts the receive, and waits
   for both with a deadline. A prefill rank that is gone, late, or no longer holds the sample
   gives `TransferError`, and the decode rank prefills the sample itself (as with the object
-  store); a rank that did not answer is remembered, so its other handoffs fail at once.
+  store); a rank that did not answer, or whose pair failed and that Ray then reports dead, is
+  remembered, so its other handoffs fail at once.
 
 A pair carries one transfer at a time (the decode rank's engine thread is the only receiver);
 tags only label them. A prefill rank asked to push a sample it no longer holds still sends a
@@ -130,7 +131,7 @@ class P2PTransfer:
             held = ray.get(pushed, timeout=max(0.1, deadline - time.monotonic()))
             _wait(work, deadline, self.cuda)  # the data itself, not only the request, within the deadline
         except (ray.exceptions.RayError, TimeoutError, RuntimeError) as e:
-            if isinstance(e, (ray.exceptions.RayActorError, TimeoutError, ray.exceptions.GetTimeoutError)):
+            if isinstance(e, (ray.exceptions.RayActorError, TimeoutError, ray.exceptions.GetTimeoutError)) or _gone(actor):
                 self._dead.add(sender)
             self._drop(pair)
             raise TransferError(f"transfer {ticket.key}: {type(e).__name__}: {e}") from e
@@ -152,6 +153,18 @@ class P2PTransfer:
 
     def _drop(self, pair: str) -> None:
         _abort(self._groups.pop(pair, None))
+
+
+def _gone(actor: Any, timeout_s: float = 2.0) -> bool:
+    """Whether a sender whose pair group failed (a gloo / NCCL error, which may come before Ray
+    reports the actor dead) is dead: Ray answers a call to a dead actor at once."""
+    try:
+        ray.get(actor.address.remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.RayError:
+        return False  # busy or slow, not known dead
+    return False
 
 
 def _wait(work: Any, deadline: float, cuda: bool) -> None:

@@ -50,6 +50,20 @@ class _Rank:
         return [c[into].tolist() for c in self.caches]
 
 
+def _wait_dead(actor: object, limit_s: float = 30.0) -> None:
+    """Until calls to a killed actor fail (ray.kill only asks for the kill)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.staged.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.05)
+    raise AssertionError(f"the killed actor still answered after {limit_s} s")
+
+
 def test_pairs_move_blocks_and_fail_cleanly(local_ray) -> None:
     actor = ray.remote(max_concurrency=4)(_Rank)
     prefill, decode = actor.remote(1), actor.remote(2)
@@ -67,6 +81,7 @@ def test_pairs_move_blocks_and_fail_cleanly(local_ray) -> None:
 
     late = ray.get(prefill.send.remote([0]))
     ray.kill(prefill)
+    _wait_dead(prefill)  # ray.kill returns before the process is gone: a push answered meanwhile is valid
     start = time.monotonic()
     assert isinstance(ray.get(decode.receive.remote(late, [1])), str)  # an error message, not blocks
     assert time.monotonic() - start < 20
