@@ -163,7 +163,7 @@ def _gone(actor: Any, timeout_s: float = 2.0) -> bool:
     except ray.exceptions.RayActorError:
         return True
     except ray.exceptions.RayError:
-        return False  # busy or slow, not known dead
+        pass  # busy or slow: not known dead
     return False
 
 

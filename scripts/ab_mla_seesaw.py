@@ -27,9 +27,22 @@ from moecluster.kernels import mla_seesaw  # noqa: E402
 from moecluster.kernels.mla_decode import stage1_work  # noqa: E402
 
 
-def _shape(text: str) -> tuple[int, int, int]:
-    heads, batch, context = (int(v) for v in text.split("x"))
-    return heads, batch, context
+def shapes(text: str) -> list[tuple[int, int, int]]:
+    """"128x64x4096,64x64x32768" -> [(heads, batch, context), ...]"""
+    return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
+
+
+def load_variants(paths: list[str], base: str) -> dict:
+    """{base: the committed kernel module, stem: each variant file loaded as a module}."""
+    mods = {base: mla_seesaw}
+    for path in paths:
+        name = Path(path).stem
+        if name in mods:
+            raise SystemExit(f"two variants named {name!r} (or one named like the committed kernel): rename one")
+        spec = importlib.util.spec_from_file_location(f"seesaw_{name}", path)
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    return mods
 
 
 def main() -> None:
@@ -37,18 +50,10 @@ def main() -> None:
     ap.add_argument("variants", nargs="+", help="copies of kernels/mla_seesaw.py with one change each")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--splits", type=int, default=1, help="units a sequence (over 1: the partials' path)")
-    ap.add_argument("--shapes", type=lambda t: [_shape(s) for s in t.split(",")],
-                    default=[_shape(s) for s in "128x64x4096,128x64x32768,128x128x32768,64x64x32768".split(",")])
+    ap.add_argument("--shapes", type=shapes, default=shapes("128x64x4096,128x64x32768,128x128x32768,64x64x32768"))
     ap.add_argument("--out", default=None, help="JSON file for the table")
     a = ap.parse_args()
-    mods = {"committed": mla_seesaw}
-    for path in a.variants:
-        name = Path(path).stem
-        if name in mods:
-            raise SystemExit(f"two variants named {name!r} (or one named like the committed kernel): rename one")
-        spec = importlib.util.spec_from_file_location(f"seesaw_{name}", path)
-        mods[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods[name])
+    mods = load_variants(a.variants, "committed")
     gen = torch.Generator("cuda").manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []

@@ -20,7 +20,6 @@ power cap or a thermal reason active) and writes it as JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -32,12 +31,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ab_mla_seesaw import (  # the A/B script beside this one (sys.path[0] is scripts/)
+    load_variants,
+    shapes,
+)
+
 from moecluster.cluster.bench.kernels import (
     MLA_RANK,
     MLA_ROPE,
     MLA_SCALE,
     MLA_SCALE_LOG2,
     _flashmla,
+    capture_graph,
     mla_inputs,
 )
 from moecluster.kernels import mla_seesaw
@@ -95,19 +100,6 @@ def sample_while(fn: Callable[[], None], seconds: float, interval_ms: int, field
     n_skip = int((t_measure - t0) * 1000 / interval_ms)
     n_keep = int((t_end - t_measure) * 1000 / interval_ms)
     return start.elapsed_time(stop) / replays, rows[n_skip:n_skip + n_keep]
-
-
-def graph_of(fn: Callable[[], object], calls: int = 20) -> Callable[[], None]:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    return graph.replay
 
 
 def summary(name: str, ms_call: float, nbytes: float, flop: float, samples: list[dict]) -> dict:
@@ -169,31 +161,21 @@ def mla_shape(measure: Measure, shape: tuple[int, int, int], mods: dict, l2_page
         measure(f"flashmla {heads}x{batch}x{context}", flash, nbytes, flop)
 
 
-def _shape(text: str) -> tuple[int, int, int]:
-    heads, batch, context = (int(v) for v in text.split("x"))
-    return heads, batch, context
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="*", help="copies of kernels/mla_seesaw.py, each timed beside the kernel")
-    ap.add_argument("--shapes", type=lambda t: [_shape(s) for s in t.split(",")],
-                    default=[_shape("128x128x32768"), _shape("64x128x32768")])
+    ap.add_argument("--shapes", type=shapes, default=shapes("128x128x32768,64x128x32768"))
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--interval-ms", type=int, default=100)
     ap.add_argument("--l2-pages", type=int, default=256, help="also time ours with the tables folded onto this many pages (0: not)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    mods = {"ours": mla_seesaw}
-    for path in a.variants:
-        spec = importlib.util.spec_from_file_location(f"seesaw_{Path(path).stem}", path)
-        mods[Path(path).stem] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods[Path(path).stem])
+    mods = load_variants(a.variants, "ours")
     fields = _fields()
     rows = []
 
     def measure(name: str, fn: Callable[[], object], nbytes: float, flop: float, calls: int = 20) -> None:
-        ms, samples = sample_while(graph_of(fn, calls), a.seconds, a.interval_ms, fields)
+        ms, samples = sample_while(capture_graph(fn, calls).replay, a.seconds, a.interval_ms, fields)
         rows.append(summary(name, ms / calls, nbytes, flop, samples))
         r = rows[-1]
         print(f"{name:34s} {r['ms_call']:8.3f} ms  {(r['gbs'] or 0):6.0f} GB/s  {(r['tflops'] or 0):5.0f} TFLOP/s  "

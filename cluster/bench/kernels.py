@@ -72,10 +72,8 @@ def _time_ms(fn: Callable[[], Any]) -> float:
     return statistics.median(float(do_bench(fn, warmup=10, rep=50, return_mode="median")) for _ in range(ROUNDS))
 
 
-def graph_ms(fn: Callable[[], Any], calls: int = 20) -> float:
-    """Per-call time of `calls` calls captured in one CUDA graph and replayed (`_time_ms` of the
-    replay / calls): the GPU's time, as the engine runs decode steps, without the host's launch
-    costs, which an eager loop of short kernels measures instead."""
+def capture_graph(fn: Callable[[], Any], calls: int = 20) -> torch.cuda.CUDAGraph:
+    """`calls` calls of fn captured in one CUDA graph (fn run once before, to compile and warm)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())  # the inputs, made on the current stream, are ready
     with torch.cuda.stream(stream):
@@ -85,7 +83,14 @@ def graph_ms(fn: Callable[[], Any], calls: int = 20) -> float:
     with torch.cuda.graph(graph, stream=stream):
         for _ in range(calls):
             fn()
-    return _time_ms(graph.replay) / calls
+    return graph
+
+
+def graph_ms(fn: Callable[[], Any], calls: int = 20) -> float:
+    """Per-call time of `calls` calls captured in one CUDA graph and replayed (`_time_ms` of the
+    replay / calls): the GPU's time, as the engine runs decode steps, without the host's launch
+    costs, which an eager loop of short kernels measures instead."""
+    return _time_ms(capture_graph(fn, calls).replay) / calls
 
 
 def copy_bandwidth_gbs() -> float:
